@@ -1,0 +1,112 @@
+"""MoMConfig: the hyperparameters of one Mixture-of-Memories mixer (and nothing else).
+
+Megatron's own `TransformerConfig` stays untouched so that Megatron-LM's argument parsing
+builds it as usual; the MoM layer spec carries a `MoMConfig` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+@dataclass(frozen=True)
+class MoMConfig:
+    """Hyperparameters of a MoM mixer (arXiv:2502.13685; equations in docs/method.md).
+
+    num_memories:    M, routed memories (the always-on shared memory is extra).
+    topk:            memories each token is routed to.
+    shared_memory:   add one memory that sees every token.
+    num_heads:       H; heads are split across tensor-parallel ranks.
+    head_dim:        K, the query/key size per head.
+    expand_v:        V = K * expand_v, the value size per head.
+    conv_size:       width W of the causal short convolutions (0 or 1 turns them off).
+    use_output_gate: gate the normalised output with silu(x W_g_out).
+    norm_eps:        epsilon of the per-head output RMSNorm.
+    aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
+    z_loss_coeff:    router z-loss coefficient (0 disables it).
+    chunk_size:      chunk length of the chunked gated-delta-rule kernels.
+    backend:         kernels for the recurrence: "auto" (Triton on CUDA tensors, else
+                     torch), "triton" or "torch".
+    """
+
+    num_memories: int = 4
+    topk: int = 2
+    shared_memory: bool = True
+    num_heads: int = 4
+    head_dim: int = 256
+    expand_v: float = 1.0
+    conv_size: int = 4
+    use_output_gate: bool = True
+    norm_eps: float = 1e-6
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    chunk_size: int = 64
+    backend: str = "auto"
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise ValueError(f"MoMConfig: {msg}")
+
+        for name in ("num_memories", "topk", "num_heads", "head_dim", "chunk_size"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(self.topk <= self.num_memories,
+             f"topk ({self.topk}) must be <= num_memories ({self.num_memories}); "
+             f"lower topk or add memories")
+        need(isinstance(self.conv_size, int) and self.conv_size >= 0,
+             f"conv_size must be an integer >= 0 (0 or 1 disables the short convolution), "
+             f"got {self.conv_size!r}")
+        need(isinstance(self.expand_v, (int, float)) and self.expand_v > 0,
+             f"expand_v must be > 0, got {self.expand_v!r}")
+        v = self.head_dim * self.expand_v
+        need(abs(v - round(v)) < 1e-9,
+             f"head_dim * expand_v must be an integer (value head size), got {v}")
+        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
+        need(self.aux_loss_coeff >= 0, f"aux_loss_coeff must be >= 0, got {self.aux_loss_coeff!r}")
+        need(self.z_loss_coeff >= 0, f"z_loss_coeff must be >= 0, got {self.z_loss_coeff!r}")
+        need(self.chunk_size & (self.chunk_size - 1) == 0 and self.chunk_size >= 16,
+             f"chunk_size must be a power of two >= 16, got {self.chunk_size}")
+        need(self.backend in BACKENDS,
+             f"backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def key_dim(self) -> int:
+        """K: query/key size per head."""
+        return self.head_dim
+
+    @property
+    def value_dim(self) -> int:
+        """V: value size per head."""
+        return int(round(self.head_dim * self.expand_v))
+
+    @property
+    def num_slots(self) -> int:
+        """Memories a token is written to: its top-k plus the shared memory."""
+        return self.topk + int(self.shared_memory)
+
+    @property
+    def num_memory_weights(self) -> int:
+        """Sets of k/v/beta/a projections: one per memory, plus one for the shared memory."""
+        return self.num_memories + int(self.shared_memory)
+
+    def replace(self, **changes) -> "MoMConfig":
+        return dataclasses.replace(self, **changes)
+
+    def check_parallel(self, tp_size: int = 1, cp_size: int = 1,
+                       hidden_size: Optional[int] = None) -> None:
+        """Raise a clear error when this config cannot run at the given parallel sizes."""
+        if self.num_heads % tp_size:
+            raise ValueError(
+                f"MoMConfig: num_heads ({self.num_heads}) must be divisible by the "
+                f"tensor-parallel size ({tp_size}); choose num_heads as a multiple of "
+                f"tensor_model_parallel_size")
+        if self.num_heads % (tp_size * cp_size):
+            raise ValueError(
+                f"MoMConfig: num_heads ({self.num_heads}) must be divisible by "
+                f"tensor_model_parallel_size * context_parallel_size ({tp_size} * {cp_size}): "
+                f"context parallelism splits each rank's heads across the CP group")

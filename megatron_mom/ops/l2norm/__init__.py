@@ -1,0 +1,25 @@
+"""Per-head L2 normalisation: z / sqrt(sum z^2 + eps) over the last dimension."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron_mom.ops.l2norm.reference import l2norm_reference
+
+
+def l2norm(x: Tensor, eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """L2-normalise the last dimension of x, accumulating in float32 (float64 for float64)."""
+    if backend == "auto" and x.device.type == "cuda":
+        try:
+            from megatron_mom.ops.l2norm.triton import l2norm as l2norm_triton
+        except ImportError:
+            l2norm_triton = None
+        if l2norm_triton is not None:
+            return l2norm_triton(x, eps)
+    elif backend == "triton":
+        from megatron_mom.ops.l2norm.triton import l2norm as l2norm_triton
+        return l2norm_triton(x, eps)
+    return l2norm_reference(x, eps)
+
+
+__all__ = ["l2norm", "l2norm_reference"]

@@ -1,0 +1,73 @@
+"""Causal depthwise short convolution over packed sequences, in plain PyTorch.
+
+y_t = act(sum_i w[c, i] * x_{t - (W-1) + i}), where inputs before a sequence's first token come
+from that sequence's `initial_state` (its previous W-1 inputs, oldest first) or are zero.
+Nothing crosses a sequence boundary.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def seq_positions(cu_seqlens: Tensor, total: int) -> Tuple[Tensor, Tensor]:
+    """For each packed token: (index of its sequence, position inside that sequence)."""
+    tok = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:], tok, right=True)
+    return seq, tok - cu_seqlens[seq]
+
+
+def short_conv_reference(
+    x: Tensor, weight: Tensor, cu_seqlens: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+    activation: Optional[str] = "silu",
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """x: [B, T, C] (B == 1 with cu_seqlens); weight: [C, W]; states: [N, C, W-1].
+
+    Returns (y like x, final_state [N, C, W-1] or None): the last W-1 inputs of each sequence.
+    """
+    B, T, C = x.shape
+    W = weight.shape[-1]
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if cu_seqlens is None:
+        cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
+    flat = x.reshape(B * T, C).to(ct)
+    seq, pos = seq_positions(cu_seqlens, B * T)
+    w = weight.to(ct)
+    init = None if initial_state is None else initial_state.to(ct)
+
+    def tap(d: int) -> Tensor:
+        """x_{t-d} for every packed token t, taken from history where it precedes the sequence."""
+        shifted = F.pad(flat, (0, 0, d, 0))[: B * T] if d else flat
+        inside = (pos >= d)[:, None]
+        if init is None:
+            return shifted * inside
+        hist = init[seq, :, (W - 1 + pos - d).clamp(min=0, max=max(W - 2, 0))]
+        return torch.where(inside, shifted, hist)
+
+    y = sum(w[:, W - 1 - d] * tap(d) for d in range(W))
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation is not None:
+        raise ValueError(f"short_conv: activation must be 'silu' or None, got {activation!r}")
+    y = y.to(x.dtype).reshape(B, T, C)
+
+    final = None
+    if output_final_state:
+        N = cu_seqlens.numel() - 1
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        cols = []
+        for j in range(W - 1):  # column j holds the input at position len - (W-1) + j
+            p = lengths - (W - 1) + j
+            from_x = flat[(cu_seqlens[:-1] + p).clamp(min=0, max=max(B * T - 1, 0))] if B * T else \
+                flat.new_zeros(N, C)
+            if init is None:
+                hist = flat.new_zeros(N, C)
+            else:
+                hist = init[torch.arange(N, device=x.device), :, (W - 1 + p).clamp(min=0)]
+            cols.append(torch.where((p >= 0)[:, None], from_x, hist))
+        final = torch.stack(cols, dim=-1) if cols else flat.new_zeros(N, C, 0)
+    return y, final
