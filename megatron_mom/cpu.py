@@ -1,0 +1,101 @@
+"""Run Megatron-Core on a machine without a GPU (tests, the tiny CPU training job).
+
+Megatron-Core assumes CUDA in a handful of places. `enable()` redirects exactly those, inside
+this process only, and refuses to do anything when CUDA is available: on a GPU machine nothing
+here is ever active. Each redirection names the Megatron code it works around (megatron-core
+0.16.1 line references).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ENABLED = False
+_CPU = torch.device("cpu")
+# Megatron's optimizer checks `param.type()` against CUDA type names.
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites `device='cuda'` to cpu, makes `.cuda()` a no-op and reports CUDA type names.
+
+    Covers optimizer/clip_grads.py:167 (asserts torch.cuda.FloatTensor grads),
+    optimizer/optimizer.py:671-699 and distrib_optimizer.py:361-435 (param.type() checks), and
+    the tensors built with device='cuda' in optimizer, schedules and transformer/utils.py:35
+    (get_default_causal_mask)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _QuietCpuRngWarning(logging.Filter):
+    # tensor_parallel/random.py:264 warns when the CPU RNG moves inside a "CUDA" RNG fork;
+    # on CPU the fork *is* the CPU generator, so the warning is expected noise.
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def enable() -> bool:
+    """Redirect Megatron's CUDA assumptions to the CPU. Returns False (and does nothing) when
+    CUDA is available."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as tf_utils
+    from megatron.core.fusions import fused_softmax
+
+    # Buffers, TP layers, mappings, RoPE: device=torch.cuda.current_device().
+    torch.cuda.current_device = lambda: _CPU
+    # pipeline_parallel/p2p_communication.py:242,398 synchronise the GPU after p2p.
+    torch.cuda.synchronize = lambda *a, **k: None
+    # tensor_parallel/random.py:41-110,235-238: the model-parallel RNG tracker saves and
+    # restores the CUDA generator; on CPU it forks the CPU generator instead.
+    mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
+    logging.getLogger(mp_random.__name__).addFilter(_QuietCpuRngWarning())
+
+    # transformer/utils.py:33 builds the causal mask on "cuda"; fused_softmax imports it by name.
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    tf_utils.get_default_causal_mask = causal_mask
+    fused_softmax.get_default_causal_mask = causal_mask
+
+    _CudaToCpu().__enter__()  # stays active for the life of the process
+    _ENABLED = True
+    return True
+
+
+def megatron_cpu_config_overrides() -> dict:
+    """TransformerConfig fields that must be off without CUDA fusions."""
+    return dict(use_cpu_initialization=True, gradient_accumulation_fusion=False,
+                bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+                persist_layer_norm=False)

@@ -1,0 +1,73 @@
+"""Training-log bookkeeping of the MoM routers: losses per layer and memory load.
+
+Losses go to Megatron-Core's MoE aux-loss tracker under names of our own
+(`mom_load_balancing_loss`, `mom_z_loss`), which Megatron-LM's logging can report; the number
+of tokens each memory received is kept here, per layer, for our own logs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from megatron.core.transformer.moe import moe_utils
+
+LOAD_BALANCING_LOSS = "mom_load_balancing_loss"
+Z_LOSS = "mom_z_loss"
+_MEMORY_LOAD: Dict[int, torch.Tensor] = {}
+
+
+def _tracker_record(name: str, value: torch.Tensor, layer_number: int, num_layers: int,
+                    reduce_group) -> None:
+    save = getattr(moe_utils, "save_to_aux_losses_tracker", None)  # megatron-core <= 0.17
+    if save is not None:
+        save(name, value, layer_number, num_layers, reduce_group=reduce_group)
+        return
+    try:  # megatron-core 0.18+: a metrics tracker object
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+    except ImportError:
+        get_moe_metrics_tracker = getattr(moe_utils, "get_moe_metrics_tracker", None)
+    if get_moe_metrics_tracker is not None:
+        get_moe_metrics_tracker().record(name, value, layer_number=layer_number,
+                                         num_layers=num_layers, reduce_group=reduce_group)
+
+
+def record_router(layer_number: Optional[int], config, losses, tokens_per_memory: torch.Tensor,
+                  reduce_group=None) -> None:
+    """Record one forward pass of a MoM router (this rank's loss shares; `reduce_group` sums
+    them where ranks routed different tokens)."""
+    if layer_number is None:
+        return
+    num_layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
+    if losses.load_balancing is not None:
+        _tracker_record(LOAD_BALANCING_LOSS, losses.load_balancing.detach(), layer_number,
+                        num_layers, reduce_group)
+    if losses.z is not None:
+        _tracker_record(Z_LOSS, losses.z.detach(), layer_number, num_layers, reduce_group)
+    counts = tokens_per_memory.detach().float()
+    if layer_number in _MEMORY_LOAD:
+        _MEMORY_LOAD[layer_number] += counts
+    else:
+        _MEMORY_LOAD[layer_number] = counts.clone()
+
+
+def router_loss_values(clear: bool = True) -> Dict[str, torch.Tensor]:
+    """Per-layer router losses recorded since the last clear, {name: [num_layers] tensor}.
+
+    Values are summed over micro-batches and not reduced across ranks."""
+    tracker = moe_utils.get_moe_layer_wise_logging_tracker() if hasattr(
+        moe_utils, "get_moe_layer_wise_logging_tracker") else {}
+    out = {name: entry["values"].clone() for name, entry in tracker.items()
+           if name in (LOAD_BALANCING_LOSS, Z_LOSS)}
+    if clear:
+        for name in out:
+            tracker[name]["values"].zero_()
+    return out
+
+
+def memory_load(clear: bool = True) -> Dict[int, torch.Tensor]:
+    """Fraction of routed tokens each memory received, per layer, since the last clear."""
+    out = {layer: counts / counts.sum().clamp(min=1) for layer, counts in sorted(_MEMORY_LOAD.items())}
+    if clear:
+        _MEMORY_LOAD.clear()
+    return out

@@ -1,0 +1,219 @@
+"""MixtureOfMemories: the MoM sequence mixer in the `self_attention` slot of a TransformerLayer.
+
+Data flow for x [s, b, D] (equations in docs/method.md):
+    router(x) -> logits -> top-k memories and weights (+ load-balancing / z loss)
+    in_proj(x) -> q | gate | per memory (M routed + shared): k, v, b, a      (column-parallel)
+    pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
+    short conv + SiLU per segment -> l2norm(q, k) -> gated delta rule per segment (ops/)
+    mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+from megatron_mom import parallel, routing
+from megatron_mom.config import MoMConfig
+from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
+from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
+from megatron_mom import metrics
+
+
+@dataclass
+class MoMSubmodules:
+    """Projections of a MoM mixer: column-parallel in, row-parallel out."""
+
+    in_proj: Union[ModuleSpec, type] = IdentityOp
+    out_proj: Union[ModuleSpec, type] = IdentityOp
+
+
+def in_proj_sections(mom: MoMConfig, tp_size: int = 1) -> list[tuple[str, int]]:
+    """(name, rows) of each section of the input projection, per rank.
+
+    Order: q, gate (when used), then for each memory e (routed 0..M-1, shared last):
+    k.e, v.e, b.e, a.e. Each section holds this rank's heads, so a rank's weight is the
+    concatenation of its slices of every section."""
+    H, K, V = mom.num_heads // tp_size, mom.key_dim, mom.value_dim
+    sections = [("q", H * K)]
+    if mom.use_output_gate:
+        sections.append(("gate", H * V))
+    for e in range(mom.num_memory_weights):
+        sections += [(f"k.{e}", H * K), (f"v.{e}", H * V), (f"b.{e}", H), (f"a.{e}", H)]
+    return sections
+
+
+class MixtureOfMemories(MegatronModule):
+    """Mixture-of-Memories sequence mixer. Input and output [s, b, D]; returns (out, bias)."""
+
+    def __init__(
+        self,
+        config,
+        submodules: MoMSubmodules,
+        layer_number: Optional[int] = None,
+        mom: Optional[MoMConfig] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **kwargs,  # cp_comm_type, pp_layer_offset, name, ...: keywords other versions pass
+    ):
+        super().__init__(config)
+        self.mom = mom = mom if mom is not None else MoMConfig()
+        if not isinstance(mom, MoMConfig):
+            raise TypeError(f"MixtureOfMemories: mom must be a MoMConfig, got {type(mom).__name__}")
+        self.layer_number = layer_number
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.tp_size = self.tp_group.size()
+        self.tp_rank = self.tp_group.rank()
+        cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
+        mom.check_parallel(self.tp_size, cp_size)
+        if cp_size > 1:
+            raise NotImplementedError(
+                "MixtureOfMemories: context_parallel_size > 1 is not supported yet; "
+                "set context_parallel_size=1")
+        if config.params_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"MixtureOfMemories: unsupported params_dtype {config.params_dtype}")
+
+        self.num_heads = mom.num_heads // self.tp_size          # local heads
+        K, V, H = mom.key_dim, mom.value_dim, self.num_heads
+        self.sections = in_proj_sections(mom, self.tp_size)
+        in_dim = sum(rows for _, rows in self.sections) * self.tp_size
+
+        self.router = MoMRouter(config, mom)
+        self.in_proj = build_module(
+            submodules.in_proj, config.hidden_size, in_dim, config=config,
+            init_method=config.init_method, gather_output=False, bias=False,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group)
+        self.out_proj = build_module(
+            submodules.out_proj, mom.num_heads * V, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group)
+
+        W = mom.conv_size
+        device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        new = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype,
+                                                            device=device))
+        self.conv_q, self.conv_k, self.conv_v = new(H * K, W), new(H * K, W), new(H * V, W)
+        self.A_log, self.dt_bias = new(H), new(H)
+        for p in (self.conv_q, self.conv_k, self.conv_v, self.A_log, self.dt_bias):
+            parallel.mark_tp_sharded(p)
+        self.out_norm_weight = new(V)  # gamma, shared by all heads (replicated)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise the MoM-owned parameters from the full (all-rank) tensors, so that the same
+        seed gives the same model at every tensor-parallel size."""
+        if not self.config.perform_initialization:
+            return
+        mom, tp, r = self.mom, self.tp_size, self.tp_rank
+        H, K, V, W = mom.num_heads, mom.key_dim, mom.value_dim, mom.conv_size
+        gen_device = "cpu"
+        bound = 1.0 / math.sqrt(W)  # torch Conv1d's default for a depthwise kernel
+        for p, channels in ((self.conv_q, H * K), (self.conv_k, H * K), (self.conv_v, H * V)):
+            full = torch.empty(channels, W, device=gen_device).uniform_(-bound, bound)
+            p.copy_(parallel.local_slice(full, r, tp))
+        A = torch.empty(H, device=gen_device).uniform_(1, 16)
+        self.A_log.copy_(parallel.local_slice(torch.log(A), r, tp))
+        # dt in [1e-3, 1e-1] log-uniform, stored through the inverse of softplus.
+        dt = torch.exp(torch.rand(H, device=gen_device) * (math.log(0.1) - math.log(1e-3))
+                       + math.log(1e-3)).clamp(min=1e-4)
+        self.dt_bias.copy_(parallel.local_slice(dt + torch.log(-torch.expm1(-dt)), r, tp))
+        self.out_norm_weight.fill_(1.0)
+        if self.config.use_cpu_initialization and tp > 1:
+            self._init_in_proj_by_section()
+
+    def _init_in_proj_by_section(self):
+        """Megatron splits a column-parallel weight into contiguous row blocks; ours is a
+        concatenation of per-head sections, so take each section's slice of a full weight."""
+        full_sections = in_proj_sections(self.mom, 1)
+        full = torch.empty(sum(n for _, n in full_sections), self.config.hidden_size)
+        self.config.init_method(full)
+        parts, start = [], 0
+        for _, rows in full_sections:
+            parts.append(parallel.local_slice(full[start:start + rows], self.tp_rank, self.tp_size))
+            start += rows
+        self.in_proj.weight.copy_(torch.cat(parts))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                inference_context=None, packed_seq_params=None, **kwargs):
+        """hidden_states: [s, b, D] (s is the local shard under sequence parallelism).
+
+        `attention_mask` is not used: the mixer is causal by construction."""
+        if inference_context is not None or kwargs.get("inference_params") is not None:
+            raise NotImplementedError(
+                "MixtureOfMemories: decoding with an inference_context is not implemented yet; "
+                "run full forward passes (no inference_context) instead")
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        sp = self.config.sequence_parallel
+
+        logits_local = self.router(hidden_states)                          # [s_local, b, M]
+        proj, _ = self.in_proj(hidden_states)                              # [s, b, P]
+        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s, b, M]
+        s, b, _ = proj.shape
+
+        # Sequence-major token order: token n = batch * s + time.
+        proj = proj.transpose(0, 1).reshape(b * s, -1)
+        logits = logits.transpose(0, 1).reshape(b * s, -1)
+        cu_docs = None if packed_seq_params is None else (
+            packed_seq_params.cu_seqlens_q_padded
+            if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
+        if cu_docs is not None and b != 1:
+            raise ValueError(f"MixtureOfMemories: packed sequences (THD) need batch 1, got {b}")
+        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
+
+        plan = route(logits, mom)
+        losses = router_losses(logits_local.reshape(-1, mom.num_memories).float(),
+                               plan.tokens_per_memory, b * s, mom)
+        weight = attach_loss(plan.weight, losses.total if losses else None)
+        if losses is not None and self.training:
+            metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
+                                  reduce_group=self.tp_group if sp else None)
+
+        layout = routing.pack(plan.memory, seq_id, num_seqs, mom.num_memory_weights)
+        q, k, v, beta, g, gate = self._packed_inputs(proj, layout)
+        o, _ = gated_delta_rule(q, k, v, g, beta, cu_seqlens=layout.cu_seqlens,
+                                use_qk_l2norm=True, chunk_size=mom.chunk_size,
+                                backend=mom.backend)                       # [1, L, H, V]
+        y = routing.mix(o[0], layout, weight)                             # [N, H, V] float32
+        gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
+        z = gated_rmsnorm(y.to(o.dtype), gate, gamma, mom.norm_eps)        # [N, H, V]
+        z = z.reshape(b, s, H * V).transpose(0, 1)                         # [s, b, H*V]
+        return self.out_proj(z)
+
+    def _packed_inputs(self, proj: Tensor, layout: routing.PackedLayout):
+        """Split the projection and lay q, k, v, beta, g out in packed memory-major order."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        N, E = proj.shape[0], mom.num_memory_weights
+        per_memory = H * (K + V + 2)
+        head = H * K + (H * V if mom.use_output_gate else 0)
+        q_tok = proj[:, : H * K]                                           # [N, H*K]
+        gate = proj[:, H * K: head].view(N, H, V) if mom.use_output_gate else None
+        mem = proj[:, head:].view(N, E, per_memory)
+
+        q = q_tok[layout.token]                                            # [L, H*K]
+        kvba = mem[layout.token, layout.memory]                            # [L, per_memory]
+        k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
+        cu = layout.cu_seqlens
+        conv = lambda x, w: short_conv(x[None], w, cu_seqlens=cu, activation="silu",
+                                       backend=mom.backend)[0][0]
+        L = layout.num_rows
+        q = conv(q, self.conv_q).view(1, L, H, K)
+        k = conv(k, self.conv_k).view(1, L, H, K)
+        v = conv(v, self.conv_v).view(1, L, H, V)
+        beta = torch.sigmoid(b.float()).view(1, L, H)
+        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).view(1, L, H)
+        return q, k, v, beta, g, gate

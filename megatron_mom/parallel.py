@@ -1,0 +1,68 @@
+"""Tensor- and sequence-parallel glue of the MoM layer, in one place.
+
+The layer's input projection is column-parallel and its output projection row-parallel, like
+attention. Two things need more than that:
+- Router logits are computed from the layer input as each rank holds it (its sequence shard
+  under sequence parallelism) and then brought to the full sequence like the input projection's
+  input: gathered (reduce-scattered in backward) under SP, or copied (all-reduced in backward)
+  otherwise. Each TP rank mixes only its own heads, so these backward reductions are what make
+  the router's gradient whole.
+- Replicated parameters used only by the local heads (the output norm's gamma, shared by heads)
+  pass through `copy_to_tensor_model_parallel_region`, whose backward sums their gradient
+  over the TP group.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from megatron.core.tensor_parallel import mappings
+
+
+def full_sequence(x: Tensor, tp_group, sequence_parallel: bool) -> Tensor:
+    """[s_local, ...] -> [s, ...] on every TP rank; backward sums the partial gradients."""
+    if tp_group is None or tp_group.size() == 1:
+        return x
+    if sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(
+            x, tensor_parallel_output_grad=True, group=tp_group)
+    return mappings.copy_to_tensor_model_parallel_region(x, group=tp_group)
+
+
+def tp_replicated(param: Tensor, tp_group) -> Tensor:
+    """A replicated parameter whose gradient must be summed over the TP group."""
+    if tp_group is None or tp_group.size() == 1:
+        return param
+    return mappings.copy_to_tensor_model_parallel_region(param, group=tp_group)
+
+
+def mark_tp_sharded(param: Tensor, dim: int = 0) -> None:
+    """Mark a parameter that holds only this rank's heads (Megatron's TP attributes)."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+    set_tensor_model_parallel_attributes(param, True, dim, 1)
+
+
+def local_slice(full: Tensor, tp_rank: int, tp_size: int, dim: int = 0) -> Tensor:
+    """This rank's contiguous 1/tp_size part of `full` along `dim`."""
+    size = full.shape[dim] // tp_size
+    return full.narrow(dim, tp_rank * size, size)
+
+
+class SequenceParallelNorm(torch.nn.Module):
+    """LayerNorm/RMSNorm from torch whose parameters are marked for sequence parallelism.
+
+    Megatron's local `WrappedTorchNorm` refuses sequence parallelism and its fused norm needs
+    apex; a plain torch norm is right under SP as long as its replicated weights (which see only
+    this rank's tokens) are marked `sequence_parallel`, so finalize_model_grads sums them."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"normalization must be LayerNorm or RMSNorm for the local MoM "
+                             f"spec, got {config.normalization!r}")
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        return norm

@@ -1,0 +1,111 @@
+"""The MoM router: which memories each token writes to, with what weight, and its losses.
+
+Per token (float32): p = softmax(x W_g); the top-k memories are chosen and their weights
+renormalised to sum to one. The load-balancing loss (Switch form) and the optional z-loss come
+from Megatron-Core's MoE utilities and are attached to the routing weights with
+`MoEAuxLossAutoScaler`, so their gradient flows in the ordinary backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_mom.config import MoMConfig
+
+@dataclass
+class Routing:
+    """Where every token goes. N tokens in sequence-major order, S = k (+1 shared) slots.
+
+    memory: [N, S] int64 memory index per slot (the shared memory is index M, always last).
+    weight: [N, S] float32 mixing weight per slot (1 for the shared memory).
+    tokens_per_memory: [M] routed token counts over the tokens routed together (for logging).
+    """
+
+    memory: Tensor
+    weight: Tensor
+    tokens_per_memory: Tensor
+
+
+class MoMRouter(MegatronModule):
+    """Replicated linear gate W_g: D -> M (no bias), evaluated in float32."""
+
+    def __init__(self, config, mom: MoMConfig):
+        super().__init__(config)
+        self.mom = mom
+        self.weight = torch.nn.Parameter(torch.empty(
+            mom.num_memories, config.hidden_size, dtype=config.params_dtype,
+            device="cpu" if config.use_cpu_initialization else torch.cuda.current_device()))
+        if config.perform_initialization:
+            config.init_method(self.weight)
+        # Under sequence parallelism each rank routes only its own tokens, so its gradient is a
+        # partial sum: Megatron's finalize_model_grads all-reduces params marked like this.
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [..., D] -> logits [..., M] in float32."""
+        return torch.nn.functional.linear(x.float(), self.weight.float())
+
+
+def route(logits: Tensor, mom: MoMConfig) -> Routing:
+    """Top-k routing of [N, M] float32 logits (all tokens of the routed group)."""
+    probs, routing_map = moe_utils.topk_routing_with_score_function(
+        logits, mom.topk, use_pre_softmax=False, score_function="softmax")
+    # Each row holds exactly k chosen memories: list them in memory order, without a host sync.
+    memory = torch.argsort(routing_map.to(torch.int8), dim=1, descending=True,
+                           stable=True)[:, : mom.topk]
+    weight = probs.float().gather(1, memory)
+    if mom.shared_memory:
+        N = logits.shape[0]
+        memory = torch.cat([memory, memory.new_full((N, 1), mom.num_memories)], dim=1)
+        weight = torch.cat([weight, weight.new_ones(N, 1)], dim=1)
+    return Routing(memory=memory, weight=weight, tokens_per_memory=routing_map.sum(0))
+
+
+@dataclass
+class RouterLosses:
+    """This rank's share of the router losses (summed over ranks they give the full loss)."""
+
+    load_balancing: Optional[Tensor]
+    z: Optional[Tensor]
+
+    @property
+    def total(self) -> Tensor:
+        parts = [x for x in (self.load_balancing, self.z) if x is not None]
+        return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+def router_losses(local_logits: Tensor, tokens_per_memory: Tensor, total_tokens: int,
+                  mom: MoMConfig) -> Optional[RouterLosses]:
+    """Load-balancing and z losses of the tokens this rank routed (None when both are off).
+
+    `tokens_per_memory` and `total_tokens` describe every token routed together (all
+    sequence-parallel ranks), `local_logits` [n, M] only this rank's: the values are this
+    rank's shares, and the shares of all ranks sum to the losses over all tokens.
+    """
+    if mom.aux_loss_coeff <= 0 and mom.z_loss_coeff <= 0:
+        return None
+    lb = z = None
+    if mom.aux_loss_coeff > 0:
+        probs = torch.softmax(local_logits, dim=-1, dtype=torch.float32)
+        lb = moe_utils.switch_load_balancing_loss_func(
+            probs, tokens_per_memory, total_tokens, mom.topk, mom.num_memories,
+            mom.aux_loss_coeff)
+    if mom.z_loss_coeff > 0:
+        # z_loss_func takes the mean over this rank's tokens; weight it by this rank's share
+        # of the tokens so that the shares sum to the mean over all of them.
+        share = local_logits.shape[0] / total_tokens
+        z = moe_utils.z_loss_func(local_logits, mom.z_loss_coeff * share)
+    return RouterLosses(load_balancing=lb, z=z)
+
+
+def attach_loss(activation: Tensor, loss: Optional[Tensor]) -> Tensor:
+    """Make `loss` part of the backward pass of whatever consumes `activation`."""
+    if loss is None or not activation.requires_grad:
+        return activation
+    return moe_utils.MoEAuxLossAutoScaler.apply(activation, loss)
