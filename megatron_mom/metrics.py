@@ -45,8 +45,9 @@ def record_router(layer_number: Optional[int], config, losses, tokens_per_memory
     if losses.z is not None:
         _tracker_record(Z_LOSS, losses.z.detach(), layer_number, num_layers, reduce_group)
     counts = tokens_per_memory.detach().float()
-    if layer_number in _MEMORY_LOAD:
-        _MEMORY_LOAD[layer_number] += counts
+    previous = _MEMORY_LOAD.get(layer_number)
+    if previous is not None and previous.shape == counts.shape:
+        previous += counts
     else:
         _MEMORY_LOAD[layer_number] = counts.clone()
 

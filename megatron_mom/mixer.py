@@ -176,7 +176,7 @@ class MixtureOfMemories(MegatronModule):
         seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
 
         plan = route(logits, mom)
-        losses = router_losses(logits_local.reshape(-1, mom.num_memories).float(),
+        losses = router_losses(logits_local.reshape(-1, mom.num_memories),
                                plan.tokens_per_memory, b * s, mom)
         weight = attach_loss(plan.weight, losses.total if losses else None)
         if losses is not None and self.training:
@@ -188,7 +188,7 @@ class MixtureOfMemories(MegatronModule):
         o, _ = gated_delta_rule(q, k, v, g, beta, cu_seqlens=layout.cu_seqlens,
                                 use_qk_l2norm=True, chunk_size=mom.chunk_size,
                                 backend=mom.backend)                       # [1, L, H, V]
-        y = routing.mix(o[0], layout, weight)                             # [N, H, V] float32
+        y = routing.mix(o[0], layout, weight)                             # [N, H, V] fp32/64
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y.to(o.dtype), gate, gamma, mom.norm_eps)        # [N, H, V]
         z = z.reshape(b, s, H * V).transpose(0, 1)                         # [s, b, H*V]
@@ -214,6 +214,36 @@ class MixtureOfMemories(MegatronModule):
         q = conv(q, self.conv_q).view(1, L, H, K)
         k = conv(k, self.conv_k).view(1, L, H, K)
         v = conv(v, self.conv_v).view(1, L, H, V)
-        beta = torch.sigmoid(b.float()).view(1, L, H)
-        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).view(1, L, H)
+        ct = torch.float64 if proj.dtype == torch.float64 else torch.float32
+        beta = torch.sigmoid(b.to(ct)).view(1, L, H)
+        g = -self.A_log.to(ct).exp() * F.softplus(a.to(ct) + self.dt_bias.to(ct))
+        g = g.view(1, L, H)
         return q, k, v, beta, g, gate
+
+    # ------------------------------------------------------------------ checkpoints
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None,
+                           tp_group=None):
+        """Distributed-checkpoint view: per-head parameters sharded over TP, the packed input
+        projection saved per section so a checkpoint reloads at another TP size."""
+        from megatron.core.transformer.utils import (
+            make_sharded_tensors_for_checkpoint,
+            sharded_state_dict_default,
+        )
+
+        tp_group = tp_group if tp_group is not None else self.tp_group
+        metadata = dict(metadata or {})
+        if "dp_cp_group" not in metadata:
+            metadata["dp_cp_group"] = parallel_state.get_data_parallel_group(
+                with_context_parallel=True)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        tp_axis = {name: 0 for name in ("conv_q", "conv_k", "conv_v", "A_log", "dt_bias")}
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, tp_axis, sharded_offsets, tp_group=tp_group,
+            dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            sharded.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets,
+                                                      metadata, tp_group=tp_group))
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = parallel.split_sharded_tensor(sharded[key], self.sections)
+        return sharded

@@ -13,6 +13,8 @@ attention. Two things need more than that:
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -66,3 +68,34 @@ class SequenceParallelNorm(torch.nn.Module):
         for p in norm.parameters():
             setattr(p, "sequence_parallel", config.sequence_parallel)
         return norm
+
+
+def split_sharded_tensor(sh_ten, sections: list[tuple[str, int]], dim: int = 0):
+    """Checkpoint a packed TP-sharded tensor as one sharded tensor per section.
+
+    A rank's slice of a packed projection is the concatenation of its slices of every section
+    (q, gate, k.0, ...), so one contiguous TP split of the whole would not reshard. Saved per
+    section (keys `<key>.<section>`), each section reshards along its own heads."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    template = sh_ten.without_data()
+    if sum(rows for _, rows in sections) != template.local_shape[dim]:
+        raise ValueError(f"sections {sections} do not cover {template.key} "
+                         f"({template.local_shape[dim]} rows)")
+
+    def build(key, data, replica_id, *rest):
+        extra = {"flattened_range": rest[0]} if rest and hasattr(template, "flattened_range") else {}
+        whole = dataclasses.replace(template, key=key, data=data, dtype=data.dtype,
+                                    replica_id=replica_id, **extra)
+        parts, start = [], 0
+        for name, rows in sections:
+            for part in whole.narrow(dim, start, rows):
+                part.key = f"{part.key}.{name}"
+                parts.append(part)
+            start += rows
+        return parts
+
+    def merge(parts):
+        return torch.cat(parts, dim=dim)
+
+    return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)

@@ -23,7 +23,7 @@ class Routing:
     """Where every token goes. N tokens in sequence-major order, S = k (+1 shared) slots.
 
     memory: [N, S] int64 memory index per slot (the shared memory is index M, always last).
-    weight: [N, S] float32 mixing weight per slot (1 for the shared memory).
+    weight: [N, S] mixing weight per slot in the logits' dtype (1 for the shared memory).
     tokens_per_memory: [M] routed token counts over the tokens routed together (for logging).
     """
 
@@ -48,18 +48,21 @@ class MoMRouter(MegatronModule):
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: [..., D] -> logits [..., M] in float32."""
-        return torch.nn.functional.linear(x.float(), self.weight.float())
+        """x: [..., D] -> logits [..., M] in float32 (float64 for float64 inputs)."""
+        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return torch.nn.functional.linear(x.to(ct), self.weight.to(ct))
 
 
 def route(logits: Tensor, mom: MoMConfig) -> Routing:
     """Top-k routing of [N, M] float32 logits (all tokens of the routed group)."""
-    probs, routing_map = moe_utils.topk_routing_with_score_function(
+    _, routing_map = moe_utils.topk_routing_with_score_function(
         logits, mom.topk, use_pre_softmax=False, score_function="softmax")
     # Each row holds exactly k chosen memories: list them in memory order, without a host sync.
     memory = torch.argsort(routing_map.to(torch.int8), dim=1, descending=True,
                            stable=True)[:, : mom.topk]
-    weight = probs.float().gather(1, memory)
+    # softmax over the chosen logits == top-k probabilities renormalised to sum to one; done
+    # here in the logits' own precision (Megatron's util rounds through float32).
+    weight = torch.softmax(logits.gather(1, memory), dim=-1)
     if mom.shared_memory:
         N = logits.shape[0]
         memory = torch.cat([memory, memory.new_full((N, 1), mom.num_memories)], dim=1)
@@ -92,7 +95,7 @@ def router_losses(local_logits: Tensor, tokens_per_memory: Tensor, total_tokens:
         return None
     lb = z = None
     if mom.aux_loss_coeff > 0:
-        probs = torch.softmax(local_logits, dim=-1, dtype=torch.float32)
+        probs = torch.softmax(local_logits, dim=-1)  # logits are float32 or float64
         lb = moe_utils.switch_load_balancing_loss_func(
             probs, tokens_per_memory, total_tokens, mom.topk, mom.num_memories,
             mom.aux_loss_coeff)

@@ -48,10 +48,11 @@ def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> Pa
 def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
     """Sum each token's slots back: y[n] = sum_j weight[n, j] * o_packed[slot_row[n, j]].
 
-    o_packed: [L, ...]; weight: [N, S] (float32). A gather, not a scatter: deterministic."""
+    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64).
+    A gather, not a scatter: deterministic."""
     o_slots = o_packed[layout.slot_row]                                # [N, S, ...]
     w = weight.view(*weight.shape, *([1] * (o_slots.dim() - 2)))
-    return (o_slots.float() * w).sum(1)
+    return (o_slots.to(weight.dtype) * w).sum(1)
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:

@@ -1,0 +1,120 @@
+"""The MoM layer against an independent naive MoM written from the spec (float64)."""
+import pytest
+import torch
+
+from megatron_mom import MoMConfig
+from megatron_mom.convert import from_official_mom, to_official_mom
+from naive_mom import naive_mom, official_params
+
+HIDDEN = 24
+
+
+def build_layer(mom, hidden=HIDDEN, dtype=torch.float64, **config_overrides):
+    from megatron.core.transformer import TransformerConfig
+    from megatron_mom import cpu
+    from megatron_mom.specs import get_mom_module_spec
+    from megatron.core.transformer.spec_utils import build_module
+    config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
+                               params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
+                               **cpu.megatron_cpu_config_overrides(), **config_overrides)
+    return build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
+
+
+def compare_with_naive(mom, B=2, T=13, seed=0, block_memory=None):
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None  # aux gradient scale 1
+    layer = build_layer(mom)
+    p = official_params(mom, HIDDEN, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(B, T, HIDDEN, generator=g, dtype=torch.float64)
+    if block_memory is not None:  # a constant input channel drives one memory's logit far down
+        x[..., 0] = 1.0
+        p["gate.weight"][block_memory, 0] = -100.0
+    layer.load_state_dict(from_official_mom(p, mom))
+
+    for t in p.values():
+        t.requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+    ref, lb, zl, counts = naive_mom(x_ref, p, mom)
+    x_ours = x.transpose(0, 1).clone().requires_grad_(True)          # Megatron's [s, b, h]
+    out, bias = layer(x_ours)
+    assert bias is None
+    out = out.transpose(0, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-11)
+    if block_memory is not None:
+        assert counts[block_memory] == 0
+
+    # Gradients, with the router losses in the naive loss (ours attach them to the graph).
+    R = torch.randn(B, T, HIDDEN, generator=g, dtype=torch.float64)
+    (ref * R).sum().add(lb + zl).backward()
+    (out * R).sum().backward()
+    torch.testing.assert_close(x_ours.grad.transpose(0, 1), x_ref.grad, rtol=1e-8, atol=1e-10)
+    ours = dict(layer.named_parameters())
+    grads = to_official_mom({k: v.grad for k, v in ours.items()}, mom)
+    for key, ref_param in p.items():
+        # a memory the naive loop never ran leaves its weights without a gradient: zero
+        ref_grad = ref_param.grad if ref_param.grad is not None else torch.zeros_like(ref_param)
+        torch.testing.assert_close(grads[key], ref_grad, rtol=1e-8, atol=1e-10,
+                                   msg=lambda m: f"{key}: {m}")
+    return ours
+
+
+CASES = {
+    "top2_shared": MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8, chunk_size=16),
+    "top1_shared": MoMConfig(num_memories=3, topk=1, num_heads=2, head_dim=8, chunk_size=16),
+    "top2_no_shared": MoMConfig(num_memories=3, topk=2, shared_memory=False, num_heads=2,
+                                head_dim=8, chunk_size=16),
+    "one_memory": MoMConfig(num_memories=1, topk=1, num_heads=1, head_dim=8, chunk_size=16),
+    "expand_v2_no_gate": MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=8, expand_v=2.0,
+                                   use_output_gate=False, conv_size=3, chunk_size=16,
+                                   z_loss_coeff=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_layer_matches_naive_mom(megatron_single, name):
+    compare_with_naive(CASES[name])
+
+
+def test_memory_without_tokens(megatron_single):
+    mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8, chunk_size=16)
+    params = compare_with_naive(mom, T=21, block_memory=3)
+    # The unused memory's projections get exactly zero gradient, and nothing is NaN.
+    assert all(torch.isfinite(p.grad).all() for p in params.values())
+
+
+def test_longer_than_chunk_batch3(megatron_single):
+    mom = MoMConfig(num_memories=2, topk=1, num_heads=1, head_dim=8, chunk_size=16)
+    compare_with_naive(mom, B=3, T=40, seed=3)
+
+
+def test_converter_round_trip_tp():
+    mom = MoMConfig(num_memories=3, topk=2, num_heads=4, head_dim=8, expand_v=2.0)
+    p = official_params(mom, HIDDEN, seed=5)
+    for tp in (1, 2, 4):
+        shards = [from_official_mom(p, mom, tp_rank=r, tp_size=tp) for r in range(tp)]
+        in_rows = sum(v.shape[0] for k, v in p.items()
+                      if k not in ("o_proj.weight", "gate.weight") and k.endswith(".weight")
+                      and "conv1d" not in k and "o_norm" not in k)
+        assert all(s["in_proj.weight"].shape[0] * tp == in_rows for s in shards)
+        back = to_official_mom(shards, mom)
+        assert back.keys() == p.keys()
+        for key in p:
+            assert torch.equal(back[key], p[key]), key
+
+
+def test_converter_rejects_mismatched_state_dict():
+    mom = MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=8)
+    p = official_params(mom, HIDDEN)
+    with pytest.raises(KeyError, match="missing.*shared_k"):
+        from_official_mom({k: v for k, v in p.items() if k != "shared_k.weight"}, mom)
+    with pytest.raises(KeyError, match="unexpected.*k_proj.2"):
+        from_official_mom({**p, "k_proj.2.weight": p["k_proj.0.weight"]}, mom)
+    with pytest.raises(ValueError, match="q_proj.weight has shape"):
+        from_official_mom(p, mom.replace(head_dim=4))
+    with pytest.raises(ValueError, match="divisible by the tensor-parallel size"):
+        from_official_mom(p, mom, tp_rank=0, tp_size=3)
+    with pytest.raises(KeyError):
+        from_official_mom({"model.layers.0." + k: v for k, v in p.items()}, mom)
+    assert from_official_mom({"model.layers.0." + k: v for k, v in p.items()}, mom,
+                             prefix="model.layers.0.").keys()
