@@ -67,7 +67,7 @@ def short_conv_reference(
             if init is None:
                 hist = flat.new_zeros(N, C)
             else:
-                hist = init[torch.arange(N, device=x.device), :, (W - 1 + p).clamp(min=0)]
+                hist = init[torch.arange(N, device=x.device), :, (W - 1 + p).clamp(0, W - 2)]
             cols.append(torch.where((p >= 0)[:, None], from_x, hist))
         final = torch.stack(cols, dim=-1) if cols else flat.new_zeros(N, C, 0)
     return y, final

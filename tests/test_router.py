@@ -1,0 +1,68 @@
+"""Router: top-k choice, renormalised weights, load-balancing and z losses, gradients."""
+import pytest
+import torch
+
+from megatron_mom import MoMConfig
+
+
+def test_route_picks_topk_and_renormalises(megatron_single):
+    from megatron_mom.router import route
+    mom = MoMConfig(num_memories=5, topk=2)
+    logits = torch.randn(40, 5, dtype=torch.float64)
+    plan = route(logits, mom)
+    probs = torch.softmax(logits, -1)
+    top_p, top_i = probs.topk(2, -1)
+    # memories listed in increasing order; the weights follow them
+    order = top_i.argsort(-1)
+    assert torch.equal(plan.memory[:, :2], top_i.gather(1, order))
+    torch.testing.assert_close(plan.weight[:, :2], (top_p / top_p.sum(-1, keepdim=True)).gather(1, order))
+    assert torch.equal(plan.memory[:, 2], torch.full((40,), 5))   # shared memory, weight 1
+    assert torch.equal(plan.weight[:, 2], torch.ones(40, dtype=torch.float64))
+    assert torch.equal(plan.tokens_per_memory, torch.bincount(top_i.flatten(), minlength=5))
+    no_shared = route(logits, mom.replace(shared_memory=False))
+    assert no_shared.memory.shape == (40, 2)
+
+
+def test_losses_match_hand_computation(megatron_single):
+    from megatron_mom.router import route, router_losses
+    mom = MoMConfig(num_memories=4, topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
+    logits = torch.randn(30, 4, dtype=torch.float64)
+    plan = route(logits, mom)
+    losses = router_losses(logits, plan.tokens_per_memory, 30, mom)
+    p = torch.softmax(logits, -1)
+    chosen = torch.zeros(30, 4, dtype=torch.float64).scatter(1, p.topk(2, -1).indices, 1.0)
+    f = chosen.sum(0) / (30 * 2)       # fraction of (token, choice) slots per memory
+    P = p.mean(0)
+    torch.testing.assert_close(losses.load_balancing, 0.01 * 4 * (f * P).sum())
+    torch.testing.assert_close(losses.z, 1e-3 * torch.logsumexp(logits, -1).pow(2).mean())
+    # Split over two "sequence-parallel ranks": local shares with global counts sum to the whole.
+    a = router_losses(logits[:12], plan.tokens_per_memory, 30, mom)
+    b = router_losses(logits[12:], plan.tokens_per_memory, 30, mom)
+    torch.testing.assert_close(a.total + b.total, losses.total)
+    assert router_losses(logits, plan.tokens_per_memory, 30,
+                         mom.replace(aux_loss_coeff=0.0, z_loss_coeff=0.0)) is None
+
+
+def test_aux_loss_gradient_reaches_router_weight(megatron_single):
+    """With the mixing path cut off, the router weight's gradient is exactly the aux loss's."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
+    from megatron.core.transformer import TransformerConfig
+    from megatron_mom import cpu
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    mom = MoMConfig(num_memories=4, topk=2, aux_loss_coeff=0.1)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1,
+                               **cpu.megatron_cpu_config_overrides())
+    router = MoMRouter(config, mom)
+    x = torch.randn(50, 16)
+    logits = router(x)
+    plan = route(logits, mom)
+    losses = router_losses(logits, plan.tokens_per_memory, 50, mom)
+    w = attach_loss(plan.weight, losses.total)
+    (w.detach() * 0 + w * 0).sum().backward()      # zero mixing gradient, aux gradient only
+    W = router.weight.detach().clone().requires_grad_()
+    p = torch.softmax(x @ W.T, -1)
+    f = plan.tokens_per_memory.double() / (50 * 2)
+    (0.1 * 4 * (f * p.mean(0)).sum()).backward()
+    assert router.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(router.weight.grad, W.grad)
