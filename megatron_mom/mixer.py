@@ -71,23 +71,25 @@ class MixtureOfMemories(MegatronModule):
             raise TypeError(f"MixtureOfMemories: mom must be a MoMConfig, got {type(mom).__name__}")
         self.layer_number = layer_number
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "cp", "tp_cp"])
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
-        cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
-        mom.check_parallel(self.tp_size, cp_size)
-        if cp_size > 1:
-            raise NotImplementedError(
-                "MixtureOfMemories: context_parallel_size > 1 is not supported yet; "
-                "set context_parallel_size=1")
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        self.cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        mom.check_parallel(self.tp_size, self.cp_size)
         if config.params_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"MixtureOfMemories: unsupported params_dtype {config.params_dtype}")
 
-        self.num_heads = mom.num_heads // self.tp_size          # local heads
-        K, V, H = mom.key_dim, mom.value_dim, self.num_heads
-        self.sections = in_proj_sections(mom, self.tp_size)
+        # Parameters hold this TP rank's heads; under context parallelism each CP rank runs the
+        # recurrence for a 1/cp share of those heads over the whole sequence.
+        H = mom.num_heads // self.tp_size
+        self.num_heads = H // self.cp_size                       # heads this rank computes
+        K, V = mom.key_dim, mom.value_dim
+        self.sections = in_proj_sections(mom, self.tp_size)     # rows of this rank's weight
         in_dim = sum(rows for _, rows in self.sections) * self.tp_size
 
         self.router = MoMRouter(config, mom)
@@ -158,11 +160,17 @@ class MixtureOfMemories(MegatronModule):
                 "MixtureOfMemories: decoding with an inference_context is not implemented yet; "
                 "run full forward passes (no inference_context) instead")
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        sp = self.config.sequence_parallel
+        sp, cp = self.config.sequence_parallel, self.cp_size
 
         logits_local = self.router(hidden_states)                          # [s_local, b, M]
-        proj, _ = self.in_proj(hidden_states)                              # [s, b, P]
-        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s, b, M]
+        proj, _ = self.in_proj(hidden_states)                              # [s_cp, b, P]
+        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s_cp, b, M]
+        if cp > 1:
+            parallel.check_cp_sequence(proj.shape[0], cp)
+            s_cp = proj.shape[0]
+            logits = parallel.cp_gather_sequence(logits, self.cp_group)    # [s, b, M]
+            proj = parallel.cp_sequence_to_heads(self._split_heads_by_cp_rank(proj),
+                                                 self.cp_group)            # [s, b, P / cp]
         s, b, _ = proj.shape
 
         # Sequence-major token order: token n = batch * s + time.
@@ -171,8 +179,9 @@ class MixtureOfMemories(MegatronModule):
         cu_docs = None if packed_seq_params is None else (
             packed_seq_params.cu_seqlens_q_padded
             if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
-        if cu_docs is not None and b != 1:
-            raise ValueError(f"MixtureOfMemories: packed sequences (THD) need batch 1, got {b}")
+        if cu_docs is not None and (b != 1 or cp > 1):
+            raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
+                             f"context_parallel_size 1, got batch {b}, context parallel {cp}")
         seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
 
         plan = route(logits, mom)
@@ -181,7 +190,7 @@ class MixtureOfMemories(MegatronModule):
         weight = attach_loss(plan.weight, losses.total if losses else None)
         if losses is not None and self.training:
             metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
-                                  reduce_group=self.tp_group if sp else None)
+                                  reduce_group=self._router_reduce_group())
 
         layout = routing.pack(plan.memory, seq_id, num_seqs, mom.num_memory_weights)
         q, k, v, beta, g, gate = self._packed_inputs(proj, layout)
@@ -192,7 +201,28 @@ class MixtureOfMemories(MegatronModule):
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y.to(o.dtype), gate, gamma, mom.norm_eps)        # [N, H, V]
         z = z.reshape(b, s, H * V).transpose(0, 1)                         # [s, b, H*V]
+        if cp > 1:
+            z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
         return self.out_proj(z)
+
+    def _split_heads_by_cp_rank(self, proj: Tensor) -> Tensor:
+        """[s, b, P] -> [s, b, cp, P / cp]: each section's heads in cp contiguous groups."""
+        s, b, _ = proj.shape
+        parts = proj.split([rows for _, rows in self.sections], dim=-1)
+        return torch.cat([p.reshape(s, b, self.cp_size, -1) for p in parts], dim=-1)
+
+    def _heads_of_this_cp_rank(self, param: Tensor) -> Tensor:
+        """Rows of a per-head parameter [H_tp * d, ...] that this CP rank computes with."""
+        if self.cp_size == 1:
+            return param
+        return param.view(self.cp_size, -1, *param.shape[1:])[self.cp_rank]
+
+    def _router_reduce_group(self):
+        """The ranks whose router-loss shares add up to the loss (they routed other tokens)."""
+        sp = self.config.sequence_parallel and self.tp_size > 1
+        if self.cp_size > 1:
+            return self.pg_collection.tp_cp if sp else self.cp_group
+        return self.tp_group if sp else None
 
     def _packed_inputs(self, proj: Tensor, layout: routing.PackedLayout):
         """Split the projection and lay q, k, v, beta, g out in packed memory-major order."""
@@ -208,7 +238,8 @@ class MixtureOfMemories(MegatronModule):
         kvba = mem[layout.token, layout.memory]                            # [L, per_memory]
         k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
         cu = layout.cu_seqlens
-        conv = lambda x, w: short_conv(x[None], w, cu_seqlens=cu, activation="silu",
+        local = self._heads_of_this_cp_rank
+        conv = lambda x, w: short_conv(x[None], local(w), cu_seqlens=cu, activation="silu",
                                        backend=mom.backend)[0][0]
         L = layout.num_rows
         q = conv(q, self.conv_q).view(1, L, H, K)
@@ -216,7 +247,8 @@ class MixtureOfMemories(MegatronModule):
         v = conv(v, self.conv_v).view(1, L, H, V)
         ct = torch.float64 if proj.dtype == torch.float64 else torch.float32
         beta = torch.sigmoid(b.to(ct)).view(1, L, H)
-        g = -self.A_log.to(ct).exp() * F.softplus(a.to(ct) + self.dt_bias.to(ct))
+        A_log, dt_bias = local(self.A_log).to(ct), local(self.dt_bias).to(ct)
+        g = -A_log.exp() * F.softplus(a.to(ct) + dt_bias)
         g = g.view(1, L, H)
         return q, k, v, beta, g, gate
 
