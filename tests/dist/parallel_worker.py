@@ -27,12 +27,13 @@ from megatron_mom import MoMConfig, cpu  # noqa: E402
 F64 = torch.float64
 
 
-def setup(tp=1, pp=1, cp=1, seed=1234):
+def setup(tp=1, pp=1, cp=1, vpp=None, seed=1234):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    ps.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+    ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=vpp,
+                                 context_parallel_size=cp)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return ps
@@ -141,27 +142,35 @@ MOM_GPT = MoMConfig(num_memories=3, topk=2, num_heads=4, head_dim=8, chunk_size=
 SEQ, BATCH, VOCAB, HIDDEN = 32, 2, 64, 32
 
 
-def build_gpt(tp=1, pp=1, cp=1, sp=False, pattern="MMAM"):
+def build_gpt(tp=1, pp=1, cp=1, sp=False, pattern="MMAM", vpp=None, deterministic=False):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
     from megatron_mom import get_hybrid_block_spec
-    ps = setup(tp=tp, pp=pp, cp=cp)
+    ps = setup(tp=tp, pp=pp, cp=cp, vpp=vpp)
     config = TransformerConfig(
         num_layers=len(pattern), hidden_size=HIDDEN, num_attention_heads=4, ffn_hidden_size=64,
         hidden_dropout=0.0, attention_dropout=0.0, normalization="RMSNorm",
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         context_parallel_size=cp, sequence_parallel=sp, pipeline_dtype=torch.float32,
-        calculate_per_token_loss=True, **cpu.megatron_cpu_config_overrides())
-    pre, post = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-    model = GPTModel(config, get_hybrid_block_spec(config, pattern, MOM_GPT, backend="local"),
-                     vocab_size=VOCAB, max_sequence_length=SEQ, pre_process=pre, post_process=post,
-                     share_embeddings_and_output_weights=False)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(), model)
+        calculate_per_token_loss=True, virtual_pipeline_model_parallel_size=vpp,
+        deterministic_mode=deterministic,
+        # gloo + interleaved schedule trains wrong with batched p2p (cpu_testing.md)
+        batch_p2p_comm=vpp is None, **cpu.megatron_cpu_config_overrides())
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = None if vpp is None else vp_stage
+        pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        spec = get_hybrid_block_spec(config, pattern, MOM_GPT, backend="local", vp_stage=stage)
+        model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                         pre_process=pre, post_process=post, vp_stage=stage,
+                         share_embeddings_and_output_weights=False)
+        chunks.append(DistributedDataParallel(config, DistributedDataParallelConfig(), model))
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    return ps, config, ddp
+    config.no_sync_func = [c.no_sync for c in chunks] if vpp else chunks[0].no_sync
+    return ps, config, chunks
 
 
 def batch():
@@ -170,103 +179,136 @@ def batch():
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def train_step(ps, config, ddp, cp):
-    """One forward/backward through Megatron's schedule; returns the summed loss, token count."""
+MICROBATCHES = 2
+
+
+def train_step(ps, config, chunks, cp):
+    """Forward/backward of MICROBATCHES copies of one batch through Megatron's schedule.
+    Returns (loss per token, per-layer MoM load-balancing loss summed over stages)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))
+    from megatron_mom import metrics
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    metrics.router_loss_values(clear=True)
     ids, labels = batch()
     r = ps.get_context_parallel_rank()
     ids, labels = cp_local(ids, cp, r, 1), cp_local(labels, cp, r, 1)
     pos = cp_local(torch.arange(SEQ), cp, r)[None].expand(BATCH, -1)
-    record = {}
+    totals = torch.zeros(2)
 
     def loss_func(output):
         loss = output.float().sum()
         n = torch.tensor(output.numel(), dtype=torch.int)
-        record["loss"], record["n"] = loss.detach(), n
+        totals.add_(torch.stack([loss.detach(), n.float()]))
         return loss, n, {"lm loss": torch.stack([loss.detach(), n.float()])}
 
     def forward_step(data_iterator, model):
         next(data_iterator)
         return model(ids, pos, None, labels=labels), loss_func
 
-    ddp.zero_grad_buffer()
+    for c in chunks:
+        c.zero_grad_buffer()
+    iterators = [iter([None] * MICROBATCHES) for _ in chunks]
     get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],
-        num_microbatches=1, seq_length=SEQ // cp, micro_batch_size=BATCH, forward_only=False)
-    loss = record.get("loss", torch.zeros(())).clone()
-    n = record.get("n", torch.zeros((), dtype=torch.int)).float()
-    both = torch.stack([loss, n])
+        forward_step_func=forward_step, data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=chunks, num_microbatches=MICROBATCHES, seq_length=SEQ // cp,
+        micro_batch_size=BATCH, forward_only=False)
     if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.all_reduce(both, group=ps.get_pipeline_model_parallel_group())
+        dist.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     if cp > 1:
-        dist.all_reduce(both, group=ps.get_context_parallel_group())
-    return both[0].item() / both[1].item()
+        dist.all_reduce(totals, group=ps.get_context_parallel_group())
+    lb = metrics.router_loss_values()[metrics.LOAD_BALANCING_LOSS]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(lb, group=ps.get_pipeline_model_parallel_group())
+    if cp > 1 or config.sequence_parallel:   # each rank recorded its share
+        dist.all_reduce(lb, group=ps.get_tensor_and_context_parallel_group())
+    return (totals[0] / totals[1]).item(), lb.tolist()
 
 
-def save(model, path):
+def save(chunks, path):
     from megatron.core import dist_checkpointing
     os.makedirs(path, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(), path)
+    dist_checkpointing.save(_sharded(chunks), path)
 
 
-def load(model, path):
+def _sharded(chunks):
+    # Virtual-pipeline chunks reuse local keys ("decoder.layers.0."), so nest them per chunk as
+    # Megatron-LM does; the sharded (global) keys inside are what the checkpoint stores.
+    return {f"model{i}": c.module.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def load(chunks, path):
     from megatron.core import dist_checkpointing
-    state = dist_checkpointing.load(model.sharded_state_dict(), path)
-    model.load_state_dict(state)
+    state = dist_checkpointing.load(_sharded(chunks), path)
+    for i, c in enumerate(chunks):
+        c.module.load_state_dict(state[f"model{i}"], strict=True)
 
 
-def grads_into_params(ddp):
+def grads_into_params(chunks):
     with torch.no_grad():
-        for p in ddp.module.parameters():
-            p.copy_(p.main_grad)
+        for c in chunks:
+            for p in c.module.parameters():
+                p.copy_(p.main_grad)
+
+
+def state(chunks):
+    return {k: v.clone() for c in chunks for k, v in c.module.state_dict().items()
+            if "extra" not in k}
 
 
 def run_gpt(out_dir):
     results = {}
     ref_ckpt = os.path.join(out_dir, "ckpt_tp1")
     layouts = {"tp2_sp": dict(tp=2, sp=True), "cp2": dict(cp=2, pattern="MMMM"),
-               "pp2": dict(pp=2)}
+               "pp2": dict(pp=2), "pp2_vpp2": dict(pp=2, vpp=2)}
     for pattern in ("MMAM", "MMMM"):
-        ps, config, ddp = build_gpt(pattern=pattern)
-        save(ddp.module, f"{ref_ckpt}_{pattern}")
-        results[f"tp1_{pattern}_loss"] = train_step(ps, config, ddp, 1)
-        grads_into_params(ddp)
-        save(ddp.module, os.path.join(out_dir, f"grads_tp1_{pattern}"))
+        ps, config, chunks = build_gpt(pattern=pattern)
+        save(chunks, f"{ref_ckpt}_{pattern}")
+        loss, lb = train_step(ps, config, chunks, 1)
+        results[f"tp1_{pattern}_loss"], results[f"tp1_{pattern}_lb"] = loss, lb
+        grads_into_params(chunks)
+        save(chunks, os.path.join(out_dir, f"grads_tp1_{pattern}"))
     for name, layout in layouts.items():
         pattern = layout.pop("pattern", "MMAM")
-        ps, config, ddp = build_gpt(pattern=pattern, **layout)
-        load(ddp.module, f"{ref_ckpt}_{pattern}")
-        results[f"{name}_loss"] = train_step(ps, config, ddp, layout.get("cp", 1))
-        results[f"{name}_ref_loss"] = results[f"tp1_{pattern}_loss"]
-        if name == "tp2_sp":  # reshard back: TP=2 checkpoint -> TP=1, bitwise
-            save(ddp.module, os.path.join(out_dir, "ckpt_tp2"))
-        grads_into_params(ddp)
-        save(ddp.module, os.path.join(out_dir, f"grads_{name}"))
+        ps, config, chunks = build_gpt(pattern=pattern, **layout)
+        load(chunks, f"{ref_ckpt}_{pattern}")
+        loss, lb = train_step(ps, config, chunks, layout.get("cp", 1))
+        results[f"{name}_loss"], results[f"{name}_lb"] = loss, lb
         results[f"{name}_pattern"] = pattern
+        if name == "tp2_sp":  # reshard back: TP=2 checkpoint -> TP=1, bitwise
+            save(chunks, os.path.join(out_dir, "ckpt_tp2"))
+        grads_into_params(chunks)
+        save(chunks, os.path.join(out_dir, f"grads_{name}"))
+
+    # Deterministic mode: the same step twice gives bitwise-equal gradients.
+    ps, config, chunks = build_gpt(tp=2, sp=True, deterministic=True)
+    load(chunks, f"{ref_ckpt}_MMAM")
+    grads = []
+    for _ in range(2):
+        train_step(ps, config, chunks, 1)
+        grads.append([p.main_grad.clone() for c in chunks for p in c.module.parameters()])
+    results["deterministic_bitwise"] = all(torch.equal(a, b) for a, b in zip(*grads))
 
     # Back at TP=1: compare every gradient, and the TP=2 round-tripped checkpoint.
     for pattern in ("MMAM", "MMMM"):
         _, _, ref = build_gpt(pattern=pattern)
-        load(ref.module, os.path.join(out_dir, f"grads_tp1_{pattern}"))
-        ref_grads = {k: v.clone() for k, v in ref.module.state_dict().items() if "extra" not in k}
+        load(ref, os.path.join(out_dir, f"grads_tp1_{pattern}"))
+        ref_grads = state(ref)
         for name in layouts:
             if results[f"{name}_pattern"] != pattern:
                 continue
-            load(ref.module, os.path.join(out_dir, f"grads_{name}"))
-            got = {k: v for k, v in ref.module.state_dict().items() if "extra" not in k}
+            load(ref, os.path.join(out_dir, f"grads_{name}"))
+            got = state(ref)
             errs = {k: rel(got[k], ref_grads[k]) for k in ref_grads}
             worst = max(errs, key=errs.get)
             results[f"{name}_grad_max_rel"] = errs[worst]
             results[f"{name}_grad_worst"] = worst
         if pattern == "MMAM":
             _, _, orig = build_gpt(pattern=pattern)
-            load(orig.module, f"{ref_ckpt}_{pattern}")
-            load(ref.module, os.path.join(out_dir, "ckpt_tp2"))
-            a, b = orig.module.state_dict(), ref.module.state_dict()
-            results["ckpt_tp2_to_tp1_bitwise"] = all(
-                torch.equal(a[k], b[k]) for k in a if "extra" not in k)
+            load(orig, f"{ref_ckpt}_{pattern}")
+            load(ref, os.path.join(out_dir, "ckpt_tp2"))
+            a, b = state(orig), state(ref)
+            results["ckpt_tp2_to_tp1_bitwise"] = all(torch.equal(a[k], b[k]) for k in a)
     if dist.get_rank() == 0:
         json.dump(results, open(os.path.join(out_dir, "results_gpt.json"), "w"), indent=1)
 
