@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from megatron_mom import MoMConfig, cpu  # noqa: E402
 
 F64 = torch.float64
+DEVICE = "cpu"
 
 
 def setup(tp=1, pp=1, cp=1, vpp=None, seed=1234):
@@ -52,7 +53,7 @@ def cp_local(x, cp, rank, dim=0):
 
 
 # ---------------------------------------------------------------------------------- layer
-def layer_phase(mode, official, mom, x, dy, cu_docs):
+def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
     """Run the mixer under `mode`; return full-sequence output, input grad and official-format
     parameter grads (identical on every rank)."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -64,11 +65,16 @@ def layer_phase(mode, official, mom, x, dy, cu_docs):
     cp = 2 if mode == "cp2" else 1
     sp = mode == "tp2_sp"
     ps = setup(tp=tp, cp=cp)
+    overrides = cpu.megatron_cpu_config_overrides() if DEVICE == "cpu" else \
+        {"gradient_accumulation_fusion": False}
     config = TransformerConfig(num_layers=1, hidden_size=x.shape[-1], num_attention_heads=4,
-                               params_dtype=F64, tensor_model_parallel_size=tp,
-                               context_parallel_size=cp, sequence_parallel=sp,
-                               **cpu.megatron_cpu_config_overrides())
-    layer = build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
+                               params_dtype=dtype, tensor_model_parallel_size=tp,
+                               context_parallel_size=cp, sequence_parallel=sp, **overrides)
+    layer = build_module(get_mom_module_spec(mom, backend="local"), config=config,
+                         layer_number=1).to(DEVICE)
+    x, dy = x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
+    if cu_docs is not None:
+        cu_docs = cu_docs.to(DEVICE, torch.int32)
     tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
     layer.load_state_dict(from_official_mom(official, mom, tp_rank, tp))
 
@@ -82,7 +88,7 @@ def layer_phase(mode, official, mom, x, dy, cu_docs):
     out, _ = layer(x_local, packed_seq_params=packed)
     out.backward(local(dy))
 
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    grads = {n: p.grad.double() for n, p in layer.named_parameters()}
     for n, p in layer.named_parameters():   # what finalize_model_grads / DDP would reduce
         if sp and getattr(p, "sequence_parallel", False):
             dist.all_reduce(grads[n], group=ps.get_tensor_model_parallel_group())
@@ -90,9 +96,10 @@ def layer_phase(mode, official, mom, x, dy, cu_docs):
             dist.all_reduce(grads[n], group=ps.get_context_parallel_group())
     if tp > 1:
         shards = [None] * tp
-        dist.all_gather_object(shards, grads, group=ps.get_tensor_model_parallel_group())
+        dist.all_gather_object(shards, {n: g.cpu() for n, g in grads.items()},
+                               group=ps.get_tensor_model_parallel_group())
     else:
-        shards = [grads]
+        shards = [{n: g.cpu() for n, g in grads.items()}]
     param_grads = to_official_mom(shards, mom)
 
     def full(t):  # gather the sequence back in natural order
@@ -107,7 +114,7 @@ def layer_phase(mode, official, mom, x, dy, cu_docs):
             order = [halves[r][0] for r in range(cp)] + [halves[r][1] for r in reversed(range(cp))]
             return torch.cat(order)
         return t
-    return full(out.detach()), full(x_local.grad), param_grads
+    return full(out.detach()).cpu().double(), full(x_local.grad).cpu().double(), param_grads
 
 
 def run_layer(out_dir):
@@ -134,6 +141,31 @@ def run_layer(out_dir):
             }
     if dist.get_rank() == 0:
         json.dump(results, open(os.path.join(out_dir, "results_layer.json"), "w"), indent=1)
+
+
+def run_gpu_layer(out_dir):
+    """bf16 with the Triton kernels under TP=2+SP and CP=2 on two GPUs, against a float32
+    torch-reference layer at TP=1 on the same weights (and TP=1 bf16 for scale)."""
+    from naive_mom import official_params
+    results = {}
+    for K in (128, 256):
+        mom = MoMConfig(num_memories=4, topk=2, num_heads=4, head_dim=K, backend="torch",
+                        aux_loss_coeff=0.01)
+        official = {k: v.float() for k, v in official_params(mom, 512, seed=3).items()}
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(2048, 2, 512, generator=g)
+        dy = torch.randn(2048, 2, 512, generator=g)
+        ref = layer_phase("tp1", official, mom, x, dy, None, dtype=torch.float32)
+        fast = mom.replace(backend="triton")
+        for mode in ("tp1", "tp2_sp", "cp2"):
+            got = layer_phase(mode, official, fast, x, dy, None, dtype=torch.bfloat16)
+            errs = {k: rel(got[2][k], ref[2][k]) for k in ref[2]}
+            worst = max(errs, key=errs.get)
+            results[f"K{K}_{mode}_bf16"] = {"out": rel(got[0], ref[0]), "dx": rel(got[1], ref[1]),
+                                           "dparam_max": errs[worst], "dparam_worst": worst}
+    if dist.get_rank() == 0:
+        json.dump(results, open(os.path.join(out_dir, "results_gpu_layer.json"), "w"), indent=1)
+        print(json.dumps(results, indent=1))
 
 
 # ------------------------------------------------------------------------------------ gpt
@@ -316,11 +348,16 @@ def run_gpt(out_dir):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("phases", nargs="+", choices=["layer", "gpt"])
+    parser.add_argument("phases", nargs="+", choices=["layer", "gpt", "gpu_layer"])
     args = parser.parse_args()
-    cpu.enable()
-    dist.init_process_group("gloo")
+    if "gpu_layer" in args.phases:
+        DEVICE = "cuda"
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        cpu.enable()
+        dist.init_process_group("gloo")
     for phase in args.phases:
-        {"layer": run_layer, "gpt": run_gpt}[phase](args.out)
+        {"layer": run_layer, "gpt": run_gpt, "gpu_layer": run_gpu_layer}[phase](args.out)
     dist.barrier()
     dist.destroy_process_group()
