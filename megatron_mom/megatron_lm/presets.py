@@ -51,6 +51,13 @@ def default_pattern(kind: str, num_layers: int) -> str:
     return (HYBRID_PERIOD * (num_layers // len(HYBRID_PERIOD) + 1))[:num_layers]
 
 
+def global_layer_index(config, layer_number: int, vp_stage: Optional[int] = None,
+                       pp_rank: Optional[int] = None) -> int:
+    """0-based model-wide index of the stage-local 1-based `layer_number` (as TransformerLayer
+    numbers itself)."""
+    return layer_number - 1 + get_transformer_layer_offset(config, vp_stage, pp_rank)
+
+
 @dataclasses.dataclass
 class PatternLayerSubmodules:
     """The layer specs a PatternLayer chooses from, by pattern symbol."""
@@ -70,8 +77,7 @@ class PatternLayer(BaseTransformerLayer):
         pp_rank = None
         if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
             pp_rank = pg_collection.pp.rank()
-        index = layer_number - 1 + get_transformer_layer_offset(config, vp_stage, pp_rank)
-        symbol = pattern[index]
+        symbol = pattern[global_layer_index(config, layer_number, vp_stage, pp_rank)]
         # The patched Megatron-LM schedules set the aux-loss gradient scale when this is set.
         if symbol == "M":
             config.mom_aux_loss = True
@@ -100,7 +106,7 @@ class MoMPreset(TransformerBlockSubmodules):
     def __init__(self, kind: str):  # no dataclass __init__: the fields are properties here
         assert kind in ("mom", "hybrid")
         self.kind = kind
-        self._built: Optional[TransformerBlockSubmodules] = None
+        self._built = None
 
     def __repr__(self):
         return f"megatron_mom.megatron_lm.presets.{self.kind}"
@@ -127,12 +133,10 @@ class MoMPreset(TransformerBlockSubmodules):
         return self._object_form().layer_norm
 
     def _object_form(self) -> TransformerBlockSubmodules:
-        if self._built is None:
-            from megatron.training.arguments import core_transformer_config_from_args
-            args = _megatron_args()
-            self._built = self.build(core_transformer_config_from_args(args), args,
-                                     vp_stage=None)
-        return self._built
+        args = _megatron_args()
+        if self._built is None or self._built[0] is not args:  # built once per parsed args
+            self._built = (args, self.build(_megatron_config(args), args, vp_stage=None))
+        return self._built[1]
 
     # ----------------------------------------------------------------
     def build(self, config, args, vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
@@ -200,6 +204,12 @@ def _megatron_args():
                           "scripts (megatron.training); from Python, use "
                           "megatron_mom.get_hybrid_block_spec") from err
     return get_args()
+
+
+def _megatron_config(args):
+    # The TransformerConfig Megatron-LM builds from the same flags for the model.
+    from megatron.training.arguments import core_transformer_config_from_args
+    return core_transformer_config_from_args(args)
 
 
 mom = MoMPreset("mom")
