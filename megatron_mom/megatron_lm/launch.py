@@ -87,7 +87,10 @@ def enable_cpu_training() -> None:
     from megatron_mom import cpu
     if not cpu.enable():
         return
-    from megatron.training import arguments, initialize, training
+    try:
+        from megatron.training import arguments, initialize, training
+    except ImportError:  # a script built on Megatron-Core alone needs only cpu.enable()
+        return
 
     def in_fake_gpu(original, *args, **kwargs):
         with _one_fake_gpu():
