@@ -155,6 +155,17 @@ def test_object_form_refuses_bad_flags_when_building(megatron_single, megatron_l
         _gpt(config, presets.hybrid)
 
 
+def test_context_parallel_hybrid_without_te_is_refused(megatron_single, megatron_lm_args):
+    from megatron_mom.megatron_lm import presets
+    config = _config()
+    args = megatron_lm_args(SMALL + ["--mom-layer-pattern", "MMAM"], config)
+    args.context_parallel_size = 2
+    with pytest.raises(ValueError, match="needs Transformer Engine's attention"):
+        presets.hybrid.build(config, args)
+    args.mom_layer_pattern = "MMMM"  # MoM layers alone run context parallelism
+    assert len(presets.mom.build(config, args).layer_specs) == 4
+
+
 def test_callable_form(megatron_single, megatron_lm_args):
     """Megatron-LM 0.19 calls the preset with its GPTModelConfig and the virtual stage."""
     import inspect

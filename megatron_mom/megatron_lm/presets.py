@@ -146,7 +146,15 @@ class MoMPreset(TransformerBlockSubmodules):
         pattern = args.mom_layer_pattern or default_pattern(self.kind, config.num_layers)
         specs.check_pattern(pattern, config.num_layers)
         args.mom_layer_pattern = pattern  # the training-log hook averages over the M layers
-        return block_spec(config, pattern, mom, _backend(args), vp_stage)
+        backend = _backend(args)
+        cp = getattr(args, "context_parallel_size", 1) or 1
+        if cp > 1 and "A" in pattern and backend == "local":
+            raise ValueError(
+                f"megatron-mom: --context-parallel-size {cp} with attention layers (pattern "
+                f"{pattern}) needs Transformer Engine's attention (--transformer-impl "
+                f"transformer_engine): Megatron's local attention has no context parallelism. "
+                f"MoM layers alone run it: use the 'mom' preset or an all-M --mom-layer-pattern")
+        return block_spec(config, pattern, mom, backend, vp_stage)
 
 
 def block_spec(config, pattern: str, mom: MoMConfig, backend: str = "auto",
@@ -185,12 +193,15 @@ def _describe(config, pattern, num_layers, vp_stage, backend):
         return
     pp = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
     vp_size = getattr(config, "virtual_pipeline_model_parallel_size", None)
+    def layers(vp):
+        ids = specs.local_layer_ids(config, vp)
+        return (f"layers {ids[0] + 1}-{ids[-1] + 1} = {''.join(pattern[i] for i in ids)}"
+                if ids else "no layers")
+
     if vp_stage is None and vp_size and config.pipeline_model_parallel_size > 1:
-        where = f"{num_layers} layers in each of {vp_size} virtual stages"
+        where = f"virtual stages " + ", ".join(f"[{layers(v)}]" for v in range(vp_size))
     else:
-        ids = specs.local_layer_ids(config, vp_stage)
-        where = (f"layers {ids[0] + 1}-{ids[-1] + 1} = {''.join(pattern[i] for i in ids)}"
-                 if ids else "no layers")
+        where = layers(vp_stage)
     stage = f"pipeline stage {pp}" + ("" if vp_stage is None else f" virtual stage {vp_stage}")
     print(f"megatron-mom: {stage}: {where} (M: MoM, A: attention) of {pattern}, "
           f"spec backend {backend}", flush=True)
