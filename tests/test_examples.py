@@ -10,8 +10,11 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 
 @pytest.mark.slow
 def test_quickstart_trains_and_generates():
+    # Not the MASTER_PORT of this process's own process group (conftest's megatron_single
+    # exports it), which is in use.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "quickstart.py")],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = proc.stdout.strip().splitlines()
     first = float(lines[0].split("loss")[1])
