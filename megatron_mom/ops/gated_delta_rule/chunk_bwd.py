@@ -18,14 +18,15 @@ from megatron_mom.ops.gated_delta_rule.chunk_fwd import chunk_rows, load_decay
 
 @triton.jit(do_not_specialize=["scale"])
 def state_bwd_kernel(
-    q, k, w, gam, do,                    # [TT,H,K] x3, [TT,H] f32, [TT,H,V]
+    q, k, w, gam, p_mat, do,             # [TT,H,K] x3, [TT,H] f32, [NTU,H,C,C], [TT,H,V]
     dht, dh_out, du_out, dh0,            # [N,H,K,V] f32, [NTU,H,K,V], [TT,H,V], [N,H,K,V] f32
     cu_seqlens, chunk_offsets, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (V block, head, sequence), chunks last to first:
-    dU = P^T dO + Kg dS',  dS = Qg^T dO + e^Gam dS' - W^T dU."""
+    dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
+    P^T is the transposed view of the loaded P (never a transposed dot result)."""
     vb = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -36,8 +37,8 @@ def state_bwd_kernel(
     kcols = tl.arange(0, K)
     vcols = vb * BV + tl.arange(0, BV)
     dt = w.dtype.element_ty
-    anticausal = rows[:, None] <= rows[None, :]                      # (P^T)_ij needs j >= i
     state_offs = kcols[:, None] * V + vcols[None, :]
+    cc_offs = rows[:, None] * C + rows[None, :]
 
     if HAS_DHT:
         ds = tl.load(dht + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
@@ -51,152 +52,203 @@ def state_bwd_kernel(
         tok = (t0 + rows).to(tl.int64)
         valid = tok < eos
         last = tl.minimum(eos - t0, C) - 1
-        tl.store(dh_out + ((first_chunk + c).to(tl.int64) * H + h) * K * V + state_offs,
-                 ds.to(dh_out.dtype.element_ty))
+        chunk_id = (first_chunk + c).to(tl.int64) * H + h
+        ds_d = ds.to(dt)
+        tl.store(dh_out + chunk_id * K * V + state_offs, ds_d.to(dh_out.dtype.element_ty))
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
         koffs = (tok * H + h)[:, None] * K + kcols[None, :]
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
-        q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0)
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
-        w_t = tl.load(w + koffs, mask=valid[:, None], other=0.0)
-        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt)
-        decay_t = tl.where(anticausal, tl.exp(tl.where(anticausal, g_c[None, :] - g_c[:, None], 0.0)), 0.0)
-        p_t = tl.dot(k_t, tl.trans(q_t), input_precision=PREC) * (decay_t * scale)   # P^T
-        k_g = (k_t.to(tl.float32) * tl.exp(g_last - g_c)[:, None]).to(dt)
-        du = tl.dot(p_t.to(dt), do_t, input_precision=PREC) + tl.dot(k_g, ds.to(dt), input_precision=PREC)
+        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0)
+        du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
+                    input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
+        du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt), input_precision=PREC)
         tl.store(du_out + voffs, du.to(du_out.dtype.element_ty), mask=valid[:, None])
-        q_g = (q_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
-        ds = (ds * tl.exp(g_last) + tl.dot(tl.trans(q_g), do_t, input_precision=PREC)
-              - tl.dot(tl.trans(w_t), du.to(dt), input_precision=PREC))
+        do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
+        ds = ds * tl.exp(g_last)
+        ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q, input_precision=PREC)
+        ds -= tl.dot(tl.trans(tl.load(w + koffs, mask=valid[:, None], other=0.0)), du.to(dt), input_precision=PREC)
 
     if STORE_DH0:
         tl.store(dh0 + (n.to(tl.int64) * H + h) * K * V + state_offs, ds)
 
 
+@triton.jit
+def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS,
+                H: tl.constexpr, C: tl.constexpr):
+    """Rows, decay and the three per-chunk C x C scratch slots shared by the backward phases."""
+    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
+    b_c = tl.load(beta + tok * H + hh, mask=valid, other=0.0).to(tl.float32)
+    chunk_id = pid.to(tl.int64) * H + hh
+    slot0 = scratch_cc + chunk_id * 3 * C * C
+    return tok, valid, last, g_c, g_last, b_c, chunk_id, slot0
+
+
 @triton.jit(do_not_specialize=["N", "STEPS", "scale"])
-def chunk_bwd_kernel(
-    q, k, v, beta, gam, t_mat,           # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C] f32
-    h, dh, u, du, do,                    # [NTU,H,K,V] x2, [TT,H,V] x3
-    dq, dk, dv, dbeta, dgam,             # [TT,H,K] x2, [TT,H,V], [TT,H] f32 x2
-    scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] f32 x2
+def chunk_bwd_dv_kernel(
+    v, beta, gam, t_mat, u, du, do,      # [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C] f32, [TT,H,V] x3
+    dv, dbeta, scratch_cc,               # [TT,H,V], [TT,H] f32, [NTU,H,3,C,C] f32
     cu_seqlens, chunk_offsets, N, STEPS, scale,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (chunk, head). Phase A (V blocks): dP = dO U^T, dv = beta T^T dU and
-    dU Vb^T. Phase B (K blocks x V blocks): dq, the Kg part of dk, dW = -dU S^T and dT.
-    Phase C (K blocks): dA = -T^T dT T^T and the rest of dk; dbeta and dg along the way."""
+    """Phase A, one program per (chunk, head), over V blocks: dv = beta T^T dU, the v part of
+    dbeta, dP * M * scale (slot 0) and the U0 part of dL/dT = dU (beta v)^T (slot 1)."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
         return
-    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
     rows = tl.arange(0, C)
-    dt = u.dtype.element_ty
-    g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
-    b_c = tl.load(beta + tok * H + hh, mask=valid, other=0.0).to(tl.float32)
-    e_g = tl.exp(g_c)
-    e_rest = tl.exp(g_last - g_c)
-    causal = rows[:, None] >= rows[None, :]
-    strict = rows[:, None] > rows[None, :]
-    decay = tl.where(causal, tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
-
-    chunk_id = pid.to(tl.int64) * H + hh
-    cc_base = scratch_cc + chunk_id * 2 * C * C
     cc_ptrs = rows[:, None] * C + rows[None, :]
-    cc_ptrs_t = rows[None, :] * C + rows[:, None]
-    t_base = t_mat + chunk_id * C * C
-    t_tr = tl.load(t_base + cc_ptrs_t)                               # T^T [C, C]
-    s_base = chunk_id * K * V
+    t_ptr = t_mat + chunk_id * C * C
+    dt = u.dtype.element_ty
 
-    # Phase A: over V blocks.
     dp = tl.zeros([C, C], dtype=tl.float32)
-    dt_mat = tl.zeros([C, C], dtype=tl.float32)                      # dL/dT
+    dt_mat = tl.zeros([C, C], dtype=tl.float32)
     d_beta = tl.zeros([C], dtype=tl.float32)
     for vb in tl.static_range(V // BV):
         vcols = vb * BV + tl.arange(0, BV)
         voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt)
-        u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
+        v_t = tl.load(v + voffs, mask=valid[:, None], other=0.0)
         du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
-        v_t = tl.load(v + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
-        du_f = du_t.to(tl.float32)
-        dt_mat += tl.dot(du_f, tl.trans(v_t * b_c[:, None]), input_precision=PREC)
-        dvb = tl.dot(t_tr, du_f, input_precision=PREC)               # dL/d(beta v)
+        dp += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt),
+                     tl.trans(tl.load(u + voffs, mask=valid[:, None], other=0.0)), input_precision=PREC)
+        dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
+        dvb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), du_t.to(tl.float32), input_precision=PREC)
         tl.store(dv + voffs, (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
-        d_beta += tl.sum(dvb * v_t, axis=1)
-    dpm = dp * decay * scale                                         # dL/d(q_i . k_j)
-    tl.store(cc_base + cc_ptrs, dpm)
+        d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
+    tl.store(slot0 + cc_ptrs, dp * decay * scale)                   # dL/d(q_i . k_j)
+    tl.store(slot0 + C * C + cc_ptrs, dt_mat * b_c[None, :])
+    tl.store(dbeta + tok * H + hh, d_beta, mask=valid)
 
-    # Phase B: over K blocks (inner V blocks).
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale", "part_stride"])
+def chunk_bwd_dqk_kernel(
+    q, k, beta, gam, h, dh, u, du, do,   # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,K,V] x2, [TT,H,V] x3
+    dq, dgam, scratch_cc, scratch_dw, scratch_dk,  # [TT,H,K], [NK,TT,H] f32, slots, [TT,H,K] f32 x2
+    cu_seqlens, chunk_offsets, N, STEPS, scale, part_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Phase B, one program per (chunk, head, K block), over V blocks: dq, the Kg part of dk,
+    dW = -dU S^T (scratch), dW's part of dL/dT (summed into slot 1 by phase C) and the dgam
+    terms of q, Kg and e^Gam S (partial dgam per K block, summed by phase C)."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    kb = tl.program_id(2)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+    rows = tl.arange(0, C)
+    dt = u.dtype.element_ty
+    kcols = kb * BK + tl.arange(0, BK)
+    koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+    s_base = chunk_id * K * V
+
+    dqg = tl.zeros([C, BK], dtype=tl.float32)                        # dO S^T
+    dkg = tl.zeros([C, BK], dtype=tl.float32)                        # U dS'^T
+    dw = tl.zeros([C, BK], dtype=tl.float32)                         # -dU S^T
+    d_state_decay = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)  # sum dS' * S
+    for vb in tl.static_range(V // BV):
+        vcols = vb * BV + tl.arange(0, BV)
+        voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+        st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+        s_t = tl.load(h + st_offs)
+        ds_t = tl.load(dh + st_offs)
+        dqg += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt), tl.trans(s_t),
+                      input_precision=PREC)
+        dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+                      input_precision=PREC)
+        dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                     input_precision=PREC)
+        d_state_decay += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
+    tl.store(scratch_dw + koffs, dw, mask=valid[:, None])
+    k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+    dkg = dkg * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]
+    tl.store(scratch_dk + koffs, dkg, mask=valid[:, None])
+    kg_term = tl.sum(dkg * k_t, axis=1)
+    rows_sum = tl.sum(kg_term, axis=0) + d_state_decay * tl.exp(g_last)
+    dq_t = dqg * (tl.exp(g_c) * scale)[:, None] + tl.dot(tl.load(slot0 + rows[:, None] * C + rows[None, :]),
+                                                         k_t, input_precision=PREC)
+    tl.store(dq + koffs, dq_t.to(dq.dtype.element_ty), mask=valid[:, None])
+    # Kg = e^(Gam - gam) k puts -kg_term on gam_i and +sum(kg_term) on Gam (last valid row).
+    d_gam = tl.sum(dq_t * tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), axis=1) - kg_term
+    d_gam = tl.where(rows == last, d_gam + rows_sum, d_gam)
+    tl.store(dgam + kb.to(tl.int64) * part_stride + tok * H + hh, d_gam, mask=valid)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "part_stride"])
+def chunk_bwd_wy_kernel(
+    q, k, beta, gam, t_mat,              # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,C,C] f32
+    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32, [NK,TT,H] f32 partials, [TT,H] f32
+    scratch_cc, scratch_dw, scratch_dk,
+    cu_seqlens, chunk_offsets, N, STEPS, part_stride,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Phase C, one program per (chunk, head): dL/dT (slot 1 + dW Kbg^T), dA = -T^T dT T^T,
+    then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam)."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+    rows = tl.arange(0, C)
+    cc_ptrs = rows[:, None] * C + rows[None, :]
+    t_ptr = t_mat + chunk_id * C * C
+    slot1 = slot0 + C * C
+    slot2 = slot1 + C * C
+    k_scale = b_c * tl.exp(g_c)
+
+    dt_mat = tl.load(slot1 + cc_ptrs)
+    for kb in tl.static_range(K // BK):
+        kcols = kb * BK + tl.arange(0, BK)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        dt_mat += tl.dot(tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
+                         tl.trans(k_t * k_scale[:, None]), input_precision=PREC)
+    x = tl.dot(dt_mat, tl.trans(tl.load(t_ptr + cc_ptrs)), input_precision=PREC)
+    da = -tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), x, input_precision=PREC)
+    strict = rows[:, None] > rows[None, :]
+    hm = tl.where(strict, da * tl.exp(tl.where(strict, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
+    tl.debug_barrier()                                               # slot 1 read by all first
+    tl.store(slot1 + cc_ptrs, hm)                                    # dL/d(beta_i k_i . k_j)
+    tl.store(slot2 + cc_ptrs, hm * b_c[:, None])                     # dL/d(k_i . k_j) via A
+    tl.debug_barrier()
+
+    d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
     d_gam = tl.zeros([C], dtype=tl.float32)
-    d_gam_last = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)     # sum dS' * S (times e^Gam)
-    q_scale = e_g * scale
-    k_scale = b_c * e_g
     for kb in tl.static_range(K // BK):
+        d_gam += tl.load(dgam + part_stride.to(tl.int64) * kb + tok * H + hh, mask=valid, other=0.0)
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
-        dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
-        dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
-        dw = tl.zeros([C, BK], dtype=tl.float32)                     # -dU S^T
-        for vb in tl.static_range(V // BV):
-            vcols = vb * BV + tl.arange(0, BV)
-            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-            st_offs = s_base + kcols[:, None] * V + vcols[None, :]
-            s_t = tl.load(h + st_offs)
-            ds_t = tl.load(dh + st_offs)
-            do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt)
-            u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
-            du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
-            dqg += tl.dot(do_t, tl.trans(s_t), input_precision=PREC)
-            dkg += tl.dot(u_t, tl.trans(ds_t), input_precision=PREC)
-            dw -= tl.dot(du_t, tl.trans(s_t), input_precision=PREC)
-            d_gam_last += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
-        q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
         k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        pk = tl.dot(dpm, k_t, input_precision=PREC)
-        tl.store(dq + koffs, (dqg * q_scale[:, None] + pk).to(dq.dtype.element_ty), mask=valid[:, None])
-        d_gam += tl.sum(q_t * (dqg * q_scale[:, None] + pk), axis=1)
-        kg_term = tl.sum(dkg * k_t * e_rest[:, None], axis=1)
-        # Kg = e^(Gam - gam) k: -kg_term on gam_i, +sum(kg_term) on Gam (the last valid row).
-        d_gam -= kg_term
-        d_gam = tl.where(rows == last, d_gam + tl.sum(kg_term, axis=0), d_gam)
-        dt_mat += tl.dot(dw, tl.trans(k_t * k_scale[:, None]), input_precision=PREC)
-        tl.store(scratch_dk + koffs, dkg * e_rest[:, None], mask=valid[:, None])
-        tl.store(scratch_dw + koffs, dw, mask=valid[:, None])
-
-    # Phase C: dA = -T^T dT T^T, then the A, W and P^T parts of dk.
-    t_nat = tl.load(t_base + cc_ptrs)
-    x = tl.dot(dt_mat, t_tr, input_precision=PREC)
-    da = -tl.dot(t_tr, x, input_precision=PREC)
-    hm = tl.where(strict, da * decay, 0.0)                           # dL/d(beta_i k_i . k_j)
-    gm = hm * b_c[:, None]                                           # dL/d(k_i . k_j) via A
-    tl.debug_barrier()
-    tl.store(cc_base + C * C + cc_ptrs, gm)
-    tl.debug_barrier()
-    gm_t = tl.load(cc_base + C * C + cc_ptrs_t)
-    dpm_t = tl.load(cc_base + cc_ptrs_t)
-    for kb in tl.static_range(K // BK):
-        kcols = kb * BK + tl.arange(0, BK)
-        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
-        q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        dw_t = tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0)
-        dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0)
-        dkb = tl.dot(t_tr, dw_t, input_precision=PREC)               # dL/d(beta e^gam k)
-        hk = tl.dot(hm, k_t, input_precision=PREC)
-        gtk = tl.dot(gm_t, k_t, input_precision=PREC)
-        ptq = tl.dot(dpm_t, q_t, input_precision=PREC)
-        dk_t += dkb * k_scale[:, None] + hk * b_c[:, None] + gtk + ptq
-        tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
+        dkb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)),
+                     tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
+                     input_precision=PREC)                           # dL/d(beta e^gam k)
         kdkb = tl.sum(dkb * k_t, axis=1)
+        d_beta += kdkb * tl.exp(g_c)
+        d_gam += kdkb * k_scale
+        dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0) + dkb * k_scale[:, None]
+        hk = tl.dot(tl.load(slot1 + cc_ptrs), k_t, input_precision=PREC)
         khk = tl.sum(hk * k_t, axis=1)
-        d_beta += kdkb * e_g + khk
-        d_gam += kdkb * k_scale + khk * b_c - tl.sum(gtk * k_t, axis=1) - tl.sum(ptq * k_t, axis=1)
-    d_gam = tl.where(rows == last, d_gam + d_gam_last * tl.exp(g_last), d_gam)
+        d_beta += khk
+        d_gam += khk * b_c
+        dk_t += hk * b_c[:, None]
+        gtk = tl.dot(tl.trans(tl.load(slot2 + cc_ptrs)), k_t, input_precision=PREC)
+        d_gam -= tl.sum(gtk * k_t, axis=1)
+        dk_t += gtk
+        ptq = tl.dot(tl.trans(tl.load(slot0 + cc_ptrs)),
+                     tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), input_precision=PREC)
+        d_gam -= tl.sum(ptq * k_t, axis=1)
+        dk_t += ptq
+        tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
     d_gam = tl.where(valid, d_gam, 0.0)
     # g enters through the in-chunk cumsum: dg_t = sum_{i >= t} dgam_i.
     d_g = tl.sum(d_gam, axis=0) - tl.cumsum(d_gam, axis=0) + d_gam
-    tl.store(dgam + tok * H + hh, d_g, mask=valid)
+    tl.store(dg + tok * H + hh, d_g, mask=valid)
     tl.store(dbeta + tok * H + hh, d_beta, mask=valid)

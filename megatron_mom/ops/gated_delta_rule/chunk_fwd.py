@@ -54,15 +54,16 @@ def invert_unit_lower(a, BS: tl.constexpr):
     return inv
 
 
-@triton.jit(do_not_specialize=["N", "STEPS"])
+@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
 def prepare_kernel(
-    k, v, g, beta,                       # [TT,H,K], [TT,H,V], [TT,H], [TT,H]
-    gam_out, w_out, u_out, t_out,        # [TT,H] f32, [TT,H,K], [TT,H,V], [NTU,H,C,C] f32
-    cu_seqlens, chunk_offsets, N, STEPS,
+    q, k, v, g, beta,                    # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H]
+    gam_out, w_out, u_out, t_out, p_out,  # [TT,H] f32, [TT,H,K], [TT,H,V], [NTU,H,C,C] f32, [NTU,H,C,C]
+    cu_seqlens, chunk_offsets, N, STEPS, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One program per (chunk, head): cumulative decay, T = (I + A)^-1, W and U0."""
+    """One program per (chunk, head): cumulative decay, T = (I + A)^-1, W, U0 and the
+    intra-chunk read-out P = scale * lower(q k^T * exp(gam_i - gam_j))."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
@@ -75,20 +76,30 @@ def prepare_kernel(
     tl.store(gam_out + tok * H + h, gam, mask=valid)
     b_c = tl.load(beta + tok * H + h, mask=valid, other=0.0).to(tl.float32)
 
+    chunk_id = pid.to(tl.int64) * H + h
+    causal = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    qk = tl.zeros([C, C], dtype=tl.float32)                        # q_i . k_j
+    for kb in tl.static_range(K // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        offs = (tok * H + h)[:, None] * K + cols[None, :]
+        qk += tl.dot(tl.load(q + offs, mask=valid[:, None], other=0.0),
+                     tl.trans(tl.load(k + offs, mask=valid[:, None], other=0.0)), input_precision=PREC)
+    cc_offs = rows[:, None] * C + rows[None, :]
+    tl.store(p_out + chunk_id * C * C + cc_offs, (qk * decay * scale).to(p_out.dtype.element_ty))
     kk = tl.zeros([C, C], dtype=tl.float32)                        # k_i . k_j
     for kb in tl.static_range(K // BK):
         cols = kb * BK + tl.arange(0, BK)
         k_t = tl.load(k + (tok * H + h)[:, None] * K + cols[None, :], mask=valid[:, None], other=0.0)
         kk += tl.dot(k_t, tl.trans(k_t), input_precision=PREC)
-    strict = rows[:, None] > rows[None, :]
-    decay = tl.where(strict, tl.exp(tl.where(strict, gam[:, None] - gam[None, :], 0.0)), 0.0)
-    a = kk * decay * b_c[:, None]                                  # [C, C] strictly lower
+    a = tl.where(strict, kk * decay * b_c[:, None], 0.0)           # [C, C] strictly lower
 
     # T by blocks of 16: exact inverses of the diagonal blocks (via the scratch T buffer, since
     # register tiles cannot be sliced), then (I + A) = (I + A_d)(I + N), N = A_d^-1 A_off,
     # N^4 = 0 for C <= 64, so T = (I - N)(I + N^2) A_d^-1.
-    t_base = t_out + (pid.to(tl.int64) * H + h) * C * C
-    t_ptrs = t_base + rows[:, None] * C + rows[None, :]
+    t_base = t_out + chunk_id * C * C
+    t_ptrs = t_base + cc_offs
     tl.store(t_ptrs, a)
     tl.debug_barrier()
     r16 = tl.arange(0, 16)
@@ -122,7 +133,7 @@ def prepare_kernel(
 
 @triton.jit(do_not_specialize=["scale"])
 def state_fwd_kernel(
-    q, k, w, u0, gam,                    # [TT,H,K] x3, [TT,H,V], [TT,H] f32
+    q, k, w, u0, gam, p_mat,             # [TT,H,K] x3, [TT,H,V], [TT,H] f32, [NTU,H,C,C]
     h0, o, h_out, u_out, ht,             # [N,H,K,V] f32, [TT,H,V], [NTU,H,K,V], [TT,H,V], [N,H,K,V]
     cu_seqlens, chunk_offsets, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
@@ -130,7 +141,8 @@ def state_fwd_kernel(
     STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
 ):
     """One program per (V block, head, sequence) walks the chunks in order, carrying the state
-    block S [K, BV] in registers: U = U0 - W S, o = scale (e^gam q S + P U), S' = ..."""
+    block S [K, BV] in registers: U = U0 - W S, o = e^gam scale q S + P U, S' = ...
+    Decays scale rows of [C, BV] tiles, so q, k, W and P go from memory to the dots as loaded."""
     vb = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -141,8 +153,8 @@ def state_fwd_kernel(
     kcols = tl.arange(0, K)
     vcols = vb * BV + tl.arange(0, BV)
     dt = w.dtype.element_ty
-    causal = rows[:, None] >= rows[None, :]
     state_offs = kcols[:, None] * V + vcols[None, :]               # [K, BV] inside one [K, V]
+    cc_offs = rows[:, None] * C + rows[None, :]
 
     if HAS_H0:
         s = tl.load(h0 + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
@@ -154,29 +166,25 @@ def state_fwd_kernel(
         tok = (t0 + rows).to(tl.int64)
         valid = tok < eos
         last = tl.minimum(eos - t0, C) - 1
+        chunk_id = (first_chunk + c).to(tl.int64) * H + h
+        s_d = s.to(dt)
         if STORE_STATES:
-            tl.store(h_out + ((first_chunk + c).to(tl.int64) * H + h) * K * V + state_offs,
-                     s.to(h_out.dtype.element_ty))
+            tl.store(h_out + chunk_id * K * V + state_offs, s_d.to(h_out.dtype.element_ty))
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
         koffs = (tok * H + h)[:, None] * K + kcols[None, :]
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
-        w_t = tl.load(w + koffs, mask=valid[:, None], other=0.0)
-        u_t = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        s_d = s.to(dt)
-        u_new = u_t - tl.dot(w_t, s_d, input_precision=PREC)       # [C, BV]
+        u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        u_new -= tl.dot(tl.load(w + koffs, mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
         if STORE_STATES:
             tl.store(u_out + voffs, u_new.to(u_out.dtype.element_ty), mask=valid[:, None])
-        u_d = u_new.to(dt)
         if STORE_O:
-            q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0)
-            decay = tl.where(causal, tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
-            p = tl.dot(q_t, tl.trans(k_t), input_precision=PREC) * (decay * scale)
-            q_g = (q_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
-            o_t = tl.dot(q_g, s_d, input_precision=PREC) + tl.dot(p.to(dt), u_d, input_precision=PREC)
+            o_t = tl.dot(tl.load(q + koffs, mask=valid[:, None], other=0.0), s_d,
+                         input_precision=PREC) * (tl.exp(g_c) * scale)[:, None]
+            o_t += tl.dot(tl.load(p_mat + chunk_id * C * C + cc_offs), u_new.to(dt), input_precision=PREC)
             tl.store(o + voffs, o_t.to(o.dtype.element_ty), mask=valid[:, None])
-        k_g = (k_t.to(tl.float32) * tl.exp(g_last - g_c)[:, None]).to(dt)
-        s = s * tl.exp(g_last) + tl.dot(tl.trans(k_g), u_d, input_precision=PREC)
+        u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
+        s = s * tl.exp(g_last)
+        s += tl.dot(tl.trans(tl.load(k + koffs, mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
 
     if STORE_FINAL:
         tl.store(ht + (n.to(tl.int64) * H + h) * K * V + state_offs, s)

@@ -17,7 +17,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.gated_delta_rule.chunk_bwd import chunk_bwd_kernel, state_bwd_kernel
+from triton.runtime.errors import OutOfResources
+
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel,
+                                                         chunk_bwd_wy_kernel, state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
 from megatron_mom.ops.l2norm.triton import l2norm_bwd, l2norm_fwd
 from megatron_mom.ops.utils import (as_int32, chunk_offsets, dense_cu_seqlens, max_chunks,
@@ -27,12 +30,19 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# Launch settings per kernel; block sizes are capped by K / V. The benchmark may override them.
+# Launch settings per kernel (chosen from register/shared-memory reports of sm_90 builds: no
+# spills, shared memory under the H100's 227 KB). The sequential kernels are keyed by the
+# largest K they serve. The benchmark may override entries.
 CONFIG: Dict[str, Dict] = {
     "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
-    "state_fwd": {"BV": 64, "BV_K256": 32, "num_warps": 4, "num_stages": 1},
-    "state_bwd": {"BV": 64, "BV_K256": 32, "num_warps": 4, "num_stages": 1},
-    "chunk_bwd": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
+    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    "chunk_bwd": {"BK": 64, "BV": 64},
+    "chunk_bwd_dv": {"num_warps": 8, "num_stages": 1},
+    "chunk_bwd_dqk": {"num_warps": 8, "num_stages": 1},
+    "chunk_bwd_wy": {"num_warps": 8, "num_stages": 1},
     # tl.dot precision for float32 operands on GPUs: "tf32", "tf32x3" or "ieee".
     "precision": "tf32",
 }
@@ -46,14 +56,27 @@ def set_recompute_states(enabled: bool) -> None:
     _RECOMPUTE_STATES = bool(enabled)
 
 
-def _state_bv(kernel: str, K: int, V: int) -> int:
-    cfg = CONFIG[kernel]
-    return min(V, cfg["BV_K256"] if K > 128 else cfg["BV"])
+def _state_config(kernel: str, K: int, V: int) -> Dict[str, int]:
+    by_k = CONFIG[kernel]
+    cfg = dict(by_k[min(bound for bound in by_k if bound >= K)])
+    cfg["BV"] = min(V, cfg["BV"])
+    return cfg
 
 
 def _launch_opts(kernel: str) -> Dict[str, int]:
     cfg = CONFIG[kernel]
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _launch(kernel, grid, *args, num_stages: int, **kwargs):
+    """Launch; if the pipelined build needs more shared memory than this GPU has, fall back to
+    num_stages=1 (a compile-time check, no device sync)."""
+    try:
+        kernel[grid](*args, num_stages=num_stages, **kwargs)
+    except OutOfResources:
+        if num_stages == 1:
+            raise
+        kernel[grid](*args, num_stages=1, **kwargs)
 
 
 class _Packed:
@@ -74,71 +97,86 @@ class _Packed:
         self.steps = search_steps(self.N)
 
 
-def _prepare(P: _Packed, k: Tensor, v: Tensor, g: Tensor, beta: Tensor):
-    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] f32."""
+def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float):
+    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] f32, P [NTU,H,C,C]."""
     gam = torch.empty(P.TT, P.H, dtype=torch.float32, device=k.device)
     w = torch.empty_like(k)
     u0 = torch.empty_like(v)
     t_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=torch.float32, device=k.device)
+    p_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=k.dtype, device=k.device)
     cfg = CONFIG["prepare"]
     prepare_kernel[(P.NTU, P.H)](
-        k, v, g, beta, gam, w, u0, t_mat, P.cu, P.offsets, P.N, P.steps,
+        q, k, v, g, beta, gam, w, u0, t_mat, p_mat, P.cu, P.offsets, P.N, P.steps, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
         PREC=CONFIG["precision"], **_launch_opts("prepare"))
-    return gam, w, u0, t_mat
+    return gam, w, u0, t_mat, p_mat
 
 
-def _state_forward(P: _Packed, q, k, w, u0, gam, h0, scale, *, store_o, store_states, store_final):
+def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
+                   store_final):
     """o [TT,H,V] (or None), h [NTU,H,K,V], U [TT,H,V] (or None), final state [N,H,K,V] f32."""
     dev = k.device
     o = torch.empty_like(u0) if store_o else None
     h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev) if store_states else None
     u = torch.empty_like(u0) if store_states else None
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
-    BV = _state_bv("state_fwd", P.K, P.V)
+    cfg = _state_config("state_fwd", P.K, P.V)
+    BV = cfg["BV"]
     dummy = u0
-    state_fwd_kernel[(P.V // BV, P.H, P.N)](
-        q, k, w, u0, gam, h0 if h0 is not None else dummy, o if store_o else dummy,
+    _launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
+        q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if store_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
         ht if store_final else dummy, P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=CONFIG["precision"],
-        **_launch_opts("state_fwd"))
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, h, u, ht
 
 
-def _state_backward(P: _Packed, q, k, w, gam, do, dht, scale, want_dh0):
+def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
     """dh [NTU,H,K,V], dU [TT,H,V], dh0 [N,H,K,V] f32 (or None)."""
     dev = k.device
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
     du = torch.empty_like(do)
     dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if want_dh0 else None
-    BV = _state_bv("state_bwd", P.K, P.V)
-    state_bwd_kernel[(P.V // BV, P.H, P.N)](
-        q, k, w, gam, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
+    cfg = _state_config("state_bwd", P.K, P.V)
+    BV = cfg["BV"]
+    _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
+        q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
         P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
-        PREC=CONFIG["precision"], **_launch_opts("state_bwd"))
+        PREC=CONFIG["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dh, du, dh0
 
 
 def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dqk_dtype):
+    """Three chunk-parallel phases (dv | dq and dW | WY part of dk, dbeta, dg)."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
+    cfg = CONFIG["chunk_bwd"]
+    BK, BV = min(cfg["BK"], P.K), min(cfg["BV"], P.V)
+    NK = P.K // BK
     dq = torch.empty(P.TT, P.H, P.K, dtype=dqk_dtype, device=dev)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(v)
     dbeta = torch.empty(P.TT, P.H, **f32)
+    dgam_parts = torch.empty(NK, P.TT, P.H, **f32)
     dg = torch.empty(P.TT, P.H, **f32)
-    scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
+    scratch_cc = torch.empty(P.NTU, P.H, 3, P.C, P.C, **f32)
     scratch_dw = torch.empty(P.TT, P.H, P.K, **f32)
     scratch_dk = torch.empty(P.TT, P.H, P.K, **f32)
-    cfg = CONFIG["chunk_bwd"]
-    chunk_bwd_kernel[(P.NTU, P.H)](
-        q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dk, dv, dbeta, dg,
-        scratch_cc, scratch_dw, scratch_dk, P.cu, P.offsets, P.N, P.steps, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
-        PREC=CONFIG["precision"], **_launch_opts("chunk_bwd"))
+    seq = (P.cu, P.offsets, P.N, P.steps)
+    prec = CONFIG["precision"]
+    chunk_bwd_dv_kernel[(P.NTU, P.H)](
+        v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, *seq, scale,
+        H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dv"))
+    chunk_bwd_dqk_kernel[(P.NTU, P.H, NK)](
+        q, k, beta, gam, h, dh, u, du, do, dq, dgam_parts, scratch_cc, scratch_dw, scratch_dk,
+        *seq, scale, P.TT * P.H,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dqk"))
+    chunk_bwd_wy_kernel[(P.NTU, P.H)](
+        q, k, beta, gam, t_mat, dk, dbeta, dgam_parts, dg, scratch_cc, scratch_dw, scratch_dk,
+        *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
     return dq, dk, dv, dbeta, dg
 
 
@@ -161,12 +199,12 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             k3, k_rstd = l2norm_fwd(k3)
         h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
 
-        gam, w, u0, t_mat = _prepare(P, k3, v3, g2, b2)
+        gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
         keep = not _RECOMPUTE_STATES
-        o, h, u, ht = _state_forward(P, q3, k3, w, u0, gam, h0, scale, store_o=True,
+        o, h, u, ht = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
                                      store_states=keep, store_final=output_final_state)
         if keep:
-            ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd, gam, w, t_mat, h, u)
+            ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd, gam, w, t_mat, p_mat, h, u)
         else:
             ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd)
         ctx.packed = P
@@ -182,17 +220,17 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         saved = ctx.saved_tensors
         q3, k3, v3, g2, b2, h0, q_rstd, k_rstd = saved[:8]
         if kept:
-            gam, w, t_mat, h, u = saved[8:]
+            gam, w, t_mat, p_mat, h, u = saved[8:]
         else:
-            gam, w, u0, t_mat = _prepare(P, k3, v3, g2, b2)
-            _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, h0, scale, store_o=False,
+            gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
+            _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
                                         store_states=True, store_final=False)
         if d_o is None:
             d_o = torch.zeros(P.TT, P.H, P.V, dtype=v3.dtype, device=v3.device)
         do3 = d_o.reshape(P.TT, P.H, P.V).to(v3.dtype).contiguous()
         dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
 
-        dh, du, dh0 = _state_backward(P, q3, k3, w, gam, do3, dht, scale, want_dh0=has_h0)
+        dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
         dqk_dtype = torch.float32 if use_l2 else q_dtype
         dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
                                                 do3, scale, dqk_dtype)
