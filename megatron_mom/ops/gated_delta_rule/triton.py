@@ -39,6 +39,9 @@ CONFIG: Dict[str, Dict] = {
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    # float32 operands take twice the registers and shared memory.
+    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
+                   256: {"BV": 16, "num_warps": 8, "num_stages": 1}},
     "chunk_bwd": {"BK": 64, "BV": 64},
     "chunk_bwd_dv": {"num_warps": 8, "num_stages": 1},
     "chunk_bwd_dqk": {"num_warps": 8, "num_stages": 1},
@@ -56,8 +59,8 @@ def set_recompute_states(enabled: bool) -> None:
     _RECOMPUTE_STATES = bool(enabled)
 
 
-def _state_config(kernel: str, K: int, V: int) -> Dict[str, int]:
-    by_k = CONFIG[kernel]
+def _state_config(kernel: str, K: int, V: int, dtype: torch.dtype) -> Dict[str, int]:
+    by_k = CONFIG["state_fp32" if dtype == torch.float32 else kernel]
     cfg = dict(by_k[min(bound for bound in by_k if bound >= K)])
     cfg["BV"] = min(V, cfg["BV"])
     return cfg
@@ -120,7 +123,7 @@ def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev) if store_states else None
     u = torch.empty_like(u0) if store_states else None
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
-    cfg = _state_config("state_fwd", P.K, P.V)
+    cfg = _state_config("state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     dummy = u0
     _launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
@@ -139,7 +142,7 @@ def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
     du = torch.empty_like(do)
     dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if want_dh0 else None
-    cfg = _state_config("state_bwd", P.K, P.V)
+    cfg = _state_config("state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
