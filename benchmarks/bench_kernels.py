@@ -181,8 +181,7 @@ def main():
         json.dump(res, open(os.path.join(args.out, "bench_kernels.json"), "w"), indent=1)
         open(os.path.join(args.out, "bench_kernels.md"), "w").write(markdown(res) + "\n")
 
-    shapes = MAIN_SHAPES + ([] if args.no_scaling else SCALING_SHAPES)
-    for B, T, H, D in shapes:
+    def measure(B, T, H, D):
         key = f"B{B} T{T} H{H} D{D}"
         row = res["shapes"].setdefault(key, {})
         row["ours"] = ours(B, T, H, D, args.quick)
@@ -192,6 +191,10 @@ def main():
             row["ours_recompute_states"] = ours(B, T, H, D, args.quick)
             gdr_triton.set_recompute_states(False)
             row["ours_kernels_ms"] = kernel_breakdown(B, T, H, D, args.quick)
+        try:
+            row["sdpa"] = sdpa(B, T, H, D, args.quick)
+        except Exception as e:                                # noqa: BLE001
+            row["sdpa"] = {"error": repr(e)[:300]}
         if fla_chunk is not None:
             try:
                 row["fla"] = fla(fla_chunk, B, T, H, D, args.quick)
@@ -200,15 +203,17 @@ def main():
                 row["speedup_fwd_vs_fla"] = row["fla"]["fwd_ms"] / row["ours"]["fwd_ms"]
             except Exception as e:                            # noqa: BLE001
                 row["fla"] = {"error": repr(e)[:300]}
-        try:
-            row["sdpa"] = sdpa(B, T, H, D, args.quick)
-        except Exception as e:                                # noqa: BLE001
-            row["sdpa"] = {"error": repr(e)[:300]}
         print(time.strftime("%X"), key, json.dumps(row), flush=True)
         save()
+
+    for shape in MAIN_SHAPES:
+        measure(*shape)
     if args.sweep:
         res["sweep"] = sweep(args.quick)
         save()
+    if not args.no_scaling:
+        for shape in SCALING_SHAPES:
+            measure(*shape)
     print(markdown(res))
 
 
