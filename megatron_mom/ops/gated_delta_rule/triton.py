@@ -39,9 +39,10 @@ CONFIG: Dict[str, Dict] = {
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
-    # float32 operands take twice the registers and shared memory.
+    # float32 operands take twice the registers and shared memory (K > 128 runs 16-token
+    # chunks, see FP32_WIDE_CHUNK).
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
-                   256: {"BV": 16, "num_warps": 8, "num_stages": 1}},
+                   256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
     "chunk_bwd": {"BK": 64, "BV": 64},
     "chunk_bwd_dv": {"num_warps": 8, "num_stages": 1},
     "chunk_bwd_dqk": {"num_warps": 8, "num_stages": 1},
@@ -50,6 +51,14 @@ CONFIG: Dict[str, Dict] = {
     "precision": "tf32",
 }
 _RECOMPUTE_STATES = False
+# float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
+# [C, K] float32 tiles spill registers on sm_90, and that build crashed (illegal address) on an
+# H100 with Triton 3.6.0; the 16-token build has no spills.
+FP32_WIDE_CHUNK = 16
+
+
+def effective_chunk_size(chunk_size: int, dtype: torch.dtype, K: int) -> int:
+    return min(chunk_size, FP32_WIDE_CHUNK) if dtype == torch.float32 and K > 128 else chunk_size
 
 
 def set_recompute_states(enabled: bool) -> None:
@@ -272,9 +281,10 @@ def chunk_gated_delta_rule(
     """q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H] -> (o [B,T,H,V] in v's dtype,
     final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher."""
     _check(q, k, v, g, beta, initial_state, chunk_size)
+    chunk_size = effective_chunk_size(int(chunk_size), k.dtype, k.shape[-1])
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state,
                                        bool(output_final_state), cu_seqlens, bool(use_qk_l2norm),
-                                       int(chunk_size))
+                                       chunk_size)
     return o, (ht if output_final_state else None)
 
 
