@@ -255,7 +255,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None, None)
 
 
-def _check(q, k, v, g, beta, initial_state, chunk_size):
+def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     def need(ok, msg):
         if not ok:
             raise ValueError(f"gated_delta_rule (triton): {msg}")
@@ -271,6 +271,11 @@ def _check(q, k, v, g, beta, initial_state, chunk_size):
     if initial_state is not None:
         need(initial_state.dtype in _DTYPES + (torch.float64,),
              f"initial_state has dtype {initial_state.dtype}")
+        need(initial_state.device == k.device, f"initial_state is on {initial_state.device}, "
+             f"k on {k.device}")
+    if cu_seqlens is not None:
+        need(cu_seqlens.device == k.device, f"cu_seqlens is on {cu_seqlens.device}, k on "
+             f"{k.device}; the kernels read it on the device")
 
 
 def chunk_gated_delta_rule(
@@ -280,7 +285,7 @@ def chunk_gated_delta_rule(
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H] -> (o [B,T,H,V] in v's dtype,
     final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher."""
-    _check(q, k, v, g, beta, initial_state, chunk_size)
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     chunk_size = effective_chunk_size(int(chunk_size), k.dtype, k.shape[-1])
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state,
                                        bool(output_final_state), cu_seqlens, bool(use_qk_l2norm),

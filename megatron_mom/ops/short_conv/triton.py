@@ -239,6 +239,9 @@ def short_conv(
                          f"float32, bfloat16 or float16")
     if not 1 <= W <= MAX_WIDTH:
         raise ValueError(f"short_conv (triton): kernel width W={W} must be in 1..{MAX_WIDTH}")
+    if cu_seqlens is not None and cu_seqlens.device != x.device:
+        raise ValueError(f"short_conv (triton): cu_seqlens is on {cu_seqlens.device}, x on "
+                         f"{x.device}; the kernels read it on the device")
     cu = dense_cu_seqlens(B, T, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
     N = cu.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
