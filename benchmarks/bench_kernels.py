@@ -1,0 +1,268 @@
+"""Time megatron_mom's Triton gated delta rule against fla's `chunk_gated_delta_rule` and
+PyTorch SDPA flash attention, in one run, at the shapes of /work/shared/baselines/peer_h100.json.
+
+    python benchmarks/bench_kernels.py [--out DIR] [--no-fla] [--sweep] [--quick]
+
+Forward and forward+backward medians from `triton.testing.do_bench` (bf16), a TFLOP/s estimate
+(same formula as the peer probe: B*T*H*(2*C*D*4 + 2*D*D*6) per forward), the ratio to fla,
+and the peak memory of one forward+backward above what the inputs take. Writes
+bench_kernels.json and bench_kernels.md to --out (default $OUT, else the temp folder).
+fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (wrong gradients); as in the
+peer probe the guard is lifted for timing only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
+from megatron_mom.ops.gated_delta_rule import triton as gdr_triton  # noqa: E402
+
+MAIN_SHAPES = [(4, 4096, 16, 128), (4, 4096, 4, 256)]
+SCALING_SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (2, 32768, 16, 128),
+                  (8, 2048, 4, 256), (2, 8192, 4, 256), (2, 32768, 4, 256)]
+CHUNK = 64
+
+
+def do_bench(fn, quick=False):
+    from triton.testing import do_bench as bench
+    return bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100, return_mode="median")
+
+
+def fwd_flops(B, T, H, D):
+    return B * T * H * (2 * CHUNK * D * 4 + 2 * D * D * 6)
+
+
+def gdr_inputs(B, T, H, D, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, T, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    k = F.normalize(torch.randn(B, T, H, D, device="cuda", generator=gen), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda", generator=gen))
+    beta = torch.rand(B, T, H, device="cuda", generator=gen)
+    return [x.requires_grad_() for x in (q, k, v, g, beta)]
+
+
+def timed(run, quick):
+    """fwd ms, fwd+bwd ms, peak extra GiB of one fwd+bwd."""
+    def fwd_bwd():
+        out = run()
+        out.backward(torch.ones_like(out))
+
+    fwd_bwd()
+    fwd_ms = do_bench(lambda: run(), quick)
+    fb_ms = do_bench(fwd_bwd, quick)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return {"fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "peak_extra_GiB": peak}
+
+
+def ours(B, T, H, D, quick):
+    q, k, v, g, beta = gdr_inputs(B, T, H, D)
+    return timed(lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0], quick)
+
+
+def fla_fn():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        import fla.ops.common.chunk_o as chunk_o
+    except Exception as e:                                    # noqa: BLE001
+        print("fla not importable:", repr(e)[:200])
+        return None
+    chunk_o.TRITON_ABOVE_3_7_1 = True                         # timing only, see module doc
+    return chunk_gated_delta_rule
+
+
+def fla(fn, B, T, H, D, quick):
+    q, k, v, g, beta = gdr_inputs(B, T, H, D)
+    return timed(lambda: fn(q, k, v, g=g, beta=beta)[0], quick)
+
+
+def sdpa(B, T, H, D, quick):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", generator=gen, dtype=torch.bfloat16)
+               .requires_grad_() for _ in range(3))
+    r = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), quick)
+    r["fwd_tflops"] = 4 * B * H * T * T * D / 2 / (r["fwd_ms"] * 1e-3) / 1e12
+    return r
+
+
+def kernel_profile(run, iters=5):
+    """Mean CUDA time (ms) per kernel name over `iters` forward+backward passes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def fwd_bwd():
+        out = run()
+        out.backward(torch.ones_like(out))
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fwd_bwd()
+        torch.cuda.synchronize()
+    times = {}
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(evt, "cuda_time_total", 0)
+        if dev_us:
+            times[evt.key[:80]] = dev_us / iters / 1e3
+    return dict(sorted(times.items(), key=lambda kv: -kv[1])[:16])
+
+
+def outputs_of(B, T, H, D):
+    """Output and all input gradients of one fwd+bwd of ours (fixed inputs and dO)."""
+    leaves = gdr_inputs(B, T, H, D, seed=3)
+    o, _ = gated_delta_rule(*leaves, backend="triton")
+    o.backward(torch.ones_like(o))
+    return [o.detach().float()] + [x.grad.float() for x in leaves]
+
+
+# Alternative launch settings, tried one kernel at a time at the main D128 shape; each is
+# checked against the default settings' outputs (which the GPU suite checks against the
+# reference) before its time counts.
+SWEEP = [("prepare", None, {"num_warps": 8}),
+         ("chunk_bwd_dv", None, {"num_warps": 4}),
+         ("chunk_bwd_dqk", None, {"num_warps": 4}),
+         ("chunk_bwd_wy", None, {"num_warps": 4}),
+         ("state_fwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
+         ("state_bwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
+         ("state_fwd", 128, {"BV": 32, "num_warps": 8, "num_stages": 2}),
+         ("state_bwd", 128, {"BV": 32, "num_warps": 8, "num_stages": 2})]
+
+
+def sweep(shape, quick):
+    q, k, v, g, beta = gdr_inputs(*shape)
+    run = lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]  # noqa: E731
+
+    def fwd_bwd():
+        out = run()
+        out.backward(torch.ones_like(out))
+
+    ref_outputs = outputs_of(*shape)
+    base = do_bench(fwd_bwd, quick)
+    out = {"default_fwdbwd_ms": base, "tried": []}
+    best = {}
+    for kernel, bound, opt in SWEEP:
+        entry = gdr_triton.CONFIG[kernel] if bound is None else gdr_triton.CONFIG[kernel][bound]
+        saved = dict(entry)
+        entry.update(opt)
+        rec = {"kernel": kernel, "settings": opt}
+        try:
+            errs = [((a - b).norm() / b.norm()).item() for a, b in zip(outputs_of(*shape), ref_outputs)]
+            rec["max_rel_diff_vs_default"] = max(errs)
+            rec["fwdbwd_ms"] = do_bench(fwd_bwd, quick)
+            rec["ok"] = max(errs) < 5e-3
+            if rec["ok"] and rec["fwdbwd_ms"] < best.get(kernel, (base, None))[0] * 0.98:
+                best[kernel] = (rec["fwdbwd_ms"], bound, dict(opt))
+        except Exception as e:                                # noqa: BLE001
+            rec["error"] = repr(e)[:200]
+        entry.clear()
+        entry.update(saved)
+        out["tried"].append(rec)
+        print("sweep", rec, flush=True)
+    for kernel, (_, bound, opt) in best.items():
+        (gdr_triton.CONFIG[kernel] if bound is None else gdr_triton.CONFIG[kernel][bound]).update(opt)
+    out["chosen"] = {k: v[2] for k, v in best.items()}
+    if best:
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(outputs_of(*shape), ref_outputs)]
+        out["chosen_max_rel_diff_vs_default"] = max(errs)
+    return out
+
+
+def markdown(res):
+    lines = ["| shape (bf16) | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s (est.) | fwd+bwd vs fla | peak extra GiB |",
+             "|---|---|---|---|---|---|---|"]
+    for key, row in res["shapes"].items():
+        fla_fb = row.get("fla", {}).get("fwdbwd_ms")
+        for impl in ("ours", "fla", "sdpa"):
+            r = row.get(impl)
+            if not r or "fwd_ms" not in r:
+                continue
+            ratio = f"{fla_fb / r['fwdbwd_ms']:.2f}x" if fla_fb and impl != "fla" else ""
+            tf = r.get("fwd_tflops", r.get("approx_fwd_tflops", float("nan")))
+            lines.append(f"| {key} | {impl} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | {tf:.0f} | "
+                         f"{ratio} | {r['peak_extra_GiB']:.2f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
+    ap.add_argument("--no-fla", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--fla-scaling", action="store_true", help="also time fla at the T sweep")
+    args = ap.parse_args()
+    import triton
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": {}}
+    fla_chunk = None if args.no_fla else fla_fn()
+
+    def save():
+        json.dump(res, open(os.path.join(args.out, "bench_kernels.json"), "w"), indent=1)
+        open(os.path.join(args.out, "bench_kernels.md"), "w").write(markdown(res) + "\n")
+
+    def measure(B, T, H, D):
+        key = f"B{B} T{T} H{H} D{D}"
+        row = res["shapes"].setdefault(key, {})
+        row["ours"] = ours(B, T, H, D, args.quick)
+        row["ours"]["approx_fwd_tflops"] = fwd_flops(B, T, H, D) / (row["ours"]["fwd_ms"] * 1e-3) / 1e12
+        if (B, T, H, D) in MAIN_SHAPES:
+            gdr_triton.set_recompute_states(True)
+            row["ours_recompute_states"] = ours(B, T, H, D, args.quick)
+            gdr_triton.set_recompute_states(False)
+            q, k, v, g, beta = gdr_inputs(B, T, H, D)
+            row["ours_kernels_ms"] = kernel_profile(
+                lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0])
+        try:
+            row["sdpa"] = sdpa(B, T, H, D, args.quick)
+        except Exception as e:                                # noqa: BLE001
+            row["sdpa"] = {"error": repr(e)[:300]}
+        if fla_chunk is not None:
+            try:
+                row["fla"] = fla(fla_chunk, B, T, H, D, args.quick)
+                row["fla"]["approx_fwd_tflops"] = fwd_flops(B, T, H, D) / (row["fla"]["fwd_ms"] * 1e-3) / 1e12
+                row["speedup_fwdbwd_vs_fla"] = row["fla"]["fwdbwd_ms"] / row["ours"]["fwdbwd_ms"]
+                row["speedup_fwd_vs_fla"] = row["fla"]["fwd_ms"] / row["ours"]["fwd_ms"]
+                if (B, T, H, D) == MAIN_SHAPES[0]:
+                    qf, kf, vf, gf, bf = gdr_inputs(B, T, H, D)
+                    row["fla_kernels_ms"] = kernel_profile(lambda: fla_chunk(qf, kf, vf, g=gf, beta=bf)[0])
+            except Exception as e:                            # noqa: BLE001
+                row["fla"] = {"error": repr(e)[:300]}
+        print(time.strftime("%X"), key, json.dumps(row), flush=True)
+        save()
+
+    measure(*MAIN_SHAPES[0])
+    if args.sweep:
+        res["sweep"] = sweep(MAIN_SHAPES[0], args.quick)
+        save()
+        if res["sweep"]["chosen"]:                            # again, with the chosen settings
+            res["shapes"]["B4 T4096 H16 D128 (swept settings)"] = {
+                "ours": ours(*MAIN_SHAPES[0], args.quick), "settings": res["sweep"]["chosen"]}
+            save()
+    measure(*MAIN_SHAPES[1])
+    if not args.no_scaling:
+        fla_saved, fla_chunk = fla_chunk, (fla_chunk if args.fla_scaling else None)
+        for shape in SCALING_SHAPES:
+            measure(*shape)
+        fla_chunk = fla_saved
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Backward kernels of the chunked gated delta rule (algebra in docs/kernels.md).
+
+`state_bwd_kernel` walks the chunks in reverse, carrying dS (gradient of the state at the
+chunk's exit) and producing per chunk dh (that dS) and dU = P^T dO + Kg dS'.
+`chunk_bwd_kernel` then works on every chunk in parallel: dq, dk, dv, dbeta, dg from the saved
+entry states h, dh, U, dU, T and the inputs.
+
+Transposes of C x C matrices that come out of `tl.dot` go through a per-chunk scratch buffer
+and are loaded back transposed, never `tl.trans`-ed in registers (Triton 3.4-3.7 on Hopper).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import chunk_rows, load_decay
+
+
+@triton.jit(do_not_specialize=["scale"])
+def state_bwd_kernel(
+    q, k, w, gam, p_mat, do,             # [TT,H,K] x3, [TT,H] f32, [NTU,H,C,C], [TT,H,V]
+    dht, dh_out, du_out, dh0,            # [N,H,K,V] f32, [NTU,H,K,V], [TT,H,V], [N,H,K,V] f32
+    cu_seqlens, chunk_offsets, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (V block, head, sequence), chunks last to first:
+    dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
+    P^T is the transposed view of the loaded P (never a transposed dot result)."""
+    vb = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    bos = tl.load(cu_seqlens + n)
+    eos = tl.load(cu_seqlens + n + 1)
+    first_chunk = tl.load(chunk_offsets + n)
+    rows = tl.arange(0, C)
+    kcols = tl.arange(0, K)
+    vcols = vb * BV + tl.arange(0, BV)
+    dt = w.dtype.element_ty
+    state_offs = kcols[:, None] * V + vcols[None, :]
+    cc_offs = rows[:, None] * C + rows[None, :]
+
+    if HAS_DHT:
+        ds = tl.load(dht + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
+    else:
+        ds = tl.zeros([K, BV], dtype=tl.float32)
+
+    num_chunks = tl.cdiv(eos - bos, C)
+    for i in range(num_chunks):
+        c = num_chunks - 1 - i
+        t0 = bos + c * C
+        tok = (t0 + rows).to(tl.int64)
+        valid = tok < eos
+        last = tl.minimum(eos - t0, C) - 1
+        chunk_id = (first_chunk + c).to(tl.int64) * H + h
+        ds_d = ds.to(dt)
+        tl.store(dh_out + chunk_id * K * V + state_offs, ds_d.to(dh_out.dtype.element_ty))
+        g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
+        koffs = (tok * H + h)[:, None] * K + kcols[None, :]
+        voffs = (tok * H + h)[:, None] * V + vcols[None, :]
+        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0)
+        du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
+                    input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
+        du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt), input_precision=PREC)
+        tl.store(du_out + voffs, du.to(du_out.dtype.element_ty), mask=valid[:, None])
+        do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
+        ds = ds * tl.exp(g_last)
+        ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q, input_precision=PREC)
+        ds -= tl.dot(tl.trans(tl.load(w + koffs, mask=valid[:, None], other=0.0)), du.to(dt), input_precision=PREC)
+
+    if STORE_DH0:
+        tl.store(dh0 + (n.to(tl.int64) * H + h) * K * V + state_offs, ds)
+
+
+@triton.jit
+def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS,
+                H: tl.constexpr, C: tl.constexpr):
+    """Rows, decay and the three per-chunk C x C scratch slots shared by the backward phases."""
+    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
+    b_c = tl.load(beta + tok * H + hh, mask=valid, other=0.0).to(tl.float32)
+    chunk_id = pid.to(tl.int64) * H + hh
+    slot0 = scratch_cc + chunk_id * 3 * C * C
+    return tok, valid, last, g_c, g_last, b_c, chunk_id, slot0
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
+def chunk_bwd_dv_kernel(
+    v, beta, gam, t_mat, u, du, do,      # [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C] f32, [TT,H,V] x3
+    dv, dbeta, scratch_cc,               # [TT,H,V], [TT,H] f32, [NTU,H,3,C,C] f32
+    cu_seqlens, chunk_offsets, N, STEPS, scale,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Phase A, one program per (chunk, head), over V blocks: dv = beta T^T dU, the v part of
+    dbeta, dP * M * scale (slot 0) and the U0 part of dL/dT = dU (beta v)^T (slot 1)."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+    rows = tl.arange(0, C)
+    cc_ptrs = rows[:, None] * C + rows[None, :]
+    t_ptr = t_mat + chunk_id * C * C
+    dt = u.dtype.element_ty
+
+    dp = tl.zeros([C, C], dtype=tl.float32)
+    dt_mat = tl.zeros([C, C], dtype=tl.float32)
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for vb in tl.static_range(V // BV):
+        vcols = vb * BV + tl.arange(0, BV)
+        voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+        v_t = tl.load(v + voffs, mask=valid[:, None], other=0.0)
+        du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
+        dp += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt),
+                     tl.trans(tl.load(u + voffs, mask=valid[:, None], other=0.0)), input_precision=PREC)
+        dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
+        dvb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), du_t.to(tl.float32), input_precision=PREC)
+        tl.store(dv + voffs, (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
+        d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
+    causal = rows[:, None] >= rows[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
+    tl.store(slot0 + cc_ptrs, dp * decay * scale)                   # dL/d(q_i . k_j)
+    tl.store(slot0 + C * C + cc_ptrs, dt_mat * b_c[None, :])
+    tl.store(dbeta + tok * H + hh, d_beta, mask=valid)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale", "part_stride"])
+def chunk_bwd_dqk_kernel(
+    q, k, beta, gam, h, dh, u, du, do,   # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,K,V] x2, [TT,H,V] x3
+    dq, dgam, scratch_cc, scratch_dw, scratch_dk,  # [TT,H,K], [NK,TT,H] f32, slots, [TT,H,K] f32 x2
+    cu_seqlens, chunk_offsets, N, STEPS, scale, part_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """Phase B, one program per (chunk, head, K block), over V blocks: dq, the Kg part of dk,
+    dW = -dU S^T (scratch), dW's part of dL/dT (summed into slot 1 by phase C) and the dgam
+    terms of q, Kg and e^Gam S (partial dgam per K block, summed by phase C)."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    kb = tl.program_id(2)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+    rows = tl.arange(0, C)
+    dt = u.dtype.element_ty
+    kcols = kb * BK + tl.arange(0, BK)
+    koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+    s_base = chunk_id * K * V
+
+    dqg = tl.zeros([C, BK], dtype=tl.float32)                        # dO S^T
+    dkg = tl.zeros([C, BK], dtype=tl.float32)                        # U dS'^T
+    dw = tl.zeros([C, BK], dtype=tl.float32)                         # -dU S^T
+    d_state_decay = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)  # sum dS' * S
+    for vb in tl.static_range(V // BV):
+        vcols = vb * BV + tl.arange(0, BV)
+        voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+        st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+        s_t = tl.load(h + st_offs)
+        ds_t = tl.load(dh + st_offs)
+        dqg += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt), tl.trans(s_t),
+                      input_precision=PREC)
+        dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+                      input_precision=PREC)
+        dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                     input_precision=PREC)
+        d_state_decay += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
+    tl.store(scratch_dw + koffs, dw, mask=valid[:, None])
+    k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+    dkg = dkg * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]
+    tl.store(scratch_dk + koffs, dkg, mask=valid[:, None])
+    kg_term = tl.sum(dkg * k_t, axis=1)
+    rows_sum = tl.sum(kg_term, axis=0) + d_state_decay * tl.exp(g_last)
+    dq_t = dqg * (tl.exp(g_c) * scale)[:, None] + tl.dot(tl.load(slot0 + rows[:, None] * C + rows[None, :]),
+                                                         k_t, input_precision=PREC)
+    tl.store(dq + koffs, dq_t.to(dq.dtype.element_ty), mask=valid[:, None])
+    # Kg = e^(Gam - gam) k puts -kg_term on gam_i and +sum(kg_term) on Gam (last valid row).
+    d_gam = tl.sum(dq_t * tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), axis=1) - kg_term
+    d_gam = tl.where(rows == last, d_gam + rows_sum, d_gam)
+    tl.store(dgam + kb.to(tl.int64) * part_stride + tok * H + hh, d_gam, mask=valid)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "part_stride"])
+def chunk_bwd_wy_kernel(
+    q, k, beta, gam, t_mat,              # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,C,C] f32
+    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32, [NK,TT,H] f32 partials, [TT,H] f32
+    scratch_cc, scratch_dw, scratch_dk,
+    cu_seqlens, chunk_offsets, N, STEPS, part_stride,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Phase C, one program per (chunk, head): dL/dT (slot 1 + dW Kbg^T), dA = -T^T dT T^T,
+    then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam)."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+    rows = tl.arange(0, C)
+    cc_ptrs = rows[:, None] * C + rows[None, :]
+    t_ptr = t_mat + chunk_id * C * C
+    slot1 = slot0 + C * C
+    slot2 = slot1 + C * C
+    k_scale = b_c * tl.exp(g_c)
+
+    dt_mat = tl.load(slot1 + cc_ptrs)
+    for kb in tl.static_range(K // BK):
+        kcols = kb * BK + tl.arange(0, BK)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        dt_mat += tl.dot(tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
+                         tl.trans(k_t * k_scale[:, None]), input_precision=PREC)
+    x = tl.dot(dt_mat, tl.trans(tl.load(t_ptr + cc_ptrs)), input_precision=PREC)
+    da = -tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), x, input_precision=PREC)
+    strict = rows[:, None] > rows[None, :]
+    hm = tl.where(strict, da * tl.exp(tl.where(strict, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
+    tl.debug_barrier()                                               # slot 1 read by all first
+    tl.store(slot1 + cc_ptrs, hm)                                    # dL/d(beta_i k_i . k_j)
+    tl.store(slot2 + cc_ptrs, hm * b_c[:, None])                     # dL/d(k_i . k_j) via A
+    tl.debug_barrier()
+
+    d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
+    d_gam = tl.zeros([C], dtype=tl.float32)
+    for kb in tl.static_range(K // BK):
+        d_gam += tl.load(dgam + part_stride.to(tl.int64) * kb + tok * H + hh, mask=valid, other=0.0)
+        kcols = kb * BK + tl.arange(0, BK)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        dkb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)),
+                     tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
+                     input_precision=PREC)                           # dL/d(beta e^gam k)
+        kdkb = tl.sum(dkb * k_t, axis=1)
+        d_beta += kdkb * tl.exp(g_c)
+        d_gam += kdkb * k_scale
+        dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0) + dkb * k_scale[:, None]
+        hk = tl.dot(tl.load(slot1 + cc_ptrs), k_t, input_precision=PREC)
+        khk = tl.sum(hk * k_t, axis=1)
+        d_beta += khk
+        d_gam += khk * b_c
+        dk_t += hk * b_c[:, None]
+        gtk = tl.dot(tl.trans(tl.load(slot2 + cc_ptrs)), k_t, input_precision=PREC)
+        d_gam -= tl.sum(gtk * k_t, axis=1)
+        dk_t += gtk
+        ptq = tl.dot(tl.trans(tl.load(slot0 + cc_ptrs)),
+                     tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), input_precision=PREC)
+        d_gam -= tl.sum(ptq * k_t, axis=1)
+        dk_t += ptq
+        tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
+    d_gam = tl.where(valid, d_gam, 0.0)
+    # g enters through the in-chunk cumsum: dg_t = sum_{i >= t} dgam_i.
+    d_g = tl.sum(d_gam, axis=0) - tl.cumsum(d_gam, axis=0) + d_gam
+    tl.store(dg + tok * H + hh, d_g, mask=valid)
+    tl.store(dbeta + tok * H + hh, d_beta, mask=valid)

@@ -1,0 +1,190 @@
+"""Forward kernels of the chunked gated delta rule (see docs/kernels.md for the algebra).
+
+Per chunk of C tokens (local cumulative log-decay gam, last valid value Gam):
+    A   = strictly_lower(beta_i (k_i . k_j) exp(gam_i - gam_j));   T = (I + A)^-1
+    W   = T (beta exp(gam) k),  U0 = T (beta v)                     -> `prepare_kernel`
+    U   = U0 - W S;  o = scale (exp(gam) q S + (M * q k^T) U)
+    S'  = exp(Gam) S + (exp(Gam - gam) k)^T U                       -> `state_fwd_kernel`
+
+Layouts: token-major [TT, H, *] for per-token tensors (TT = packed tokens), chunk-major
+[NTU, H, ...] for per-chunk tensors (NTU = chunk-count upper bound; chunk id = program id).
+No kernel transposes a `tl.dot` result before feeding it to another `tl.dot` (Triton 3.4-3.7
+miscompiles that on Hopper): transposed operands are always loaded from memory.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from megatron_mom.ops.utils import locate_chunk
+
+
+@triton.jit
+def chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C: tl.constexpr):
+    """(first token, token ids [C] int64, valid-row mask [C], last valid row) of chunk `pid`."""
+    n = locate_chunk(chunk_offsets, pid, N, STEPS)
+    bos = tl.load(cu_seqlens + n)
+    eos = tl.load(cu_seqlens + n + 1)
+    t0 = bos + (pid - tl.load(chunk_offsets + n)) * C
+    rows = tl.arange(0, C)
+    tok = (t0 + rows).to(tl.int64)
+    last = tl.minimum(eos - t0, C) - 1
+    return tok, tok < eos, last
+
+
+@triton.jit
+def load_decay(gam, tok, valid, last, h, H: tl.constexpr, C: tl.constexpr):
+    """Cumulative log-decay of a chunk [C] and its last valid value; rows past the end of the
+    sequence repeat that value so every exp(gam_i - gam_j) with i >= j stays <= 1."""
+    g = tl.load(gam + tok * H + h, mask=valid, other=0.0)
+    g_last = tl.sum(tl.where(tl.arange(0, C) == last, g, 0.0), axis=0)
+    return tl.where(valid, g, g_last), g_last
+
+
+@triton.jit
+def invert_unit_lower(a, BS: tl.constexpr):
+    """(I + a)^-1 for a strictly lower triangular [BS, BS] fp32 tile, by forward substitution
+    (exact fp32 arithmetic, no tensor cores): row i = e_i - sum_{j<i} a_ij row_j."""
+    r = tl.arange(0, BS)
+    inv = (r[:, None] == r[None, :]).to(tl.float32)
+    for i in range(1, BS):
+        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), axis=0)        # [BS] over j
+        upd = tl.sum(a_i[:, None] * inv, axis=0)                         # sum_j a_ij inv[j, :]
+        inv = tl.where(r[:, None] == i, inv - upd[None, :], inv)
+    return inv
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
+def prepare_kernel(
+    q, k, v, g, beta,                    # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H]
+    gam_out, w_out, u_out, t_out, p_out,  # [TT,H] f32, [TT,H,K], [TT,H,V], [NTU,H,C,C] f32, [NTU,H,C,C]
+    cu_seqlens, chunk_offsets, N, STEPS, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (chunk, head): cumulative decay, T = (I + A)^-1, W, U0 and the
+    intra-chunk read-out P = scale * lower(q k^T * exp(gam_i - gam_j))."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    rows = tl.arange(0, C)
+
+    g_c = tl.load(g + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    gam = tl.cumsum(g_c, axis=0)                                   # [C]; constant past the end
+    tl.store(gam_out + tok * H + h, gam, mask=valid)
+    b_c = tl.load(beta + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+
+    chunk_id = pid.to(tl.int64) * H + h
+    causal = rows[:, None] >= rows[None, :]
+    strict = rows[:, None] > rows[None, :]
+    decay = tl.where(causal, tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0)), 0.0)
+    qk = tl.zeros([C, C], dtype=tl.float32)                        # q_i . k_j
+    for kb in tl.static_range(K // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        offs = (tok * H + h)[:, None] * K + cols[None, :]
+        qk += tl.dot(tl.load(q + offs, mask=valid[:, None], other=0.0),
+                     tl.trans(tl.load(k + offs, mask=valid[:, None], other=0.0)), input_precision=PREC)
+    cc_offs = rows[:, None] * C + rows[None, :]
+    tl.store(p_out + chunk_id * C * C + cc_offs, (qk * decay * scale).to(p_out.dtype.element_ty))
+    kk = tl.zeros([C, C], dtype=tl.float32)                        # k_i . k_j
+    for kb in tl.static_range(K // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        k_t = tl.load(k + (tok * H + h)[:, None] * K + cols[None, :], mask=valid[:, None], other=0.0)
+        kk += tl.dot(k_t, tl.trans(k_t), input_precision=PREC)
+    a = tl.where(strict, kk * decay * b_c[:, None], 0.0)           # [C, C] strictly lower
+
+    # T by blocks of 16: exact inverses of the diagonal blocks (via the scratch T buffer, since
+    # register tiles cannot be sliced), then (I + A) = (I + A_d)(I + N), N = A_d^-1 A_off,
+    # N^4 = 0 for C <= 64, so T = (I - N)(I + N^2) A_d^-1.
+    t_base = t_out + chunk_id * C * C
+    t_ptrs = t_base + cc_offs
+    tl.store(t_ptrs, a)
+    tl.debug_barrier()
+    r16 = tl.arange(0, 16)
+    for blk in tl.static_range(C // 16):
+        p16 = t_base + (blk * 16 + r16)[:, None] * C + (blk * 16 + r16)[None, :]
+        tl.store(p16, invert_unit_lower(tl.load(p16), 16))
+    tl.debug_barrier()
+    blk_of = rows // 16
+    d_inv = tl.load(t_ptrs, mask=blk_of[:, None] == blk_of[None, :], other=0.0)
+    n_mat = tl.dot(d_inv, tl.where(blk_of[:, None] > blk_of[None, :], a, 0.0), input_precision=PREC)
+    n_sq = tl.dot(n_mat, n_mat, input_precision=PREC)
+    y = d_inv + tl.dot(n_sq, d_inv, input_precision=PREC)
+    t_mat = y - tl.dot(n_mat, y, input_precision=PREC)            # [C, C] = (I + A)^-1
+    tl.debug_barrier()
+    tl.store(t_ptrs, t_mat)
+
+    kscale = b_c * tl.exp(gam)
+    for kb in tl.static_range(K // BK):
+        cols = kb * BK + tl.arange(0, BK)
+        offs = (tok * H + h)[:, None] * K + cols[None, :]
+        k_t = tl.load(k + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        w_t = tl.dot(t_mat, k_t * kscale[:, None], input_precision=PREC)
+        tl.store(w_out + offs, w_t.to(w_out.dtype.element_ty), mask=valid[:, None])
+    for vb in tl.static_range(V // BV):
+        cols = vb * BV + tl.arange(0, BV)
+        offs = (tok * H + h)[:, None] * V + cols[None, :]
+        v_t = tl.load(v + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        u_t = tl.dot(t_mat, v_t * b_c[:, None], input_precision=PREC)
+        tl.store(u_out + offs, u_t.to(u_out.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit(do_not_specialize=["scale"])
+def state_fwd_kernel(
+    q, k, w, u0, gam, p_mat,             # [TT,H,K] x3, [TT,H,V], [TT,H] f32, [NTU,H,C,C]
+    h0, o, h_out, u_out, ht,             # [N,H,K,V] f32, [TT,H,V], [NTU,H,K,V], [TT,H,V], [N,H,K,V]
+    cu_seqlens, chunk_offsets, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+    HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
+    STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (V block, head, sequence) walks the chunks in order, carrying the state
+    block S [K, BV] in registers: U = U0 - W S, o = e^gam scale q S + P U, S' = ...
+    Decays scale rows of [C, BV] tiles, so q, k, W and P go from memory to the dots as loaded."""
+    vb = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    bos = tl.load(cu_seqlens + n)
+    eos = tl.load(cu_seqlens + n + 1)
+    first_chunk = tl.load(chunk_offsets + n)
+    rows = tl.arange(0, C)
+    kcols = tl.arange(0, K)
+    vcols = vb * BV + tl.arange(0, BV)
+    dt = w.dtype.element_ty
+    state_offs = kcols[:, None] * V + vcols[None, :]               # [K, BV] inside one [K, V]
+    cc_offs = rows[:, None] * C + rows[None, :]
+
+    if HAS_H0:
+        s = tl.load(h0 + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
+    else:
+        s = tl.zeros([K, BV], dtype=tl.float32)
+
+    for c in range(tl.cdiv(eos - bos, C)):
+        t0 = bos + c * C
+        tok = (t0 + rows).to(tl.int64)
+        valid = tok < eos
+        last = tl.minimum(eos - t0, C) - 1
+        chunk_id = (first_chunk + c).to(tl.int64) * H + h
+        s_d = s.to(dt)
+        if STORE_STATES:
+            tl.store(h_out + chunk_id * K * V + state_offs, s_d.to(h_out.dtype.element_ty))
+        g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
+        koffs = (tok * H + h)[:, None] * K + kcols[None, :]
+        voffs = (tok * H + h)[:, None] * V + vcols[None, :]
+        u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        u_new -= tl.dot(tl.load(w + koffs, mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
+        if STORE_STATES:
+            tl.store(u_out + voffs, u_new.to(u_out.dtype.element_ty), mask=valid[:, None])
+        if STORE_O:
+            o_t = tl.dot(tl.load(q + koffs, mask=valid[:, None], other=0.0), s_d,
+                         input_precision=PREC) * (tl.exp(g_c) * scale)[:, None]
+            o_t += tl.dot(tl.load(p_mat + chunk_id * C * C + cc_offs), u_new.to(dt), input_precision=PREC)
+            tl.store(o + voffs, o_t.to(o.dtype.element_ty), mask=valid[:, None])
+        u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
+        s = s * tl.exp(g_last)
+        s += tl.dot(tl.trans(tl.load(k + koffs, mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
+
+    if STORE_FINAL:
+        tl.store(ht + (n.to(tl.int64) * H + h) * K * V + state_offs, s)

@@ -1,0 +1,296 @@
+"""Triton backend of the gated delta rule: chunked forward and backward as one autograd
+Function (gradients for q, k, v, g, beta and the initial state), packed sequences through
+`cu_seqlens`, optional in-function L2 normalisation of q and k.
+
+Kernels (chunk_fwd.py, chunk_bwd.py):
+    forward   prepare_kernel (chunk-parallel) -> state_fwd_kernel (sequential over chunks)
+    backward  state_bwd_kernel (sequential, reverse) -> chunk_bwd_kernel (chunk-parallel)
+By default the forward keeps what the backward needs (per-chunk entry states h, U, W, T); with
+`set_recompute_states(True)` it keeps only the inputs and the backward reruns the forward
+kernels first (less memory, one more forward's worth of time). The launch path reads no device
+value on the host: grids come from shapes (chunk-count upper bound T_total // C + N).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from triton.runtime.errors import OutOfResources
+
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel,
+                                                         chunk_bwd_wy_kernel, state_bwd_kernel)
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
+from megatron_mom.ops.l2norm.triton import l2norm_bwd, l2norm_fwd
+from megatron_mom.ops.utils import (as_int32, chunk_offsets, dense_cu_seqlens, max_chunks,
+                                    search_steps)
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+CHUNK_SIZES = (16, 32, 64)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Launch settings per kernel (chosen from register/shared-memory reports of sm_90 builds: no
+# spills, shared memory under the H100's 227 KB). The sequential kernels are keyed by the
+# largest K they serve. The benchmark may override entries.
+CONFIG: Dict[str, Dict] = {
+    "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
+    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    # float32 operands take twice the registers and shared memory (K > 128 runs 16-token
+    # chunks, see FP32_WIDE_CHUNK).
+    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
+                   256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
+    "chunk_bwd": {"BK": 64, "BV": 64},
+    "chunk_bwd_dv": {"num_warps": 8, "num_stages": 1},
+    "chunk_bwd_dqk": {"num_warps": 8, "num_stages": 1},
+    "chunk_bwd_wy": {"num_warps": 8, "num_stages": 1},
+    # tl.dot precision for float32 operands on GPUs: "tf32", "tf32x3" or "ieee".
+    "precision": "tf32",
+}
+_RECOMPUTE_STATES = False
+# float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
+# [C, K] float32 tiles spill registers on sm_90, and that build crashed (illegal address) on an
+# H100 with Triton 3.6.0; the 16-token build has no spills.
+FP32_WIDE_CHUNK = 16
+
+
+def effective_chunk_size(chunk_size: int, dtype: torch.dtype, K: int) -> int:
+    return min(chunk_size, FP32_WIDE_CHUNK) if dtype == torch.float32 and K > 128 else chunk_size
+
+
+def set_recompute_states(enabled: bool) -> None:
+    """Trade speed for memory: keep only the inputs for the backward, which then reruns the
+    forward kernels (no per-chunk states, U or W saved between forward and backward)."""
+    global _RECOMPUTE_STATES
+    _RECOMPUTE_STATES = bool(enabled)
+
+
+def _state_config(kernel: str, K: int, V: int, dtype: torch.dtype) -> Dict[str, int]:
+    by_k = CONFIG["state_fp32" if dtype == torch.float32 else kernel]
+    cfg = dict(by_k[min(bound for bound in by_k if bound >= K)])
+    cfg["BV"] = min(V, cfg["BV"])
+    return cfg
+
+
+def _launch_opts(kernel: str) -> Dict[str, int]:
+    cfg = CONFIG[kernel]
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _launch(kernel, grid, *args, num_stages: int, **kwargs):
+    """Launch; if the pipelined build needs more shared memory than this GPU has, fall back to
+    num_stages=1 (a compile-time check, no device sync)."""
+    try:
+        kernel[grid](*args, num_stages=num_stages, **kwargs)
+    except OutOfResources:
+        if num_stages == 1:
+            raise
+        kernel[grid](*args, num_stages=1, **kwargs)
+
+
+class _Packed:
+    """Shapes and sequence bookkeeping shared by the forward and backward launches."""
+
+    def __init__(self, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], chunk_size: int):
+        B, T, self.H, self.K = k.shape
+        self.V = v.shape[-1]
+        self.C = chunk_size
+        self.TT = B * T
+        if cu_seqlens is None:
+            self.cu = dense_cu_seqlens(B, T, k.device)
+        else:
+            self.cu = as_int32(cu_seqlens)
+        self.N = self.cu.numel() - 1
+        self.NTU = max_chunks(self.TT, self.N, chunk_size)
+        self.offsets = chunk_offsets(self.cu, chunk_size)
+        self.steps = search_steps(self.N)
+
+
+def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float):
+    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] f32, P [NTU,H,C,C]."""
+    gam = torch.empty(P.TT, P.H, dtype=torch.float32, device=k.device)
+    w = torch.empty_like(k)
+    u0 = torch.empty_like(v)
+    t_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=torch.float32, device=k.device)
+    p_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=k.dtype, device=k.device)
+    cfg = CONFIG["prepare"]
+    prepare_kernel[(P.NTU, P.H)](
+        q, k, v, g, beta, gam, w, u0, t_mat, p_mat, P.cu, P.offsets, P.N, P.steps, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
+        PREC=CONFIG["precision"], **_launch_opts("prepare"))
+    return gam, w, u0, t_mat, p_mat
+
+
+def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
+                   store_final):
+    """o [TT,H,V] (or None), h [NTU,H,K,V], U [TT,H,V] (or None), final state [N,H,K,V] f32."""
+    dev = k.device
+    o = torch.empty_like(u0) if store_o else None
+    h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev) if store_states else None
+    u = torch.empty_like(u0) if store_states else None
+    ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
+    cfg = _state_config("state_fwd", P.K, P.V, k.dtype)
+    BV = cfg["BV"]
+    dummy = u0
+    _launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
+        q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if store_o else dummy,
+        h if store_states else dummy, u if store_states else dummy,
+        ht if store_final else dummy, P.cu, P.offsets, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
+        STORE_STATES=store_states, STORE_FINAL=store_final, PREC=CONFIG["precision"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return o, h, u, ht
+
+
+def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
+    """dh [NTU,H,K,V], dU [TT,H,V], dh0 [N,H,K,V] f32 (or None)."""
+    dev = k.device
+    dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
+    du = torch.empty_like(do)
+    dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if want_dh0 else None
+    cfg = _state_config("state_bwd", P.K, P.V, k.dtype)
+    BV = cfg["BV"]
+    _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
+        q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
+        P.cu, P.offsets, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
+        PREC=CONFIG["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dh, du, dh0
+
+
+def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dqk_dtype):
+    """Three chunk-parallel phases (dv | dq and dW | WY part of dk, dbeta, dg)."""
+    dev = k.device
+    f32 = dict(dtype=torch.float32, device=dev)
+    cfg = CONFIG["chunk_bwd"]
+    BK, BV = min(cfg["BK"], P.K), min(cfg["BV"], P.V)
+    NK = P.K // BK
+    dq = torch.empty(P.TT, P.H, P.K, dtype=dqk_dtype, device=dev)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    dbeta = torch.empty(P.TT, P.H, **f32)
+    dgam_parts = torch.empty(NK, P.TT, P.H, **f32)
+    dg = torch.empty(P.TT, P.H, **f32)
+    scratch_cc = torch.empty(P.NTU, P.H, 3, P.C, P.C, **f32)
+    scratch_dw = torch.empty(P.TT, P.H, P.K, **f32)
+    scratch_dk = torch.empty(P.TT, P.H, P.K, **f32)
+    seq = (P.cu, P.offsets, P.N, P.steps)
+    prec = CONFIG["precision"]
+    chunk_bwd_dv_kernel[(P.NTU, P.H)](
+        v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, *seq, scale,
+        H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dv"))
+    chunk_bwd_dqk_kernel[(P.NTU, P.H, NK)](
+        q, k, beta, gam, h, dh, u, du, do, dq, dgam_parts, scratch_cc, scratch_dw, scratch_dk,
+        *seq, scale, P.TT * P.H,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dqk"))
+    chunk_bwd_wy_kernel[(P.NTU, P.H)](
+        q, k, beta, gam, t_mat, dk, dbeta, dgam_parts, dg, scratch_cc, scratch_dw, scratch_dk,
+        *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
+    return dq, dk, dv, dbeta, dg
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm, chunk_size):
+        B, T, H, K = k.shape
+        V = v.shape[-1]
+        P = _Packed(k, v, cu_seqlens, chunk_size)
+        q3 = q.reshape(P.TT, H, K).contiguous()                  # [TT, H, K]
+        k3 = k.reshape(P.TT, H, K).contiguous()
+        v3 = v.reshape(P.TT, H, V).contiguous()                  # [TT, H, V]
+        g2 = g.reshape(P.TT, H).contiguous()                     # [TT, H]
+        b2 = beta.reshape(P.TT, H).contiguous()
+        q_rstd = k_rstd = None
+        if use_qk_l2norm:
+            q3, q_rstd = l2norm_fwd(q3)
+            k3, k_rstd = l2norm_fwd(k3)
+        h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
+
+        gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
+        keep = not _RECOMPUTE_STATES
+        o, h, u, ht = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
+                                     store_states=keep, store_final=output_final_state)
+        if keep:
+            ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd, gam, w, t_mat, p_mat, h, u)
+        else:
+            ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd)
+        ctx.packed = P
+        ctx.meta = (B, T, scale, use_qk_l2norm, keep, initial_state is not None,
+                    q.dtype, g.dtype, beta.dtype,
+                    None if initial_state is None else initial_state.dtype)
+        return o.view(B, T, H, V), ht
+
+    @staticmethod
+    def backward(ctx, d_o, d_ht):
+        P = ctx.packed
+        B, T, scale, use_l2, kept, has_h0, q_dtype, g_dtype, b_dtype, h0_dtype = ctx.meta
+        saved = ctx.saved_tensors
+        q3, k3, v3, g2, b2, h0, q_rstd, k_rstd = saved[:8]
+        if kept:
+            gam, w, t_mat, p_mat, h, u = saved[8:]
+        else:
+            gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
+            _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
+                                        store_states=True, store_final=False)
+        if d_o is None:
+            d_o = torch.zeros(P.TT, P.H, P.V, dtype=v3.dtype, device=v3.device)
+        do3 = d_o.reshape(P.TT, P.H, P.V).to(v3.dtype).contiguous()
+        dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
+
+        dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
+        dqk_dtype = torch.float32 if use_l2 else q_dtype
+        dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
+                                                do3, scale, dqk_dtype)
+        if use_l2:
+            dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype)
+            dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype)
+        shape_k = (B, T, P.H, P.K)
+        return (dq.view(shape_k), dk.view(shape_k), dv.view(B, T, P.H, P.V),
+                dg.view(B, T, P.H).to(g_dtype), dbeta.view(B, T, P.H).to(b_dtype), None,
+                None if dh0 is None else dh0.to(h0_dtype), None, None, None, None)
+
+
+def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
+    def need(ok, msg):
+        if not ok:
+            raise ValueError(f"gated_delta_rule (triton): {msg}")
+
+    K, V = k.shape[-1], v.shape[-1]
+    need(K in HEAD_DIMS, f"key head dim K={K} is not supported; use one of {HEAD_DIMS}")
+    need(V in HEAD_DIMS, f"value head dim V={V} is not supported; use one of {HEAD_DIMS}")
+    need(chunk_size in CHUNK_SIZES, f"chunk_size={chunk_size} is not supported; use one of "
+         f"{CHUNK_SIZES}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
+        need(x.dtype in _DTYPES, f"{name} has dtype {x.dtype}; the Triton kernels take float32, "
+             f"bfloat16 or float16 (use backend='torch' for float64)")
+    if initial_state is not None:
+        need(initial_state.dtype in _DTYPES + (torch.float64,),
+             f"initial_state has dtype {initial_state.dtype}")
+        need(initial_state.device == k.device, f"initial_state is on {initial_state.device}, "
+             f"k on {k.device}")
+    if cu_seqlens is not None:
+        need(cu_seqlens.device == k.device, f"cu_seqlens is on {cu_seqlens.device}, k on "
+             f"{k.device}; the kernels read it on the device")
+
+
+def chunk_gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float,
+    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None, use_qk_l2norm: bool = False, chunk_size: int = 64,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H] -> (o [B,T,H,V] in v's dtype,
+    final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher."""
+    _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    chunk_size = effective_chunk_size(int(chunk_size), k.dtype, k.shape[-1])
+    o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state,
+                                       bool(output_final_state), cu_seqlens, bool(use_qk_l2norm),
+                                       chunk_size)
+    return o, (ht if output_final_state else None)
+
+
+__all__ = ["chunk_gated_delta_rule", "set_recompute_states", "CONFIG"]

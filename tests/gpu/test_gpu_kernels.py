@@ -1,0 +1,185 @@
+"""GPU checks of the Triton kernels against the torch references (run: `pytest -m gpu`).
+
+Outputs and all gradients are compared with the chunked torch reference evaluated on the same
+(upcast) inputs, in float64 for float32 inputs and in float32 (no tf32) for bfloat16 inputs,
+by ||ours - ref|| / ||ref||. Tolerances: float32 inputs (tf32
+tensor-core dots) 5e-3; bfloat16 inputs (bf16 intermediates and dot operands) 2e-2, and 4e-2
+for dg (a sum of many cancelling terms). Measured errors are written to
+$OUT/gpu_kernel_errors.json when OUT is set. These runs are what proves the kernels right on
+Hopper with Triton 3.4-3.7 (which miscompiles some transposed-dot patterns).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.gpu
+torch.backends.cuda.matmul.allow_tf32 = False          # the float32 reference must be float32
+
+from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
+from megatron_mom.ops.gated_delta_rule import reference  # noqa: E402
+from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm  # noqa: E402
+from megatron_mom.ops.l2norm import l2norm  # noqa: E402
+from megatron_mom.ops.short_conv import short_conv  # noqa: E402
+
+TOL = {torch.float32: 5e-3, torch.bfloat16: 2e-2}
+TOL_DG = {torch.float32: 5e-3, torch.bfloat16: 4e-2}
+GRAD_NAMES = ["dq", "dk", "dv", "dg", "dbeta", "dh0"]
+ERRORS: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_errors():
+    yield
+    out = os.environ.get("OUT")
+    if out and ERRORS:
+        path = os.path.join(out, "gpu_kernel_errors.json")
+        old = json.load(open(path)) if os.path.exists(path) else {}
+        old.update(ERRORS)
+        json.dump(old, open(path, "w"), indent=1)
+
+
+def rel_err(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def make_inputs(B, T, H, K, V, dtype, *, N=None, seed=0, raw_qk=False):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dev = "cuda"
+    q = torch.randn(B, T, H, K, device=dev, generator=gen)
+    k = torch.randn(B, T, H, K, device=dev, generator=gen)
+    if not raw_qk:
+        k = F.normalize(k, dim=-1)
+    v = torch.randn(B, T, H, V, device=dev, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev, generator=gen) + 2.0)
+    beta = torch.rand(B, T, H, device=dev, generator=gen)
+    h0 = torch.randn(N or B, H, K, V, device=dev, generator=gen) * 0.1
+    return [x.to(dtype) for x in (q, k, v, g, beta)] + [h0]
+
+
+def forward_backward(leaves, backend, *, cu=None, l2=False, chunk_size=64, seed=1):
+    leaves = [x.detach().clone().requires_grad_() for x in leaves]
+    q, k, v, g, beta, h0 = leaves
+    o, ht = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                             cu_seqlens=cu, use_qk_l2norm=l2, chunk_size=chunk_size,
+                             backend=backend)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    do = torch.randn(o.shape, device="cuda", generator=gen)
+    dht = torch.randn(ht.shape, device="cuda", generator=gen)
+    torch.autograd.backward([o, ht], [do.to(o.dtype), dht.to(ht.dtype)])
+    return [o.detach(), ht.detach()] + [x.grad for x in leaves]
+
+
+def check(name, leaves, *, cu=None, l2=False, tol_scale=1.0):
+    dtype = leaves[0].dtype
+    got = forward_backward(leaves, "triton", cu=cu, l2=l2)
+    ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
+    want = forward_backward([x.to(ref_dtype) for x in leaves], "torch", cu=cu, l2=l2)
+    errs = {}
+    for key, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want):
+        assert a is not None and torch.isfinite(a).all(), f"{name}: {key} not finite"
+        errs[key] = rel_err(a, b)
+    ERRORS[name] = {"dtype": str(dtype), **errs}
+    print(name, {k: f"{v:.2e}" for k, v in errs.items()})
+    for key, err in errs.items():
+        limit = (TOL_DG if key == "dg" else TOL)[dtype] * tol_scale
+        assert err < limit, f"{name}: {key} relative error {err:.2e} >= {limit:.0e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(4, 4096, 16, 128), (4, 4096, 4, 256)],
+                         ids=["B4_T4096_H16_D128", "B4_T4096_H4_D256"])
+def test_training_shapes(shape, dtype):
+    B, T, H, D = shape
+    check(f"train_{B}x{T}x{H}x{D}_{str(dtype)[6:]}", make_inputs(B, T, H, D, D, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_varlen_ragged_with_l2norm(dtype):
+    lengths = [1000, 37, 4096, 1, 0, 2000, 63, 129]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    leaves = make_inputs(1, sum(lengths), 4, 128, 64, dtype, N=len(lengths), raw_qk=True)
+    check(f"varlen_l2norm_K128_V64_{str(dtype)[6:]}", leaves, cu=cu, l2=True)
+
+
+def test_long_sequence_65536_bf16():
+    """T = 65536 in one sequence: finite everywhere and close to the reference."""
+    leaves = make_inputs(1, 65536, 4, 128, 128, torch.bfloat16)
+    check("long_T65536_H4_D128_bf16", leaves)
+
+
+def test_no_host_sync_cuda_graph_capture():
+    """The varlen forward and backward can be captured in a CUDA graph (no host syncs)."""
+    lengths = [300, 5, 700]
+    cu = torch.tensor([0] + lengths, device="cuda", dtype=torch.int32).cumsum(0).to(torch.int32)
+    leaves = [x.requires_grad_() for x in make_inputs(1, sum(lengths), 2, 64, 64, torch.bfloat16,
+                                                      N=3)]
+    do = torch.randn(1, sum(lengths), 2, 64, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        o, _ = gated_delta_rule(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu,
+                                backend="triton")
+        o.backward(do)
+        return o
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()                                    # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    o_eager = step()
+    assert rel_err(o_graph, o_eager) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_small_ops(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    errs = {}
+    lengths = [3000, 1, 0, 5000, 192]
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0)
+    x = torch.randn(1, sum(lengths), 1024, device="cuda", generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(1024, 4, device="cuda", generator=gen).to(dtype).requires_grad_()
+    init = torch.randn(len(lengths), 1024, 3, device="cuda", generator=gen).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape, device="cuda", generator=gen).to(dtype)
+    res = {}
+    for backend in ("triton", "torch"):
+        xs = [t.detach().double().requires_grad_() if backend == "torch" else t for t in (x, w, init)]
+        y, _ = short_conv(xs[0], xs[1], cu_seqlens=cu, initial_state=xs[2], backend=backend)
+        res[backend] = [y] + list(torch.autograd.grad((y * dy.to(y.dtype)).sum(), xs))
+    for key, a, b in zip(["conv_y", "conv_dx", "conv_dw", "conv_dinit"], res["triton"], res["torch"]):
+        errs[key] = rel_err(a, b)
+
+    y = torch.randn(4, 4096, 16, 128, device="cuda", generator=gen).to(dtype).requires_grad_()
+    gate = torch.randn(y.shape, device="cuda", generator=gen).to(dtype).requires_grad_()
+    wt = torch.randn(128, device="cuda", generator=gen).to(dtype).requires_grad_()
+    dout = torch.randn(y.shape, device="cuda", generator=gen).to(dtype)
+    res = {}
+    for backend in ("triton", "torch"):
+        xs = [t.detach().double().requires_grad_() if backend == "torch" else t for t in (y, gate, wt)]
+        out = gated_rmsnorm(xs[0], xs[1], xs[2], 1e-6, backend=backend)
+        res[backend] = [out] + list(torch.autograd.grad((out * dout.to(out.dtype)).sum(), xs))
+    for key, a, b in zip(["grms_out", "grms_dy", "grms_dgate", "grms_dw"], res["triton"], res["torch"]):
+        errs[key] = rel_err(a, b)
+
+    res = {}
+    for backend in ("triton", "torch"):
+        xs = y.detach().double().requires_grad_() if backend == "torch" else y
+        out = l2norm(xs, backend=backend)
+        res[backend] = [out, torch.autograd.grad((out * dout.to(out.dtype)).sum(), xs)[0]]
+    errs["l2_out"], errs["l2_dx"] = (rel_err(a, b) for a, b in zip(res["triton"], res["torch"]))
+    ERRORS[f"small_ops_{str(dtype)[6:]}"] = errs
+    print(errs)
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    for key, err in errs.items():
+        assert err < limit, f"{key}: relative error {err:.2e} >= {limit:.0e}"

@@ -1,0 +1,231 @@
+"""Triton kernels against the torch references, on the CPU through Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 when there is no GPU). float32 (and one float16
+case), small shapes: the interpreter runs programs one after another."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_mom.ops.gated_delta_rule import gated_delta_rule
+from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
+from megatron_mom.ops.l2norm import l2norm
+from megatron_mom.ops.short_conv import short_conv
+
+pytest.importorskip("triton")
+gdr_triton = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def gdr_inputs(lengths, H, K, V, *, batch=None, h0=True, dtype=torch.float32, raw_qk=False, seed=0):
+    """Random inputs. lengths: packed sequence lengths (B = 1), or one length with `batch`."""
+    gen = torch.Generator().manual_seed(seed)
+    B, T = (batch, lengths[0]) if batch else (1, sum(lengths))
+    N = batch or len(lengths)
+    q = torch.randn(B, T, H, K, generator=gen)
+    k = torch.randn(B, T, H, K, generator=gen)
+    if not raw_qk:
+        k = F.normalize(k, dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 2.0)
+    beta = torch.rand(B, T, H, generator=gen)
+    s0 = torch.randn(N, H, K, V, generator=gen) if h0 else None
+    leaves = [x.to(dtype) for x in (q, k, v, g, beta)] + [s0]
+    leaves = [x.requires_grad_() if x is not None else None for x in leaves]
+    cu = None if batch else torch.tensor([0] + list(lengths)).cumsum(0)
+    return leaves, cu
+
+
+def run_gdr(backend, leaves, cu, *, chunk_size, l2=False, final=True, seed=1):
+    q, k, v, g, beta, s0 = leaves
+    o, ht = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=final,
+                             cu_seqlens=cu, use_qk_l2norm=l2, chunk_size=chunk_size,
+                             backend=backend)
+    gen = torch.Generator().manual_seed(seed)
+    loss = (o.float() * torch.randn(o.shape, generator=gen)).sum()
+    if final:
+        loss = loss + (ht * torch.randn(ht.shape, generator=gen)).sum()
+    wrt = [x for x in leaves if x is not None]
+    return [o, ht] + list(torch.autograd.grad(loss, wrt))
+
+
+def assert_gdr_close(leaves, cu, *, chunk_size, l2=False, final=True, tol=2e-5):
+    got = run_gdr("triton", leaves, cu, chunk_size=chunk_size, l2=l2, final=final)
+    want = run_gdr("torch", leaves, cu, chunk_size=chunk_size, l2=l2, final=final)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    for name, a, b in zip(names, got, want):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.shape == b.shape and a.dtype == b.dtype, (name, a.shape, b.shape, a.dtype, b.dtype)
+        assert torch.isfinite(a).all(), name
+        err = rel_err(a, b)
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol:.0e}"
+
+
+# (lengths, batch, H, K, V, chunk_size, initial state, l2norm)
+GDR_CASES = {
+    "dense_B2_T150_C64": ([150], 2, 1, 64, 64, 64, True, False),
+    "dense_T40_C16": ([40], 1, 2, 64, 64, 16, True, False),
+    "dense_K64_V128_C32": ([100], 1, 1, 64, 128, 32, True, False),
+    "dense_K128_V64_C64": ([70], 1, 1, 128, 64, 64, False, False),
+    "dense_K256_V256_few_tokens": ([33], 1, 1, 256, 256, 64, True, False),
+    "dense_K128_V256_C16": ([20], 1, 1, 128, 256, 16, True, False),
+    "varlen_ragged_with_empty_C32": ([5, 70, 0, 33, 16], None, 2, 64, 64, 32, True, False),
+    "varlen_l2norm_C64": ([65, 64, 3], None, 2, 64, 64, 64, True, True),
+    "varlen_all_shorter_than_chunk": ([3, 7, 1], None, 2, 64, 64, 64, True, False),
+    "dense_l2norm_no_h0_C16": ([45], 1, 2, 64, 64, 16, False, True),
+}
+
+
+@pytest.mark.parametrize("case", list(GDR_CASES), ids=list(GDR_CASES))
+def test_gated_delta_rule_matches_reference(case):
+    lengths, batch, H, K, V, C, h0, l2 = GDR_CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, batch=batch, h0=h0, raw_qk=l2)
+    assert_gdr_close(leaves, cu, chunk_size=C, l2=l2)
+
+
+def test_gated_delta_rule_output_only_gradient():
+    leaves, cu = gdr_inputs([9, 40], H=1, K=64, V=64)
+    assert_gdr_close(leaves, cu, chunk_size=32, final=False)
+
+
+def test_gated_delta_rule_recompute_states_mode():
+    leaves, cu = gdr_inputs([30, 50], H=1, K=64, V=64)
+    gdr_triton.set_recompute_states(True)
+    try:
+        assert_gdr_close(leaves, cu, chunk_size=32)
+    finally:
+        gdr_triton.set_recompute_states(False)
+
+
+def test_gated_delta_rule_float16():
+    leaves, cu = gdr_inputs([50], H=1, K=64, V=64, batch=1, dtype=torch.float16)
+    got = run_gdr("triton", leaves, cu, chunk_size=32)
+    want = run_gdr("torch", leaves, cu, chunk_size=32)
+    assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-2
+
+
+def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
+    """With cu_seqlens, neither the forward nor the backward reads a device value on the host."""
+    leaves, cu = gdr_inputs([20, 13], H=1, K=64, V=64)
+    q, k, v, g, beta, s0 = leaves
+    o_ref, ht_ref = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
+                                     cu_seqlens=cu, chunk_size=16, backend="triton")
+
+    def refuse(*_a, **_k):
+        raise AssertionError("host read of a device value in the launch path")
+
+    P = gdr_triton._Packed(k, v, cu, 16)                 # bookkeeping is built before patching
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    q3, k3, v3 = (x.detach().reshape(-1, 1, 64) for x in (q, k, v))
+    g2, b2 = g.detach().reshape(-1, 1), beta.detach().reshape(-1, 1)
+    gam, w, u0, t_mat, p_mat = gdr_triton._prepare(P, q3, k3, v3, g2, b2, 0.125)
+    o, h, u, ht = gdr_triton._state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
+                                            store_o=True, store_states=True, store_final=True)
+    do = torch.ones_like(o)
+    dh, du, dh0 = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125, True)
+    gdr_triton._chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
+                               torch.float32)
+    monkeypatch.undo()
+    assert rel_err(o.view_as(o_ref), o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(K=48), "key head dim K=48"),
+    (dict(V=96), "value head dim V=96"),
+    (dict(chunk_size=128), "chunk_size=128"),
+    (dict(dtype=torch.float64), "float64"),
+])
+def test_gated_delta_rule_rejects_unsupported(bad, message):
+    K, V = bad.get("K", 64), bad.get("V", 64)
+    dtype = bad.get("dtype", torch.float32)
+    q = torch.randn(1, 8, 1, K, dtype=dtype)
+    v = torch.randn(1, 8, 1, V, dtype=dtype)
+    g, beta = torch.zeros(1, 8, 1, dtype=dtype), torch.ones(1, 8, 1, dtype=dtype)
+    with pytest.raises(ValueError, match=message):
+        gated_delta_rule(q, q, v, g, beta, chunk_size=bad.get("chunk_size", 64), backend="triton")
+
+
+# ----------------------------------------------------------------------------- short conv
+def conv_final_state_oracle(x, cu, init, W):
+    """Last W-1 inputs of each sequence (its history where the sequence is shorter)."""
+    out = []
+    for n in range(cu.numel() - 1):
+        rows = x[0, cu[n]:cu[n + 1]]
+        hist = init[n].T if init is not None else x.new_zeros(W - 1, x.shape[-1])
+        out.append(torch.cat([hist, rows], 0)[-(W - 1):].T)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("W", [4, 2])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_short_conv_matches_reference(W, with_init):
+    gen = torch.Generator().manual_seed(W)
+    lengths = [5, 0, 70, 1, 3]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    C = 24
+    x = torch.randn(1, sum(lengths), C, generator=gen).requires_grad_()
+    w = torch.randn(C, W, generator=gen).requires_grad_()
+    init = torch.randn(len(lengths), C, W - 1, generator=gen).requires_grad_() if with_init else None
+    leaves = [x, w] + ([init] if with_init else [])
+    dy = torch.randn(x.shape, generator=gen)
+    results = {}
+    for backend in ("triton", "torch"):
+        y, _ = short_conv(x, w, cu_seqlens=cu, initial_state=init, backend=backend)
+        results[backend] = [y] + list(torch.autograd.grad((y * dy).sum(), leaves))
+    for a, b in zip(results["triton"], results["torch"]):
+        assert rel_err(a, b) < 1e-5
+    _, final = short_conv(x, w, cu_seqlens=cu, initial_state=init, output_final_state=True,
+                          backend="triton")
+    assert torch.equal(final, conv_final_state_oracle(x.detach(), cu, init, W).to(final.dtype))
+
+
+def test_short_conv_dense_no_activation():
+    x = torch.randn(2, 33, 16, requires_grad=True)
+    w = torch.randn(16, 4, requires_grad=True)
+    y, f = short_conv(x, w, activation=None, output_final_state=True, backend="triton")
+    y_ref, f_ref = short_conv(x, w, activation=None, output_final_state=True, backend="torch")
+    assert rel_err(y, y_ref) < 1e-6 and torch.equal(f, f_ref)
+    gx, gw = torch.autograd.grad(y.square().sum(), [x, w])
+    gx_ref, gw_ref = torch.autograd.grad(y_ref.square().sum(), [x, w])
+    assert rel_err(gx, gx_ref) < 1e-5 and rel_err(gw, gw_ref) < 1e-5
+
+
+def test_short_conv_rejects_bad_width():
+    with pytest.raises(ValueError, match="kernel width W=9"):
+        short_conv(torch.randn(1, 4, 8), torch.randn(8, 9), backend="triton")
+
+
+# --------------------------------------------------------------- gated RMSNorm, L2 norm
+@pytest.mark.parametrize("with_gate", [True, False])
+def test_gated_rmsnorm_matches_reference(with_gate):
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(3, 37, 4, 64, generator=gen).requires_grad_()
+    gate = torch.randn(3, 37, 4, 64, generator=gen).requires_grad_() if with_gate else None
+    w = torch.randn(64, generator=gen).requires_grad_()
+    dout = torch.randn(y.shape, generator=gen)
+    leaves = [y, w] + ([gate] if with_gate else [])
+    res = {}
+    for backend in ("triton", "torch"):
+        out = gated_rmsnorm(y, gate, w, 1e-6, backend=backend)
+        res[backend] = [out] + list(torch.autograd.grad((out * dout).sum(), leaves))
+    for a, b in zip(res["triton"], res["torch"]):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_l2norm_matches_reference():
+    x = torch.randn(50, 3, 128, requires_grad=True)
+    dout = torch.randn(x.shape)
+    res = {}
+    for backend in ("triton", "torch"):
+        out = l2norm(x, backend=backend)
+        res[backend] = [out, torch.autograd.grad((out * dout).sum(), x)[0]]
+    for a, b in zip(res["triton"], res["torch"]):
+        assert rel_err(a, b) < 1e-5
