@@ -63,8 +63,8 @@ def bench_train(fn_fwd, x):
 
     fwd_bwd()
     torch.cuda.synchronize()
-    r = {"fwd_ms": do_bench(fn_fwd, warmup=5, rep=30, return_mode="median"),
-         "fwdbwd_ms": do_bench(fwd_bwd, warmup=5, rep=30, return_mode="median")}
+    r = {"fwd_ms": do_bench(fn_fwd, warmup=3, rep=20, return_mode="median"),
+         "fwdbwd_ms": do_bench(fwd_bwd, warmup=3, rep=20, return_mode="median")}
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -73,6 +73,29 @@ def bench_train(fn_fwd, x):
     r["peak_extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     r["tok_per_s_fwdbwd"] = x.shape[0] * x.shape[1] / (r["fwdbwd_ms"] * 1e-3)
     return r
+
+
+def run_profile(out_dir, B=4, T=4096):
+    """Where our layer's forward+backward time goes: CUDA kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    from megatron_mom import MoMConfig
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    layer = our_layer(mom).train()
+    x = torch.randn(T, B, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        out = layer(x)[0]
+        out.backward(torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    open(os.path.join(out_dir, "profile_layer.txt"), "w").write(table)
+    print(table[:6000])
 
 
 def run_training(shapes, peers):
@@ -196,6 +219,9 @@ def table() -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="B4 T4096 and decode only")
+    p.add_argument("--scaling-ours", action="store_true",
+                   help="with --quick: also our layer alone at B8 T2048, B1 T16384, B1 T65536")
+    p.add_argument("--profile", action="store_true", help="also a kernel-time profile of ours")
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     import triton
@@ -205,7 +231,11 @@ def main():
     shapes = [(4, 4096, True)] + ([] if args.quick else
                                   [(8, 2048, False), (1, 16384, False), (1, 65536, False)])
     run_training(shapes, fla_peers())
+    if args.quick and args.scaling_ours:
+        run_training([(8, 2048, False), (1, 16384, False), (1, 65536, False)], {})
     run_decode([1, 64])
+    if args.profile:
+        run_profile(args.out)
     json.dump(RESULTS, open(os.path.join(args.out, "bench_layer.json"), "w"), indent=1)
     md = table()
     open(os.path.join(args.out, "bench_layer.md"), "w").write(md + "\n")

@@ -22,7 +22,7 @@ step() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   echo "exit $? ($name)"; tail -n 25 "$OUT/$name.txt"
 }
-step gpu_tests "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -rA
-step bench_layer "${LAYER_TIMEOUT:-170}" python3 benchmarks/bench_layer.py --quick --out "$OUT"
-step bench_kernels "${KERNEL_TIMEOUT:-170}" python3 benchmarks/bench_kernels.py --out "$OUT"
+step gpu_tests "${TEST_TIMEOUT:-200}" python3 -m pytest -m gpu ${TESTS:-tests/gpu} -q -p no:cacheprovider -rA
+step bench_layer "${LAYER_TIMEOUT:-170}" python3 benchmarks/bench_layer.py --quick ${LAYER_ARGS:-} --out "$OUT"
+step bench_kernels "${KERNEL_TIMEOUT:-170}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} --out "$OUT"
 date -u
