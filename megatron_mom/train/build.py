@@ -46,6 +46,17 @@ def _free_port() -> int:
 
 def init_parallel(cfg: RunConfig) -> Parallel:
     """Start (or reuse) the process group and (re)build Megatron's parallel state."""
+    if cfg.model.num_layers % cfg.parallel.pipeline_model_parallel_size:
+        raise ValueError(f"model.num_layers ({cfg.model.num_layers}) must be divisible by "
+                         f"pipeline_model_parallel_size "
+                         f"({cfg.parallel.pipeline_model_parallel_size})")
+    return init_process_groups(cfg.parallel.tensor_model_parallel_size,
+                               cfg.parallel.pipeline_model_parallel_size, cfg.train.seed)
+
+
+def init_process_groups(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel:
+    """gloo on CPU (with the CPU redirections), NCCL on GPUs; one process unless launched by
+    torchrun. Rebuilds Megatron's parallel state when called again in the same process."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -53,27 +64,23 @@ def init_parallel(cfg: RunConfig) -> Parallel:
     if on_cpu:
         cpu.enable()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `megatron-mom train`: one process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("gloo" if on_cpu else "nccl")
+        backend = "gloo" if on_cpu else "nccl"
+        if "RANK" in os.environ:  # launched by torchrun
+            dist.init_process_group(backend)
+        else:  # a plain `megatron-mom train`: one process, a private port
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
-    tp = cfg.parallel.tensor_model_parallel_size
-    pp = cfg.parallel.pipeline_model_parallel_size
     if world % (tp * pp):
         raise ValueError(f"the world size ({world} processes) must be a multiple of "
                          f"tensor_model_parallel_size * pipeline_model_parallel_size "
                          f"({tp} * {pp}); change the torchrun --nproc-per-node or the sizes")
-    if cfg.model.num_layers % pp:
-        raise ValueError(f"model.num_layers ({cfg.model.num_layers}) must be divisible by "
-                         f"pipeline_model_parallel_size ({pp})")
     if ps.model_parallel_is_initialized():  # a second run in the same process (tests)
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(tp, pp)
-    model_parallel_cuda_manual_seed(cfg.train.seed)
+    model_parallel_cuda_manual_seed(seed)
     device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
     return Parallel(device=device, rank=rank, world_size=world, tp=tp, pp=pp,
                     dp=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),

@@ -143,6 +143,16 @@ def _type_ok(value: Any, default: Any) -> bool:
     return isinstance(value, type(default))
 
 
+def _yaml_float(value: Any) -> Any:
+    """PyYAML reads `3e-3` (no dot) as a string; accept it for float keys."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _unknown_key(key: str, known) -> ConfigError:
     close = difflib.get_close_matches(key.split(".")[-1], known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -160,6 +170,7 @@ def _merge(obj, updates: dict, prefix: str = "") -> None:
         if name not in fields:
             raise _unknown_key(key, list(fields))
         current = getattr(obj, name)
+        value = _yaml_float(value) if isinstance(current, float) else value
         if dataclasses.is_dataclass(current):
             _merge(current, value, key + ".")
         elif not _type_ok(value, current):

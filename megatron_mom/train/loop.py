@@ -38,7 +38,8 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     """Mean token loss of one micro-batch (Megatron's legacy averaging over micro-batches)."""
     mask = loss_mask.view(-1).float()
     loss = torch.sum(output_tensor.view(-1).float() * mask) / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # A copy: the schedule divides the returned loss by the number of micro-batches in place.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 def _forward_step(data_iterator, model):
