@@ -50,6 +50,8 @@ class MQARSettings:
     test_examples: int = 64
     eval_batch_size: int = 256
     max_minutes_per_model: float = 0.0   # 0: no cap; else stop training early (reported)
+    budget_minutes: float = 0.0          # >0: time a few steps of each mixer first and lower
+                                         # train_steps (the same for all) to fit this budget
     seed: int = 0
 
 
@@ -63,8 +65,8 @@ PRESETS = {
     # One H100, about 5 minutes for all three mixers with the torch reference kernels.
     "gpu": MQARSettings(vocab_size=2048, seq_lens=[256], num_pairs=[8, 16, 32, 64],
                         hidden_size=128, num_heads=2, head_dim=16, chunk_size=64,
-                        train_steps=1500, batch_size=128, lr=2e-3, warmup_steps=100,
-                        test_examples=1000, max_minutes_per_model=1.6),
+                        train_steps=4000, batch_size=128, lr=3e-3, warmup_steps=100,
+                        test_examples=1000, budget_minutes=4.0, max_minutes_per_model=2.5),
 }
 
 
@@ -164,16 +166,64 @@ def _lr(step: int, s: MQARSettings) -> float:
     return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _train_batch(model, opt, inputs, labels) -> torch.Tensor:
+    logits = _logits(model, inputs)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_step(mixer: str, s: MQARSettings, seq_len: int, device, steps: int = 5) -> float:
+    """Time a few training steps of a throw-away model (after two warm-up steps)."""
+    model = build_model(mixer, s, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(s.batch_size, seq_len, max(n for n in s.num_pairs if 4 * n <= seq_len),
+                       s.vocab_size, s.power_a, gen, device)
+    for _ in range(2):
+        _train_batch(model, opt, *batch)
+    _sync(device)
+    start = time.time()
+    for _ in range(steps):
+        _train_batch(model, opt, *batch)
+    _sync(device)
+    return (time.time() - start) / steps
+
+
+def fit_steps_to_budget(s: MQARSettings, mixers, device, log=print) -> dict:
+    """Lower s.train_steps so that every mixer at every length fits s.budget_minutes."""
+    timing = {m: {L: seconds_per_step(m, s, L, device) for L in s.seq_lens} for m in mixers}
+    per_step = sum(t for per_len in timing.values() for t in per_len.values())
+    fitting = int(s.budget_minutes * 60 / per_step)
+    steps = max(min(s.train_steps, fitting), 1)
+    log("mqar: seconds per step " + ", ".join(
+        f"{m}: {t[max(s.seq_lens)]:.3f}" for m, t in timing.items())
+        + f" -> {steps} steps per model (budget {s.budget_minutes} min)")
+    s.train_steps = steps
+    s.warmup_steps = min(s.warmup_steps, max(steps // 10, 1))
+    return {m: {str(L): t for L, t in per_len.items()} for m, per_len in timing.items()}
+
+
 def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict:
     """Fresh random batches; each batch draws one N from the pairs that fit seq_len."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1, device=device))  # one micro-batch
+    # One micro-batch: scale 1 (a 0-dim tensor fits whichever shape the scale buffer has).
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
                             betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(s.seed + seq_len)
     pairs = [n for n in s.num_pairs if 4 * n <= seq_len]
     model.train()
-    start, loss_value, step = time.time(), float("nan"), 0
+    start, loss_value, step, first_loss = time.time(), float("nan"), 0, float("nan")
     for step in range(s.train_steps):
         if s.max_minutes_per_model and time.time() - start > 60 * s.max_minutes_per_model:
             log(f"    time cap reached after {step} steps")
@@ -183,19 +233,16 @@ def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict
                                     device)
         for group in opt.param_groups:
             group["lr"] = _lr(step, s)
-        logits = _logits(model, inputs)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=-100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = _train_batch(model, opt, inputs, labels)
+        if step == 0:
+            first_loss = loss.item()
         if step % max(s.train_steps // 5, 1) == 0 or step == s.train_steps - 1:
             loss_value = loss.item()
             log(f"    step {step:>5}/{s.train_steps}  loss {loss_value:.3f}  N={N}")
     else:
         step = s.train_steps
-    return {"steps": step, "seconds": time.time() - start, "final_loss": loss.item()}
+    return {"steps": step, "seconds": time.time() - start, "first_loss": first_loss,
+            "final_loss": loss.item()}
 
 
 @torch.no_grad()
@@ -297,6 +344,8 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
         torch.backends.cuda.matmul.allow_tf32 = True
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if s.budget_minutes > 0:
+        fit_steps_to_budget(s, mixers, dev, log)
     results: Dict[str, dict] = {}
     for mixer in mixers:
         results[mixer] = {"train": {}, "accuracy": {}}

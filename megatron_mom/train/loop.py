@@ -56,7 +56,7 @@ def _set_router_loss_scale(trainables, num_microbatches: int) -> None:
     scale = trainables.optimizer.get_loss_scale()
     if not torch.is_tensor(scale):
         scale = torch.tensor([float(scale)])
-    MoEAuxLossAutoScaler.set_loss_scale(scale.reshape(1) / num_microbatches)
+    MoEAuxLossAutoScaler.set_loss_scale(scale.reshape(()) / num_microbatches)
 
 
 def _global_mean_loss(losses_reduced: list, device) -> torch.Tensor:
