@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -154,14 +155,65 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    chain = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [opt for opt in chain if isinstance(opt, DistributedOptimizer)]
+
+
+def _init_adam_states(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam states yet, but building its load template
+    reads them, 'step' included (distrib_optimizer.py:641 without apex/TE)."""
+    for opt in _distributed_optimizers(optimizer):
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                state = opt.optimizer.state[param]
+                state.setdefault("exp_avg", torch.zeros_like(param.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
+                state.setdefault("step", torch.tensor(0.0))
+
+
+@contextmanager
+def _distributed_optimizer_load_fixes(optimizer):
+    """Work around two traps of megatron-core 0.16.1's distributed optimizer without apex/TE:
+    - its fully-reshardable load copies every saved state into the live one by key
+      (distrib_optimizer.py:936) and the checkpoint has no per-parameter 'step': KeyError;
+    - its load_state_dict gives every parameter the SAME 'step' tensor (line 825), which
+      torch's Adam then increments once per parameter and step: training silently diverges.
+    """
+    optimizers = _distributed_optimizers(optimizer)
+    for opt in optimizers:
+        original = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            group_index, group_order = opt.model_param_group_index_map[model_param]
+            main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+            state = opt.optimizer.state[main_param]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}   # keep the loaded step
+            original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            del opt._set_main_param_and_optimizer_states      # back to the class method
+            for state in opt.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()     # one step tensor per parameter
+
+
 def load_checkpoint(path: Path, trainables) -> dict:
     """Restore everything saved by `save_checkpoint`; returns the saved train_state."""
     from megatron.core import dist_checkpointing
 
+    _init_adam_states(trainables.optimizer)
     template = _state(trainables, None, is_loading=True)
     loaded = dist_checkpointing.load(template, str(path))
     trainables.gpt.load_state_dict(loaded["model"])
-    trainables.optimizer.load_state_dict(loaded["optimizer"])
+    with _distributed_optimizer_load_fixes(trainables.optimizer):
+        trainables.optimizer.load_state_dict(loaded["optimizer"])
     trainables.scheduler.load_state_dict(loaded["scheduler"])
     set_rng_state(loaded["rng"])
     return loaded["train_state"]
