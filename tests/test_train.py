@@ -211,7 +211,7 @@ def _torchrun_train(out: Path, *extra) -> subprocess.CompletedProcess:
                 "train.log_interval": 2, "data.corpus": "bundled"}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_mom.cli.main", "train", "--no-progress",
-            "--steps", "4", "--distributed-optimizer", "--output-dir", str(out), *extra]
+            "--steps", "4", "--output-dir", str(out), *extra]
     args += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -223,11 +223,25 @@ def test_data_parallel_distributed_optimizer_resume_is_bit_identical(tmp_path):
     """Two gloo processes (DP=2) with Megatron's distributed optimizer: stop after 2 steps,
     resume, and the losses of steps 3-4 equal an uninterrupted run's (the optimizer-state
     traps of cpu_testing.md would make them drift)."""
-    straight = _torchrun_train(tmp_path / "straight")
+    straight = _torchrun_train(tmp_path / "straight", "--distributed-optimizer")
     assert "DP=2" in straight.stdout
-    _torchrun_train(tmp_path / "stopped", "--stop-after", "2")
-    resumed = _torchrun_train(tmp_path / "stopped", "--resume")
+    _torchrun_train(tmp_path / "stopped", "--distributed-optimizer", "--stop-after", "2")
+    resumed = _torchrun_train(tmp_path / "stopped", "--distributed-optimizer", "--resume")
     assert "resumed from" in resumed.stdout
     assert _losses(tmp_path / "stopped" / "metrics.jsonl") == \
         _losses(tmp_path / "straight" / "metrics.jsonl")
     assert len(_losses(tmp_path / "straight" / "metrics.jsonl")) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, banner", [(("--tp", "2", "--sequence-parallel"), "TP=2 PP=1"),
+                                            (("--pp", "2"), "TP=1 PP=2")])
+def test_model_parallel_layouts_train(tmp_path, layout, banner):
+    """Tensor (+ sequence) and pipeline parallelism through the CLI on two gloo processes."""
+    done = _torchrun_train(tmp_path, *layout, "--set", "mom.num_heads=2")
+    assert f"{banner} DP=1" in done.stdout
+    losses = _losses(tmp_path / "metrics.jsonl")
+    assert losses[4] < losses[1] - 0.3, losses
+    logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    aux = [r["mom_aux"] for r in logged if "mom_aux" in r]
+    assert aux and all(0.009 < a < 0.02 for a in aux), aux   # coeff 0.01 x ~1, not a share

@@ -140,9 +140,12 @@ def _router_stats(cfg: RunConfig, par, steps: int, num_microbatches: int):
     for layer, fractions in metrics.memory_load(clear=True).items():
         load[layer - 1] = fractions.double().cpu()
     both = torch.cat([lb, load.view(-1)]).to(par.device)
-    dist.all_reduce(both)  # each layer lives on one pipeline stage: sum = replicas * value
-    both = (both / (par.dp * par.tp)).cpu()
-    lb, load = both[:L], both[L:].view(L, M)
+    dist.all_reduce(both)  # each layer lives on one pipeline stage: sum over its replicas
+    both = both.cpu()
+    # Data-parallel and tensor-parallel ranks repeat a layer's values, except that under
+    # sequence parallelism each TP rank holds its share of the loss (the shares add up).
+    lb = both[:L] / (par.dp * (1 if cfg.parallel.sequence_parallel else par.tp))
+    load = both[L:].view(L, M) / (par.dp * par.tp)
     mom_layers = [i for i, s in enumerate(cfg.model.pattern) if s == "M"]
     if not mom_layers:
         return None, {}
