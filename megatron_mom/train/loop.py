@@ -129,13 +129,14 @@ def _prepare_data(cfg: RunConfig, par, out: Path, layout: data.BatchLayout):
 
 
 def _router_stats(cfg: RunConfig, par, steps: int, num_microbatches: int):
-    """(mean MoM load-balancing loss per layer and micro-batch, {layer: load fractions}),
-    gathered from every rank; every rank must call this together."""
+    """(MoM router loss - load balancing plus z-loss - per MoM layer and micro-batch,
+    {layer: fraction of routed tokens per memory}), gathered from every rank; every rank
+    must call this together."""
     from megatron_mom import metrics
     L, M = cfg.model.num_layers, cfg.mom.num_memories
     lb = torch.zeros(L, dtype=torch.float64)
-    for values in metrics.router_loss_values(clear=True).values():
-        lb += values.detach().double().cpu()[:L] if values.numel() >= L else 0
+    for values in metrics.router_loss_values(clear=True).values():  # load balancing (+ z)
+        lb += values.detach().double().cpu()[:L]                      # [num_layers (+ MTP)]
     load = torch.zeros(L, M, dtype=torch.float64)
     for layer, fractions in metrics.memory_load(clear=True).items():
         load[layer - 1] = fractions.double().cpu()
@@ -194,14 +195,72 @@ def _say(par, text: str, bar=None) -> None:
         print(text, flush=True)
 
 
-def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None,
-          show_progress: bool = True, sample: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
-    """Train per `cfg`. `resume`: continue from the newest checkpoint in the output
-    directory. `stop_after`: end (with a checkpoint) after this many steps in total, as if the
-    job had been stopped there; the schedule still follows `train.steps`."""
-    from tqdm import tqdm
+@dataclass
+class _Run:
+    """Everything one call of `train` works with, and its reporting (rank 0 prints)."""
+    cfg: RunConfig
+    par: object
+    trainables: object
+    layout: data.BatchLayout
+    train_set: object
+    valid_set: object
+    out: Path
+    start: int = 0
+    metrics: Optional[_MetricsFile] = None
+    bar: object = None
+    last_log: float = 0.0
+    last_log_step: int = 0
 
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def say(self, text: str) -> None:
+        _say(self.par, text, self.bar)
+
+    def open_reporting(self, show_progress: bool) -> None:
+        from tqdm import tqdm
+        self.metrics = _MetricsFile(self.out / "metrics.jsonl", self.start, self.par.is_logger)
+        self.say(_banner(self.cfg, self.par, self.trainables, self.layout))
+        self.bar = tqdm(total=self.cfg.train.steps, initial=self.start, desc="train",
+                        unit="step", dynamic_ncols=True, file=sys.stdout,
+                        disable=not (self.par.is_logger and show_progress))
+        self.last_log, self.last_log_step = time.time(), self.start
+
+    def step_done(self, step: int, loss: float) -> None:
+        lr = self.trainables.optimizer.param_groups[0]["lr"]
+        self.metrics.write({"step": step, "loss": loss, "lr": lr})
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}")
+
+    def log(self, step: int, loss: float) -> None:
+        """A log line (collective: gathers the router statistics from every rank)."""
+        elapsed, n = time.time() - self.last_log, step - self.last_log_step
+        aux, load = _router_stats(self.cfg, self.par, n, self.layout.num_microbatches)
+        tokens_per_s = n * self.layout.global_batch_size * self.cfg.model.seq_length / elapsed
+        lr = self.trainables.optimizer.param_groups[0]["lr"]
+        self.say(_log_line(step, self.cfg.train.steps, loss, lr, tokens_per_s, aux, load))
+        self.metrics.write({"step": step, "tokens_per_s": tokens_per_s, "mom_aux": aux,
+                            "memory_load": load})
+        self.last_log, self.last_log_step = time.time(), step
+
+    def validate(self, step: int) -> float:
+        val = evaluate(self.trainables, self.valid_set, self.cfg, self.layout, self.par)
+        self.metrics.write({"step": step, "val_loss": val})
+        self.say(f"step {step:>5}/{self.cfg.train.steps} | validation loss {val:.4f}")
+        return val
+
+    def save(self, step: int, train_state: dict) -> Path:
+        path = checkpoint.save_checkpoint(self.ckpt_root, step, self.trainables, train_state,
+                                          self.cfg, self.cfg.train.keep_checkpoints)
+        if self.par.is_logger:
+            plot.loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
+        self.say(f"saved {path} and {self.out / 'loss.png'}")
+        self.last_log = time.time()  # saving is not training time
+        return path
+
+
+def _set_up(cfg: RunConfig) -> _Run:
     out = Path(cfg.output_dir)
     par = build.init_parallel(cfg)
     if par.is_logger:
@@ -210,66 +269,57 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
     trainables = build.build_trainables(cfg, par)
     layout = _batch_layout(cfg, par)
     train_set, valid_set = _prepare_data(cfg, par, out, layout)
-    ckpt_root = out / "checkpoints"
+    return _Run(cfg, par, trainables, layout, train_set, valid_set, out)
 
-    train_state = {"iteration": 0, "consumed_samples": 0}
-    if resume:
-        found = checkpoint.latest_checkpoint(ckpt_root)
-        if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_root}; train without "
-                                    f"--resume first")
-        train_state = checkpoint.load_checkpoint(found, trainables)
-        _say(par, f"resumed from {found} (step {train_state['iteration']})")
-    start = train_state["iteration"]
+
+def _resume(run: _Run) -> dict:
+    found = checkpoint.latest_checkpoint(run.ckpt_root)
+    if found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {run.ckpt_root}; train without "
+                                f"--resume first")
+    train_state = checkpoint.load_checkpoint(found, run.trainables)
+    run.say(f"resumed from {found} (step {train_state['iteration']})")
+    return train_state
+
+
+def _due(step: int, interval: int, end: int) -> bool:
+    return step == end or (interval > 0 and step % interval == 0)
+
+
+def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None,
+          show_progress: bool = True, sample: bool = True,
+          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
+    """Train per `cfg`. `resume`: continue from the newest checkpoint in the output
+    directory. `stop_after`: end (with a checkpoint) after this many steps in total, as if the
+    job had been stopped there; the schedule still follows `train.steps`."""
+    run = _set_up(cfg)
+    train_state = _resume(run) if resume else {"iteration": 0, "consumed_samples": 0}
+    run.start = train_state["iteration"]
     end = min(cfg.train.steps, stop_after if stop_after is not None else cfg.train.steps)
     _clear_router_stats()
-
-    metrics_file = _MetricsFile(out / "metrics.jsonl", start, par.is_logger)
-    iterator = data.micro_batches(train_set, layout, train_state["consumed_samples"], par.device)
-    tokens_per_step = layout.global_batch_size * cfg.model.seq_length
-    _say(par, _banner(cfg, par, trainables, layout))
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (par.is_logger and show_progress),
-               desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
-    result = TrainResult(output_dir=out, losses=[], first_step=start + 1)
-    last_log, last_log_step, last_ckpt = time.time(), start, None
-    for step in range(start + 1, end + 1):
-        loss = train_step(trainables, iterator, cfg, layout.num_microbatches, par)
+    run.open_reporting(show_progress)
+    iterator = data.micro_batches(run.train_set, run.layout, train_state["consumed_samples"],
+                                  run.par.device)
+    result = TrainResult(output_dir=run.out, losses=[], first_step=run.start + 1)
+    for step in range(run.start + 1, end + 1):
+        loss = train_step(run.trainables, iterator, cfg, run.layout.num_microbatches, run.par)
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss}; lower train.lr or use fp32")
-        train_state = {"iteration": step,
-                       "consumed_samples": train_state["consumed_samples"]
-                       + layout.global_batch_size}
+        train_state = {"iteration": step, "consumed_samples":
+                       train_state["consumed_samples"] + run.layout.global_batch_size}
         result.losses.append(loss)
-        lr = trainables.optimizer.param_groups[0]["lr"]
-        metrics_file.write({"step": step, "loss": loss, "lr": lr})
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        run.step_done(step, loss)
         if on_step is not None:
             on_step(step, loss)
-        if step % cfg.train.log_interval == 0 or step == end:
-            elapsed, n = time.time() - last_log, step - last_log_step
-            aux, load = _router_stats(cfg, par, n, layout.num_microbatches)
-            _say(par, _log_line(step, cfg.train.steps, loss, lr, n * tokens_per_step / elapsed,
-                                aux, load), bar)
-            metrics_file.write({"step": step, "tokens_per_s": n * tokens_per_step / elapsed,
-                                "mom_aux": aux, "memory_load": load})
-            last_log, last_log_step = time.time(), step
-        if cfg.train.eval_interval and (step % cfg.train.eval_interval == 0 or step == end):
-            val = evaluate(trainables, valid_set, cfg, layout, par)
-            result.val_losses.append((step, val))
-            metrics_file.write({"step": step, "val_loss": val})
-            _say(par, f"step {step:>5}/{cfg.train.steps} | validation loss {val:.4f}", bar)
-        if (cfg.train.save_interval and step % cfg.train.save_interval == 0) or step == end:
-            last_ckpt = checkpoint.save_checkpoint(ckpt_root, step, trainables, train_state,
-                                                   cfg, cfg.train.keep_checkpoints)
-            if par.is_logger:
-                plot.loss_curve(out / "metrics.jsonl", out / "loss.png")
-            _say(par, f"saved {last_ckpt} and {out / 'loss.png'}", bar)
-            last_log = time.time()  # saving is not training time
-    bar.close()
-    result.checkpoint = last_ckpt
+        if _due(step, cfg.train.log_interval, end):
+            run.log(step, loss)
+        if cfg.train.eval_interval and _due(step, cfg.train.eval_interval, end):
+            result.val_losses.append((step, run.validate(step)))
+        if _due(step, cfg.train.save_interval, end):
+            result.checkpoint = run.save(step, train_state)
+    run.bar.close()
     if sample and end == cfg.train.steps:
-        result.sample = _print_sample(cfg, trainables, par)
+        result.sample = _print_sample(cfg, run.trainables, run.par)
     return result
 
 
