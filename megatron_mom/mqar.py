@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from megatron_mom.train.config import ConfigError
+
 MIXERS = ("mom", "single", "attention")
 
 
@@ -74,12 +76,12 @@ PRESETS = {
 
 def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
     if preset not in PRESETS:
-        raise ValueError(f"unknown MQAR preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown MQAR preset {preset!r}; choose one of {', '.join(PRESETS)}")
     s = dataclasses.replace(PRESETS[preset])
     names = {f.name: f for f in dataclasses.fields(MQARSettings)}
     for key, value in (overrides or {}).items():
         if key not in names:
-            raise ValueError(f"unknown MQAR setting {key!r}; valid: {', '.join(names)}")
+            raise ConfigError(f"unknown MQAR setting {key!r}; valid: {', '.join(names)}")
         current = getattr(s, key)
         if isinstance(current, list) and not isinstance(value, list):
             value = [value]
@@ -92,10 +94,10 @@ def _check(s: MQARSettings) -> None:
     for L in s.seq_lens:
         for N in s.num_pairs:
             if 4 * N > L:
-                raise ValueError(f"num_pairs {N} does not fit seq_len {L}: MQAR needs "
+                raise ConfigError(f"num_pairs {N} does not fit seq_len {L}: MQAR needs "
                                  f"seq_len >= 4 * num_pairs (pairs plus query slots)")
     if max(s.num_pairs) > s.vocab_size // 2 - 1:
-        raise ValueError(f"vocab_size {s.vocab_size} has too few keys/values for "
+        raise ConfigError(f"vocab_size {s.vocab_size} has too few keys/values for "
                          f"{max(s.num_pairs)} distinct pairs; raise vocab_size")
 
 
@@ -133,7 +135,7 @@ def mixer_pattern_and_mom(mixer: str, s: MQARSettings):
                                             aux_loss_coeff=0.0, **common)
     if mixer == "attention":
         return "A" * s.num_layers, MoMConfig(**common)
-    raise ValueError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
+    raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
 
 
 def build_model(mixer: str, s: MQARSettings, device: torch.device):
@@ -339,7 +341,7 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
     mixers = list(mixers or MIXERS)
     for m in mixers:
         if m not in MIXERS:
-            raise ValueError(f"unknown mixer {m!r}; choose from {', '.join(MIXERS)}")
+            raise ConfigError(f"unknown mixer {m!r}; choose from {', '.join(MIXERS)}")
     init_process_groups(1, 1, s.seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from megatron_mom import mqar
+from megatron_mom.train.config import ConfigError
 
 
 def test_batch_layout_pairs_then_queries():
@@ -28,11 +29,11 @@ def test_batch_layout_pairs_then_queries():
 
 
 def test_settings_errors():
-    with pytest.raises(ValueError, match="seq_len >= 4 \\* num_pairs"):
+    with pytest.raises(ConfigError, match="seq_len >= 4 \\* num_pairs"):
         mqar.settings_for("tiny", {"num_pairs": [16]})
-    with pytest.raises(ValueError, match="unknown MQAR setting 'stepz'"):
+    with pytest.raises(ConfigError, match="unknown MQAR setting 'stepz'"):
         mqar.settings_for("tiny", {"stepz": 3})
-    with pytest.raises(ValueError, match="unknown MQAR preset"):
+    with pytest.raises(ConfigError, match="unknown MQAR preset"):
         mqar.settings_for("huge")
 
 

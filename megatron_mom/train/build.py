@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mom import cpu
-from megatron_mom.train.config import RunConfig
+from megatron_mom.train.config import ConfigError, RunConfig
 
 VOCAB_SIZE = 512  # Megatron's byte-level tokenizer: 256 bytes + special ids, padded
 
@@ -47,7 +47,7 @@ def _free_port() -> int:
 def init_parallel(cfg: RunConfig) -> Parallel:
     """Start (or reuse) the process group and (re)build Megatron's parallel state."""
     if cfg.model.num_layers % cfg.parallel.pipeline_model_parallel_size:
-        raise ValueError(f"model.num_layers ({cfg.model.num_layers}) must be divisible by "
+        raise ConfigError(f"model.num_layers ({cfg.model.num_layers}) must be divisible by "
                          f"pipeline_model_parallel_size "
                          f"({cfg.parallel.pipeline_model_parallel_size})")
     return init_process_groups(cfg.parallel.tensor_model_parallel_size,
@@ -74,7 +74,7 @@ def init_process_groups(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel:
                                     rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp * pp):
-        raise ValueError(f"the world size ({world} processes) must be a multiple of "
+        raise ConfigError(f"the world size ({world} processes) must be a multiple of "
                          f"tensor_model_parallel_size * pipeline_model_parallel_size "
                          f"({tp} * {pp}); change the torchrun --nproc-per-node or the sizes")
     if ps.model_parallel_is_initialized():  # a second run in the same process (tests)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_mom.train import build, checkpoint, data, plot
-from megatron_mom.train.config import RunConfig
+from megatron_mom.train.config import ConfigError, RunConfig
 
 
 @dataclass
@@ -110,7 +110,7 @@ def _batch_layout(cfg: RunConfig, par) -> data.BatchLayout:
     t = cfg.train
     per_step = t.micro_batch_size * par.dp
     if t.global_batch_size % per_step:
-        raise ValueError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple "
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple "
                          f"of micro_batch_size * data-parallel size ({t.micro_batch_size} * "
                          f"{par.dp}); the data-parallel size is world size / (TP * PP)")
     return data.BatchLayout(t.micro_batch_size, par.dp, par.dp_rank,
