@@ -46,6 +46,8 @@ class _CudaToCpu(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):  # rope_utils.py:62 (RoPE under CP) pins a host tensor
+            kwargs["pin_memory"] = False
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)

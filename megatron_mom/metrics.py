@@ -21,6 +21,9 @@ def _tracker_record(name: str, value: torch.Tensor, layer_number: int, num_layer
                     reduce_group) -> None:
     save = getattr(moe_utils, "save_to_aux_losses_tracker", None)  # megatron-core <= 0.17
     if save is not None:
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if name in tracker and tracker[name]["values"].numel() != num_layers:
+            del tracker[name]  # a model with another depth was built in this process
         save(name, value, layer_number, num_layers, reduce_group=reduce_group)
         return
     try:  # megatron-core 0.18+: a metrics tracker object

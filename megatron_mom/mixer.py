@@ -27,7 +27,7 @@ from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
-from megatron_mom import metrics
+from megatron_mom import inference, metrics
 
 
 @dataclass
@@ -71,23 +71,25 @@ class MixtureOfMemories(MegatronModule):
             raise TypeError(f"MixtureOfMemories: mom must be a MoMConfig, got {type(mom).__name__}")
         self.layer_number = layer_number
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp", "cp"])
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(
+                required_pgs=["tp", "cp", "tp_cp"])
         self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
         self.tp_size = self.tp_group.size()
         self.tp_rank = self.tp_group.rank()
-        cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
-        mom.check_parallel(self.tp_size, cp_size)
-        if cp_size > 1:
-            raise NotImplementedError(
-                "MixtureOfMemories: context_parallel_size > 1 is not supported yet; "
-                "set context_parallel_size=1")
+        self.cp_group = getattr(pg_collection, "cp", None)
+        self.cp_size = self.cp_group.size() if self.cp_group is not None else 1
+        self.cp_rank = self.cp_group.rank() if self.cp_group is not None else 0
+        mom.check_parallel(self.tp_size, self.cp_size)
         if config.params_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"MixtureOfMemories: unsupported params_dtype {config.params_dtype}")
 
-        self.num_heads = mom.num_heads // self.tp_size          # local heads
-        K, V, H = mom.key_dim, mom.value_dim, self.num_heads
-        self.sections = in_proj_sections(mom, self.tp_size)
+        # Parameters hold this TP rank's heads; under context parallelism each CP rank runs the
+        # recurrence for a 1/cp share of those heads over the whole sequence.
+        H = mom.num_heads // self.tp_size
+        self.num_heads = H // self.cp_size                       # heads this rank computes
+        K, V = mom.key_dim, mom.value_dim
+        self.sections = in_proj_sections(mom, self.tp_size)     # rows of this rank's weight
         in_dim = sum(rows for _, rows in self.sections) * self.tp_size
 
         self.router = MoMRouter(config, mom)
@@ -150,75 +152,185 @@ class MixtureOfMemories(MegatronModule):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                 inference_context=None, packed_seq_params=None, **kwargs):
-        """hidden_states: [s, b, D] (s is the local shard under sequence parallelism).
+        """hidden_states: [s, b, D] (s is the local shard under sequence or context parallelism).
 
-        `attention_mask` is not used: the mixer is causal by construction."""
-        if inference_context is not None or kwargs.get("inference_params") is not None:
-            raise NotImplementedError(
-                "MixtureOfMemories: decoding with an inference_context is not implemented yet; "
-                "run full forward passes (no inference_context) instead")
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        sp = self.config.sequence_parallel
+        `attention_mask` is not used: the mixer is causal by construction. With an
+        `inference_context` (Megatron's static batching) the layer continues each sequence from
+        its cached memory states and updates them (prefill of any length, then decode)."""
+        inference_context = inference_context or kwargs.get("inference_params")
+        if inference_context is not None:
+            return self._forward_inference(hidden_states, inference_context)
+        mom, sp, cp = self.mom, self.config.sequence_parallel, self.cp_size
 
         logits_local = self.router(hidden_states)                          # [s_local, b, M]
-        proj, _ = self.in_proj(hidden_states)                              # [s, b, P]
-        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s, b, M]
+        proj, _ = self.in_proj(hidden_states)                              # [s_cp, b, P]
+        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s_cp, b, M]
+        s_cp = proj.shape[0]
+        if cp > 1:
+            parallel.check_cp_sequence(s_cp, cp)
+            logits = parallel.cp_gather_sequence(logits, self.cp_group)    # [s, b, M]
+            proj = parallel.cp_sequence_to_heads(self._split_heads_by_cp_rank(proj),
+                                                 self.cp_group)            # [s, b, P / cp]
         s, b, _ = proj.shape
-
-        # Sequence-major token order: token n = batch * s + time.
-        proj = proj.transpose(0, 1).reshape(b * s, -1)
-        logits = logits.transpose(0, 1).reshape(b * s, -1)
         cu_docs = None if packed_seq_params is None else (
             packed_seq_params.cu_seqlens_q_padded
             if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
-        if cu_docs is not None and b != 1:
-            raise ValueError(f"MixtureOfMemories: packed sequences (THD) need batch 1, got {b}")
-        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
+        if cu_docs is not None and (b != 1 or cp > 1):
+            raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
+                             f"context_parallel_size 1, got batch {b}, context parallel {cp}")
 
-        plan = route(logits, mom)
+        # Sequence-major token order: token n = batch * s + time.
+        plan = route(logits.transpose(0, 1).reshape(b * s, -1), mom)
         losses = router_losses(logits_local.reshape(-1, mom.num_memories),
                                plan.tokens_per_memory, b * s, mom)
         weight = attach_loss(plan.weight, losses.total if losses else None)
         if losses is not None and self.training:
             metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
-                                  reduce_group=self.tp_group if sp else None)
+                                  reduce_group=self._router_reduce_group())
 
-        layout = routing.pack(plan.memory, seq_id, num_seqs, mom.num_memory_weights)
-        q, k, v, beta, g, gate = self._packed_inputs(proj, layout)
-        o, _ = gated_delta_rule(q, k, v, g, beta, cu_seqlens=layout.cu_seqlens,
-                                use_qk_l2norm=True, chunk_size=mom.chunk_size,
-                                backend=mom.backend)                       # [1, L, H, V]
-        y = routing.mix(o[0], layout, weight)                             # [N, H, V] fp32/64
-        gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
-        z = gated_rmsnorm(y.to(o.dtype), gate, gamma, mom.norm_eps)        # [N, H, V]
-        z = z.reshape(b, s, H * V).transpose(0, 1)                         # [s, b, H*V]
+        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
+        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
+        y, _ = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
+        z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
+        if cp > 1:
+            z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
         return self.out_proj(z)
 
-    def _packed_inputs(self, proj: Tensor, layout: routing.PackedLayout):
-        """Split the projection and lay q, k, v, beta, g out in packed memory-major order."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        N, E = proj.shape[0], mom.num_memory_weights
-        per_memory = H * (K + V + 2)
-        head = H * K + (H * V if mom.use_output_gate else 0)
-        q_tok = proj[:, : H * K]                                           # [N, H*K]
-        gate = proj[:, H * K: head].view(N, H, V) if mom.use_output_gate else None
-        mem = proj[:, head:].view(N, E, per_memory)
+    def _split_heads_by_cp_rank(self, proj: Tensor) -> Tensor:
+        """[s, b, P] -> [s, b, cp, P / cp]: each section's heads in cp contiguous groups."""
+        s, b, _ = proj.shape
+        parts = proj.split([rows for _, rows in self.sections], dim=-1)
+        return torch.cat([p.reshape(s, b, self.cp_size, -1) for p in parts], dim=-1)
 
+    def _heads_of_this_cp_rank(self, param: Tensor) -> Tensor:
+        """Rows of a per-head parameter [H_tp * d, ...] that this CP rank computes with."""
+        if self.cp_size == 1:
+            return param
+        return param.view(self.cp_size, -1, *param.shape[1:])[self.cp_rank]
+
+    def _router_reduce_group(self):
+        """The ranks whose router-loss shares add up to the loss (they routed other tokens)."""
+        sp = self.config.sequence_parallel and self.tp_size > 1
+        if self.cp_size > 1:
+            return self.pg_collection.tp_cp if sp else self.cp_group
+        return self.tp_group if sp else None
+
+    def _split_projection(self, proj: Tensor):
+        """[N, P] -> q [N, H*K], output gate [N, H, V] (or None), per-memory [N, E, H*(K+V+2)]."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        N = proj.shape[0]
+        head = H * K + (H * V if mom.use_output_gate else 0)
+        gate = proj[:, H * K: head].view(N, H, V) if mom.use_output_gate else None
+        return proj[:, : H * K], gate, proj[:, head:].view(N, mom.num_memory_weights, -1)
+
+    def _memories(self, q_tok, mem, memory, weight, seq_id, num_seqs, cache=None):
+        """Run every (sequence, memory) segment and mix the read-outs back per token.
+
+        With a decoding `cache` ([num_seqs, E, ...] rows), segments start from the cached
+        states and the cache receives their final states. Returns (y [N, H, V], o dtype)."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         q = q_tok[layout.token]                                            # [L, H*K]
-        kvba = mem[layout.token, layout.memory]                            # [L, per_memory]
+        k, v, b, a = mem[layout.token, layout.memory].split([H * K, H * V, H, H], dim=-1)
+        L, cu = layout.num_rows, layout.cu_seqlens
+        local = self._heads_of_this_cp_rank
+        decoding = cache is not None
+
+        def conv(x, w, hist):
+            y, final = short_conv(
+                x[None], local(w), cu_seqlens=cu, activation="silu", backend=mom.backend,
+                initial_state=inference.to_segments(hist) if decoding else None,
+                output_final_state=decoding)
+            if decoding:
+                hist.copy_(inference.from_segments(final, num_seqs))
+            return y[0]
+
+        q = conv(q, self.conv_q, cache and cache.conv_q).view(1, L, H, K)
+        k = conv(k, self.conv_k, cache and cache.conv_k).view(1, L, H, K)
+        v = conv(v, self.conv_v, cache and cache.conv_v).view(1, L, H, V)
+        beta, g = self._beta_and_decay(b, a)
+        o, state = gated_delta_rule(
+            q, k, v, g.view(1, L, H), beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
+            chunk_size=mom.chunk_size, backend=mom.backend,
+            initial_state=inference.to_segments(cache.state) if decoding else None,
+            output_final_state=decoding)                                   # o: [1, L, H, V]
+        if decoding:
+            cache.state.copy_(inference.from_segments(state, num_seqs))
+        return routing.mix(o[0], layout, weight).to(o.dtype), o.dtype
+
+    def _beta_and_decay(self, b: Tensor, a: Tensor):
+        """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
+        ct = torch.float64 if b.dtype == torch.float64 else torch.float32
+        local = self._heads_of_this_cp_rank
+        A_log, dt_bias = local(self.A_log).to(ct), local(self.dt_bias).to(ct)
+        return torch.sigmoid(b.to(ct)), -A_log.exp() * F.softplus(a.to(ct) + dt_bias)
+
+    def _read_out(self, y: Tensor, gate: Optional[Tensor], b: int, s: int) -> Tensor:
+        """Gated RMSNorm of the mixed read-out [N, H, V] -> [s, b, H*V] for out_proj."""
+        gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
+        z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps)
+        return z.reshape(b, s, -1).transpose(0, 1)
+
+    # ------------------------------------------------------------------ decoding
+    def _forward_inference(self, hidden_states: Tensor, ctx):
+        if self.config.sequence_parallel or self.cp_size > 1:
+            raise NotImplementedError("MixtureOfMemories: decoding needs sequence_parallel=False "
+                                      "and context_parallel_size=1")
+        mom = self.mom
+        s, b, _ = hidden_states.shape
+        cache = inference.layer_cache(ctx, self.layer_number, b, self._new_cache)
+        logits = self.router(hidden_states).transpose(0, 1).reshape(b * s, -1)
+        proj, _ = self.in_proj(hidden_states)
+        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
+        plan = route(logits, mom)
+        if s == 1:
+            y = self._decode_step(q_tok, mem, plan, cache)
+        else:
+            seq_id, _ = routing.sequence_ids(b, s, None, proj.device)
+            y, _ = self._memories(q_tok, mem, plan.memory, plan.weight, seq_id, b, cache)
+        return self.out_proj(self._read_out(y, gate, b, s))
+
+    def _new_cache(self, batch: int) -> "inference.MoMCache":
+        return inference.MoMCache.empty(
+            batch, self.mom.num_memory_weights, self.num_heads, self.mom.key_dim,
+            self.mom.value_dim, self.mom.conv_size, self.in_proj.weight.dtype,
+            self.in_proj.weight.device)
+
+    def _decode_step(self, q_tok, mem, plan, cache) -> Tensor:
+        """One token per sequence: update only its S = k (+1) memories, in place, with shapes
+        that do not depend on the routing (CUDA-graph capturable)."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        B, S = plan.memory.shape
+        slot = plan.memory                                                 # [B, S]
+
+        def gather(t):   # cache rows [B, E, ...] -> this token's memories [B * S, ...]
+            idx = slot.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
+            return t.gather(1, idx).reshape(B * S, *t.shape[2:]), idx
+
+        def scatter(t, idx, new):
+            t.scatter_(1, idx, new.view(B, S, *t.shape[2:]).to(t.dtype))
+
+        def conv(x, w, hist):  # x [B * S, C]: one step of the memory's short convolution
+            h, idx = gather(hist)
+            y, h_new = short_conv(x[:, None], w, initial_state=h, output_final_state=True,
+                                  activation="silu", backend=mom.backend)
+            scatter(hist, idx, h_new)
+            return y[:, 0]
+
+        kvba = mem.gather(1, slot[..., None].expand(B, S, mem.shape[-1])).view(B * S, -1)
         k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
-        cu = layout.cu_seqlens
-        conv = lambda x, w: short_conv(x[None], w, cu_seqlens=cu, activation="silu",
-                                       backend=mom.backend)[0][0]
-        L = layout.num_rows
-        q = conv(q, self.conv_q).view(1, L, H, K)
-        k = conv(k, self.conv_k).view(1, L, H, K)
-        v = conv(v, self.conv_v).view(1, L, H, V)
-        ct = torch.float64 if proj.dtype == torch.float64 else torch.float32
-        beta = torch.sigmoid(b.to(ct)).view(1, L, H)
-        g = -self.A_log.to(ct).exp() * F.softplus(a.to(ct) + self.dt_bias.to(ct))
-        g = g.view(1, L, H)
-        return q, k, v, beta, g, gate
+        q = conv(q_tok.repeat_interleave(S, dim=0), self.conv_q, cache.conv_q)
+        k = conv(k, self.conv_k, cache.conv_k)
+        v = conv(v, self.conv_v, cache.conv_v)
+        beta, g = self._beta_and_decay(b, a)
+        state, idx = gather(cache.state)
+        o, state = gated_delta_rule(
+            q.view(B * S, 1, H, K), k.view(B * S, 1, H, K), v.view(B * S, 1, H, V),
+            g.view(B * S, 1, H), beta.view(B * S, 1, H), initial_state=state,
+            output_final_state=True, use_qk_l2norm=True, backend="recurrent")
+        scatter(cache.state, idx, state)
+        o = o.view(B, S, H, V)
+        return (o.to(plan.weight.dtype) * plan.weight[..., None, None]).sum(1).to(o.dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None,

@@ -21,6 +21,25 @@ from torch import Tensor
 from megatron.core.tensor_parallel import mappings
 
 
+class _CopyToGroup(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over `group`.
+
+    Megatron's `copy_to_tensor_model_parallel_region` all-reduces `grad.contiguous()` and returns
+    the original tensor, so a non-contiguous gradient (here: one coming through a transpose)
+    silently skips the reduction (megatron-core 0.16.1 tensor_parallel/mappings.py:31)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def full_sequence(x: Tensor, tp_group, sequence_parallel: bool) -> Tensor:
     """[s_local, ...] -> [s, ...] on every TP rank; backward sums the partial gradients."""
     if tp_group is None or tp_group.size() == 1:
@@ -28,14 +47,14 @@ def full_sequence(x: Tensor, tp_group, sequence_parallel: bool) -> Tensor:
     if sequence_parallel:
         return mappings.gather_from_sequence_parallel_region(
             x, tensor_parallel_output_grad=True, group=tp_group)
-    return mappings.copy_to_tensor_model_parallel_region(x, group=tp_group)
+    return _CopyToGroup.apply(x, tp_group)
 
 
 def tp_replicated(param: Tensor, tp_group) -> Tensor:
     """A replicated parameter whose gradient must be summed over the TP group."""
     if tp_group is None or tp_group.size() == 1:
         return param
-    return mappings.copy_to_tensor_model_parallel_region(param, group=tp_group)
+    return _CopyToGroup.apply(param, tp_group)
 
 
 def mark_tp_sharded(param: Tensor, dim: int = 0) -> None:
@@ -99,3 +118,69 @@ def split_sharded_tensor(sh_ten, sections: list[tuple[str, int]], dim: int = 0):
         return torch.cat(parts, dim=dim)
 
     return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)
+
+
+# ---------------------------------------------------------------- context parallelism
+# Megatron splits a sequence into 2 * cp chunks and gives rank r chunks r and 2cp-1-r (so every
+# rank gets the same share of causal-attention work). MoM needs whole sequences per memory, so
+# the layer trades the sequence split for a head split (all-to-all), restores the natural chunk
+# order, runs, and undoes both on the way out.
+
+def _chunk_order(cp: int) -> list[int]:
+    """Chunk ids in the order ranks hold them: [0, 2cp-1, 1, 2cp-2, ...]."""
+    return [c for r in range(cp) for c in (r, 2 * cp - 1 - r)]
+
+
+def _to_natural_order(x: Tensor, cp: int) -> Tensor:
+    """[cp * s_local, ...] in rank order -> [s, ...] in sequence order."""
+    chunks = x.view(2 * cp, x.shape[0] // (2 * cp), *x.shape[1:])
+    inverse = torch.tensor(_chunk_order(cp), device=x.device).argsort()
+    return chunks[inverse].reshape(x.shape)
+
+
+def _to_rank_order(x: Tensor, cp: int) -> Tensor:
+    chunks = x.view(2 * cp, x.shape[0] // (2 * cp), *x.shape[1:])
+    order = torch.tensor(_chunk_order(cp), device=x.device)
+    return chunks[order].reshape(x.shape)
+
+
+def check_cp_sequence(s_local: int, cp: int) -> None:
+    if cp > 1 and s_local % 2:
+        raise ValueError(
+            f"MixtureOfMemories: with context_parallel_size={cp} each rank must hold an even "
+            f"number of tokens (two load-balanced chunks), got {s_local}; make the sequence "
+            f"length divisible by 2 * context_parallel_size")
+
+
+def cp_gather_sequence(x: Tensor, cp_group) -> Tensor:
+    """[s_local, ...] -> [s, ...] in sequence order on every CP rank. Backward sums the
+    partial gradients of all ranks and returns each rank its own tokens' part."""
+    cp = cp_group.size()
+    if cp == 1:
+        return x
+    full = mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True,
+                                                         group=cp_group)
+    return _to_natural_order(full, cp)
+
+
+def cp_sequence_to_heads(x: Tensor, cp_group) -> Tensor:
+    """[s_local, b, cp, d] (d = this rank's share of every head-split section, grouped by
+    destination rank) -> [s, b, d]: the whole sequence for this rank's head group."""
+    cp = cp_group.size()
+    if cp == 1:
+        return x.squeeze(2)
+    send = x.permute(2, 0, 1, 3).contiguous()                   # [cp (dest), s_local, b, d]
+    recv = mappings.all_to_all(cp_group, send)                   # [cp (source), s_local, b, d]
+    s_local = x.shape[0]
+    return _to_natural_order(recv.view(cp * s_local, *recv.shape[2:]), cp)
+
+
+def cp_heads_to_sequence(y: Tensor, cp_group) -> Tensor:
+    """Inverse of `cp_sequence_to_heads`: [s, b, d] -> [s_local, b, cp, d]."""
+    cp = cp_group.size()
+    if cp == 1:
+        return y.unsqueeze(2)
+    s_local = y.shape[0] // cp
+    send = _to_rank_order(y, cp).view(cp, s_local, *y.shape[1:])  # [cp (dest), s_local, b, d]
+    recv = mappings.all_to_all(cp_group, send.contiguous())       # [cp (source), s_local, b, d]
+    return recv.permute(1, 2, 0, 3)

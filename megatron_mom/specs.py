@@ -168,10 +168,17 @@ def get_hybrid_block_spec(config, pattern: str, mom: Optional[MoMConfig] = None,
                           pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """Block of MoM ('M') and softmax-attention ('A') layers, one symbol per layer, sliced for
     this pipeline stage. Use as `GPTModel(transformer_layer_spec=...)`; e.g. the paper's hybrid
-    is `"MMMMMMMA" * 3` (one attention layer after every seven MoM layers)."""
+    is `"MMMMMMMA" * 3` (one attention layer after every seven MoM layers).
+
+    A pattern with both symbols sets `config.hetereogenous_dist_checkpoint` (Megatron's switch
+    to per-layer checkpoint keys), since the two layer kinds hold different parameters."""
     mom = mom if mom is not None else MoMConfig()
     backend = resolve_spec_backend(backend)
     check_pattern(pattern, config.num_layers)
+    if len(set(pattern)) > 1 and hasattr(config, "hetereogenous_dist_checkpoint"):
+        # MoM and attention layers hold different parameters, so distributed checkpoints must
+        # key them per layer (Megatron does the same for its own hybrid GDN/attention stacks).
+        config.hetereogenous_dist_checkpoint = True
     specs = {"M": get_mom_layer_spec(mom, backend), "A": get_attention_layer_spec(backend)}
     layer_specs = [specs[pattern[i]] for i in local_layer_ids(config, vp_stage, pp_rank)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_norm(backend))

@@ -1,0 +1,216 @@
+"""Layer benchmark on one GPU: our MixtureOfMemories vs fla's MomAttention and GatedDeltaNet,
+measured in the same run (bf16, triton.testing.do_bench medians).
+
+  training: forward and forward+backward at the paper configuration (hidden 2048, 4 heads x 256,
+            M=4, top-2, shared memory), B4 T4096, and fwd+bwd at B8 T2048, B1 T16384, B1 T65536;
+            peak extra memory of one forward+backward.
+  decoding: per-token latency of one decode step after a 512-token prefill at batch 1 and 64
+            (ours eager and CUDA-graph replayed; fla's MomAttention with its cache).
+
+Usage: python benchmarks/bench_layer.py [--quick] [--out DIR]   (needs megatron-core; fla optional)
+Writes bench_layer.json and bench_layer.md to --out (default $OUT or the temp folder).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+HIDDEN = 2048
+RESULTS = {}
+
+
+def log(key, value):
+    RESULTS[key] = value
+    print(time.strftime("%X"), key, value, flush=True)
+
+
+def setup_megatron():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29591")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    model_parallel_cuda_manual_seed(0)
+
+
+def our_layer(mom):
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_mom.specs import get_mom_module_spec
+    config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=16,
+                               params_dtype=torch.bfloat16, bf16=True,
+                               gradient_accumulation_fusion=False)
+    layer = build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
+    return layer.cuda()
+
+
+def bench_train(fn_fwd, x):
+    from triton.testing import do_bench
+
+    def fwd_bwd():
+        out = fn_fwd()
+        out.backward(torch.ones_like(out))
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    r = {"fwd_ms": do_bench(fn_fwd, warmup=5, rep=30, return_mode="median"),
+         "fwdbwd_ms": do_bench(fwd_bwd, warmup=5, rep=30, return_mode="median")}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    r["peak_extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    r["tok_per_s_fwdbwd"] = x.shape[0] * x.shape[1] / (r["fwdbwd_ms"] * 1e-3)
+    return r
+
+
+def run_training(shapes, peers):
+    from megatron_mom import MoMConfig
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    for B, T, full in shapes:
+        x_bt = torch.randn(B, T, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x_tb = x_bt.detach().transpose(0, 1).contiguous().requires_grad_(True)
+        cases = [("ours_mom", lambda: our_layer(mom), lambda m: m(x_tb)[0], x_bt)]
+        for name, make in peers.items():
+            cases.append((name, make, lambda m: m(x_bt)[0], x_bt))
+        for name, make, call, x in cases:
+            key = f"{name}_B{B}_T{T}"
+            try:
+                torch.manual_seed(0)
+                m = make().to("cuda", torch.bfloat16).train()
+                r = bench_train(lambda: call(m), x)
+                if not full:
+                    r.pop("fwd_ms")
+                log(key, r)
+                del m
+            except Exception as e:  # keep measuring the other cases
+                log(key, {"error": repr(e)[:300]})
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+
+
+def run_decode(batches, prompt_len=512):
+    from triton.testing import do_bench
+    from megatron.core.inference.contexts import StaticInferenceContext
+    from megatron_mom import MoMConfig
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    for B in batches:
+        key = f"ours_decode_B{B}"
+        try:
+            layer = our_layer(mom).eval()
+            ctx = StaticInferenceContext(max_batch_size=B, max_sequence_length=prompt_len + 64)
+            prompt = torch.randn(prompt_len, B, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            step = torch.randn(1, B, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                layer(prompt, inference_context=ctx)
+                ctx.sequence_len_offset = prompt_len
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                eager = do_bench(lambda: layer(step, inference_context=ctx), warmup=5, rep=50,
+                                 return_mode="median")
+                r = {"eager_ms": eager,
+                     "peak_extra_MiB": (torch.cuda.max_memory_allocated() - base) / 2**20,
+                     "cache_MiB": sum(t.numel() * t.element_size() for t in vars(
+                         ctx.key_value_memory_dict[1]).values()) / 2**20 * 1}
+                graph = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    for _ in range(3):
+                        layer(step, inference_context=ctx)
+                torch.cuda.current_stream().wait_stream(s)
+                with torch.cuda.graph(graph):
+                    layer(step, inference_context=ctx)
+                r["graph_ms"] = do_bench(graph.replay, warmup=5, rep=50, return_mode="median")
+            log(key, r)
+        except Exception as e:
+            log(key, {"error": repr(e)[:300]})
+            traceback.print_exc()
+        try:
+            from fla.layers.mom import MomAttention
+            from fla.models.utils import Cache
+            m = MomAttention(hidden_size=HIDDEN, head_dim=256, num_heads=4, expand_v=1,
+                             num_memories=4, topk=2, shared_mem=True, layer_idx=0)
+            m = m.to("cuda", torch.bfloat16).eval()
+            cache = Cache()
+            x = torch.randn(B, prompt_len, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            step = torch.randn(B, 1, HIDDEN, device="cuda", dtype=torch.bfloat16)
+            with torch.no_grad():
+                m(x, past_key_values=cache, use_cache=True)
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                ms = do_bench(lambda: m(step, past_key_values=cache, use_cache=True), warmup=5,
+                              rep=50, return_mode="median")
+            log(f"fla_mom_decode_B{B}", {"eager_ms": ms, "peak_extra_MiB":
+                                         (torch.cuda.max_memory_allocated() - base) / 2**20})
+        except Exception as e:
+            log(f"fla_mom_decode_B{B}", {"error": repr(e)[:300]})
+
+
+def fla_peers():
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        chunk_o.TRITON_ABOVE_3_7_1 = True  # timing only: fla refuses its backward on Triton 3.6
+        from fla.layers.gated_deltanet import GatedDeltaNet
+        from fla.layers.mom import MomAttention
+    except Exception as e:
+        print("fla not available:", e)
+        return {}
+    return {
+        "fla_mom": lambda: MomAttention(hidden_size=HIDDEN, head_dim=256, num_heads=4, expand_v=1,
+                                        num_memories=4, topk=2, shared_mem=True, layer_idx=0),
+        "fla_gdn": lambda: GatedDeltaNet(hidden_size=HIDDEN, head_dim=256, num_heads=4,
+                                         expand_v=1, layer_idx=0),
+    }
+
+
+def table() -> str:
+    rows = ["| case | fwd ms | fwd+bwd ms | tok/s | peak extra GiB |", "|---|---|---|---|---|"]
+    for k, v in RESULTS.items():
+        if "fwdbwd_ms" in v:
+            rows.append(f"| {k} | {v.get('fwd_ms', float('nan')):.2f} | {v['fwdbwd_ms']:.2f} | "
+                        f"{v['tok_per_s_fwdbwd'] / 1e3:.0f}K | {v['peak_extra_GiB']:.2f} |")
+    rows += ["", "| decode case | eager ms/token | graph ms/token | peak extra MiB |",
+             "|---|---|---|---|"]
+    for k, v in RESULTS.items():
+        if "eager_ms" in v:
+            rows.append(f"| {k} | {v['eager_ms']:.3f} | {v.get('graph_ms', float('nan')):.3f} | "
+                        f"{v['peak_extra_MiB']:.1f} |")
+    errors = [f"- {k}: {v['error']}" for k, v in RESULTS.items() if "error" in v]
+    return "\n".join(rows + ([""] + errors if errors else []))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true", help="B4 T4096 and decode only")
+    p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
+    args = p.parse_args()
+    import triton
+    RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
+    setup_megatron()
+    shapes = [(4, 4096, True)] + ([] if args.quick else
+                                  [(8, 2048, False), (1, 16384, False), (1, 65536, False)])
+    run_training(shapes, fla_peers())
+    run_decode([1, 64])
+    json.dump(RESULTS, open(os.path.join(args.out, "bench_layer.json"), "w"), indent=1)
+    md = table()
+    open(os.path.join(args.out, "bench_layer.md"), "w").write(md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
