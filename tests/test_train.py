@@ -167,6 +167,9 @@ def test_generate_from_checkpoint(straight_run):
     again = generate_command(str(out / "checkpoints" / "iter_0000008"), "The quick", 24, 0.0,
                              0, seed=0)
     assert again == text                                   # greedy: deterministic
+    recurrent = generate_command(str(out), "The quick", 24, 0.0, 0, seed=0,
+                                 decode_mode="recurrent")
+    assert recurrent == text                               # MoM states == full forwards
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         generate_command(str(out / "nowhere"), "x", 1, 0.0, 0, seed=0)
 

@@ -44,6 +44,9 @@ def _generate_parser(sub):
     p.add_argument("--temperature", type=float, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--decode", choices=("full", "recurrent"),
+                   help="full: a forward pass over the text per token; recurrent: MoM states "
+                        "and attention KV cache (default: the run's generate.decode)")
 
 
 def _mqar_parser(sub):
@@ -85,7 +88,7 @@ def _run_train(args) -> int:
 def _run_generate(args) -> int:
     from megatron_mom.train.generate import generate_command
     print(generate_command(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                           args.top_k, args.seed))
+                           args.top_k, args.seed, args.decode))
     return 0
 
 

@@ -96,6 +96,7 @@ class GenerateConfig:
     max_new_tokens: int = 200
     temperature: float = 0.8
     top_k: int = 40
+    decode: str = "full"                  # full (forward passes) | recurrent (MoM states)
 
 
 @dataclass
@@ -120,6 +121,7 @@ CHOICES = {
     "mom.backend": ("auto", "triton", "torch"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "generate.decode": ("full", "recurrent"),
 }
 POSITIVE = {"model.num_layers", "model.hidden_size", "model.ffn_hidden_size",
             "model.num_attention_heads", "model.seq_length", "train.steps",

@@ -1,9 +1,12 @@
 """Text sampling from a trained model, and `megatron-mom generate`.
 
-`next_token_logits` is the one place that runs the model: for now a full forward pass over
-the whole (growing) sequence, because the MoM mixer does not take Megatron's
-`inference_context` yet. Recurrent decoding (constant memory per token) replaces that one
-function later without touching the sampling loop.
+Two ways to run the model, chosen by `decode`:
+- "full": `next_token_logits` runs a full forward pass over the whole (growing) sequence for
+  every new token (the last `seq_length` tokens). Simple, and the reference.
+- "recurrent": `megatron_mom.inference.generate` prefills once through Megatron's static
+  inference context, then feeds one token at a time; MoM layers keep their recurrent states
+  (constant memory per token), attention layers their KV cache. Greedy output equals "full"
+  (tested) as long as the text fits in `seq_length`.
 """
 from __future__ import annotations
 
@@ -34,27 +37,54 @@ def pick_token(logits: torch.Tensor, temperature: float, top_k: int,
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+DECODE_MODES = ("full", "recurrent")
+
+
+def _full_forward_decode(model, tokens, max_new_tokens, temperature, top_k, context_length,
+                         generator, eod) -> torch.Tensor:
+    for _ in range(max_new_tokens):
+        window = tokens[:, -context_length:]     # RoPE positions stop at seq_length
+        token = pick_token(next_token_logits(model, window), temperature, top_k, generator)
+        if token.item() == eod:
+            break
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+    return tokens
+
+
+def _recurrent_decode(model, tokens, max_new_tokens, temperature, top_k, generator,
+                      eod) -> torch.Tensor:
+    from megatron_mom.inference import generate
+    out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                   generator=generator)
+    new = out[0, tokens.shape[1]:]
+    stop = (new == eod).nonzero()
+    return out[:, : tokens.shape[1] + (int(stop[0]) if len(stop) else len(new))]
 
 
 @torch.no_grad()
 def sample(model, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
-           context_length: int, seed: int = 0) -> str:
-    """Continue `prompt` by `max_new_tokens` bytes; returns prompt + continuation."""
+           context_length: int, seed: int = 0, decode_mode: str = "full") -> str:
+    """Continue `prompt` by up to `max_new_tokens` bytes (stopping at end-of-document);
+    returns prompt + continuation."""
     from megatron_mom.train.data import byte_tokenizer
+    if decode_mode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode_mode!r}")
     tokenizer = byte_tokenizer()
     device = next(model.parameters()).device
     ids = tokenizer.tokenize(prompt) or [tokenizer.eod]
     tokens = torch.tensor([ids], dtype=torch.long, device=device)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    for _ in range(max_new_tokens):
-        window = tokens[:, -context_length:]     # RoPE positions stop at seq_length
-        token = pick_token(next_token_logits(model, window), temperature, top_k, generator)
-        if token.item() == tokenizer.eod:
-            break
-        tokens = torch.cat([tokens, token[:, None]], dim=1)
+    if decode_mode == "recurrent":
+        tokens = _recurrent_decode(model, tokens, max_new_tokens, temperature, top_k,
+                                   generator, tokenizer.eod)
+    else:
+        tokens = _full_forward_decode(model, tokens, max_new_tokens, temperature, top_k,
+                                      context_length, generator, tokenizer.eod)
     model.train(was_training)
     return decode(tokenizer, tokens[0].tolist())
 
@@ -81,10 +111,11 @@ def load_for_generation(checkpoint_path: str):
 
 
 def generate_command(checkpoint_path: str, prompt: Optional[str], max_new_tokens: Optional[int],
-                     temperature: Optional[float], top_k: Optional[int], seed: int) -> str:
+                     temperature: Optional[float], top_k: Optional[int], seed: int,
+                     decode_mode: Optional[str] = None) -> str:
     gpt, cfg, path = load_for_generation(checkpoint_path)
     g = cfg.generate
-    return sample(gpt, g.prompt if prompt is None else prompt,
-                  g.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                  g.temperature if temperature is None else temperature,
-                  g.top_k if top_k is None else top_k, cfg.model.seq_length, seed)
+    pick = lambda given, default: default if given is None else given
+    return sample(gpt, pick(prompt, g.prompt), pick(max_new_tokens, g.max_new_tokens),
+                  pick(temperature, g.temperature), pick(top_k, g.top_k), cfg.model.seq_length,
+                  seed, pick(decode_mode, g.decode))

@@ -348,6 +348,6 @@ def _print_sample(cfg: RunConfig, trainables, par) -> Optional[str]:
         return None
     text = generate.sample(trainables.gpt, cfg.generate.prompt, cfg.generate.max_new_tokens,
                            cfg.generate.temperature, cfg.generate.top_k, cfg.model.seq_length,
-                           seed=cfg.train.seed)
+                           seed=cfg.train.seed, decode_mode=cfg.generate.decode)
     _say(par, f"\n--- sample (prompt {cfg.generate.prompt!r}) ---\n{text}\n---")
     return text
