@@ -44,6 +44,7 @@ class MQARSettings:
     num_memories: int = 4
     topk: int = 2
     chunk_size: int = 16
+    mom_backend: str = "auto"     # MoM kernels: auto (Triton on GPUs when present) | triton | torch
     train_steps: int = 40
     batch_size: int = 32
     lr: float = 1e-3
@@ -64,9 +65,10 @@ PRESETS = {
     "cpu": MQARSettings(vocab_size=128, seq_lens=[64], num_pairs=[4, 8, 16], hidden_size=64,
                         num_heads=2, head_dim=16, train_steps=400, batch_size=64,
                         lr=1e-3, warmup_steps=20, test_examples=256),
-    # One H100, about 5 minutes for all three mixers with the torch reference kernels (the
-    # steps are fitted to budget_minutes). A first try at vocab 2048, L=256, N<=64 and lr 3e-3
-    # learned nothing in 1,797 steps (docs/results.md); 2-layer models need lr ~1e-3 here.
+    # One H100, about 5 minutes for all three mixers (the steps are fitted to budget_minutes:
+    # 3,140 with the torch reference kernels; faster kernels give more). A first try at
+    # vocab 2048, L=256, N<=64 and lr 3e-3 learned nothing in 1,797 steps (docs/results.md);
+    # 2-layer models need lr ~1e-3 here.
     "gpu": MQARSettings(vocab_size=256, seq_lens=[128], num_pairs=[4, 8, 16, 32],
                         hidden_size=128, num_heads=2, head_dim=16, chunk_size=64,
                         train_steps=5000, batch_size=128, lr=1e-3, warmup_steps=100,
@@ -96,6 +98,11 @@ def _check(s: MQARSettings) -> None:
             if 4 * N > L:
                 raise ConfigError(f"num_pairs {N} does not fit seq_len {L}: MQAR needs "
                                  f"seq_len >= 4 * num_pairs (pairs plus query slots)")
+    for mixer in ("mom", "single"):
+        try:
+            mixer_pattern_and_mom(mixer, s)
+        except ValueError as err:
+            raise ConfigError(f"MQAR settings: {err}") from None
     if max(s.num_pairs) > s.vocab_size // 2 - 1:
         raise ConfigError(f"vocab_size {s.vocab_size} has too few keys/values for "
                          f"{max(s.num_pairs)} distinct pairs; raise vocab_size")
@@ -126,7 +133,8 @@ def make_batch(batch: int, seq_len: int, num_pairs: int, vocab_size: int, power_
 # ---------------------------------------------------------------------------------- models
 def mixer_pattern_and_mom(mixer: str, s: MQARSettings):
     from megatron_mom import MoMConfig
-    common = dict(num_heads=s.num_heads, head_dim=s.head_dim, chunk_size=s.chunk_size)
+    common = dict(num_heads=s.num_heads, head_dim=s.head_dim, chunk_size=s.chunk_size,
+                  backend=s.mom_backend)
     if mixer == "mom":
         return "M" * s.num_layers, MoMConfig(num_memories=s.num_memories, topk=s.topk,
                                             shared_memory=True, **common)
