@@ -322,11 +322,8 @@ def plot(results: dict, s: MQARSettings, path: Path) -> bool:
         ax.set_title(f"MQAR, sequence length {L}")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from megatron_mom.train.plot import save_figure
+    save_figure(fig, path)
     return True
 
 

@@ -40,8 +40,15 @@ def corpus(tmp_path_factory):
 
 # ------------------------------------------------------------------------- configuration
 def test_example_config_documents_the_embedded_default():
-    assert load_config(str(ROOT / "examples/configs/tiny_hybrid.yaml")) == RunConfig()
+    example = ROOT / "examples/configs/tiny_hybrid.yaml"
+    assert load_config(str(example)) == RunConfig()
     assert load_config(None) == RunConfig()
+    written = yaml.safe_load(example.read_text())
+    defaults = RunConfig().to_dict()
+    assert written.keys() == defaults.keys()                 # every key is documented
+    for section, values in defaults.items():
+        if isinstance(values, dict):
+            assert written[section].keys() == values.keys(), section
 
 
 @pytest.mark.parametrize("data, message", [

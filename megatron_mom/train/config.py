@@ -36,22 +36,13 @@ class ModelConfig:
     spec_backend: str = "auto"            # auto | local | te (Transformer Engine layers)
 
 
-@dataclass
-class MoMSection:
-    """The fields of `megatron_mom.MoMConfig`, tiny-sized."""
-    num_memories: int = 4
-    topk: int = 2
-    shared_memory: bool = True
-    num_heads: int = 2
-    head_dim: int = 32
-    expand_v: float = 1.0
-    conv_size: int = 4
-    use_output_gate: bool = True
-    norm_eps: float = 1e-6
-    aux_loss_coeff: float = 0.01
-    z_loss_coeff: float = 0.0
-    chunk_size: int = 32
-    backend: str = "auto"
+# The `mom` section has exactly the fields of `megatron_mom.MoMConfig` (which validates them),
+# with tiny-model defaults where MoMConfig's are paper-sized.
+TINY_MOM = {"num_heads": 2, "head_dim": 32, "chunk_size": 32}
+MoMSection = dataclasses.make_dataclass(
+    "MoMSection",
+    [(f.name, f.type, field(default=TINY_MOM.get(f.name, f.default)))
+     for f in dataclasses.fields(MoMConfig)])
 
 
 @dataclass

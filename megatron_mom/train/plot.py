@@ -50,9 +50,15 @@ def loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    save_figure(fig, png_path)
+    return True
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically (a reader never sees half a file)."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, png_path)
-    return True
+    os.replace(tmp, path)
