@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -287,8 +287,7 @@ def _due(step: int, interval: int, end: int) -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None,
-          show_progress: bool = True, sample: bool = True,
-          on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
+          show_progress: bool = True, sample: bool = True) -> TrainResult:
     """Train per `cfg`. `resume`: continue from the newest checkpoint in the output
     directory. `stop_after`: end (with a checkpoint) after this many steps in total, as if the
     job had been stopped there; the schedule still follows `train.steps`."""
@@ -309,8 +308,6 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
                        train_state["consumed_samples"] + run.layout.global_batch_size}
         result.losses.append(loss)
         run.step_done(step, loss)
-        if on_step is not None:
-            on_step(step, loss)
         if _due(step, cfg.train.log_interval, end):
             run.log(step, loss)
         if cfg.train.eval_interval and _due(step, cfg.train.eval_interval, end):
