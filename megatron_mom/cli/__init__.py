@@ -1,0 +1,1 @@
+"""Command line: `megatron-mom train | generate | mqar`."""

@@ -1,0 +1,377 @@
+"""MQAR: multi-query associative recall (Zoology, arXiv:2312.04927), `megatron-mom mqar`.
+
+A sequence of length L starts with N key-value pairs `k1 v1 k2 v2 ... kN vN` (keys from the
+lower half of the vocabulary, values from the upper half, all distinct within a sequence);
+the rest holds each key once more as a query, at even offsets drawn without replacement
+from a power law (Zoology's `power_a`), with filler token 0 between them. At a query's
+position the model must predict that key's value; accuracy counts those predictions only.
+
+Three 2-layer Megatron GPTModels that differ only in the sequence mixer are trained on fresh
+random batches and tested on a fixed test set per (L, N):
+    mom        MoM: M=4 memories, top-2 routing, plus the shared memory
+    single     one gated-delta memory with the same heads and head size (M=1, k=1, no shared)
+    attention  softmax attention
+Outputs in the output folder: results.json, results.md (the table) and mqar.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from megatron_mom.train.config import ConfigError
+
+MIXERS = ("mom", "single", "attention")
+
+
+@dataclass
+class MQARSettings:
+    vocab_size: int = 128
+    seq_lens: List[int] = field(default_factory=lambda: [32])
+    num_pairs: List[int] = field(default_factory=lambda: [2, 4, 8])
+    power_a: float = 0.01
+    hidden_size: int = 32
+    num_layers: int = 2
+    num_heads: int = 2            # MoM / single-memory heads and attention heads
+    head_dim: int = 16            # K = V of each memory (the per-memory state is H x K x K)
+    num_memories: int = 4
+    topk: int = 2
+    chunk_size: int = 16
+    mom_backend: str = "auto"     # MoM kernels: auto (Triton on GPUs when present) | triton | torch
+    train_steps: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 10
+    test_examples: int = 64
+    eval_batch_size: int = 256
+    max_minutes_per_model: float = 0.0   # 0: no cap; else stop training early (reported)
+    budget_minutes: float = 0.0          # >0: time a few steps of each mixer first and lower
+                                         # train_steps (the same for all) to fit this budget
+    seed: int = 0
+
+
+PRESETS = {
+    # CI / first look on a CPU: seconds per model, numbers are not meaningful yet.
+    "tiny": MQARSettings(),
+    # A few minutes on 2 CPU cores.
+    "cpu": MQARSettings(vocab_size=128, seq_lens=[64], num_pairs=[4, 8, 16], hidden_size=64,
+                        num_heads=2, head_dim=16, train_steps=400, batch_size=64,
+                        lr=1e-3, warmup_steps=20, test_examples=256),
+    # One H100, about 5 minutes for all three mixers (the steps are fitted to budget_minutes:
+    # 3,140 with the torch reference kernels; faster kernels give more). A first try at
+    # vocab 2048, L=256, N<=64 and lr 3e-3 learned nothing in 1,797 steps (docs/results.md);
+    # 2-layer models need lr ~1e-3 here.
+    "gpu": MQARSettings(vocab_size=256, seq_lens=[128], num_pairs=[4, 8, 16, 32],
+                        hidden_size=128, num_heads=2, head_dim=16, chunk_size=64,
+                        train_steps=5000, batch_size=128, lr=1e-3, warmup_steps=100,
+                        test_examples=1000, budget_minutes=4.0, max_minutes_per_model=2.0),
+}
+
+
+def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown MQAR preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    s = dataclasses.replace(PRESETS[preset])
+    names = {f.name: f for f in dataclasses.fields(MQARSettings)}
+    for key, value in (overrides or {}).items():
+        if key not in names:
+            raise ConfigError(f"unknown MQAR setting {key!r}; valid: {', '.join(names)}")
+        current = getattr(s, key)
+        if isinstance(current, list) and not isinstance(value, list):
+            value = [value]
+        setattr(s, key, type(current)(value) if not isinstance(current, list) else value)
+    _check(s)
+    return s
+
+
+def _check(s: MQARSettings) -> None:
+    for L in s.seq_lens:
+        for N in s.num_pairs:
+            if 4 * N > L:
+                raise ConfigError(f"num_pairs {N} does not fit seq_len {L}: MQAR needs "
+                                 f"seq_len >= 4 * num_pairs (pairs plus query slots)")
+    for mixer in ("mom", "single"):
+        try:
+            mixer_pattern_and_mom(mixer, s)
+        except ValueError as err:
+            raise ConfigError(f"MQAR settings: {err}") from None
+    if max(s.num_pairs) > s.vocab_size // 2 - 1:
+        raise ConfigError(f"vocab_size {s.vocab_size} has too few keys/values for "
+                         f"{max(s.num_pairs)} distinct pairs; raise vocab_size")
+
+
+# ---------------------------------------------------------------------------------- data
+def make_batch(batch: int, seq_len: int, num_pairs: int, vocab_size: int, power_a: float,
+               generator: torch.Generator, device="cpu"):
+    """(inputs [b, L], labels [b, L]); labels are -100 except at query positions."""
+    half = vocab_size // 2
+    N, b = num_pairs, batch
+    keys = torch.rand(b, half - 1, generator=generator).argsort(dim=1)[:, :N] + 1
+    values = torch.rand(b, vocab_size - half, generator=generator).argsort(dim=1)[:, :N] + half
+    context = torch.stack([keys, values], dim=2).reshape(b, 2 * N)
+    space = (seq_len - 2 * N) // 2
+    # Zoology's power law: query gaps favour short distances.
+    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    gaps = torch.multinomial(p.expand(b, -1), N, replacement=False, generator=generator)
+    inputs = torch.zeros(b, seq_len, dtype=torch.long)
+    inputs[:, : 2 * N] = context
+    labels = torch.full((b, seq_len), -100, dtype=torch.long)
+    positions = 2 * N + 2 * gaps
+    inputs.scatter_(1, positions, keys)
+    labels.scatter_(1, positions, values)
+    return inputs.to(device), labels.to(device)
+
+
+# ---------------------------------------------------------------------------------- models
+def mixer_pattern_and_mom(mixer: str, s: MQARSettings):
+    from megatron_mom import MoMConfig
+    common = dict(num_heads=s.num_heads, head_dim=s.head_dim, chunk_size=s.chunk_size,
+                  backend=s.mom_backend)
+    if mixer == "mom":
+        return "M" * s.num_layers, MoMConfig(num_memories=s.num_memories, topk=s.topk,
+                                            shared_memory=True, **common)
+    if mixer == "single":
+        return "M" * s.num_layers, MoMConfig(num_memories=1, topk=1, shared_memory=False,
+                                            aux_loss_coeff=0.0, **common)
+    if mixer == "attention":
+        return "A" * s.num_layers, MoMConfig(**common)
+    raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
+
+
+def build_model(mixer: str, s: MQARSettings, device: torch.device):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron_mom import cpu
+    from megatron_mom.specs import get_hybrid_block_spec
+
+    overrides = cpu.megatron_cpu_config_overrides()
+    overrides["use_cpu_initialization"] = device.type == "cpu"
+    config = TransformerConfig(
+        num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=2 * s.hidden_size,
+        num_attention_heads=s.num_heads, hidden_dropout=0.0, attention_dropout=0.0,
+        normalization="RMSNorm", add_bias_linear=False, **overrides)
+    pattern, mom = mixer_pattern_and_mom(mixer, s)
+    spec = get_hybrid_block_spec(config, pattern, mom, backend="local")
+    model = GPTModel(config, spec, vocab_size=s.vocab_size,
+                     max_sequence_length=max(s.seq_lens), position_embedding_type="rope",
+                     share_embeddings_and_output_weights=False)
+    return model.to(device)
+
+
+def _logits(model, inputs):
+    positions = torch.arange(inputs.shape[1], device=inputs.device)[None].expand_as(inputs)
+    return model(inputs, positions, None)                      # [b, L, V]
+
+
+def _lr(step: int, s: MQARSettings) -> float:
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(s.train_steps - s.warmup_steps, 1)
+    return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _train_batch(model, opt, inputs, labels) -> torch.Tensor:
+    logits = _logits(model, inputs)
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def seconds_per_step(mixer: str, s: MQARSettings, seq_len: int, device, steps: int = 5) -> float:
+    """Time a few training steps of a throw-away model (after two warm-up steps)."""
+    model = build_model(mixer, s, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr)
+    gen = torch.Generator().manual_seed(1)
+    batch = make_batch(s.batch_size, seq_len, max(n for n in s.num_pairs if 4 * n <= seq_len),
+                       s.vocab_size, s.power_a, gen, device)
+    for _ in range(2):
+        _train_batch(model, opt, *batch)
+    _sync(device)
+    start = time.time()
+    for _ in range(steps):
+        _train_batch(model, opt, *batch)
+    _sync(device)
+    return (time.time() - start) / steps
+
+
+def fit_steps_to_budget(s: MQARSettings, mixers, device, log=print) -> dict:
+    """Lower s.train_steps so that every mixer at every length fits s.budget_minutes."""
+    timing = {m: {L: seconds_per_step(m, s, L, device) for L in s.seq_lens} for m in mixers}
+    per_step = sum(t for per_len in timing.values() for t in per_len.values())
+    fitting = int(s.budget_minutes * 60 / per_step)
+    steps = max(min(s.train_steps, fitting), 1)
+    log("mqar: seconds per step " + ", ".join(
+        f"{m}: {t[max(s.seq_lens)]:.3f}" for m, t in timing.items())
+        + f" -> {steps} steps per model (budget {s.budget_minutes} min)")
+    s.train_steps = steps
+    s.warmup_steps = min(s.warmup_steps, max(steps // 10, 1))
+    return {m: {str(L): t for L, t in per_len.items()} for m, per_len in timing.items()}
+
+
+def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict:
+    """Fresh random batches; each batch draws one N from the pairs that fit seq_len."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    # One micro-batch: scale 1 (a 0-dim tensor fits whichever shape the scale buffer has).
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
+                            betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(s.seed + seq_len)
+    pairs = [n for n in s.num_pairs if 4 * n <= seq_len]
+    model.train()
+    start, loss_value, step, first_loss = time.time(), float("nan"), 0, float("nan")
+    for step in range(s.train_steps):
+        if s.max_minutes_per_model and time.time() - start > 60 * s.max_minutes_per_model:
+            log(f"    time cap reached after {step} steps")
+            break
+        N = pairs[int(torch.randint(len(pairs), (1,), generator=gen))]
+        inputs, labels = make_batch(s.batch_size, seq_len, N, s.vocab_size, s.power_a, gen,
+                                    device)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, s)
+        loss = _train_batch(model, opt, inputs, labels)
+        if step == 0:
+            first_loss = loss.item()
+        if step % max(s.train_steps // 5, 1) == 0 or step == s.train_steps - 1:
+            loss_value = loss.item()
+            log(f"    step {step:>5}/{s.train_steps}  loss {loss_value:.3f}  N={N}")
+    else:
+        step = s.train_steps
+    return {"steps": step, "seconds": time.time() - start, "first_loss": first_loss,
+            "final_loss": loss.item()}
+
+
+@torch.no_grad()
+def test_accuracy(model, s: MQARSettings, seq_len: int, num_pairs: int, device) -> float:
+    """Fraction of query answers predicted exactly, on a fixed test set."""
+    gen = torch.Generator().manual_seed(10_000 + 97 * seq_len + num_pairs)  # not a train seed
+    model.eval()
+    correct = total = 0
+    remaining = s.test_examples
+    while remaining > 0:
+        b = min(remaining, s.eval_batch_size)
+        inputs, labels = make_batch(b, seq_len, num_pairs, s.vocab_size, s.power_a, gen, device)
+        predictions = _logits(model, inputs).argmax(dim=-1)
+        mask = labels != -100
+        correct += (predictions[mask] == labels[mask]).sum().item()
+        total += mask.sum().item()
+        remaining -= b
+    model.train()
+    return correct / total
+
+
+# ---------------------------------------------------------------------------------- report
+def state_size(mixer: str, s: MQARSettings) -> str:
+    """Recurrent state per layer, in floats (attention: its KV cache grows with length)."""
+    per_memory = s.num_heads * s.head_dim * s.head_dim
+    if mixer == "mom":
+        return f"{s.num_memories + 1} x {per_memory}"
+    if mixer == "single":
+        return f"1 x {per_memory}"
+    return "KV cache (grows with L)"
+
+
+def table(results: dict, s: MQARSettings) -> str:
+    cols = [(L, N) for L in s.seq_lens for N in s.num_pairs if 4 * N <= L]
+    head = "| mixer | state per layer (floats) | steps | " + " | ".join(
+        f"L={L} N={N}" for L, N in cols) + " |"
+    lines = [head, "|" + "---|" * (3 + len(cols))]
+    for mixer, entry in results.items():
+        steps = "/".join(str(r["steps"]) for r in entry["train"].values())
+        accs = [entry["accuracy"].get(f"{L}/{N}") for L, N in cols]
+        lines.append(f"| {mixer} | {state_size(mixer, s)} | {steps} | "
+                     + " | ".join("-" if a is None else f"{a:.3f}" for a in accs) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, s: MQARSettings, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(s.seq_lens), figsize=(4.5 * len(s.seq_lens), 3.8),
+                             squeeze=False)
+    for ax, L in zip(axes[0], s.seq_lens):
+        for mixer, entry in results.items():
+            points = [(N, entry["accuracy"][f"{L}/{N}"]) for N in s.num_pairs
+                      if f"{L}/{N}" in entry["accuracy"]]
+            if points:
+                ax.plot(*zip(*points), "o-", label=mixer)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("key-value pairs N")
+        ax.set_ylabel("query accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"MQAR, sequence length {L}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    from megatron_mom.train.plot import save_figure
+    save_figure(fig, path)
+    return True
+
+
+def _write_outputs(results: dict, s: MQARSettings, out: Path) -> str:
+    text = table(results, s)
+    (out / "results.json").write_text(json.dumps(
+        {"settings": dataclasses.asdict(s), "results": results}, indent=1))
+    (out / "results.md").write_text(text + "\n")
+    plot(results, s, out / "mqar.png")
+    return text
+
+
+def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] = None,
+        mixers: Optional[Sequence[str]] = None, device: Optional[str] = None,
+        log=print) -> dict:
+    """Train and test every mixer at every sequence length; write and return the results.
+    Outputs are rewritten after every model, so a stopped run keeps what it finished."""
+    from megatron_mom.train.build import init_process_groups
+    s = settings_for(preset, overrides)
+    mixers = list(mixers or MIXERS)
+    for m in mixers:
+        if m not in MIXERS:
+            raise ConfigError(f"unknown mixer {m!r}; choose from {', '.join(MIXERS)}")
+    init_process_groups(1, 1, s.seed)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if s.budget_minutes > 0:
+        fit_steps_to_budget(s, mixers, dev, log)
+    results: Dict[str, dict] = {}
+    for mixer in mixers:
+        results[mixer] = {"train": {}, "accuracy": {}}
+        for L in s.seq_lens:
+            torch.manual_seed(s.seed)
+            model = build_model(mixer, s, dev)
+            n_params = sum(p.numel() for p in model.parameters())
+            log(f"mqar: {mixer}, L={L}, {n_params / 1e3:.0f}k parameters, on {dev}")
+            results[mixer]["train"][str(L)] = train_model(model, s, L, dev, log)
+            for N in s.num_pairs:
+                if 4 * N <= L:
+                    acc = test_accuracy(model, s, L, N, dev)
+                    results[mixer]["accuracy"][f"{L}/{N}"] = acc
+                    log(f"    test L={L} N={N}: accuracy {acc:.3f}")
+            results[mixer]["parameters"] = n_params
+            _write_outputs(results, s, out_dir)
+    text = _write_outputs(results, s, out_dir)
+    log("\n" + text + f"\n\nwritten: {out_dir / 'results.md'}, {out_dir / 'mqar.png'}, "
+        f"{out_dir / 'results.json'}")
+    return results
