@@ -30,14 +30,8 @@ def next_token_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 def pick_token(logits: torch.Tensor, temperature: float, top_k: int,
                generator: torch.Generator) -> torch.Tensor:
     """Greedy at temperature 0, else sampling from the top_k (0: all) most likely tokens."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    from megatron_mom.inference import sample as sample_token
+    return sample_token(logits, temperature, top_k, generator)
 
 
 DECODE_MODES = ("full", "recurrent")
