@@ -134,7 +134,9 @@ class MixtureOfMemories(MegatronModule):
                        + math.log(1e-3)).clamp(min=1e-4)
         self.dt_bias.copy_(parallel.local_slice(dt + torch.log(-torch.expm1(-dt)), r, tp))
         self.out_norm_weight.fill_(1.0)
-        if self.config.use_cpu_initialization and tp > 1:
+        if self.config.use_cpu_initialization:
+            # At TP=1 too: the redraw keeps the CPU generator's stream (and so every later
+            # layer's weights) the same at every tensor-parallel size.
             self._init_in_proj_by_section()
 
     def _init_in_proj_by_section(self):

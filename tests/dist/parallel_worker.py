@@ -317,6 +317,10 @@ def run_gpt(out_dir):
         grads_into_params(chunks)
         save(chunks, os.path.join(out_dir, f"grads_{name}"))
 
+    # CPU initialization, same seed: a fresh TP=2 build holds the fresh TP=1 build's weights.
+    ps, config, chunks = build_gpt(tp=2, sp=True)
+    save(chunks, os.path.join(out_dir, "init_tp2"))
+
     # Deterministic mode: the same step twice gives bitwise-equal gradients.
     ps, config, chunks = build_gpt(tp=2, sp=True, deterministic=True)
     load(chunks, f"{ref_ckpt}_MMAM")
@@ -346,6 +350,9 @@ def run_gpt(out_dir):
             load(ref, os.path.join(out_dir, "ckpt_tp2"))
             a, b = state(orig), state(ref)
             results["ckpt_tp2_to_tp1_bitwise"] = all(torch.equal(a[k], b[k]) for k in a)
+            load(ref, os.path.join(out_dir, "init_tp2"))
+            c = state(ref)
+            results["init_tp2_differs"] = sorted(k for k in a if not torch.equal(a[k], c[k]))
     if dist.get_rank() == 0:
         json.dump(results, open(os.path.join(out_dir, "results_gpt.json"), "w"), indent=1)
 
