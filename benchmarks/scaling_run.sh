@@ -134,7 +134,7 @@ run_job() {  # NAME MODEL TP CP PP FIRST_GPU LIMIT PORT
     echo "scaling-run: start $(date +%s.%N)"
   } > "$log"
   CUDA_VISIBLE_DEVICES=${devices:-${CUDA_VISIBLE_DEVICES:-}} timeout -k 10 "$limit" \
-    torchrun --nnodes 1 --nproc-per-node "$n" --master-addr 127.0.0.1 --master-port "$port" \
+    python3 -m torch.distributed.run --nnodes 1 --nproc-per-node "$n" --master-addr 127.0.0.1 --master-port "$port" \
     "$ROOT/benchmarks/scaling_launch.py" "$MEGATRON_LM_PATH/pretrain_gpt.py" "${args[@]}" \
     >> "$log" 2>&1
   local rc=$?
