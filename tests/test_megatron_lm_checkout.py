@@ -121,3 +121,29 @@ def test_pretrain_gpt_refuses_bad_mom_flags_at_startup(checkout, tmp_path):
                       "--mom-topk", "4", nproc=1, tp=1)
     assert result.returncode != 0
     assert "--mom-topk (4) must be <= --mom-num-memories (3)" in result.stdout + result.stderr
+
+
+def test_scaling_run_rehearsal_tp2_matches_tp1(checkout, tmp_path):
+    """benchmarks/scaling_run.sh at SHAPE=tiny (the GPU run's command lines, 2 processes):
+    the TP=2 + SP hybrid starts from the TP=1 weights (same loss at iteration 1), and the
+    report has both rows, an efficiency and the parity table."""
+    if torch.cuda.is_available():
+        pytest.skip("the CPU rehearsal; on GPUs run the script itself")
+    out = tmp_path / "scaling"
+    env = {**os.environ, "MEGATRON_LM_PATH": str(checkout), "OUT": str(out), "SHAPE": "tiny",
+           "TRAIN_ITERS": "4", "OMP_NUM_THREADS": "1",
+           "JOBS": "hybrid-tp2:hybrid:2:1:1 hybrid-tp1:hybrid:1:1:1",
+           "REPORT_ARGS": "--ref hybrid-tp2=hybrid-tp1 --skip 1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks/scaling_run.sh")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    import json
+    jobs = json.loads((out / "summary.json").read_text())
+    assert jobs["hybrid-tp2"]["status"] == jobs["hybrid-tp1"]["status"] == "completed", jobs
+    assert jobs["hybrid-tp2"]["peak_alloc_gib"] > 0
+    assert jobs["hybrid-tp2"]["efficiency"] > 0
+    parity = jobs["hybrid-tp2"]["parity"]
+    assert parity["iterations"] == [1, 2, 3, 4]
+    assert parity["first_abs_diff"] < 5e-3, parity  # bf16, same weights and batch
+    assert "hybrid-tp2 vs hybrid-tp1" in (out / "summary.md").read_text()
