@@ -232,8 +232,8 @@ class MixtureOfMemories(MegatronModule):
         states and the cache receives their final states. Returns (y [N, H, V], o dtype)."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
-        q = q_tok[layout.token]                                            # [L, H*K]
-        k, v, b, a = mem[layout.token, layout.memory].split([H * K, H * V, H, H], dim=-1)
+        q = routing.spread(q_tok, layout)                                  # [L, H*K]
+        k, v, b, a = routing.select(mem, layout).split([H * K, H * V, H, H], dim=-1)
         L, cu = layout.num_rows, layout.cu_seqlens
         local = self._heads_of_this_cp_rank
         decoding = cache is not None

@@ -45,14 +45,87 @@ def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> Pa
                         slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
 
 
+# Every packed row belongs to exactly one (token, slot): `slot_row` is a permutation of the
+# rows. The three moves below use that to write their backward passes as plain gathers and
+# non-accumulating stores: deterministic (no atomic adds) and without autograd's index_put
+# accumulation, and the mix keeps only the packed read-out for its backward.
+
+class _Spread(torch.autograd.Function):
+    """x [N, ...] in token order -> [L, ...]: each token copied to its S packed rows."""
+
+    @staticmethod
+    def forward(ctx, x, token, slot_row):
+        ctx.save_for_backward(slot_row)
+        return x[token]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slot_row,) = ctx.saved_tensors
+        return grad[slot_row].sum(1), None, None                      # [N, ...]
+
+
+class _Select(torch.autograd.Function):
+    """x [N, E, ...] -> [L, ...]: each packed row takes its token's row of its memory."""
+
+    @staticmethod
+    def forward(ctx, x, token, memory):
+        ctx.save_for_backward(token, memory)
+        ctx.shape = x.shape
+        return x[token, memory]
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, memory = ctx.saved_tensors
+        out = grad.new_zeros(ctx.shape)
+        out[token, memory] = grad                                      # distinct pairs
+        return out, None, None
+
+
+class _Mix(torch.autograd.Function):
+    """y[n] = sum_j weight[n, j] * o[slot_row[n, j]], accumulated in weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, o, weight, slot_row):
+        ctx.save_for_backward(o, weight, slot_row)
+        y = None
+        for j in range(slot_row.shape[1]):  # S is 2-3: no [N, S, ...] temporary kept
+            term = o[slot_row[:, j]].to(weight.dtype) * _expand(weight[:, j], o.dim() - 1)
+            y = term if y is None else y + term
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        o, weight, slot_row = ctx.saved_tensors
+        N, S = slot_row.shape
+        w = weight.view(N, S, *([1] * (o.dim() - 1)))
+        d_o = torch.empty_like(o)
+        d_o[slot_row.reshape(-1)] = (w * dy[:, None]).reshape(N * S, *o.shape[1:]).to(o.dtype)
+        d_w = None
+        if ctx.needs_input_grad[1]:
+            o_slots = o[slot_row].to(dy.dtype)                         # [N, S, ...]
+            d_w = (o_slots * dy[:, None]).flatten(2).sum(-1).to(weight.dtype)
+        return d_o, d_w, None
+
+
+def _expand(w: Tensor, trailing: int) -> Tensor:
+    return w.view(-1, *([1] * trailing))
+
+
+def spread(x: Tensor, layout: PackedLayout) -> Tensor:
+    """Token-order rows [N, ...] -> packed rows [L, ...] (each token to its S slots)."""
+    return _Spread.apply(x, layout.token, layout.slot_row)
+
+
+def select(x: Tensor, layout: PackedLayout) -> Tensor:
+    """Per-memory rows [N, E, ...] -> packed rows [L, ...] (each slot's memory)."""
+    return _Select.apply(x, layout.token, layout.memory)
+
+
 def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
     """Sum each token's slots back: y[n] = sum_j weight[n, j] * o_packed[slot_row[n, j]].
 
-    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64).
-    A gather, not a scatter: deterministic."""
-    o_slots = o_packed[layout.slot_row]                                # [N, S, ...]
-    w = weight.view(*weight.shape, *([1] * (o_slots.dim() - 2)))
-    return (o_slots.to(weight.dtype) * w).sum(1)
+    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64)."""
+    return _Mix.apply(o_packed, weight, layout.slot_row)
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:

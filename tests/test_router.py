@@ -66,3 +66,33 @@ def test_aux_loss_gradient_reaches_router_weight(megatron_single):
     (0.1 * 4 * (f * p.mean(0)).sum()).backward()
     assert router.weight.grad.abs().sum() > 0
     torch.testing.assert_close(router.weight.grad, W.grad)
+
+
+def test_packed_moves_match_plain_indexing_and_gradcheck():
+    """spread / select / mix against plain indexing with autograd, and torch.autograd.gradcheck."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(0)
+    N, S, E = 11, 3, 5
+    memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
+    seq_id = torch.tensor([0] * 4 + [1] * 7)
+    layout = routing.pack(memory, seq_id, 2, E)
+    assert torch.equal(torch.sort(layout.slot_row.flatten()).values, torch.arange(N * S))
+    x = torch.randn(N, 4, dtype=torch.float64, requires_grad=True)
+    xm = torch.randn(N, E, 4, dtype=torch.float64, requires_grad=True)
+    o = torch.randn(N * S, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(N, S, dtype=torch.float64, requires_grad=True)
+    ours = (routing.spread(x, layout), routing.select(xm, layout), routing.mix(o, layout, w))
+    plain = (x[layout.token], xm[layout.token, layout.memory],
+             (o[layout.slot_row] * w[..., None, None]).sum(1))
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b)
+        r = torch.randn_like(a)
+        ga = torch.autograd.grad(a, (x, xm, o, w), r, allow_unused=True)
+        gb = torch.autograd.grad(b, (x, xm, o, w), r, allow_unused=True)
+        for u, v in zip(ga, gb):
+            assert (u is None) == (v is None)
+            if u is not None:
+                torch.testing.assert_close(u, v)
+    assert torch.autograd.gradcheck(lambda x: routing.spread(x, layout), (x,))
+    assert torch.autograd.gradcheck(lambda xm: routing.select(xm, layout), (xm,))
+    assert torch.autograd.gradcheck(lambda o, w: routing.mix(o, layout, w), (o, w))
