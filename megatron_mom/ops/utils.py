@@ -48,13 +48,15 @@ def as_int32(cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @triton.jit
-def locate_chunk(chunk_offsets, pid, N, STEPS):
-    """Largest n in [0, N) with chunk_offsets[n] <= pid (empty sequences are skipped)."""
-    lo = pid * 0
+def sequence_of(offsets, index, N, STEPS):
+    """Largest n in [0, N) with offsets[n] <= index: the sequence (or chunk run) that holds
+    `index`, given non-decreasing start offsets (empty sequences are skipped). `index` may be
+    a scalar or a block; STEPS >= log2(N) + 1 binary-search steps, all on the device."""
+    lo = index * 0
     hi = lo + N
     for _ in range(STEPS):
         mid = (lo + hi) // 2
-        right = tl.load(chunk_offsets + mid) <= pid
+        right = tl.load(offsets + mid) <= index
         lo = tl.where(right, mid, lo)
         hi = tl.where(right, hi, mid)
     return lo

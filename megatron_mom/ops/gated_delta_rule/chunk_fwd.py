@@ -16,13 +16,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_mom.ops.utils import locate_chunk
+from megatron_mom.ops.utils import sequence_of
 
 
 @triton.jit
 def chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C: tl.constexpr):
     """(first token, token ids [C] int64, valid-row mask [C], last valid row) of chunk `pid`."""
-    n = locate_chunk(chunk_offsets, pid, N, STEPS)
+    n = sequence_of(chunk_offsets, pid, N, STEPS)
     bos = tl.load(cu_seqlens + n)
     eos = tl.load(cu_seqlens + n + 1)
     t0 = bos + (pid - tl.load(chunk_offsets + n)) * C

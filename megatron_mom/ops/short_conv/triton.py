@@ -15,24 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps
+from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_T = 16                     # x 64 channels: no register spills in the sm_90 build
 MAX_WIDTH = 8
-
-
-@triton.jit
-def _token_sequences(cu_seqlens, tok, N, STEPS):
-    """Sequence index [BT] of each packed token (largest n < N with cu_seqlens[n] <= tok)."""
-    lo = tok * 0
-    hi = lo + N
-    for _ in range(STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(cu_seqlens + mid) <= tok
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
-    return lo
 
 
 @triton.jit
@@ -70,7 +57,7 @@ def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, STEPS, x_stride,
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     tmask = tok < TT
     cmask = cols < C
-    seq = _token_sequences(cu_seqlens, tok, N, STEPS)
+    seq = sequence_of(cu_seqlens, tok, N, STEPS)
     pos = tok - tl.load(cu_seqlens + seq)
     z = _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride, C, W, HAS_INIT, BT, BC)
     if SILU:
@@ -88,7 +75,7 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, STEPS,
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
     tmask = tok < TT
     cmask = cols < C
-    seq = _token_sequences(cu_seqlens, tok, N, STEPS)
+    seq = sequence_of(cu_seqlens, tok, N, STEPS)
     bos = tl.load(cu_seqlens + seq)
     length = tl.load(cu_seqlens + seq + 1) - bos
     pos = tok - bos
