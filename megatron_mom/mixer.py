@@ -192,7 +192,7 @@ class MixtureOfMemories(MegatronModule):
 
         q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
         seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
-        y, _ = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
+        y = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
         z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
         if cp > 1:
             z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
@@ -229,7 +229,7 @@ class MixtureOfMemories(MegatronModule):
         """Run every (sequence, memory) segment and mix the read-outs back per token.
 
         With a decoding `cache` ([num_seqs, E, ...] rows), segments start from the cached
-        states and the cache receives their final states. Returns (y [N, H, V], o dtype)."""
+        states and the cache receives their final states. Returns y [N, H, V]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         q = routing.spread(q_tok, layout)                                  # [L, H*K]
@@ -258,7 +258,7 @@ class MixtureOfMemories(MegatronModule):
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o[0], layout, weight).to(o.dtype), o.dtype
+        return routing.mix(o[0], layout, weight).to(o.dtype)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
@@ -289,7 +289,7 @@ class MixtureOfMemories(MegatronModule):
             y = self._decode_step(q_tok, mem, plan, cache)
         else:
             seq_id, _ = routing.sequence_ids(b, s, None, proj.device)
-            y, _ = self._memories(q_tok, mem, plan.memory, plan.weight, seq_id, b, cache)
+            y = self._memories(q_tok, mem, plan.memory, plan.weight, seq_id, b, cache)
         return self.out_proj(self._read_out(y, gate, b, s))
 
     def _new_cache(self, batch: int) -> "inference.MoMCache":
