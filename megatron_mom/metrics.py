@@ -35,6 +35,19 @@ def _tracker_record(name: str, value: torch.Tensor, layer_number: int, num_layer
                                          num_layers=num_layers, reduce_group=reduce_group)
 
 
+def set_router_loss_scale(loss_scale=1.0, num_microbatches: int = 1, cp_size: int = 1,
+                          device=None) -> None:
+    """Scale of the router losses' gradient, set the way Megatron's schedule sets it for MoE:
+    loss_scale * cp_size / num_microbatches.
+
+    Megatron's pipeline schedule sets `MoEAuxLossAutoScaler`'s scale only when MoE experts are
+    configured (schedules.py:281 in megatron-core 0.16.1), so a training loop with MoM layers
+    calls this once per step. The scale is kept 0-dim: Megatron copies it into whatever buffer
+    an earlier call created, and a [1]-shaped value cannot be copied into a 0-dim one."""
+    scale = torch.as_tensor(loss_scale, dtype=torch.float32, device=device).reshape(())
+    moe_utils.MoEAuxLossAutoScaler.set_loss_scale(scale * (cp_size / num_microbatches))
+
+
 def record_router(layer_number: Optional[int], config, losses, tokens_per_memory: torch.Tensor,
                   reduce_group=None) -> None:
     """Record one forward pass of a MoM router (this rank's loss shares; `reduce_group` sums

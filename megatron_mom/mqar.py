@@ -227,9 +227,8 @@ def fit_steps_to_budget(s: MQARSettings, mixers, device, log=print) -> dict:
 
 def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict:
     """Fresh random batches; each batch draws one N from the pairs that fit seq_len."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    # One micro-batch: scale 1 (a 0-dim tensor fits whichever shape the scale buffer has).
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0, device=device))
+    from megatron_mom import metrics
+    metrics.set_router_loss_scale(device=device)   # one micro-batch, no loss scaling
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
                             betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(s.seed + seq_len)

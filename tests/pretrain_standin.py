@@ -93,7 +93,6 @@ def latest(path):
 def main():
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron_mom import metrics
 
     args, ignored = parse()
@@ -116,7 +115,7 @@ def main():
     model = gpt(args)
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro, device=device))
+    metrics.set_router_loss_scale(1.0, num_micro, device=device)
     start = latest(args.load) if args.load else 0
     if start:
         ckpt = os.path.join(args.load, f"iter_{start:07d}")

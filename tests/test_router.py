@@ -96,3 +96,18 @@ def test_packed_moves_match_plain_indexing_and_gradcheck():
     assert torch.autograd.gradcheck(lambda x: routing.spread(x, layout), (x,))
     assert torch.autograd.gradcheck(lambda xm: routing.select(xm, layout), (xm,))
     assert torch.autograd.gradcheck(lambda o, w: routing.mix(o, layout, w), (o, w))
+
+
+def test_router_loss_scale_follows_megatrons_rule(megatron_single):
+    """loss_scale * cp / micro-batches, into whatever buffer shape an earlier call left."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+    from megatron_mom.metrics import set_router_loss_scale
+    MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)   # a [1] buffer, as Megatron's
+    set_router_loss_scale(torch.tensor([8.0]), num_microbatches=4, cp_size=2)
+    assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 4.0
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    set_router_loss_scale(2.0, num_microbatches=4)
+    assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 0.5
+    set_router_loss_scale()
+    assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 1.0
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None

@@ -49,14 +49,8 @@ def _forward_step(data_iterator, model):
 
 
 def _set_router_loss_scale(trainables, num_microbatches: int) -> None:
-    """Megatron's schedule scales the MoE aux-loss gradient only when MoE experts are
-    configured (schedules.py:281), so the MoM router's scale is set here, the same way:
-    loss scale / micro-batches (context parallelism is not supported by the mixer)."""
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    scale = trainables.optimizer.get_loss_scale()
-    if not torch.is_tensor(scale):
-        scale = torch.tensor([float(scale)])
-    MoEAuxLossAutoScaler.set_loss_scale(scale.reshape(()) / num_microbatches)
+    from megatron_mom import metrics  # context parallelism is not offered here: cp_size 1
+    metrics.set_router_loss_scale(trainables.optimizer.get_loss_scale(), num_microbatches)
 
 
 def _global_mean_loss(losses_reduced: list, device) -> torch.Tensor:

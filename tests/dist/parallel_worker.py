@@ -223,9 +223,8 @@ def train_step(ps, config, chunks, cp):
     """Forward/backward of MICROBATCHES copies of one batch through Megatron's schedule.
     Returns (loss per token, per-layer MoM load-balancing loss summed over stages)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron_mom import metrics
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    metrics.set_router_loss_scale()
     metrics.router_loss_values(clear=True)
     ids, labels = batch()
     r = ps.get_context_parallel_rank()
