@@ -151,6 +151,14 @@ def check_pattern(pattern: str, num_layers: int) -> str:
     return pattern
 
 
+def checkpoint_per_layer_if_mixed(config, pattern: str) -> None:
+    """MoM and attention layers hold different parameters, so a stack mixing them must key its
+    distributed checkpoint per layer: Megatron's TransformerBlock otherwise stacks every layer's
+    tensor of one name into one tensor (Megatron does the same for its GDN/attention hybrids)."""
+    if len(set(pattern)) > 1 and hasattr(config, "hetereogenous_dist_checkpoint"):
+        config.hetereogenous_dist_checkpoint = True
+
+
 def local_layer_ids(config, vp_stage: Optional[int] = None,
                     pp_rank: Optional[int] = None) -> list[int]:
     """0-based global indices of the layers this pipeline stage (and virtual stage) builds."""
@@ -175,10 +183,7 @@ def get_hybrid_block_spec(config, pattern: str, mom: Optional[MoMConfig] = None,
     mom = mom if mom is not None else MoMConfig()
     backend = resolve_spec_backend(backend)
     check_pattern(pattern, config.num_layers)
-    if len(set(pattern)) > 1 and hasattr(config, "hetereogenous_dist_checkpoint"):
-        # MoM and attention layers hold different parameters, so distributed checkpoints must
-        # key them per layer (Megatron does the same for its own hybrid GDN/attention stacks).
-        config.hetereogenous_dist_checkpoint = True
+    checkpoint_per_layer_if_mixed(config, pattern)
     specs = {"M": get_mom_layer_spec(mom, backend), "A": get_attention_layer_spec(backend)}
     layer_specs = [specs[pattern[i]] for i in local_layer_ids(config, vp_stage, pp_rank)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_norm(backend))

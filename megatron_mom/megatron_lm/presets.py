@@ -81,11 +81,7 @@ class PatternLayer(BaseTransformerLayer):
         # The patched Megatron-LM schedules set the aux-loss gradient scale when this is set.
         if symbol == "M":
             config.mom_aux_loss = True
-        # TransformerBlock.sharded_state_dict stacks the layers' tensors into one tensor per
-        # name ("decoder.layers.<name>", layer = first axis) unless told the layers differ;
-        # MoM and attention layers have different parameters, so checkpoint them per layer.
-        if len(set(pattern)) > 1:
-            config.hetereogenous_dist_checkpoint = True
+        specs.checkpoint_per_layer_if_mixed(config, pattern)
         return build_module(getattr(submodules, symbol), config=config, layer_number=layer_number,
                             vp_stage=vp_stage, pg_collection=pg_collection, **kwargs)
 
