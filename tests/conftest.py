@@ -21,28 +21,10 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def megatron_single():
-    """One gloo process with Megatron's parallel state at TP = PP = CP = 1 (CPU redirections on
-    when there is no GPU)."""
-    import torch.distributed as dist
-    from megatron_mom import cpu
-    cpu.enable()
-    if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                                rank=0, world_size=1)
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
+    """One process with Megatron's parallel state at TP = PP = CP = 1: gloo with the CPU
+    redirections without a GPU, NCCL with one."""
+    from megatron_mom.train.build import init_process_groups
+    init_process_groups(tp=1, pp=1, seed=1234)
     yield

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_mom.train.build import free_port
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "sinfo", "scontrol")
 
@@ -38,12 +39,6 @@ def install() -> None:
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
         subprocess.run(cmd, env=env, capture_output=True, check=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sbin(name: str) -> str:
@@ -103,7 +98,7 @@ def start(root: Path, timeout: float = 30.0) -> dict:
                     f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"], check=True)
     conf = root / "slurm.conf"
     conf.write_text(CONFIG.format(root=root, cpus=os.cpu_count() or 1,
-                                  ctld_port=_free_port(), slurmd_port=_free_port()))
+                                  ctld_port=free_port(), slurmd_port=free_port()))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run([_sbin("slurmctld"), "-f", str(conf)], env=env, check=True)
     subprocess.run([_sbin("slurmd"), "-f", str(conf), "-N", "localhost"], env=env, check=True)

@@ -22,9 +22,9 @@ HERE = os.path.dirname(__file__)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
-    from conftest import _free_port
+    from megatron_mom.train.build import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), os.path.join(HERE, "dist", "parallel_worker.py"),
+           "--master_port", str(free_port()), os.path.join(HERE, "dist", "parallel_worker.py"),
            "--out", str(out), "layer", "gpt"]
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from megatron_mom.train.build import free_port
 from megatron_mom.train.config import ConfigError, RunConfig, build_config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -203,13 +204,6 @@ def test_console_command_trains_on_bundled_corpus_and_generates(tmp_path):
     assert gen.stdout.startswith("Hello")
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_train(out: Path, *extra) -> subprocess.CompletedProcess:
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
@@ -220,7 +214,7 @@ def _torchrun_train(out: Path, *extra) -> subprocess.CompletedProcess:
                 "train.warmup_steps": 1, "train.eval_interval": 0, "train.save_interval": 2,
                 "train.log_interval": 2, "data.corpus": "bundled"}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "megatron_mom.cli.main", "train", "--no-progress",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_mom.cli.main", "train", "--no-progress",
             "--steps", "4", "--output-dir", str(out), *extra]
     args += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

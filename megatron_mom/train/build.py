@@ -38,7 +38,8 @@ class Parallel:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,7 +71,7 @@ def init_process_groups(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel:
         if "RANK" in os.environ:  # launched by torchrun
             dist.init_process_group(backend)
         else:  # a plain `megatron-mom train`: one process, a private port
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
                                     rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp * pp):
