@@ -93,9 +93,10 @@ def run_profile(out_dir, B=4, T=4096):
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
+                                         max_name_column_width=70)
     open(os.path.join(out_dir, "profile_layer.txt"), "w").write(table)
-    print(table[:6000])
+    print(table[:12000])
 
 
 def run_training(shapes, peers):
@@ -222,12 +223,15 @@ def main():
     p.add_argument("--scaling-ours", action="store_true",
                    help="with --quick: also our layer alone at B8 T2048, B1 T16384, B1 T65536")
     p.add_argument("--profile", action="store_true", help="also a kernel-time profile of ours")
+    p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
     setup_megatron()
+    if args.profile_only:
+        return run_profile(args.out)
     shapes = [(4, 4096, True)] + ([] if args.quick else
                                   [(8, 2048, False), (1, 16384, False), (1, 65536, False)])
     run_training(shapes, fla_peers())
