@@ -135,17 +135,14 @@ def outputs_of(B, T, H, D):
 # checked against the default settings' outputs (which the GPU suite checks against the
 # reference) before its time counts.
 SWEEP = [("prepare", None, {"num_warps": 8}),
-         ("chunk_bwd_dv", None, {"num_warps": 4}),
-         ("chunk_bwd_dqk", None, {"num_warps": 4}),
+         ("prepare", None, {"num_warps": 2}),
+         ("chunk_bwd_main", None, {"num_warps": 4}),
          ("chunk_bwd_wy", None, {"num_warps": 4}),
-         ("chunk_bwd_dqk", None, {"num_warps": 4, "num_stages": 2}),
-         ("chunk_bwd", None, {"BK": 32}),
-         ("chunk_bwd", None, {"BV": 32}),
          ("chunk_bwd", None, {"BK": 128}),
+         ("chunk_bwd", None, {"BV": 128}),
+         ("chunk_bwd", None, {"BK": 32}),
          ("state_fwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
-         ("state_bwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
-         ("state_fwd", 128, {"BV": 32, "num_warps": 8, "num_stages": 2}),
-         ("state_bwd", 128, {"BV": 32, "num_warps": 8, "num_stages": 2})]
+         ("state_bwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2})]
 
 
 def sweep(shape, quick):

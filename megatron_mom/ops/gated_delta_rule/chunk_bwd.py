@@ -2,8 +2,9 @@
 
 `state_bwd_kernel` walks the chunks in reverse, carrying dS (gradient of the state at the
 chunk's exit) and producing per chunk dh (that dS) and dU = P^T dO + Kg dS'.
-`chunk_bwd_kernel` then works on every chunk in parallel: dq, dk, dv, dbeta, dg from the saved
-entry states h, dh, U, dU, T and the inputs.
+Two chunk-parallel kernels then work on every chunk: `chunk_bwd_main_kernel` (dq, dv, the
+direct parts of dk, dW) and `chunk_bwd_wy_kernel` (the WY/T parts of dk, dbeta, dg), from the
+saved entry states h, dh, U, dU, T and the inputs.
 
 Transposes of C x C matrices that come out of `tl.dot` go through a per-chunk scratch buffer
 and are loaded back transposed, never `tl.trans`-ed in registers (Triton 3.4-3.7 on Hopper).
@@ -75,24 +76,30 @@ def state_bwd_kernel(
 @triton.jit
 def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS,
                 H: tl.constexpr, C: tl.constexpr):
-    """Rows, decay and the three per-chunk C x C scratch slots shared by the backward phases."""
+    """Rows, decay and the two per-chunk C x C scratch slots shared by the backward phases."""
     tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
     g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
     b_c = tl.load(beta + tok * H + hh, mask=valid, other=0.0).to(tl.float32)
     chunk_id = pid.to(tl.int64) * H + hh
-    slot0 = scratch_cc + chunk_id * 3 * C * C
+    slot0 = scratch_cc + chunk_id * 2 * C * C
     return tok, valid, last, g_c, g_last, b_c, chunk_id, slot0
 
 
 @triton.jit(do_not_specialize=["N", "STEPS", "scale"])
-def chunk_bwd_dv_kernel(
-    v, beta, gam, t_mat, u, du, do,      # [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C] f32, [TT,H,V] x3
-    dv, dbeta, scratch_cc,               # [TT,H,V], [TT,H] f32, [NTU,H,3,C,C] f32
+def chunk_bwd_main_kernel(
+    q, k, v, beta, gam, t_mat,           # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C] f32
+    h, dh, u, du, do,                    # [NTU,H,K,V] x2, [TT,H,V] x3
+    dq, dv, dbeta, dgam,                 # [TT,H,K], [TT,H,V], [TT,H] f32 x2
+    scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] (dw dtype), [TT,H,K] f32
     cu_seqlens, chunk_offsets, N, STEPS, scale,
-    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Phase A, one program per (chunk, head), over V blocks: dv = beta T^T dU, the v part of
-    dbeta, dP * M * scale (slot 0) and the U0 part of dL/dT = dU (beta v)^T (slot 1)."""
+    """Phase A, one program per (chunk, head). Over V blocks: dv = beta T^T dU, the v part of
+    dbeta, the U0 part of dL/dT = dU (beta v)^T (slot 0), and dP = dO U^T together with its
+    transpose U dO^T (a second dot, so no dot result is ever transposed). Then per K block:
+    dq, the Kg and P parts of dk (scratch), dW = -dU S^T (scratch) and dgam of q, Kg, P and
+    e^Gam S. Keeping dP in registers is why this is one kernel: no C x C round trip."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
@@ -104,92 +111,91 @@ def chunk_bwd_dv_kernel(
     t_ptr = t_mat + chunk_id * C * C
     dt = u.dtype.element_ty
 
-    dp = tl.zeros([C, C], dtype=tl.float32)
-    dt_mat = tl.zeros([C, C], dtype=tl.float32)
+    dp = tl.zeros([C, C], dtype=tl.float32)                          # dO U^T
+    dpt = tl.zeros([C, C], dtype=tl.float32)                         # U dO^T
+    dt_mat = tl.zeros([C, C], dtype=tl.float32)                      # dU v^T
     d_beta = tl.zeros([C], dtype=tl.float32)
-    for vb in tl.static_range(V // BV):
+    for vb in range(V // BV):
         vcols = vb * BV + tl.arange(0, BV)
         voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
         v_t = tl.load(v + voffs, mask=valid[:, None], other=0.0)
         du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
-        dp += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt),
-                     tl.trans(tl.load(u + voffs, mask=valid[:, None], other=0.0)), input_precision=PREC)
+        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt)
+        u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
+        dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
+        dpt += tl.dot(u_t, tl.trans(do_t), input_precision=PREC)
         dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
         dvb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), du_t.to(tl.float32), input_precision=PREC)
         tl.store(dv + voffs, (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
         d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
-    causal = rows[:, None] >= rows[None, :]
-    decay = tl.where(causal, tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
-    tl.store(slot0 + cc_ptrs, dp * decay * scale)                   # dL/d(q_i . k_j)
-    tl.store(slot0 + C * C + cc_ptrs, dt_mat * b_c[None, :])
+    tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
     tl.store(dbeta + tok * H + hh, d_beta, mask=valid)
+    causal = rows[:, None] >= rows[None, :]
+    dp = tl.where(causal, dp * tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
+    anti = rows[:, None] <= rows[None, :]
+    dpt = tl.where(anti, dpt * tl.exp(tl.where(anti, g_c[None, :] - g_c[:, None], 0.0)), 0.0)
+    # In the inputs' dtype from here: dP only feeds dots, and two fp32 [C, C] tiles held
+    # across the K loop would spill the accumulators below.
+    dp = (dp * scale).to(dt)                                         # dL/d(q_i . k_j)
+    dpt = (dpt * scale).to(dt)                                       # its transpose
 
-
-@triton.jit(do_not_specialize=["N", "STEPS", "scale", "part_stride"])
-def chunk_bwd_dqk_kernel(
-    q, k, beta, gam, h, dh, u, du, do,   # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,K,V] x2, [TT,H,V] x3
-    dq, dgam, scratch_cc, scratch_dw, scratch_dk,  # [TT,H,K], [NK,TT,H] f32, slots, [TT,H,K] f32 x2
-    cu_seqlens, chunk_offsets, N, STEPS, scale, part_stride,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
-):
-    """Phase B, one program per (chunk, head, K block), over V blocks: dq, the Kg part of dk,
-    dW = -dU S^T (scratch), dW's part of dL/dT (summed into slot 1 by phase C) and the dgam
-    terms of q, Kg and e^Gam S (partial dgam per K block, summed by phase C)."""
-    pid = tl.program_id(0)
-    hh = tl.program_id(1)
-    kb = tl.program_id(2)
-    if pid >= tl.load(chunk_offsets + N):
-        return
-    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
-        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
-    rows = tl.arange(0, C)
-    dt = u.dtype.element_ty
-    kcols = kb * BK + tl.arange(0, BK)
-    koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+    k_decay = tl.where(valid, tl.exp(g_last - g_c), 0.0)
+    d_gam = tl.zeros([C], dtype=tl.float32)
+    rows_sum = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)      # dgam of Gam (last row)
     s_base = chunk_id * K * V
+    for kb in range(K // BK):
+        kcols = kb * BK + tl.arange(0, BK)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+        # Two passes over V, each with two accumulators, keep the live set small.
+        dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
+        dw = tl.zeros([C, BK], dtype=tl.float32)                     # -dU S^T
+        for vb in range(V // BV):
+            vcols = vb * BV + tl.arange(0, BV)
+            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+            s_t = tl.load(h + s_base + kcols[:, None] * V + vcols[None, :])
+            dqg += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt),
+                          tl.trans(s_t), input_precision=PREC)
+            dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                         input_precision=PREC)
+        tl.store(scratch_dw + koffs, dw.to(scratch_dw.dtype.element_ty), mask=valid[:, None])
+        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
+        q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0)
+        dq_t = dqg * (tl.exp(g_c) * scale)[:, None] + tl.dot(dp, k_t, input_precision=PREC)
+        tl.store(dq + koffs, dq_t.to(dq.dtype.element_ty), mask=valid[:, None])
+        d_gam += tl.sum(dq_t * q_t.to(tl.float32), axis=1)
 
-    dqg = tl.zeros([C, BK], dtype=tl.float32)                        # dO S^T
-    dkg = tl.zeros([C, BK], dtype=tl.float32)                        # U dS'^T
-    dw = tl.zeros([C, BK], dtype=tl.float32)                         # -dU S^T
-    d_state_decay = tl.sum(tl.zeros([BK], dtype=tl.float32), axis=0)  # sum dS' * S
-    for vb in tl.static_range(V // BV):
-        vcols = vb * BV + tl.arange(0, BV)
-        voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-        st_offs = s_base + kcols[:, None] * V + vcols[None, :]
-        s_t = tl.load(h + st_offs)
-        ds_t = tl.load(dh + st_offs)
-        dqg += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt), tl.trans(s_t),
-                      input_precision=PREC)
-        dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
-                      input_precision=PREC)
-        dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
-                     input_precision=PREC)
-        d_state_decay += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
-    tl.store(scratch_dw + koffs, dw, mask=valid[:, None])
-    k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
-    dkg = dkg * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]
-    tl.store(scratch_dk + koffs, dkg, mask=valid[:, None])
-    kg_term = tl.sum(dkg * k_t, axis=1)
-    rows_sum = tl.sum(kg_term, axis=0) + d_state_decay * tl.exp(g_last)
-    dq_t = dqg * (tl.exp(g_c) * scale)[:, None] + tl.dot(tl.load(slot0 + rows[:, None] * C + rows[None, :]),
-                                                         k_t, input_precision=PREC)
-    tl.store(dq + koffs, dq_t.to(dq.dtype.element_ty), mask=valid[:, None])
-    # Kg = e^(Gam - gam) k puts -kg_term on gam_i and +sum(kg_term) on Gam (last valid row).
-    d_gam = tl.sum(dq_t * tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), axis=1) - kg_term
+        dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
+        for vb in range(V // BV):
+            vcols = vb * BV + tl.arange(0, BV)
+            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+            st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+            ds_t = tl.load(dh + st_offs)
+            dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+                          input_precision=PREC)
+            rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * tl.load(h + st_offs).to(tl.float32),
+                                      axis=1), axis=0) * tl.exp(g_last)
+        k_f = k_t.to(tl.float32)
+        dkg = dkg * k_decay[:, None]
+        kg_term = tl.sum(dkg * k_f, axis=1)
+        rows_sum += tl.sum(kg_term, axis=0)
+        dk_p = tl.dot(dpt, q_t, input_precision=PREC)               # P's part of dk
+        tl.store(scratch_dk + koffs, dkg + dk_p, mask=valid[:, None])
+        # Kg = e^(Gam - gam) k puts -kg_term on gam_i and +sum(kg_term) on Gam; P's decay
+        # e^(gam_i - gam_j) puts +q_i . dq_i on row i and -k_j . dk_p_j on column j.
+        d_gam -= kg_term + tl.sum(dk_p * k_f, axis=1)
     d_gam = tl.where(rows == last, d_gam + rows_sum, d_gam)
-    tl.store(dgam + kb.to(tl.int64) * part_stride + tok * H + hh, d_gam, mask=valid)
+    tl.store(dgam + tok * H + hh, d_gam, mask=valid)
 
 
-@triton.jit(do_not_specialize=["N", "STEPS", "part_stride"])
+@triton.jit(do_not_specialize=["N", "STEPS"])
 def chunk_bwd_wy_kernel(
-    q, k, beta, gam, t_mat,              # [TT,H,K] x2, [TT,H], [TT,H] f32, [NTU,H,C,C] f32
-    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32, [NK,TT,H] f32 partials, [TT,H] f32
+    k, beta, gam, t_mat,                 # [TT,H,K], [TT,H], [TT,H] f32, [NTU,H,C,C] f32
+    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32 x3 (dbeta, dgam: phase A's parts)
     scratch_cc, scratch_dw, scratch_dk,
-    cu_seqlens, chunk_offsets, N, STEPS, part_stride,
+    cu_seqlens, chunk_offsets, N, STEPS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Phase C, one program per (chunk, head): dL/dT (slot 1 + dW Kbg^T), dA = -T^T dT T^T,
+    """Phase B, one program per (chunk, head): dL/dT (slot 0 + dW Kbg^T), dA = -T^T dT T^T,
     then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam)."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
@@ -201,51 +207,46 @@ def chunk_bwd_wy_kernel(
     cc_ptrs = rows[:, None] * C + rows[None, :]
     t_ptr = t_mat + chunk_id * C * C
     slot1 = slot0 + C * C
-    slot2 = slot1 + C * C
     k_scale = b_c * tl.exp(g_c)
+    dwt = scratch_dw.dtype.element_ty
 
-    dt_mat = tl.load(slot1 + cc_ptrs)
+    dt_mat = tl.load(slot0 + cc_ptrs)
     for kb in tl.static_range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
         k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
         dt_mat += tl.dot(tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
-                         tl.trans(k_t * k_scale[:, None]), input_precision=PREC)
+                         tl.trans((k_t * k_scale[:, None]).to(dwt)), input_precision=PREC)
     x = tl.dot(dt_mat, tl.trans(tl.load(t_ptr + cc_ptrs)), input_precision=PREC)
     da = -tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), x, input_precision=PREC)
     strict = rows[:, None] > rows[None, :]
     hm = tl.where(strict, da * tl.exp(tl.where(strict, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
-    tl.debug_barrier()                                               # slot 1 read by all first
-    tl.store(slot1 + cc_ptrs, hm)                                    # dL/d(beta_i k_i . k_j)
-    tl.store(slot2 + cc_ptrs, hm * b_c[:, None])                     # dL/d(k_i . k_j) via A
+    tl.debug_barrier()                                               # slot 0 read by all first
+    tl.store(slot0 + cc_ptrs, hm)                                    # dL/d(beta_i k_i . k_j)
+    tl.store(slot1 + cc_ptrs, hm * b_c[:, None])                     # dL/d(k_i . k_j) via A
     tl.debug_barrier()
 
     d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
-    d_gam = tl.zeros([C], dtype=tl.float32)
+    d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
     for kb in tl.static_range(K // BK):
-        d_gam += tl.load(dgam + part_stride.to(tl.int64) * kb + tok * H + hh, mask=valid, other=0.0)
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
         k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
         dkb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)),
-                     tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
+                     tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0).to(tl.float32),
                      input_precision=PREC)                           # dL/d(beta e^gam k)
         kdkb = tl.sum(dkb * k_t, axis=1)
         d_beta += kdkb * tl.exp(g_c)
         d_gam += kdkb * k_scale
         dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0) + dkb * k_scale[:, None]
-        hk = tl.dot(tl.load(slot1 + cc_ptrs), k_t, input_precision=PREC)
+        hk = tl.dot(tl.load(slot0 + cc_ptrs), k_t, input_precision=PREC)
         khk = tl.sum(hk * k_t, axis=1)
         d_beta += khk
         d_gam += khk * b_c
         dk_t += hk * b_c[:, None]
-        gtk = tl.dot(tl.trans(tl.load(slot2 + cc_ptrs)), k_t, input_precision=PREC)
+        gtk = tl.dot(tl.trans(tl.load(slot1 + cc_ptrs)), k_t, input_precision=PREC)
         d_gam -= tl.sum(gtk * k_t, axis=1)
         dk_t += gtk
-        ptq = tl.dot(tl.trans(tl.load(slot0 + cc_ptrs)),
-                     tl.load(q + koffs, mask=valid[:, None], other=0.0).to(tl.float32), input_precision=PREC)
-        d_gam -= tl.sum(ptq * k_t, axis=1)
-        dk_t += ptq
         tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
     d_gam = tl.where(valid, d_gam, 0.0)
     # g enters through the in-chunk cumsum: dg_t = sum_{i >= t} dgam_i.

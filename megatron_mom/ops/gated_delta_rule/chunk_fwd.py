@@ -42,15 +42,18 @@ def load_decay(gam, tok, valid, last, h, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def invert_unit_lower(a, BS: tl.constexpr):
-    """(I + a)^-1 for a strictly lower triangular [BS, BS] fp32 tile, by forward substitution
-    (exact fp32 arithmetic, no tensor cores): row i = e_i - sum_{j<i} a_ij row_j."""
+def invert_unit_lower(a, NB: tl.constexpr, BS: tl.constexpr):
+    """(I + a)^-1 for NB strictly lower triangular [BS, BS] fp32 tiles at once (a: [NB, BS, BS]),
+    by forward substitution (exact fp32 arithmetic, no tensor cores): row i = e_i - sum_{j<i}
+    a_ij row_j. The NB blocks share the BS - 1 sequential steps."""
     r = tl.arange(0, BS)
-    inv = (r[:, None] == r[None, :]).to(tl.float32)
+    eye = (r[:, None] == r[None, :]).to(tl.float32)
+    inv = tl.zeros([NB, BS, BS], dtype=tl.float32) + eye[None, :, :]
     for i in range(1, BS):
-        a_i = tl.sum(tl.where(r[:, None] == i, a, 0.0), axis=0)        # [BS] over j
-        upd = tl.sum(a_i[:, None] * inv, axis=0)                         # sum_j a_ij inv[j, :]
-        inv = tl.where(r[:, None] == i, inv - upd[None, :], inv)
+        row_i = r[None, :, None] == i                                    # [1, BS, 1]
+        a_i = tl.sum(tl.where(row_i, a, 0.0), axis=1)                   # [NB, BS] over j
+        upd = tl.sum(a_i[:, :, None] * inv, axis=1)                     # sum_j a_ij inv[j, :]
+        inv = tl.where(row_i, inv - upd[:, None, :], inv)
     return inv
 
 
@@ -103,9 +106,9 @@ def prepare_kernel(
     tl.store(t_ptrs, a)
     tl.debug_barrier()
     r16 = tl.arange(0, 16)
-    for blk in tl.static_range(C // 16):
-        p16 = t_base + (blk * 16 + r16)[:, None] * C + (blk * 16 + r16)[None, :]
-        tl.store(p16, invert_unit_lower(tl.load(p16), 16))
+    blk = tl.arange(0, C // 16)[:, None, None] * 16
+    p_diag = t_base + (blk + r16[None, :, None]) * C + blk + r16[None, None, :]  # [C/16, 16, 16]
+    tl.store(p_diag, invert_unit_lower(tl.load(p_diag), C // 16, 16))
     tl.debug_barrier()
     blk_of = rows // 16
     d_inv = tl.load(t_ptrs, mask=blk_of[:, None] == blk_of[None, :], other=0.0)

@@ -4,7 +4,8 @@ Function (gradients for q, k, v, g, beta and the initial state), packed sequence
 
 Kernels (chunk_fwd.py, chunk_bwd.py):
     forward   prepare_kernel (chunk-parallel) -> state_fwd_kernel (sequential over chunks)
-    backward  state_bwd_kernel (sequential, reverse) -> chunk_bwd_kernel (chunk-parallel)
+    backward  state_bwd_kernel (sequential, reverse) -> chunk_bwd_main_kernel ->
+              chunk_bwd_wy_kernel (both chunk-parallel)
 By default the forward keeps what the backward needs (per-chunk entry states h, U, W, T); with
 `set_recompute_states(True)` it keeps only the inputs and the backward reruns the forward
 kernels first (less memory, one more forward's worth of time). The launch path reads no device
@@ -19,8 +20,8 @@ from torch import Tensor
 
 from triton.runtime.errors import OutOfResources
 
-from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel,
-                                                         chunk_bwd_wy_kernel, state_bwd_kernel)
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
+                                                         state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
 from megatron_mom.ops.l2norm.triton import l2norm_bwd, l2norm_fwd
 from megatron_mom.ops.utils import (as_int32, chunk_offsets, dense_cu_seqlens, max_chunks,
@@ -44,8 +45,7 @@ CONFIG: Dict[str, Dict] = {
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
                    256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
     "chunk_bwd": {"BK": 64, "BV": 64},
-    "chunk_bwd_dv": {"num_warps": 8, "num_stages": 1},
-    "chunk_bwd_dqk": {"num_warps": 8, "num_stages": 1},
+    "chunk_bwd_main": {"num_warps": 8, "num_stages": 1},
     "chunk_bwd_wy": {"num_warps": 8, "num_stages": 1},
     # tl.dot precision for float32 operands on GPUs: "tf32", "tf32x3" or "ieee".
     "precision": "tf32",
@@ -162,33 +162,31 @@ def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
 
 
 def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dqk_dtype):
-    """Three chunk-parallel phases (dv | dq and dW | WY part of dk, dbeta, dg)."""
+    """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg)."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = CONFIG["chunk_bwd"]
     BK, BV = min(cfg["BK"], P.K), min(cfg["BV"], P.V)
-    NK = P.K // BK
     dq = torch.empty(P.TT, P.H, P.K, dtype=dqk_dtype, device=dev)
     dk = torch.empty_like(dq)
     dv = torch.empty_like(v)
     dbeta = torch.empty(P.TT, P.H, **f32)
-    dgam_parts = torch.empty(NK, P.TT, P.H, **f32)
+    dgam = torch.empty(P.TT, P.H, **f32)
     dg = torch.empty(P.TT, P.H, **f32)
-    scratch_cc = torch.empty(P.NTU, P.H, 3, P.C, P.C, **f32)
-    scratch_dw = torch.empty(P.TT, P.H, P.K, **f32)
+    scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
+    # dW feeds only dots: bf16 halves its round trip; float16 could overflow, so it takes fp32.
+    dw_dtype = torch.float32 if k.dtype == torch.float16 else k.dtype
+    scratch_dw = torch.empty(P.TT, P.H, P.K, dtype=dw_dtype, device=dev)
     scratch_dk = torch.empty(P.TT, P.H, P.K, **f32)
     seq = (P.cu, P.offsets, P.N, P.steps)
     prec = CONFIG["precision"]
-    chunk_bwd_dv_kernel[(P.NTU, P.H)](
-        v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, *seq, scale,
-        H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dv"))
-    chunk_bwd_dqk_kernel[(P.NTU, P.H, NK)](
-        q, k, beta, gam, h, dh, u, du, do, dq, dgam_parts, scratch_cc, scratch_dw, scratch_dk,
-        *seq, scale, P.TT * P.H,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_dqk"))
+    chunk_bwd_main_kernel[(P.NTU, P.H)](
+        q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
+        scratch_cc, scratch_dw, scratch_dk, *seq, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
-        q, k, beta, gam, t_mat, dk, dbeta, dgam_parts, dg, scratch_cc, scratch_dw, scratch_dk,
-        *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
+        k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
+        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
     return dq, dk, dv, dbeta, dg
 
 
