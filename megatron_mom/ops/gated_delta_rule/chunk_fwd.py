@@ -119,18 +119,22 @@ def prepare_kernel(
     tl.debug_barrier()
     tl.store(t_ptrs, t_mat)
 
+    # W and U0 are stored in the inputs' dtype, so their dots take T in that dtype too (one
+    # rounding of the same size as the store's; the backward keeps T in float32).
+    dt = w_out.dtype.element_ty
+    t_op = t_mat.to(dt)
     kscale = b_c * tl.exp(gam)
     for kb in tl.static_range(K // BK):
         cols = kb * BK + tl.arange(0, BK)
         offs = (tok * H + h)[:, None] * K + cols[None, :]
         k_t = tl.load(k + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        w_t = tl.dot(t_mat, k_t * kscale[:, None], input_precision=PREC)
+        w_t = tl.dot(t_op, (k_t * kscale[:, None]).to(dt), input_precision=PREC)
         tl.store(w_out + offs, w_t.to(w_out.dtype.element_ty), mask=valid[:, None])
     for vb in tl.static_range(V // BV):
         cols = vb * BV + tl.arange(0, BV)
         offs = (tok * H + h)[:, None] * V + cols[None, :]
         v_t = tl.load(v + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-        u_t = tl.dot(t_mat, v_t * b_c[:, None], input_precision=PREC)
+        u_t = tl.dot(t_op, (v_t * b_c[:, None]).to(dt), input_precision=PREC)
         tl.store(u_out + offs, u_t.to(u_out.dtype.element_ty), mask=valid[:, None])
 
 
