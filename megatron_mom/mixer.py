@@ -181,8 +181,8 @@ class MixtureOfMemories(MegatronModule):
             raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
                              f"context_parallel_size 1, got batch {b}, context parallel {cp}")
 
-        # Sequence-major token order: token n = batch * s + time.
-        plan = route(logits.transpose(0, 1).reshape(b * s, -1), mom)
+        # Time-major token order, n = time * b + batch: [s, b, ...] -> [s * b, ...] is a view.
+        plan = route(logits.reshape(s * b, -1), mom)
         losses = router_losses(logits_local.reshape(-1, mom.num_memories),
                                plan.tokens_per_memory, b * s, mom)
         weight = attach_loss(plan.weight, losses.total if losses else None)
@@ -190,7 +190,7 @@ class MixtureOfMemories(MegatronModule):
             metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
                                   reduce_group=self._router_reduce_group())
 
-        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
+        q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
         seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
         y = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
         z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
@@ -268,10 +268,11 @@ class MixtureOfMemories(MegatronModule):
         return torch.sigmoid(b.to(ct)), -A_log.exp() * F.softplus(a.to(ct) + dt_bias)
 
     def _read_out(self, y: Tensor, gate: Optional[Tensor], b: int, s: int) -> Tensor:
-        """Gated RMSNorm of the mixed read-out [N, H, V] -> [s, b, H*V] for out_proj."""
+        """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
+        out_proj, as a view."""
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps)
-        return z.reshape(b, s, -1).transpose(0, 1)
+        return z.reshape(s, b, -1)
 
     # ------------------------------------------------------------------ decoding
     def _forward_inference(self, hidden_states: Tensor, ctx):
@@ -281,9 +282,9 @@ class MixtureOfMemories(MegatronModule):
         mom = self.mom
         s, b, _ = hidden_states.shape
         cache = inference.layer_cache(ctx, self.layer_number, b, self._new_cache)
-        logits = self.router(hidden_states).transpose(0, 1).reshape(b * s, -1)
+        logits = self.router(hidden_states).reshape(s * b, -1)             # time-major tokens
         proj, _ = self.in_proj(hidden_states)
-        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
+        q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
         plan = route(logits, mom)
         if s == 1:
             y = self._decode_step(q_tok, mem, plan, cache)

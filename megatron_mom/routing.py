@@ -5,6 +5,10 @@ The packed layout lays those N * S (token, memory) rows out memory-major, then s
 time, so that each (memory, sequence) pair is one contiguous segment: the recurrence and the
 short convolutions then run on `cu_seqlens` segments and never cross a memory or a sequence.
 
+Tokens come in time-major order, n = t * b + batch_index: a free view of Megatron's [s, b, ...]
+activations (sequence-major order would cost a transposing copy of the whole projection on
+the way in and of the read-out on the way out). With packed documents (b = 1) both coincide.
+
 Everything here has static shapes (N * S rows, E * Q + 1 boundaries) and no host syncs.
 """
 from __future__ import annotations
@@ -28,16 +32,18 @@ class PackedLayout:
 
 
 def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> PackedLayout:
-    """memory: [N, S] memory per slot (distinct within a row); seq_id: [N] non-decreasing
-    sequence index of each token (tokens are in sequence-major, time order)."""
+    """memory: [N, S] memory per slot (distinct within a row); seq_id: [N] sequence index of
+    each token. Sequences may interleave (time-major order), but within a sequence token
+    indices must increase with time."""
     N, S = memory.shape
     token = torch.arange(N, device=memory.device)
-    # Rows sorted by (memory, token) are sorted by (memory, sequence, time).
-    key = (memory * N + token[:, None]).reshape(-1)                    # [N * S]
-    order = torch.argsort(key)
+    seg = (memory * num_seqs + seq_id[:, None]).reshape(-1)            # [N * S] segment of a row
+    # Sorting by (segment, token) sorts by (memory, sequence, time) whatever the interleaving of
+    # sequences. Keys stay below E * Q * N (< 2**63 for any realistic N).
+    key = seg * N + token.repeat_interleave(S)
+    order = torch.argsort(key)                                         # packed row -> n * S + j
     slot_row = torch.empty_like(order)
     slot_row[order] = torch.arange(N * S, device=memory.device)
-    seg = (memory * num_seqs + seq_id[:, None]).reshape(-1)
     counts = torch.zeros(num_memories * num_seqs, dtype=torch.int64, device=memory.device)
     counts.scatter_add_(0, seg, torch.ones_like(seg))
     cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
@@ -129,12 +135,13 @@ def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:
-    """Sequence index of each token in sequence-major order, and the number of sequences.
+    """Sequence index of each token in time-major order (n = t * batch + i), and the number of
+    sequences.
 
     Without `cu_seqlens` every batch row is a sequence; with it (packed documents, batch 1)
     each document is its own sequence."""
     if cu_seqlens is None:
-        ids = torch.arange(batch, device=device).repeat_interleave(seqlen)
+        ids = torch.arange(batch, device=device).repeat(seqlen)         # [s * b]
         return ids, batch
     tok = torch.arange(batch * seqlen, device=device)
     ids = torch.searchsorted(cu_seqlens[1:].to(device), tok, right=True)

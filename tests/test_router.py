@@ -98,6 +98,26 @@ def test_packed_moves_match_plain_indexing_and_gradcheck():
     assert torch.autograd.gradcheck(lambda o, w: routing.mix(o, layout, w), (o, w))
 
 
+def test_pack_time_major_matches_sequence_major():
+    """The layer's time-major tokens (n = t * b + i) pack into the same segments, rows and
+    boundaries as the same tokens in sequence-major order (n = i * s + t)."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(1)
+    b, s, S, E = 3, 7, 3, 5
+    memory_sm = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(b * s)])
+    seq_sm = torch.arange(b).repeat_interleave(s)                  # the former sequence_ids
+    sm = routing.pack(memory_sm, seq_sm, b, E)
+    # token (i, t): sequence-major index i * s + t, time-major index t * b + i
+    tm_to_sm = torch.arange(b * s).view(b, s).t().reshape(-1)       # [s * b]
+    seq_tm, num_seqs = routing.sequence_ids(b, s, None, "cpu")
+    assert num_seqs == b and torch.equal(seq_tm, seq_sm[tm_to_sm])
+    tm = routing.pack(memory_sm[tm_to_sm], seq_tm, b, E)
+    assert torch.equal(tm_to_sm[tm.token], sm.token)
+    assert torch.equal(tm.memory, sm.memory)
+    assert torch.equal(tm.cu_seqlens, sm.cu_seqlens)
+    assert torch.equal(tm.slot_row, sm.slot_row[tm_to_sm])
+
+
 def test_router_loss_scale_follows_megatrons_rule(megatron_single):
     """loss_scale * cp / micro-batches, into whatever buffer shape an earlier call left."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
