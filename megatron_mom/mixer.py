@@ -221,9 +221,12 @@ class MixtureOfMemories(MegatronModule):
         """[N, P] -> q [N, H*K], output gate [N, H, V] (or None), per-memory [N, E, H*(K+V+2)]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         N = proj.shape[0]
-        head = H * K + (H * V if mom.use_output_gate else 0)
-        gate = proj[:, H * K: head].view(N, H, V) if mom.use_output_gate else None
-        return proj[:, : H * K], gate, proj[:, head:].view(N, mom.num_memory_weights, -1)
+        # One split: its backward is one cat, where slices would each zero-fill a full-size
+        # gradient and autograd would add those up.
+        sizes = [H * K] + ([H * V] if mom.use_output_gate else [])
+        parts = proj.split(sizes + [proj.shape[1] - sum(sizes)], dim=-1)
+        gate = parts[1].view(N, H, V) if mom.use_output_gate else None
+        return parts[0], gate, parts[-1].view(N, mom.num_memory_weights, -1)
 
     def _memories(self, q_tok, mem, memory, weight, seq_id, num_seqs, cache=None):
         """Run every (sequence, memory) segment and mix the read-outs back per token.
@@ -258,7 +261,7 @@ class MixtureOfMemories(MegatronModule):
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o[0], layout, weight).to(o.dtype)
+        return routing.mix(o[0], layout, weight, out_dtype=o.dtype)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""

@@ -23,7 +23,8 @@ from torch import Tensor
 class PackedLayout:
     token: Tensor       # [L] token index of each packed row, L = N * S
     memory: Tensor      # [L] memory index of each packed row
-    slot_row: Tensor    # [N, S] packed row of each (token, slot)
+    slot: Tensor        # [L] flat (token, slot) index n * S + j of each packed row
+    slot_row: Tensor    # [N, S] packed row of each (token, slot); inverse of `slot`
     cu_seqlens: Tensor  # [E * Q + 1] segment boundaries, segment (m, q) at m * Q + q
 
     @property
@@ -47,14 +48,14 @@ def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> Pa
     counts = torch.zeros(num_memories * num_seqs, dtype=torch.int64, device=memory.device)
     counts.scatter_add_(0, seg, torch.ones_like(seg))
     cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return PackedLayout(token=order // S, memory=memory.reshape(-1)[order],
-                        slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
+    return PackedLayout(token=order // S, memory=memory.reshape(-1).index_select(0, order),
+                        slot=order, slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
 
 
 # Every packed row belongs to exactly one (token, slot): `slot_row` is a permutation of the
-# rows. The three moves below use that to write their backward passes as plain gathers and
-# non-accumulating stores: deterministic (no atomic adds) and without autograd's index_put
-# accumulation, and the mix keeps only the packed read-out for its backward.
+# rows. The moves below use that to write their backward passes as gathers (`index_select`) and
+# non-accumulating stores (`index_copy_`, each target written once): deterministic, no atomic
+# adds, no autograd index_put accumulation, and no zero-filled full-size buffers to add into.
 
 class _Spread(torch.autograd.Function):
     """x [N, ...] in token order -> [L, ...]: each token copied to its S packed rows."""
@@ -62,12 +63,14 @@ class _Spread(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token, slot_row):
         ctx.save_for_backward(slot_row)
-        return x[token]
+        return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
-        return grad[slot_row].sum(1), None, None                      # [N, ...]
+        N, S = slot_row.shape
+        rows = grad.index_select(0, slot_row.view(-1))                 # [N * S, ...]
+        return rows.view(N, S, *grad.shape[1:]).sum(1), None, None     # [N, ...]
 
 
 class _Select(torch.autograd.Function):
@@ -75,42 +78,65 @@ class _Select(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token, memory):
-        ctx.save_for_backward(token, memory)
+        N, E = x.shape[:2]
+        flat = token * E + memory                                      # [L] row of x.flatten(0, 1)
+        ctx.save_for_backward(flat)
         ctx.shape = x.shape
-        return x[token, memory]
+        if x.stride(0) == E * x.stride(1):
+            return x.flatten(0, 1).index_select(0, flat)
+        return x[token, memory]  # rows of a strided slice (the projection): no flat view
 
     @staticmethod
     def backward(ctx, grad):
-        token, memory = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        out[token, memory] = grad                                      # distinct pairs
-        return out, None, None
+        (flat,) = ctx.saved_tensors
+        N, E = ctx.shape[:2]
+        out = grad.new_empty(N * E, *ctx.shape[2:])
+        out.index_copy_(0, flat, grad)                                 # routed pairs, once each
+        if flat.numel() < N * E:
+            out.index_fill_(0, _unrouted(flat, N, E), 0)               # the other N * (E - S)
+        return out.view(ctx.shape), None, None
+
+
+def _unrouted(flat: Tensor, N: int, E: int) -> Tensor:
+    """Rows n * E + e of the (token, memory) pairs not in `flat`: exactly E - S per token, so
+    the shape is static (no host sync)."""
+    S = flat.numel() // N
+    free = torch.ones(N * E, dtype=torch.int8, device=flat.device).index_fill_(0, flat, 0)
+    e = torch.argsort(free.view(N, E), dim=1, descending=True, stable=True)[:, : E - S]
+    return (e + torch.arange(N, device=flat.device)[:, None] * E).reshape(-1)
 
 
 class _Mix(torch.autograd.Function):
     """y[n] = sum_j weight[n, j] * o[slot_row[n, j]], accumulated in weight's dtype."""
 
     @staticmethod
-    def forward(ctx, o, weight, slot_row):
-        ctx.save_for_backward(o, weight, slot_row)
-        y = None
-        for j in range(slot_row.shape[1]):  # S is 2-3: no [N, S, ...] temporary kept
-            term = o[slot_row[:, j]].to(weight.dtype) * _expand(weight[:, j], o.dim() - 1)
-            y = term if y is None else y + term
-        return y
+    def forward(ctx, o, weight, token, slot, slot_row, out_dtype):
+        ctx.save_for_backward(o, weight, token, slot)
+        S = slot_row.shape[1]
+        out_dtype = out_dtype or weight.dtype
+        for j in range(S):  # S is 2-3: no [N, S, ...] temporary kept
+            # o (bf16) * weight (float32) promotes: products and sums are in weight's dtype
+            term = o.index_select(0, slot_row[:, j]) * _expand(weight[:, j], o.dim() - 1)
+            if j == 0:
+                y = term
+            elif j < S - 1:
+                y.add_(term)
+            else:  # the last add rounds once, into the output dtype
+                y = torch.add(y, term, out=term.new_empty(term.shape, dtype=out_dtype))
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        o, weight, slot_row = ctx.saved_tensors
-        N, S = slot_row.shape
-        w = weight.view(N, S, *([1] * (o.dim() - 1)))
-        d_o = torch.empty_like(o)
-        d_o[slot_row.reshape(-1)] = (w * dy[:, None]).reshape(N * S, *o.shape[1:]).to(o.dtype)
+        o, weight, token, slot = ctx.saved_tensors
+        ct = weight.dtype
+        dy_rows = dy.index_select(0, token)                            # [L, ...] dy of each row
+        w_rows = _expand(weight.reshape(-1).index_select(0, slot), o.dim() - 1)
         d_w = None
         if ctx.needs_input_grad[1]:
-            o_slots = o[slot_row].to(dy.dtype)                         # [N, S, ...]
-            d_w = (o_slots * dy[:, None]).flatten(2).sum(-1).to(weight.dtype)
-        return d_o, d_w, None
+            d_rows = (dy_rows.to(ct) * o).flatten(1).sum(-1)           # [L] in weight's dtype
+            d_w = d_rows.new_empty(weight.numel()).index_copy_(0, slot, d_rows).view(weight.shape)
+        d_o = torch.mul(dy_rows, w_rows, out=torch.empty_like(o))      # computed in weight's dtype
+        return d_o, d_w, None, None, None, None
 
 
 def _expand(w: Tensor, trailing: int) -> Tensor:
@@ -127,11 +153,12 @@ def select(x: Tensor, layout: PackedLayout) -> Tensor:
     return _Select.apply(x, layout.token, layout.memory)
 
 
-def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
+def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor, out_dtype=None) -> Tensor:
     """Sum each token's slots back: y[n] = sum_j weight[n, j] * o_packed[slot_row[n, j]].
 
-    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64)."""
-    return _Mix.apply(o_packed, weight, layout.slot_row)
+    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64) and
+    returns that dtype, or `out_dtype` (rounded once, at the end)."""
+    return _Mix.apply(o_packed, weight, layout.token, layout.slot, layout.slot_row, out_dtype)
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:
