@@ -165,15 +165,19 @@ class MixtureOfMemories(MegatronModule):
         mom, sp, cp = self.mom, self.config.sequence_parallel, self.cp_size
 
         logits_local = self.router(hidden_states)                          # [s_local, b, M]
-        proj, _ = self.in_proj(hidden_states)                              # [s_cp, b, P]
+        grouped = self._grouped_projection_applies(hidden_states)
+        if grouped:  # context_parallel_size 1
+            x = self._in_proj_input(hidden_states)                         # [s, b, D]
+        else:
+            proj, _ = self.in_proj(hidden_states)                          # [s_cp, b, P]
         logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s_cp, b, M]
-        s_cp = proj.shape[0]
+        s_cp = logits.shape[0]
         if cp > 1:
             parallel.check_cp_sequence(s_cp, cp)
             logits = parallel.cp_gather_sequence(logits, self.cp_group)    # [s, b, M]
             proj = parallel.cp_sequence_to_heads(self._split_heads_by_cp_rank(proj),
                                                  self.cp_group)            # [s, b, P / cp]
-        s, b, _ = proj.shape
+        s, b, _ = logits.shape
         cu_docs = None if packed_seq_params is None else (
             packed_seq_params.cu_seqlens_q_padded
             if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
@@ -190,9 +194,13 @@ class MixtureOfMemories(MegatronModule):
             metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
                                   reduce_group=self._router_reduce_group())
 
-        q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
-        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
-        y = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
+        if grouped:
+            q_tok, gate, memory_rows = self._project_grouped(x.reshape(s * b, -1))
+        else:
+            q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
+            memory_rows = lambda layout: routing.select(mem, layout)
+        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, logits.device)
+        y = self._memories(q_tok, memory_rows, plan.memory, weight, seq_id, num_seqs)
         z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
         if cp > 1:
             z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
@@ -228,15 +236,80 @@ class MixtureOfMemories(MegatronModule):
         gate = parts[1].view(N, H, V) if mom.use_output_gate else None
         return parts[0], gate, parts[-1].view(N, mom.num_memory_weights, -1)
 
-    def _memories(self, q_tok, mem, memory, weight, seq_id, num_seqs, cache=None):
+    def _grouped_projection_applies(self, x: Tensor) -> bool:
+        """Whether this training step projects the memories' k, v, b, a per routed row
+        (`_project_grouped`) instead of through `in_proj` for every memory (the reference)."""
+        mode = self.mom.grouped_projection
+        if mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None):
+            return False
+        w, bias = getattr(self.in_proj, "weight", None), getattr(self.in_proj, "bias", None)
+        if not isinstance(w, Tensor) or w.dim() != 2 or (bias is not None and bias.numel()):
+            return False
+        # _grouped_mm needs 16-byte row strides: x rows and the weight read column-major (D),
+        # the output's gradient (C per memory: contiguous, as autograd assembles it).
+        H, K, V = self.num_heads, self.mom.key_dim, self.mom.value_dim
+        if (w.shape[0] != sum(rows for _, rows in self.sections) or w.shape[1] % 8
+                or H * (K + V + 2) * w.element_size() % 16
+                or w.dtype != x.dtype or x.dtype == torch.float64
+                or not hasattr(torch, "_grouped_mm")):
+            return False
+        if mode == "on":
+            return True
+        # Elsewhere torch runs a loop over groups that reads the offsets on the host (a sync).
+        return (x.is_cuda and x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+    def _in_proj_input(self, hidden_states: Tensor) -> Tensor:
+        """What ColumnParallelLinear does to its input, for the grouped path that uses
+        `in_proj.weight` directly: gather the sequence under SP (reduce-scatter in backward),
+        else copy to the TP group (all-reduce in backward). Runs in_proj's forward pre-hooks
+        first: Megatron DDP's overlapped parameter all-gather waits for a module's weights in
+        one, and in_proj's forward is skipped here."""
+        args = (hidden_states,)
+        for hook_id, hook in self.in_proj._forward_pre_hooks.items():
+            if hook_id in self.in_proj._forward_pre_hooks_with_kwargs:
+                hook(self.in_proj, args, {})
+            else:
+                hook(self.in_proj, args)
+        return parallel.full_sequence(hidden_states, self.tp_group, self.config.sequence_parallel)
+
+    def _project_grouped(self, x_tok: Tensor):
+        """x [N, D] -> q [N, H*K], gate [N, H, V] (or None) by one dense GEMM, and
+        `memory_rows(layout)`: the k | v | b | a of each packed row by one grouped GEMM over
+        the memory-major rows, each memory with its own weight (every token's S memories,
+        not all E). Same parameters as the dense path: row slices of `in_proj.weight`."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        N, D = x_tok.shape
+        E = mom.num_memory_weights
+        head = H * K + (H * V if mom.use_output_gate else 0)
+        weight = self.in_proj.weight
+        # One split (backward: one cat into the weight's gradient), no per-slice zero fills.
+        w_head, w_mem = weight.split([head, weight.shape[0] - head])
+        qg = F.linear(x_tok, w_head)                                       # [N, head]
+        if mom.use_output_gate:
+            q_tok, gate = qg.split([H * K, H * V], dim=-1)
+            gate = gate.view(N, H, V)
+        else:
+            q_tok, gate = qg, None
+        w_mem = w_mem.view(E, -1, D).transpose(1, 2)                       # [E, D, C], a view
+
+        def memory_rows(layout):
+            x_rows = routing.spread(x_tok, layout)                         # [L, D]
+            ends = routing.memory_ends(layout, E)                          # [E] int32
+            return torch._grouped_mm(x_rows, w_mem, offs=ends)             # [L, C]
+        return q_tok, gate, memory_rows
+
+    def _memories(self, q_tok, memory_rows, memory, weight, seq_id, num_seqs, cache=None):
         """Run every (sequence, memory) segment and mix the read-outs back per token.
 
-        With a decoding `cache` ([num_seqs, E, ...] rows), segments start from the cached
-        states and the cache receives their final states. Returns y [N, H, V]."""
+        `memory_rows(layout)` gives each packed row's k | v | b | a from its own memory's
+        projection, [L, H*(K+V+2)]. With a decoding `cache` ([num_seqs, E, ...] rows),
+        segments start from the cached states and the cache receives their final states.
+        Returns y [N, H, V]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         q = routing.spread(q_tok, layout)                                  # [L, H*K]
-        k, v, b, a = routing.select(mem, layout).split([H * K, H * V, H, H], dim=-1)
+        k, v, b, a = memory_rows(layout).split([H * K, H * V, H, H], dim=-1)
         L, cu = layout.num_rows, layout.cu_seqlens
         local = self._heads_of_this_cp_rank
         decoding = cache is not None
@@ -293,7 +366,8 @@ class MixtureOfMemories(MegatronModule):
             y = self._decode_step(q_tok, mem, plan, cache)
         else:
             seq_id, _ = routing.sequence_ids(b, s, None, proj.device)
-            y = self._memories(q_tok, mem, plan.memory, plan.weight, seq_id, b, cache)
+            y = self._memories(q_tok, lambda layout: routing.select(mem, layout),
+                               plan.memory, plan.weight, seq_id, b, cache)
         return self.out_proj(self._read_out(y, gate, b, s))
 
     def _new_cache(self, batch: int) -> "inference.MoMCache":

@@ -52,6 +52,13 @@ def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> Pa
                         slot=order, slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
 
 
+def memory_ends(layout: PackedLayout, num_memories: int) -> Tensor:
+    """[E] int32 end row of each memory's packed rows: the group offsets of a grouped GEMM
+    over the packed rows (`torch._grouped_mm(..., offs=)`)."""
+    Q = (layout.cu_seqlens.numel() - 1) // num_memories
+    return layout.cu_seqlens[Q::Q].to(torch.int32)
+
+
 # Every packed row belongs to exactly one (token, slot): `slot_row` is a permutation of the
 # rows. The moves below use that to write their backward passes as gathers (`index_select`) and
 # non-accumulating stores (`index_copy_`, each target written once): deterministic, no atomic
