@@ -4,6 +4,7 @@ Data flow for x [s, b, D] (equations in docs/method.md):
     router(x) -> logits -> top-k memories and weights (+ load-balancing / z loss)
     in_proj(x) -> q | gate | per memory (M routed + shared): k, v, b, a      (column-parallel)
     pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
+      (grouped projection: k, v, b, a only for the packed rows, one grouped GEMM by memory)
     short conv + SiLU per segment -> l2norm(q, k) -> gated delta rule per segment (ops/)
     mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
 """
