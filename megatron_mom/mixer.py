@@ -292,13 +292,8 @@ class MixtureOfMemories(MegatronModule):
             gate = gate.view(N, H, V)
         else:
             q_tok, gate = qg, None
-        w_mem = w_mem.view(E, -1, D).transpose(1, 2)                       # [E, D, C], a view
-
-        def memory_rows(layout):
-            x_rows = routing.spread(x_tok, layout)                         # [L, D]
-            ends = routing.memory_ends(layout, E)                          # [E] int32
-            return torch._grouped_mm(x_rows, w_mem, offs=ends)             # [L, C]
-        return q_tok, gate, memory_rows
+        w_mem = w_mem.view(E, -1, D)                                       # [E, C, D], a view
+        return q_tok, gate, lambda layout: routing.grouped_linear(x_tok, layout, w_mem)
 
     def _memories(self, q_tok, memory_rows, memory, weight, seq_id, num_seqs, cache=None):
         """Run every (sequence, memory) segment and mix the read-outs back per token.

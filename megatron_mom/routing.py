@@ -146,6 +146,36 @@ class _Mix(torch.autograd.Function):
         return d_o, d_w, None, None, None, None
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """y[r] = x[token[r]] @ weight[memory[r]].T for every packed row r: one grouped GEMM over
+    the memory-major rows (`ends`: each memory's end row). Keeps x [N, D], not its packed copy
+    [L, D] (S times larger): the backward gathers that again for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, token, slot_row, ends):
+        ctx.save_for_backward(x, weight, token, slot_row, ends)
+        x_rows = x.index_select(0, token)                                  # [L, D]
+        return torch._grouped_mm(x_rows, weight.transpose(1, 2), offs=ends)  # [L, C]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, token, slot_row, ends = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            d_rows = torch._grouped_mm(dy, weight, offs=ends)              # [L, D]
+            N, S = slot_row.shape
+            dx = d_rows.index_select(0, slot_row.view(-1)).view(N, S, -1).sum(1)
+        if ctx.needs_input_grad[1]:
+            # [E, C, D] directly in the weight's layout: groups split the contraction (rows)
+            dw = torch._grouped_mm(dy.t(), x.index_select(0, token), offs=ends)
+            # A memory no row was routed to must get exactly zero; some grouped-GEMM kernels
+            # leave an empty group's output unwritten (pytorch/pytorch#172439, sm100).
+            empty = torch.diff(ends, prepend=ends.new_zeros(1)) == 0
+            dw.masked_fill_(empty[:, None, None], 0)
+        return dx, dw, None, None, None
+
+
 def _expand(w: Tensor, trailing: int) -> Tensor:
     return w.view(-1, *([1] * trailing))
 
@@ -166,6 +196,15 @@ def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor, out_dtype=None) 
     o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64) and
     returns that dtype, or `out_dtype` (rounded once, at the end)."""
     return _Mix.apply(o_packed, weight, layout.token, layout.slot, layout.slot_row, out_dtype)
+
+
+def grouped_linear(x: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
+    """Token rows x [N, D] -> packed rows [L, C]: each row projected by its own memory's weight
+    (weight [E, C, D], memory e's rows of a linear weight), as one `torch._grouped_mm`.
+
+    Needs a dtype/device torch._grouped_mm supports and 16-byte strides (D and C)."""
+    ends = memory_ends(layout, weight.shape[0])                            # [E] int32
+    return _GroupedLinear.apply(x, weight, layout.token, layout.slot_row, ends)
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:

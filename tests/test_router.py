@@ -131,6 +131,27 @@ def test_packed_moves_in_bf16():
         torch.testing.assert_close(ga, gb)
 
 
+def test_grouped_linear_matches_per_row_products():
+    """routing.grouped_linear (torch._grouped_mm, float32: no CPU float64) against each packed
+    row's own product, with gradients; memory 2 receives no row (an empty group)."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(3)
+    N, S, E, D, C = 10, 2, 4, 8, 12
+    memory = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:S]]
+                          for _ in range(N)])
+    layout = routing.pack(memory, torch.zeros(N, dtype=torch.long), 1, E)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(E, C, D, generator=g, requires_grad=True)
+    y = routing.grouped_linear(x, layout, w)
+    ref = torch.einsum("ld,lcd->lc", x[layout.token], w[layout.memory])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    r = torch.randn_like(ref)
+    got, want = torch.autograd.grad(y, (x, w), r), torch.autograd.grad(ref, (x, w), r)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1][2], torch.zeros(C, D))
+
+
 def test_pack_time_major_matches_sequence_major():
     """The layer's time-major tokens (n = t * b + i) pack into the same segments, rows and
     boundaries as the same tokens in sequence-major order (n = i * s + t)."""
