@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 BACKENDS = ("auto", "triton", "torch")
+GROUPED_PROJECTION = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,12 @@ class MoMConfig:
     chunk_size:      chunk length of the chunked gated-delta-rule kernels.
     backend:         kernels for the recurrence: "auto" (Triton on CUDA tensors, else
                      torch), "triton" or "torch".
+    grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
+                     one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
+                     CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS
+                     kernel, else dense; "on" grouped wherever the layer allows it (any
+                     device, not float64: for tests); "off" always the dense projection of
+                     every memory for every token (the reference).
     """
 
     num_memories: int = 4
@@ -45,6 +52,7 @@ class MoMConfig:
     z_loss_coeff: float = 0.0
     chunk_size: int = 64
     backend: str = "auto"
+    grouped_projection: str = "auto"
 
     def __post_init__(self):
         def need(ok: bool, msg: str):
@@ -73,6 +81,9 @@ class MoMConfig:
              f"chunk_size must be a power of two >= 16, got {self.chunk_size}")
         need(self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(self.grouped_projection in GROUPED_PROJECTION,
+             f"grouped_projection must be one of {GROUPED_PROJECTION}, "
+             f"got {self.grouped_projection!r}")
 
     @property
     def key_dim(self) -> int:

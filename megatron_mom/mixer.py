@@ -4,6 +4,7 @@ Data flow for x [s, b, D] (equations in docs/method.md):
     router(x) -> logits -> top-k memories and weights (+ load-balancing / z loss)
     in_proj(x) -> q | gate | per memory (M routed + shared): k, v, b, a      (column-parallel)
     pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
+      (grouped projection: k, v, b, a only for the packed rows, one grouped GEMM by memory)
     short conv + SiLU per segment -> l2norm(q, k) -> gated delta rule per segment (ops/)
     mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
 """
@@ -165,15 +166,19 @@ class MixtureOfMemories(MegatronModule):
         mom, sp, cp = self.mom, self.config.sequence_parallel, self.cp_size
 
         logits_local = self.router(hidden_states)                          # [s_local, b, M]
-        proj, _ = self.in_proj(hidden_states)                              # [s_cp, b, P]
+        grouped = self._grouped_projection_applies(hidden_states)
+        if grouped:  # context_parallel_size 1
+            x = self._in_proj_input(hidden_states)                         # [s, b, D]
+        else:
+            proj, _ = self.in_proj(hidden_states)                          # [s_cp, b, P]
         logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s_cp, b, M]
-        s_cp = proj.shape[0]
+        s_cp = logits.shape[0]
         if cp > 1:
             parallel.check_cp_sequence(s_cp, cp)
             logits = parallel.cp_gather_sequence(logits, self.cp_group)    # [s, b, M]
             proj = parallel.cp_sequence_to_heads(self._split_heads_by_cp_rank(proj),
                                                  self.cp_group)            # [s, b, P / cp]
-        s, b, _ = proj.shape
+        s, b, _ = logits.shape
         cu_docs = None if packed_seq_params is None else (
             packed_seq_params.cu_seqlens_q_padded
             if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
@@ -181,8 +186,8 @@ class MixtureOfMemories(MegatronModule):
             raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
                              f"context_parallel_size 1, got batch {b}, context parallel {cp}")
 
-        # Sequence-major token order: token n = batch * s + time.
-        plan = route(logits.transpose(0, 1).reshape(b * s, -1), mom)
+        # Time-major token order, n = time * b + batch: [s, b, ...] -> [s * b, ...] is a view.
+        plan = route(logits.reshape(s * b, -1), mom)
         losses = router_losses(logits_local.reshape(-1, mom.num_memories),
                                plan.tokens_per_memory, b * s, mom)
         weight = attach_loss(plan.weight, losses.total if losses else None)
@@ -190,9 +195,13 @@ class MixtureOfMemories(MegatronModule):
             metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
                                   reduce_group=self._router_reduce_group())
 
-        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
-        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, proj.device)
-        y = self._memories(q_tok, mem, plan.memory, weight, seq_id, num_seqs)
+        if grouped:
+            q_tok, gate, memory_rows = self._project_grouped(x.reshape(s * b, -1))
+        else:
+            q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
+            memory_rows = lambda layout: routing.select(mem, layout)
+        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, logits.device)
+        y = self._memories(q_tok, memory_rows, plan.memory, weight, seq_id, num_seqs)
         z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
         if cp > 1:
             z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
@@ -221,19 +230,82 @@ class MixtureOfMemories(MegatronModule):
         """[N, P] -> q [N, H*K], output gate [N, H, V] (or None), per-memory [N, E, H*(K+V+2)]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         N = proj.shape[0]
-        head = H * K + (H * V if mom.use_output_gate else 0)
-        gate = proj[:, H * K: head].view(N, H, V) if mom.use_output_gate else None
-        return proj[:, : H * K], gate, proj[:, head:].view(N, mom.num_memory_weights, -1)
+        # One split: its backward is one cat, where slices would each zero-fill a full-size
+        # gradient and autograd would add those up.
+        sizes = [H * K] + ([H * V] if mom.use_output_gate else [])
+        parts = proj.split(sizes + [proj.shape[1] - sum(sizes)], dim=-1)
+        gate = parts[1].view(N, H, V) if mom.use_output_gate else None
+        return parts[0], gate, parts[-1].view(N, mom.num_memory_weights, -1)
 
-    def _memories(self, q_tok, mem, memory, weight, seq_id, num_seqs, cache=None):
+    def _grouped_projection_applies(self, x: Tensor) -> bool:
+        """Whether this training step projects the memories' k, v, b, a per routed row
+        (`_project_grouped`) instead of through `in_proj` for every memory (the reference)."""
+        mode = self.mom.grouped_projection
+        if mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None):
+            return False
+        w, bias = getattr(self.in_proj, "weight", None), getattr(self.in_proj, "bias", None)
+        if not isinstance(w, Tensor) or w.dim() != 2 or (bias is not None and bias.numel()):
+            return False
+        # _grouped_mm needs 16-byte row strides: x rows and the weight read column-major (D),
+        # the output's gradient (C per memory: contiguous, as autograd assembles it).
+        H, K, V = self.num_heads, self.mom.key_dim, self.mom.value_dim
+        if (w.shape[0] != sum(rows for _, rows in self.sections) or w.shape[1] % 8
+                or H * (K + V + 2) * w.element_size() % 16
+                or w.dtype != x.dtype or x.dtype == torch.float64
+                or not hasattr(torch, "_grouped_mm")):
+            return False
+        if mode == "on":
+            return True
+        # Elsewhere torch runs a loop over groups that reads the offsets on the host (a sync).
+        return (x.is_cuda and x.dtype == torch.bfloat16
+                and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
+
+    def _in_proj_input(self, hidden_states: Tensor) -> Tensor:
+        """What ColumnParallelLinear does to its input, for the grouped path that uses
+        `in_proj.weight` directly: gather the sequence under SP (reduce-scatter in backward),
+        else copy to the TP group (all-reduce in backward). Runs in_proj's forward pre-hooks
+        first: Megatron DDP's overlapped parameter all-gather waits for a module's weights in
+        one, and in_proj's forward is skipped here."""
+        args = (hidden_states,)
+        for hook_id, hook in self.in_proj._forward_pre_hooks.items():
+            if hook_id in self.in_proj._forward_pre_hooks_with_kwargs:
+                hook(self.in_proj, args, {})
+            else:
+                hook(self.in_proj, args)
+        return parallel.full_sequence(hidden_states, self.tp_group, self.config.sequence_parallel)
+
+    def _project_grouped(self, x_tok: Tensor):
+        """x [N, D] -> q [N, H*K], gate [N, H, V] (or None) by one dense GEMM, and
+        `memory_rows(layout)`: the k | v | b | a of each packed row by one grouped GEMM over
+        the memory-major rows, each memory with its own weight (every token's S memories,
+        not all E). Same parameters as the dense path: row slices of `in_proj.weight`."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        N, D = x_tok.shape
+        E = mom.num_memory_weights
+        head = H * K + (H * V if mom.use_output_gate else 0)
+        weight = self.in_proj.weight
+        # One split (backward: one cat into the weight's gradient), no per-slice zero fills.
+        w_head, w_mem = weight.split([head, weight.shape[0] - head])
+        qg = F.linear(x_tok, w_head)                                       # [N, head]
+        if mom.use_output_gate:
+            q_tok, gate = qg.split([H * K, H * V], dim=-1)
+            gate = gate.view(N, H, V)
+        else:
+            q_tok, gate = qg, None
+        w_mem = w_mem.view(E, -1, D)                                       # [E, C, D], a view
+        return q_tok, gate, lambda layout: routing.grouped_linear(x_tok, layout, w_mem)
+
+    def _memories(self, q_tok, memory_rows, memory, weight, seq_id, num_seqs, cache=None):
         """Run every (sequence, memory) segment and mix the read-outs back per token.
 
-        With a decoding `cache` ([num_seqs, E, ...] rows), segments start from the cached
-        states and the cache receives their final states. Returns y [N, H, V]."""
+        `memory_rows(layout)` gives each packed row's k | v | b | a from its own memory's
+        projection, [L, H*(K+V+2)]. With a decoding `cache` ([num_seqs, E, ...] rows),
+        segments start from the cached states and the cache receives their final states.
+        Returns y [N, H, V]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         q = routing.spread(q_tok, layout)                                  # [L, H*K]
-        k, v, b, a = routing.select(mem, layout).split([H * K, H * V, H, H], dim=-1)
+        k, v, b, a = memory_rows(layout).split([H * K, H * V, H, H], dim=-1)
         L, cu = layout.num_rows, layout.cu_seqlens
         local = self._heads_of_this_cp_rank
         decoding = cache is not None
@@ -258,7 +330,7 @@ class MixtureOfMemories(MegatronModule):
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o[0], layout, weight).to(o.dtype)
+        return routing.mix(o[0], layout, weight, out_dtype=o.dtype)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
@@ -268,10 +340,11 @@ class MixtureOfMemories(MegatronModule):
         return torch.sigmoid(b.to(ct)), -A_log.exp() * F.softplus(a.to(ct) + dt_bias)
 
     def _read_out(self, y: Tensor, gate: Optional[Tensor], b: int, s: int) -> Tensor:
-        """Gated RMSNorm of the mixed read-out [N, H, V] -> [s, b, H*V] for out_proj."""
+        """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
+        out_proj, as a view."""
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps)
-        return z.reshape(b, s, -1).transpose(0, 1)
+        return z.reshape(s, b, -1)
 
     # ------------------------------------------------------------------ decoding
     def _forward_inference(self, hidden_states: Tensor, ctx):
@@ -281,15 +354,16 @@ class MixtureOfMemories(MegatronModule):
         mom = self.mom
         s, b, _ = hidden_states.shape
         cache = inference.layer_cache(ctx, self.layer_number, b, self._new_cache)
-        logits = self.router(hidden_states).transpose(0, 1).reshape(b * s, -1)
+        logits = self.router(hidden_states).reshape(s * b, -1)             # time-major tokens
         proj, _ = self.in_proj(hidden_states)
-        q_tok, gate, mem = self._split_projection(proj.transpose(0, 1).reshape(b * s, -1))
+        q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
         plan = route(logits, mom)
         if s == 1:
             y = self._decode_step(q_tok, mem, plan, cache)
         else:
             seq_id, _ = routing.sequence_ids(b, s, None, proj.device)
-            y = self._memories(q_tok, mem, plan.memory, plan.weight, seq_id, b, cache)
+            y = self._memories(q_tok, lambda layout: routing.select(mem, layout),
+                               plan.memory, plan.weight, seq_id, b, cache)
         return self.out_proj(self._read_out(y, gate, b, s))
 
     def _new_cache(self, batch: int) -> "inference.MoMCache":

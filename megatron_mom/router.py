@@ -20,7 +20,8 @@ from megatron_mom.config import MoMConfig
 
 @dataclass
 class Routing:
-    """Where every token goes. N tokens in sequence-major order, S = k (+1 shared) slots.
+    """Where every token goes. N tokens (in any order; the layer's are time-major), S = k (+1
+    shared) slots.
 
     memory: [N, S] int64 memory index per slot (the shared memory is index M, always last).
     weight: [N, S] mixing weight per slot in the logits' dtype (1 for the shared memory).

@@ -5,6 +5,10 @@ The packed layout lays those N * S (token, memory) rows out memory-major, then s
 time, so that each (memory, sequence) pair is one contiguous segment: the recurrence and the
 short convolutions then run on `cu_seqlens` segments and never cross a memory or a sequence.
 
+Tokens come in time-major order, n = t * b + batch_index: a free view of Megatron's [s, b, ...]
+activations (sequence-major order would cost a transposing copy of the whole projection on
+the way in and of the read-out on the way out). With packed documents (b = 1) both coincide.
+
 Everything here has static shapes (N * S rows, E * Q + 1 boundaries) and no host syncs.
 """
 from __future__ import annotations
@@ -19,7 +23,8 @@ from torch import Tensor
 class PackedLayout:
     token: Tensor       # [L] token index of each packed row, L = N * S
     memory: Tensor      # [L] memory index of each packed row
-    slot_row: Tensor    # [N, S] packed row of each (token, slot)
+    slot: Tensor        # [L] flat (token, slot) index n * S + j of each packed row
+    slot_row: Tensor    # [N, S] packed row of each (token, slot); inverse of `slot`
     cu_seqlens: Tensor  # [E * Q + 1] segment boundaries, segment (m, q) at m * Q + q
 
     @property
@@ -28,27 +33,36 @@ class PackedLayout:
 
 
 def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> PackedLayout:
-    """memory: [N, S] memory per slot (distinct within a row); seq_id: [N] non-decreasing
-    sequence index of each token (tokens are in sequence-major, time order)."""
+    """memory: [N, S] memory per slot (distinct within a row); seq_id: [N] sequence index of
+    each token. Sequences may interleave (time-major order), but within a sequence token
+    indices must increase with time."""
     N, S = memory.shape
     token = torch.arange(N, device=memory.device)
-    # Rows sorted by (memory, token) are sorted by (memory, sequence, time).
-    key = (memory * N + token[:, None]).reshape(-1)                    # [N * S]
-    order = torch.argsort(key)
+    seg = (memory * num_seqs + seq_id[:, None]).reshape(-1)            # [N * S] segment of a row
+    # Sorting by (segment, token) sorts by (memory, sequence, time) whatever the interleaving of
+    # sequences. Keys stay below E * Q * N (< 2**63 for any realistic N).
+    key = seg * N + token.repeat_interleave(S)
+    order = torch.argsort(key)                                         # packed row -> n * S + j
     slot_row = torch.empty_like(order)
     slot_row[order] = torch.arange(N * S, device=memory.device)
-    seg = (memory * num_seqs + seq_id[:, None]).reshape(-1)
     counts = torch.zeros(num_memories * num_seqs, dtype=torch.int64, device=memory.device)
     counts.scatter_add_(0, seg, torch.ones_like(seg))
     cu_seqlens = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return PackedLayout(token=order // S, memory=memory.reshape(-1)[order],
-                        slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
+    return PackedLayout(token=order // S, memory=memory.reshape(-1).index_select(0, order),
+                        slot=order, slot_row=slot_row.view(N, S), cu_seqlens=cu_seqlens)
+
+
+def memory_ends(layout: PackedLayout, num_memories: int) -> Tensor:
+    """[E] int32 end row of each memory's packed rows: the group offsets of a grouped GEMM
+    over the packed rows (`torch._grouped_mm(..., offs=)`)."""
+    Q = (layout.cu_seqlens.numel() - 1) // num_memories
+    return layout.cu_seqlens[Q::Q].to(torch.int32)
 
 
 # Every packed row belongs to exactly one (token, slot): `slot_row` is a permutation of the
-# rows. The three moves below use that to write their backward passes as plain gathers and
-# non-accumulating stores: deterministic (no atomic adds) and without autograd's index_put
-# accumulation, and the mix keeps only the packed read-out for its backward.
+# rows. The moves below use that to write their backward passes as gathers (`index_select`) and
+# non-accumulating stores (`index_copy_`, each target written once): deterministic, no atomic
+# adds, no autograd index_put accumulation, and no zero-filled full-size buffers to add into.
 
 class _Spread(torch.autograd.Function):
     """x [N, ...] in token order -> [L, ...]: each token copied to its S packed rows."""
@@ -56,12 +70,14 @@ class _Spread(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, token, slot_row):
         ctx.save_for_backward(slot_row)
-        return x[token]
+        return x.index_select(0, token)
 
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
-        return grad[slot_row].sum(1), None, None                      # [N, ...]
+        N, S = slot_row.shape
+        rows = grad.index_select(0, slot_row.view(-1))                 # [N * S, ...]
+        return rows.view(N, S, *grad.shape[1:]).sum(1), None, None     # [N, ...]
 
 
 class _Select(torch.autograd.Function):
@@ -69,42 +85,95 @@ class _Select(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, token, memory):
-        ctx.save_for_backward(token, memory)
+        N, E = x.shape[:2]
+        flat = token * E + memory                                      # [L] row of x.flatten(0, 1)
+        ctx.save_for_backward(flat)
         ctx.shape = x.shape
-        return x[token, memory]
+        if x.stride(0) == E * x.stride(1):
+            return x.flatten(0, 1).index_select(0, flat)
+        return x[token, memory]  # rows of a strided slice (the projection): no flat view
 
     @staticmethod
     def backward(ctx, grad):
-        token, memory = ctx.saved_tensors
-        out = grad.new_zeros(ctx.shape)
-        out[token, memory] = grad                                      # distinct pairs
-        return out, None, None
+        (flat,) = ctx.saved_tensors
+        N, E = ctx.shape[:2]
+        out = grad.new_empty(N * E, *ctx.shape[2:])
+        out.index_copy_(0, flat, grad)                                 # routed pairs, once each
+        if flat.numel() < N * E:
+            out.index_fill_(0, _unrouted(flat, N, E), 0)               # the other N * (E - S)
+        return out.view(ctx.shape), None, None
+
+
+def _unrouted(flat: Tensor, N: int, E: int) -> Tensor:
+    """Rows n * E + e of the (token, memory) pairs not in `flat`: exactly E - S per token, so
+    the shape is static (no host sync)."""
+    S = flat.numel() // N
+    free = torch.ones(N * E, dtype=torch.int8, device=flat.device).index_fill_(0, flat, 0)
+    e = torch.argsort(free.view(N, E), dim=1, descending=True, stable=True)[:, : E - S]
+    return (e + torch.arange(N, device=flat.device)[:, None] * E).reshape(-1)
 
 
 class _Mix(torch.autograd.Function):
     """y[n] = sum_j weight[n, j] * o[slot_row[n, j]], accumulated in weight's dtype."""
 
     @staticmethod
-    def forward(ctx, o, weight, slot_row):
-        ctx.save_for_backward(o, weight, slot_row)
-        y = None
-        for j in range(slot_row.shape[1]):  # S is 2-3: no [N, S, ...] temporary kept
-            term = o[slot_row[:, j]].to(weight.dtype) * _expand(weight[:, j], o.dim() - 1)
-            y = term if y is None else y + term
-        return y
+    def forward(ctx, o, weight, token, slot, slot_row, out_dtype):
+        ctx.save_for_backward(o, weight, token, slot)
+        S = slot_row.shape[1]
+        out_dtype = out_dtype or weight.dtype
+        for j in range(S):  # S is 2-3: no [N, S, ...] temporary kept
+            # o (bf16) * weight (float32) promotes: products and sums are in weight's dtype
+            term = o.index_select(0, slot_row[:, j]) * _expand(weight[:, j], o.dim() - 1)
+            if j == 0:
+                y = term
+            elif j < S - 1:
+                y.add_(term)
+            else:  # the last add rounds once, into the output dtype
+                y = torch.add(y, term, out=term.new_empty(term.shape, dtype=out_dtype))
+        return y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        o, weight, slot_row = ctx.saved_tensors
-        N, S = slot_row.shape
-        w = weight.view(N, S, *([1] * (o.dim() - 1)))
-        d_o = torch.empty_like(o)
-        d_o[slot_row.reshape(-1)] = (w * dy[:, None]).reshape(N * S, *o.shape[1:]).to(o.dtype)
+        o, weight, token, slot = ctx.saved_tensors
+        ct = weight.dtype
+        dy_rows = dy.index_select(0, token)                            # [L, ...] dy of each row
+        w_rows = _expand(weight.reshape(-1).index_select(0, slot), o.dim() - 1)
         d_w = None
         if ctx.needs_input_grad[1]:
-            o_slots = o[slot_row].to(dy.dtype)                         # [N, S, ...]
-            d_w = (o_slots * dy[:, None]).flatten(2).sum(-1).to(weight.dtype)
-        return d_o, d_w, None
+            d_rows = (dy_rows.to(ct) * o).flatten(1).sum(-1)           # [L] in weight's dtype
+            d_w = d_rows.new_empty(weight.numel()).index_copy_(0, slot, d_rows).view(weight.shape)
+        d_o = torch.mul(dy_rows, w_rows, out=torch.empty_like(o))      # computed in weight's dtype
+        return d_o, d_w, None, None, None, None
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """y[r] = x[token[r]] @ weight[memory[r]].T for every packed row r: one grouped GEMM over
+    the memory-major rows (`ends`: each memory's end row). Keeps x [N, D], not its packed copy
+    [L, D] (S times larger): the backward gathers that again for the weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, token, slot_row, ends):
+        ctx.save_for_backward(x, weight, token, slot_row, ends)
+        x_rows = x.index_select(0, token)                                  # [L, D]
+        return torch._grouped_mm(x_rows, weight.transpose(1, 2), offs=ends)  # [L, C]
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, token, slot_row, ends = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            d_rows = torch._grouped_mm(dy, weight, offs=ends)              # [L, D]
+            N, S = slot_row.shape
+            dx = d_rows.index_select(0, slot_row.view(-1)).view(N, S, -1).sum(1)
+        if ctx.needs_input_grad[1]:
+            # [E, C, D] directly in the weight's layout: groups split the contraction (rows)
+            dw = torch._grouped_mm(dy.t(), x.index_select(0, token), offs=ends)
+            # A memory no row was routed to must get exactly zero; some grouped-GEMM kernels
+            # leave an empty group's output unwritten (pytorch/pytorch#172439, sm100).
+            empty = torch.diff(ends, prepend=ends.new_zeros(1)) == 0
+            dw.masked_fill_(empty[:, None, None], 0)
+        return dx, dw, None, None, None
 
 
 def _expand(w: Tensor, trailing: int) -> Tensor:
@@ -121,20 +190,31 @@ def select(x: Tensor, layout: PackedLayout) -> Tensor:
     return _Select.apply(x, layout.token, layout.memory)
 
 
-def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
+def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor, out_dtype=None) -> Tensor:
     """Sum each token's slots back: y[n] = sum_j weight[n, j] * o_packed[slot_row[n, j]].
 
-    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64)."""
-    return _Mix.apply(o_packed, weight, layout.slot_row)
+    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64) and
+    returns that dtype, or `out_dtype` (rounded once, at the end)."""
+    return _Mix.apply(o_packed, weight, layout.token, layout.slot, layout.slot_row, out_dtype)
+
+
+def grouped_linear(x: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:
+    """Token rows x [N, D] -> packed rows [L, C]: each row projected by its own memory's weight
+    (weight [E, C, D], memory e's rows of a linear weight), as one `torch._grouped_mm`.
+
+    Needs a dtype/device torch._grouped_mm supports and 16-byte strides (D and C)."""
+    ends = memory_ends(layout, weight.shape[0])                            # [E] int32
+    return _GroupedLinear.apply(x, weight, layout.token, layout.slot_row, ends)
 
 
 def sequence_ids(batch: int, seqlen: int, cu_seqlens: Tensor | None, device) -> tuple[Tensor, int]:
-    """Sequence index of each token in sequence-major order, and the number of sequences.
+    """Sequence index of each token in time-major order (n = t * batch + i), and the number of
+    sequences.
 
     Without `cu_seqlens` every batch row is a sequence; with it (packed documents, batch 1)
     each document is its own sequence."""
     if cu_seqlens is None:
-        ids = torch.arange(batch, device=device).repeat_interleave(seqlen)
+        ids = torch.arange(batch, device=device).repeat(seqlen)         # [s * b]
         return ids, batch
     tok = torch.arange(batch * seqlen, device=device)
     ids = torch.searchsorted(cu_seqlens[1:].to(device), tok, right=True)

@@ -17,6 +17,7 @@ from megatron_mom import MoMConfig
     (dict(chunk_size=48), "chunk_size must be a power of two"),
     (dict(aux_loss_coeff=-1.0), "aux_loss_coeff must be >= 0"),
     (dict(backend="cuda"), "backend must be one of"),
+    (dict(grouped_projection=True), "grouped_projection must be one of"),
 ])
 def test_mom_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):

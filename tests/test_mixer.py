@@ -118,3 +118,66 @@ def test_converter_rejects_mismatched_state_dict():
         from_official_mom({"model.layers.0." + k: v for k, v in p.items()}, mom)
     assert from_official_mom({"model.layers.0." + k: v for k, v in p.items()}, mom,
                              prefix="model.layers.0.").keys()
+
+
+GROUPED_CASES = {
+    "top2_shared_empty_memory": (MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8,
+                                           chunk_size=16), False, 3),
+    "packed_docs_no_gate": (MoMConfig(num_memories=3, topk=1, num_heads=2, head_dim=8,
+                                      use_output_gate=False, chunk_size=16), True, None),
+    "no_shared_expand_v2": (MoMConfig(num_memories=3, topk=2, shared_memory=False, num_heads=2,
+                                      head_dim=8, expand_v=2.0, chunk_size=16), False, None),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUPED_CASES))
+def test_grouped_projection_matches_dense(megatron_single, name):
+    """The grouped projection (k, v, b, a per routed row, torch._grouped_mm) against the dense
+    reference on the same weights, in float32 (torch._grouped_mm has no CPU float64): outputs,
+    and the gradients of the input and of every parameter, in_proj.weight included."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+    mom, packed, blocked = GROUPED_CASES[name]
+    hidden = 32
+    dense = build_layer(mom.replace(grouped_projection="off"), hidden, torch.float32)
+    grouped = build_layer(mom.replace(grouped_projection="on"), hidden, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    T, B = (29, 1) if packed else (13, 3)
+    x = torch.randn(T, B, hidden, generator=g)
+    if blocked is not None:  # memory `blocked` receives no token: an empty group
+        x[..., 0] = 1.0
+        with torch.no_grad():
+            dense.router.weight[blocked, 0] = -100.0
+    grouped.load_state_dict(dense.state_dict())
+    assert grouped._grouped_projection_applies(x) and not dense._grouped_projection_applies(x)
+    assert not build_layer(mom, hidden, torch.float32)._grouped_projection_applies(x)  # auto, CPU
+    cu = torch.tensor([0, 4, 5, 29], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if packed else None
+    R = torch.randn(T, B, hidden, generator=g)
+    results = []
+    for layer in (dense, grouped):
+        xi = x.clone().requires_grad_(True)
+        out, _ = layer(xi, packed_seq_params=params)
+        (out * R).sum().backward()
+        results.append((out, xi.grad, {n: p.grad for n, p in layer.named_parameters()}))
+    (out_d, dx_d, grads_d), (out_g, dx_g, grads_g) = results
+    torch.testing.assert_close(out_g, out_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dx_g, dx_d, rtol=1e-5, atol=1e-6)
+    for n in grads_d:
+        torch.testing.assert_close(grads_g[n], grads_d[n], rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{n}: {m}")
+    if blocked is not None:
+        C = mom.num_heads * (2 * mom.key_dim + 2)
+        head = mom.num_heads * mom.key_dim * 2
+        rows = slice(head + blocked * C, head + (blocked + 1) * C)
+        assert torch.equal(grads_g["in_proj.weight"][rows], torch.zeros_like(grads_g["in_proj.weight"][rows]))
+
+
+def test_grouped_projection_falls_back_where_it_does_not_apply(megatron_single):
+    # C = H * (K + V + 2) = 2 * 18 = 36 float32 = 144 bytes: aligned; H = 1: 72 bytes: not.
+    x = torch.randn(5, 1, 32)
+    mom = MoMConfig(num_memories=2, topk=1, num_heads=1, head_dim=8, chunk_size=16,
+                    grouped_projection="on")
+    assert not build_layer(mom, 32, torch.float32)._grouped_projection_applies(x)
+    assert not build_layer(mom.replace(num_heads=2), 32, torch.float64)._grouped_projection_applies(
+        x.double())
+    assert build_layer(mom.replace(num_heads=2), 32, torch.float32)._grouped_projection_applies(x)

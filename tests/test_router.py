@@ -98,6 +98,80 @@ def test_packed_moves_match_plain_indexing_and_gradcheck():
     assert torch.autograd.gradcheck(lambda o, w: routing.mix(o, layout, w), (o, w))
 
 
+def test_packed_moves_in_bf16():
+    """bf16 rows with float32 mixing weights (the layer's case): the mix accumulates in float32
+    and rounds once; its gradients are the float32 products rounded to the operands' dtypes.
+    Also select from a strided [N, E, C] slice (the projection) and with E == S."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(2)
+    N, S, E = 9, 3, 4
+    memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
+    layout = routing.pack(memory, torch.tensor([0] * 5 + [1] * 4), 2, E)
+    o = torch.randn(N * S, 2, 3, generator=g).bfloat16().requires_grad_(True)
+    w = torch.rand(N, S, generator=g, requires_grad=True)
+    y = routing.mix(o, layout, w, out_dtype=torch.bfloat16)
+    o32 = o.detach().float().requires_grad_(True)
+    ref = (o32[layout.slot_row] * w[..., None, None]).sum(1)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-5)
+    dy = torch.randn(N, 2, 3, generator=g).bfloat16()
+    d_o, d_w = torch.autograd.grad(y, (o, w), dy)
+    r_o, r_w = torch.autograd.grad(ref, (o32, w), dy.float())
+    assert d_o.dtype == torch.bfloat16 and torch.equal(d_o, r_o.bfloat16())
+    torch.testing.assert_close(d_w, r_w)
+
+    proj = torch.randn(N, 5 + E * 6, dtype=torch.float64, requires_grad=True)
+    xm = proj[:, 5:].view(N, E, 6)                                  # row stride 5 + E * 6
+    for lay in (layout, routing.pack(torch.arange(E).repeat(N, 1), torch.zeros(N, dtype=torch.long), 1, E)):
+        out = routing.select(xm, lay)
+        torch.testing.assert_close(out, xm[lay.token, lay.memory])
+        r = torch.randn_like(out)
+        (ga,) = torch.autograd.grad(out, proj, r)
+        (gb,) = torch.autograd.grad(xm[lay.token, lay.memory], proj, r)
+        torch.testing.assert_close(ga, gb)
+
+
+def test_grouped_linear_matches_per_row_products():
+    """routing.grouped_linear (torch._grouped_mm, float32: no CPU float64) against each packed
+    row's own product, with gradients; memory 2 receives no row (an empty group)."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(3)
+    N, S, E, D, C = 10, 2, 4, 8, 12
+    memory = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:S]]
+                          for _ in range(N)])
+    layout = routing.pack(memory, torch.zeros(N, dtype=torch.long), 1, E)
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    w = torch.randn(E, C, D, generator=g, requires_grad=True)
+    y = routing.grouped_linear(x, layout, w)
+    ref = torch.einsum("ld,lcd->lc", x[layout.token], w[layout.memory])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    r = torch.randn_like(ref)
+    got, want = torch.autograd.grad(y, (x, w), r), torch.autograd.grad(ref, (x, w), r)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1][2], torch.zeros(C, D))
+
+
+def test_pack_time_major_matches_sequence_major():
+    """The layer's time-major tokens (n = t * b + i) pack into the same segments, rows and
+    boundaries as the same tokens in sequence-major order (n = i * s + t)."""
+    from megatron_mom import routing
+    g = torch.Generator().manual_seed(1)
+    b, s, S, E = 3, 7, 3, 5
+    memory_sm = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(b * s)])
+    seq_sm = torch.arange(b).repeat_interleave(s)                  # the former sequence_ids
+    sm = routing.pack(memory_sm, seq_sm, b, E)
+    # token (i, t): sequence-major index i * s + t, time-major index t * b + i
+    tm_to_sm = torch.arange(b * s).view(b, s).t().reshape(-1)       # [s * b]
+    seq_tm, num_seqs = routing.sequence_ids(b, s, None, "cpu")
+    assert num_seqs == b and torch.equal(seq_tm, seq_sm[tm_to_sm])
+    tm = routing.pack(memory_sm[tm_to_sm], seq_tm, b, E)
+    assert torch.equal(tm_to_sm[tm.token], sm.token)
+    assert torch.equal(tm.memory, sm.memory)
+    assert torch.equal(tm.cu_seqlens, sm.cu_seqlens)
+    assert torch.equal(tm.slot_row, sm.slot_row[tm_to_sm])
+
+
 def test_router_loss_scale_follows_megatrons_rule(megatron_single):
     """loss_scale * cp / micro-batches, into whatever buffer shape an earlier call left."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from typing import Callable, Optional
 
-from megatron_mom.config import BACKENDS, MoMConfig
+from megatron_mom.config import BACKENDS, GROUPED_PROJECTION, MoMConfig
 
 # flag (without the leading "--mom-") -> MoMConfig field
 FLAGS = {
@@ -28,6 +28,7 @@ FLAGS = {
     "z-loss-coeff": "z_loss_coeff",
     "chunk-size": "chunk_size",
     "backend": "backend",
+    "grouped-projection": "grouped_projection",
 }
 _HELP = {
     "num-memories": "M, routed memories (the shared memory is extra)",
@@ -43,6 +44,8 @@ _HELP = {
     "z-loss-coeff": "router z-loss coefficient (0: off)",
     "chunk-size": "chunk length of the chunked gated-delta-rule kernels",
     "backend": "recurrence kernels: auto (Triton on CUDA, else torch), triton or torch",
+    "grouped-projection": "project k, v, b, a of the routed rows only, as one grouped GEMM: "
+                          "auto (bf16 on Hopper/Blackwell), on, off (dense)",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoMConfig)}
 
@@ -58,6 +61,8 @@ def add_mom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif flag == "backend":
             kwargs["choices"] = BACKENDS
+        elif flag == "grouped-projection":
+            kwargs["choices"] = GROUPED_PROJECTION
         else:
             kwargs["type"] = type(default)
         group.add_argument(f"--mom-{flag}", **kwargs)

@@ -110,6 +110,7 @@ class RunConfig:
 CHOICES = {
     "model.spec_backend": ("auto", "local", "te"),
     "mom.backend": ("auto", "triton", "torch"),
+    "mom.grouped_projection": ("auto", "on", "off"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "generate.decode": ("full", "recurrent"),

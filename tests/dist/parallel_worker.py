@@ -6,7 +6,8 @@ tests/test_parallel.py asserts on them.
 
   layer: the MoM mixer alone in float64, TP=2, TP=2+SP, CP=2 (dense and packed documents)
          against the same mixer at TP=1: outputs, input gradients and parameter gradients
-         (reduced as Megatron's DDP/finalize_model_grads would).
+         (reduced as Megatron's DDP/finalize_model_grads would); and the grouped projection
+         in float32 at TP=1, TP=2, TP=2+SP (packed documents) against the dense one at TP=1.
   gpt:   a MoM/attention GPT through Megatron's DDP, schedules and finalize_model_grads at
          TP=2+SP, CP=2 (MoM only) and PP=2, starting from one TP=1 distributed checkpoint;
          losses compared, gradients compared by checkpointing them and reloading at TP=1;
@@ -83,6 +84,8 @@ def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
         return t.chunk(tp)[tp_rank] if sp else t
 
     x_local = local(x).clone().requires_grad_(True)
+    if mom.grouped_projection == "on":
+        assert layer._grouped_projection_applies(x_local), mode
     packed = None if cu_docs is None else PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu_docs, cu_seqlens_kv=cu_docs)
     out, _ = layer(x_local, packed_seq_params=packed)
@@ -139,6 +142,19 @@ def run_layer(out_dir):
                 "dparam_max": max(rel(got[2][k], ref[2][k]) for k in ref[2]),
                 "dparam_worst": max(ref[2], key=lambda k: rel(got[2][k], ref[2][k])),
             }
+    # The grouped projection (torch._grouped_mm: no CPU float64) under TP and SP, in float32,
+    # against the dense layer at TP=1: its own sequence gather / TP copy of the input.
+    f32 = {k: v.float() for k, v in official.items()}
+    x, dy = x.float(), dy.float()
+    ref = layer_phase("tp1", f32, mom, x, dy, cu, dtype=torch.float32)
+    for mode in ("tp1", "tp2", "tp2_sp"):
+        got = layer_phase(mode, f32, mom.replace(grouped_projection="on"), x, dy, cu,
+                          dtype=torch.float32)
+        results[f"{mode}_grouped_f32"] = {
+            "out": rel(got[0], ref[0]), "dx": rel(got[1], ref[1]),
+            "dparam_max": max(rel(got[2][k], ref[2][k]) for k in ref[2]),
+            "dparam_worst": max(ref[2], key=lambda k: rel(got[2][k], ref[2][k])),
+        }
     if dist.get_rank() == 0:
         json.dump(results, open(os.path.join(out_dir, "results_layer.json"), "w"), indent=1)
 

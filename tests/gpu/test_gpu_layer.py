@@ -78,3 +78,41 @@ def test_triton_layer_packed_documents(megatron_single):
     ref = run(ref_layer, x, dy, packed)
     got = run(fast, x, dy, packed)
     assert rel(got[0], ref[0]) < 5e-3 and rel(got[1], ref[1]) < 5e-3
+
+
+@pytest.mark.parametrize("blocked", [None, 3])
+def test_grouped_projection_matches_dense_bf16(megatron_single, blocked):
+    """The grouped projection (torch._grouped_mm over routed rows) against the dense in_proj in
+    bf16 on identical weights and inputs: both route alike (same router, same bf16 values), so
+    only the GEMMs' accumulation order differs. `blocked`: a memory no token is routed to (an
+    empty group, whose weight gradient must be exactly zero)."""
+    from megatron_mom import MoMConfig
+    hidden, K = 512, 128
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=K,
+                    aux_loss_coeff=0.01)
+    torch.manual_seed(2)
+    dense = build(mom.replace(grouped_projection="off"), hidden, torch.bfloat16)
+    grouped = build(mom.replace(grouped_projection="auto"), hidden, torch.bfloat16)
+    x = torch.randn(1000, 2, hidden, device="cuda").to(torch.bfloat16)
+    if blocked is not None:
+        x[..., 0] = 1.0
+        with torch.no_grad():
+            dense.router.weight[blocked, 0] = -100.0
+    grouped.load_state_dict(dense.state_dict())
+    assert grouped._grouped_projection_applies(x), "needs bf16 on compute capability 9.x/10.x"
+    assert not dense._grouped_projection_applies(x)
+    dy = torch.randn(1000, 2, hidden, device="cuda")
+    ref = run(dense, x, dy)
+    got = run(grouped, x, dy)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    assert rel(got[0], ref[0]) < 2e-2, rel(got[0], ref[0])
+    assert rel(got[1], ref[1]) < 2e-2, rel(got[1], ref[1])
+    errs = {n: rel(got[2][n], ref[2][n]) for n in ref[2]}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 2e-2, (worst, errs[worst], errs)
+    if blocked is not None:
+        H, C = mom.num_heads, mom.num_heads * (2 * K + 2)
+        head = 2 * H * K
+        rows = got[2]["in_proj.weight"][head + blocked * C: head + (blocked + 1) * C]
+        assert rows.abs().max().item() == 0.0
+        assert ref[2]["in_proj.weight"][head + blocked * C: head + (blocked + 1) * C].abs().max() == 0
