@@ -15,18 +15,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of
+from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of_unrolled
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WIDTH = 8
-# Token tiles: a program holds one [BT, BC] tile per live tensor; the backward keeps the 2W-1
-# shifted inputs of a tile live at once, hence its smaller tile. The sizes were chosen from
-# the register counts of an offline sm_90 build (no spills at W = 4).
-FWD_BLOCK_T = 64
-BWD_BLOCK_T = 32
-# The backward walks up to this many consecutive tiles per program so that its dw partial sums
-# (one [C, W] row per program, summed on the device afterwards) stay few.
+# Tiles of [BT tokens, BC channels] per program. The backward holds more live tiles (W taps,
+# next tile's loads, W dw sums), hence its smaller tile; W > 4 doubles the warps for the same
+# tile. Chosen from the register counts of an offline sm_90 build: no spills up to W = 8, and
+# 168 registers for the W = 4 backward, so three programs share an SM.
+FWD_BLOCK = (64, 64)
+BWD_BLOCK = (32, 32)
+# The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
+# sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
+# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU).
 BWD_MAX_TILES = 8
+BWD_MIN_PROGRAMS = 128
 
 
 @triton.jit
@@ -65,13 +68,7 @@ def _pre_activation(x, init, weight, seq, tok, pos, length, cols, tmask, cmask, 
 @triton.jit
 def _locate(cu_seqlens, tok, N, STEPS: tl.constexpr):
     """(sequence, its start, its length) [BT, 1] of each token."""
-    seq = tok * 0
-    hi = seq + N
-    for _ in tl.static_range(STEPS):
-        mid = (seq + hi) // 2
-        right = tl.load(cu_seqlens + mid) <= tok
-        seq = tl.where(right, mid, seq)
-        hi = tl.where(right, hi, mid)
+    seq = sequence_of_unrolled(cu_seqlens, tok, N, STEPS)
     bos = tl.load(cu_seqlens + seq)
     return seq, bos, tl.load(cu_seqlens + seq + 1) - bos
 
@@ -92,6 +89,27 @@ def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.
     tl.store(y + tok.to(tl.int64) * C + cols, z.to(y.dtype.element_ty), mask=tmask & cmask)
 
 
+@triton.jit
+def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, STEPS: tl.constexpr,
+               C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Everything one backward tile reads, as loaded (rows at or past `limit` read nothing):
+    (pos, length, W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC])."""
+    tmask = tok < limit
+    seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
+    pos = tok - bos
+    taps = ()
+    for e in tl.static_range(W):
+        taps = taps + (tl.load(x + (tok - e).to(tl.int64) * x_stride + cols,
+                               mask=tmask & (pos >= e) & cmask, other=0.0),)
+    hist = ()
+    if HAS_INIT:
+        for e in tl.static_range(1, W):                              # x_{t-e} before the start
+            hist = hist + (tl.load(init + seq.to(tl.int64) * C * (W - 1) + (W - 1 + pos - e) + cols * (W - 1),
+                                   mask=tmask & (pos < e) & cmask, other=0.0),)
+    g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0)
+    return pos, length, taps, hist, g
+
+
 @triton.jit(do_not_specialize=["TT", "N", "TILES"])
 def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stride, TILES,
                      STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
@@ -101,7 +119,8 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
 
     Each z and sigmoid is computed once: a tile computes dz at its BT rows and reads the shifted
     dz_{t+d} back from its own registers (a warp-local gather), so only its first
-    OUT = BT - (W-1) rows get dx; the next tile starts at row OUT and redoes the last W-1."""
+    OUT = BT - (W-1) rows get dx; the next tile starts at row OUT and redoes the last W-1.
+    A tile's loads are issued while the previous tile computes, to hide their latency."""
     OUT: tl.constexpr = BT - (W - 1)
     rows = tl.arange(0, BT)[:, None]                                 # [BT, 1]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
@@ -112,18 +131,24 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
     dw_acc = ()                                                      # W x [BT, BC]: dz_t x_{t-e}
     for e in tl.static_range(W):
         dw_acc = dw_acc + (tl.zeros([BT, BC], dtype=tl.float32),)
+    first = tl.program_id(0) * TILES * OUT
+    loads = _bwd_loads(x, init, dy, cu_seqlens, first + rows, TT, cols, cmask, N, x_stride, STEPS,
+                       C, W, HAS_INIT)
     for tile in range(TILES):
-        tok = (tl.program_id(0) * TILES + tile) * OUT + rows
-        tmask = tok < TT
-        seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
-        pos = tok - bos
+        tok = first + tile * OUT + rows
+        pos, length, taps, hist, dz = loads
+        limit = tl.where(tile + 1 < TILES, TT, 0)                   # the last tile prefetches nothing
+        loads = _bwd_loads(x, init, dy, cu_seqlens, tok + OUT, limit, cols, cmask, N, x_stride,
+                           STEPS, C, W, HAS_INIT)
         xs = ()                                                      # W x [BT, BC]: x_{t-e}
         z = tl.zeros([BT, BC], dtype=tl.float32)
         for e in tl.static_range(W):
-            xs = xs + (_tap(x, init, seq, tok, pos, length, -e, cols, tmask, cmask, x_stride, TT,
-                            C, W, HAS_INIT),)
-            z += w_taps[W - 1 - e] * xs[e]
-        dz = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0).to(tl.float32)
+            xe = taps[e].to(tl.float32)
+            if HAS_INIT and e > 0:
+                xe += hist[e - 1].to(tl.float32)
+            xs = xs + (xe,)
+            z += w_taps[W - 1 - e] * xe
+        dz = dz.to(tl.float32)
         if SILU:
             sig = 1.0 / (1.0 + tl.exp(-z))
             dz = dz * sig * (1.0 + z * (1.0 - sig))
@@ -137,7 +162,7 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
             ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
             dxs += tl.where(pos + d < length, w_taps[W - 1 - d] * ahead, 0.0)
         tl.store(dx + tok.to(tl.int64) * C + cols, dxs.to(dx.dtype.element_ty),
-                 mask=tmask & (rows < OUT) & cmask)
+                 mask=(tok < TT) & (rows < OUT) & cmask)
     part = dw_part + (tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * W
     for e in tl.static_range(W):
         tl.store(part + (W - 1 - e), tl.sum(dw_acc[e], axis=0), mask=tl.reshape(cmask, [BC]))
@@ -199,14 +224,17 @@ def _conv_final_state_kernel(x, init, final, cu_seqlens, N, x_stride, C: tl.cons
         tl.store(final + (n.to(tl.int64) * C + cols) * (W - 1) + j, val.to(final.dtype.element_ty), mask=cmask)
 
 
-def _block_c(C: int) -> int:
-    return min(64, triton.next_power_of_2(C))
+def _block_c(C: int, cap: int = 64) -> int:
+    return min(cap, triton.next_power_of_2(C))
+
+
+def _warps(W: int) -> int:
+    return 4 if W <= 4 else 8
 
 
 def _bwd_tiles(TT: int) -> int:
-    """Token tiles per backward program: up to BWD_MAX_TILES, while the grid keeps >= ~128
-    programs per channel block (enough to fill the GPU); from shapes only."""
-    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_BLOCK_T) // 128))
+    """Token tiles per backward program (from shapes only)."""
+    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_BLOCK[0]) // BWD_MIN_PROGRAMS))
 
 
 class _ShortConv(torch.autograd.Function):
@@ -215,13 +243,13 @@ class _ShortConv(torch.autograd.Function):
     def forward(ctx, x2, weight, cu, N, init, silu):
         TT, C = x2.shape
         W = weight.shape[1]
-        BC = _block_c(C)
+        BT, BC = FWD_BLOCK[0], _block_c(C, FWD_BLOCK[1])
         y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)      # [TT, C]
-        steps = search_steps(N)
         if TT:
-            _conv_fwd_kernel[(triton.cdiv(TT, FWD_BLOCK_T), triton.cdiv(C, BC))](
+            _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
                 x2, weight, init if init is not None else x2, y, cu, TT, N, x2.stride(0),
-                STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=FWD_BLOCK_T, BC=BC)
+                STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BT,
+                BC=BC, num_warps=_warps(W))
         ctx.save_for_backward(x2, weight, cu, init)
         ctx.meta = (N, silu)
         return y
@@ -232,11 +260,11 @@ class _ShortConv(torch.autograd.Function):
         N, silu = ctx.meta
         TT, C = x2.shape
         W = weight.shape[1]
-        BC = _block_c(C)
+        BT, BC = BWD_BLOCK[0], _block_c(C, BWD_BLOCK[1])
         dy = dy.contiguous()
         dx = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)     # [TT, C]
         tiles = _bwd_tiles(TT)
-        programs = triton.cdiv(TT, (BWD_BLOCK_T - (W - 1)) * tiles)
+        programs = triton.cdiv(TT, (BT - (W - 1)) * tiles)            # a tile yields BT-(W-1) rows
         # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
         dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=x2.device)
         steps = search_steps(N)
@@ -244,10 +272,11 @@ class _ShortConv(torch.autograd.Function):
             _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
                 x2, weight, init if init is not None else x2, dy, dx, dw_part, cu, TT, N,
                 x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-                BT=BWD_BLOCK_T, BC=BC)
+                BT=BT, BC=BC, num_warps=_warps(W))
         dinit = None
         if init is not None and ctx.needs_input_grad[4]:
             dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=x2.device)
+            BC = _block_c(C)
             _conv_init_grad_kernel[(N, triton.cdiv(C, BC))](
                 x2, weight, init, dy, dinit32, cu, N, steps, x2.stride(0), C=C, W=W, SILU=silu,
                 BT=max(2, triton.next_power_of_2(W - 1)), BC=BC)
