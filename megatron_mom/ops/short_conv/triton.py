@@ -157,10 +157,11 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
         for e in tl.static_range(W):
             acc = acc + (dw_acc[e] + owned * xs[e],)
         dw_acc = acc
-        dxs = w_taps[W - 1] * dz
+        dxs = tl.zeros([BT, BC], dtype=tl.float32)
         for d in tl.static_range(1, W):
             ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
-            dxs += tl.where(pos + d < length, w_taps[W - 1 - d] * ahead, 0.0)
+            dxs += ahead * tl.where(pos + d < length, w_taps[W - 1 - d], 0.0)  # same sequence only
+        dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
         tl.store(dx + tok.to(tl.int64) * C + cols, dxs.to(dx.dtype.element_ty),
                  mask=(tok < TT) & (rows < OUT) & cmask)
     part = dw_part + (tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * W
