@@ -249,6 +249,15 @@ def test_short_conv_backward_tiles_per_program(monkeypatch, tiles):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("W", [4, 8])
+def test_short_conv_other_tile_shapes(monkeypatch, multi_tile_backward, W):
+    """Small tiles: many tile and channel-block edges per sequence (the benchmark sweep tries
+    other shapes on the GPU)."""
+    monkeypatch.setattr(multi_tile_backward, "FWD_CONFIG", (16, 16, 4))
+    monkeypatch.setattr(multi_tile_backward, "BWD_CONFIG", (16, 16, 4))
+    conv_against_reference(RAGGED, C=40, W=W, with_init=True)
+
+
 def test_short_conv_launch_path_reads_nothing_back(monkeypatch):
     """Forward and backward with cu_seqlens read no device value on the host."""
     gen = torch.Generator().manual_seed(0)

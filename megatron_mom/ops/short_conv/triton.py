@@ -19,12 +19,12 @@ from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, seq
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WIDTH = 8
-# Tiles of [BT tokens, BC channels] per program. The backward holds more live tiles (W taps,
+# (BT tokens, BC channels, warps) per program. The backward holds more live tiles (W taps, the
 # next tile's loads, W dw sums), hence its smaller tile; W > 4 doubles the warps for the same
-# tile. Chosen from the register counts of an offline sm_90 build: no spills up to W = 8, and
-# 168 registers for the W = 4 backward, so three programs share an SM.
-FWD_BLOCK = (64, 64)
-BWD_BLOCK = (32, 32)
+# tile. Chosen from the register counts of an offline sm_90 build (Triton 3.6 and 3.9): no
+# spills up to W = 8, and 168 registers for the W = 4 backward, so three programs share an SM.
+FWD_CONFIG = (64, 64, 4)
+BWD_CONFIG = (32, 32, 4)
 # The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
 # sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
 # channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU).
@@ -229,13 +229,15 @@ def _block_c(C: int, cap: int = 64) -> int:
     return min(cap, triton.next_power_of_2(C))
 
 
-def _warps(W: int) -> int:
-    return 4 if W <= 4 else 8
+def _launch(config, C: int, W: int):
+    """(BT, BC, num_warps) of `config` for C channels and width W."""
+    BT, BC, warps = config
+    return BT, _block_c(C, BC), warps if W <= 4 else 2 * warps
 
 
 def _bwd_tiles(TT: int) -> int:
     """Token tiles per backward program (from shapes only)."""
-    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_BLOCK[0]) // BWD_MIN_PROGRAMS))
+    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_CONFIG[0]) // BWD_MIN_PROGRAMS))
 
 
 class _ShortConv(torch.autograd.Function):
@@ -244,13 +246,13 @@ class _ShortConv(torch.autograd.Function):
     def forward(ctx, x2, weight, cu, N, init, silu):
         TT, C = x2.shape
         W = weight.shape[1]
-        BT, BC = FWD_BLOCK[0], _block_c(C, FWD_BLOCK[1])
+        BT, BC, warps = _launch(FWD_CONFIG, C, W)
         y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)      # [TT, C]
         if TT:
             _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
                 x2, weight, init if init is not None else x2, y, cu, TT, N, x2.stride(0),
                 STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BT,
-                BC=BC, num_warps=_warps(W))
+                BC=BC, num_warps=warps)
         ctx.save_for_backward(x2, weight, cu, init)
         ctx.meta = (N, silu)
         return y
@@ -261,7 +263,7 @@ class _ShortConv(torch.autograd.Function):
         N, silu = ctx.meta
         TT, C = x2.shape
         W = weight.shape[1]
-        BT, BC = BWD_BLOCK[0], _block_c(C, BWD_BLOCK[1])
+        BT, BC, warps = _launch(BWD_CONFIG, C, W)
         dy = dy.contiguous()
         dx = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)     # [TT, C]
         tiles = _bwd_tiles(TT)
@@ -273,7 +275,7 @@ class _ShortConv(torch.autograd.Function):
             _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
                 x2, weight, init if init is not None else x2, dy, dx, dw_part, cu, TT, N,
                 x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-                BT=BT, BC=BC, num_warps=_warps(W))
+                BT=BT, BC=BC, num_warps=warps)
         dinit = None
         if init is not None and ctx.needs_input_grad[4]:
             dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=x2.device)
