@@ -33,35 +33,27 @@ BWD_MIN_PROGRAMS = 128
 
 
 @triton.jit
-def _tap(x, init, seq, tok, pos, length, k: tl.constexpr, cols, tmask, cmask, x_stride, TT,
+def _tap(x, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
          C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
-    """x_{t+k} [BT, BC] fp32 for each token t, from t's own sequence: its initial state (or
-    zero) before the sequence's start, zero past its end."""
-    p = pos + k
-    if k < 0:
-        inside = tmask & (p >= 0)
-    elif k > 0:
-        inside = tmask & (p < length) & (tok + k < TT)
-    else:
-        inside = tmask
-    val = tl.load(x + (tok + k).to(tl.int64) * x_stride + cols, mask=inside & cmask,
+    """x_{t - shift} [BT, BC] fp32 for each token t, from its own sequence or its initial state."""
+    inside = pos >= shift
+    val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=tmask & inside & cmask,
                   other=0.0).to(tl.float32)
-    if HAS_INIT and k < 0:
-        slot = W - 1 + p                                             # >= 0 when not inside
+    if HAS_INIT:
+        slot = W - 1 + pos - shift                                   # >= 0 when not inside
         val += tl.load(init + seq.to(tl.int64) * C * (W - 1) + slot + cols * (W - 1),
-                       mask=tmask & (p < 0) & cmask, other=0.0).to(tl.float32)
+                       mask=tmask & (pos < shift) & cmask, other=0.0).to(tl.float32)
     return val
 
 
 @triton.jit
-def _pre_activation(x, init, weight, seq, tok, pos, length, cols, tmask, cmask, x_stride, TT,
+def _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride,
                     C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, BT: tl.constexpr,
                     BC: tl.constexpr):
     z = tl.zeros([BT, BC], dtype=tl.float32)
     for d in tl.static_range(W):
         w_d = tl.load(weight + cols * W + (W - 1 - d), mask=cmask, other=0.0).to(tl.float32)
-        z += w_d * _tap(x, init, seq, tok, pos, length, -d, cols, tmask, cmask, x_stride,
-                                 TT, C, W, HAS_INIT)
+        z += w_d * _tap(x, init, seq, tok, pos, d, cols, tmask, cmask, x_stride, C, W, HAS_INIT)
     return z
 
 
@@ -81,9 +73,9 @@ def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.
     cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
     tmask = tok < TT
     cmask = cols < C
-    seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
-    z = _pre_activation(x, init, weight, seq, tok, tok - bos, length, cols, tmask, cmask, x_stride,
-                        TT, C, W, HAS_INIT, BT, BC)
+    seq, bos, _ = _locate(cu_seqlens, tok, N, STEPS)
+    z = _pre_activation(x, init, weight, seq, tok, tok - bos, cols, tmask, cmask, x_stride, C, W,
+                        HAS_INIT, BT, BC)
     if SILU:
         z = z / (1.0 + tl.exp(-z))
     tl.store(y + tok.to(tl.int64) * C + cols, z.to(y.dtype.element_ty), mask=tmask & cmask)
@@ -92,8 +84,9 @@ def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.
 @triton.jit
 def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, STEPS: tl.constexpr,
                C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
-    """Everything one backward tile reads, as loaded (rows at or past `limit` read nothing):
-    (pos, length, W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC])."""
+    """Everything one backward tile reads (rows at or past `limit` read nothing): (pos, length,
+    W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC]). Kept in the input
+    dtype, unlike `_tap`, as they wait in registers for a whole tile."""
     tmask = tok < limit
     seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
     pos = tok - bos
@@ -170,14 +163,14 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
 
 
 @triton.jit
-def _grad_pre_activation(x, init, weight, dy, seq, tok, pos, length, cols, tmask, cmask, x_stride,
-                         TT, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
+def _grad_pre_activation(x, init, weight, dy, seq, tok, pos, cols, tmask, cmask, x_stride,
+                         C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
                          SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dL/dz [BT, BC] at tokens `tok` (zero where tmask is off)."""
     g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0).to(tl.float32)
     if SILU:
-        z = _pre_activation(x, init, weight, seq, tok, pos, length, cols, tmask, cmask, x_stride,
-                            TT, C, W, HAS_INIT, BT, BC)
+        z = _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride, C, W,
+                            HAS_INIT, BT, BC)
         sig = 1.0 / (1.0 + tl.exp(-z))
         g = g * sig * (1.0 + z * (1.0 - sig))
     return g
@@ -196,8 +189,8 @@ def _conv_init_grad_kernel(x, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_s
     pos = tl.arange(0, BT)[:, None]                                  # first W-1 positions
     tmask = pos < tl.minimum(length, W - 1)
     seq = pos * 0 + n
-    dz = _grad_pre_activation(x, init, weight, dy, seq, bos + pos, pos, length, cols, tmask, cmask,
-                              x_stride, bos + length, C, W, True, SILU, BT, BC)
+    dz = _grad_pre_activation(x, init, weight, dy, seq, bos + pos, pos, cols, tmask, cmask,
+                              x_stride, C, W, True, SILU, BT, BC)
     out = dinit + (n.to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * (W - 1)
     for j in tl.static_range(W - 1):
         shift = pos - (j - (W - 1))                                  # tap index e = t - p
