@@ -1,7 +1,8 @@
 """Time megatron_mom's Triton gated delta rule against fla's `chunk_gated_delta_rule` and
 PyTorch SDPA flash attention, in one run, at the shapes of /work/shared/baselines/peer_h100.json.
 
-    python benchmarks/bench_kernels.py [--out DIR] [--no-fla] [--sweep] [--quick]
+    python benchmarks/bench_kernels.py [--out DIR] [--no-fla] [--sweep] [--quick] [--conv]
+    python benchmarks/bench_kernels.py --conv-only [--conv-sweep] [--out DIR]
 
 Forward and forward+backward medians from `triton.testing.do_bench` (bf16), a TFLOP/s estimate
 (same formula as the peer probe: B*T*H*(2*C*D*4 + 2*D*D*6) per forward), the ratio to fla,
@@ -9,6 +10,8 @@ and the peak memory of one forward+backward above what the inputs take. Writes
 bench_kernels.json and bench_kernels.md to --out (default $OUT, else the temp folder).
 fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (wrong gradients); as in the
 peer probe the guard is lifted for timing only.
+--conv adds the Triton short convolution at the shape it has inside the layer (key "short_conv");
+--conv-only times just that and writes bench_conv.json.
 """
 from __future__ import annotations
 
@@ -99,11 +102,14 @@ def sdpa(B, T, H, D, quick):
     return r
 
 
-def kernel_profile(run, iters=5):
-    """Mean CUDA time (ms) per kernel name over `iters` forward+backward passes."""
+def kernel_profile(run, iters=5, step=None):
+    """Mean CUDA time (ms) per kernel name over `iters` forward+backward passes (of `run` with
+    a ones gradient, or `step` when given)."""
     from torch.profiler import ProfilerActivity, profile
 
     def fwd_bwd():
+        if step is not None:
+            return step()
         out = run()
         out.backward(torch.ones_like(out))
 
@@ -184,6 +190,90 @@ def sweep(shape, quick):
     return out
 
 
+# Short convolution as inside the layer: E*Q = 20 ragged (memory, sequence) segments, one of
+# them empty (a memory that got no token of a sequence), bf16, SiLU.
+CONV_SHAPE = dict(tokens=49152, channels=1024, width=4, segments=20)
+# Alternative launch settings (module attributes of ops.short_conv.triton), each checked
+# against the default settings' outputs before its time counts.
+CONV_SWEEP = [{"BWD_CONFIG": (32, 64, 8)}, {"BWD_CONFIG": (64, 32, 8)}, {"BWD_CONFIG": (32, 32, 8)},
+              {"BWD_CONFIG": (16, 64, 4)},
+              {"BWD_MAX_TILES": 4}, {"BWD_MAX_TILES": 16},
+              {"FWD_CONFIG": (32, 64, 4)}, {"FWD_CONFIG": (64, 128, 8)},
+              {"FWD_CONFIG": (128, 64, 8)}, {"FWD_CONFIG": (64, 64, 8)}]
+
+
+def conv_lengths(tokens, segments, seed=0):
+    """`segments` ragged lengths summing to `tokens`, the fourth of them 0."""
+    gen = torch.Generator().manual_seed(seed)
+    cuts = (torch.randperm(tokens - 1, generator=gen)[: segments - 2] + 1).sort().values.tolist()
+    lengths = [b - a for a, b in zip([0] + cuts, cuts + [tokens])]
+    return lengths[:3] + [0] + lengths[3:]
+
+
+def conv_inputs(tokens, channels, width, segments):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0] + conv_lengths(tokens, segments), device="cuda").cumsum(0).int()
+    x = torch.randn(1, tokens, channels, device="cuda", generator=gen, dtype=torch.bfloat16)
+    w = torch.randn(channels, width, device="cuda", generator=gen) / width
+    dy = torch.randn(1, tokens, channels, device="cuda", generator=gen, dtype=torch.bfloat16)
+    return x.requires_grad_(), w.bfloat16().requires_grad_(), cu, dy
+
+
+def conv_outputs(x, w, cu, dy):
+    """y, dx, dw of one forward+backward (autograd.grad: nothing accumulates into .grad)."""
+    from megatron_mom.ops.short_conv import short_conv
+    y, _ = short_conv(x, w, cu_seqlens=cu, activation="silu", backend="triton")
+    return [y] + list(torch.autograd.grad(y, [x, w], dy))
+
+
+def conv_timed(x, w, cu, dy, quick):
+    """fwd and fwd+bwd ms; bwd_ms is their difference."""
+    from megatron_mom.ops.short_conv import short_conv
+    fwd_ms = do_bench(lambda: short_conv(x, w, cu_seqlens=cu, activation="silu", backend="triton"), quick)
+    fb_ms = do_bench(lambda: conv_outputs(x, w, cu, dy), quick)
+    return {"fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "bwd_ms": fb_ms - fwd_ms}
+
+
+def conv_sweep(inputs, quick):
+    from megatron_mom.ops.short_conv import triton as conv_triton
+    ref = [t.float() for t in conv_outputs(*inputs)]
+    tried = []
+    for setting in CONV_SWEEP:
+        saved = {k: getattr(conv_triton, k) for k in setting}
+        for k, v in setting.items():
+            setattr(conv_triton, k, v)
+        rec = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in setting.items()}}
+        try:
+            got = conv_outputs(*inputs)
+            rec["max_rel_diff_vs_default"] = max(((a.float() - b).norm() / b.norm()).item()
+                                                 for a, b in zip(got, ref))
+            if rec["max_rel_diff_vs_default"] < 1e-2:
+                rec.update(conv_timed(*inputs, quick))
+        except Exception as e:                                # noqa: BLE001
+            rec["error"] = repr(e)[:200]
+        for k, v in saved.items():
+            setattr(conv_triton, k, v)
+        print("conv sweep", rec, flush=True)
+        tried.append(rec)
+    return tried
+
+
+def conv_bench(quick, sweep=False):
+    """Short-conv timings at CONV_SHAPE, the per-kernel split, and the bandwidth that the
+    unavoidable traffic (x read, y written; x, dy read, dx written) would take at that time."""
+    inputs = conv_inputs(**CONV_SHAPE)
+    x, w, cu, dy = inputs
+    res = {"shape": dict(CONV_SHAPE), "dtype": "bfloat16", **conv_timed(*inputs, quick)}
+    res["kernels_ms"] = kernel_profile(None, step=lambda: conv_outputs(x, w, cu, dy))
+    tensor_bytes = x.numel() * x.element_size()
+    res["fwd_GBps"] = 2 * tensor_bytes / (res["fwd_ms"] * 1e-3) / 1e9
+    res["bwd_GBps"] = 3 * tensor_bytes / (res["bwd_ms"] * 1e-3) / 1e9
+    if sweep:
+        res["sweep"] = conv_sweep(inputs, quick)
+    print("short_conv", json.dumps(res), flush=True)
+    return res
+
+
 def markdown(res):
     lines = ["| shape (bf16) | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s (est.) | fwd+bwd vs fla | peak extra GiB |",
              "|---|---|---|---|---|---|---|"]
@@ -208,10 +298,18 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--fla-scaling", action="store_true", help="also time fla at the T sweep")
+    ap.add_argument("--conv", action="store_true", help="also time the short convolution")
+    ap.add_argument("--conv-only", action="store_true", help="time only the short convolution")
+    ap.add_argument("--conv-sweep", action="store_true", help="with the conv: other launch settings")
     args = ap.parse_args()
     import triton
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": {}}
+    if args.conv_only:
+        del res["shapes"]
+        res["short_conv"] = conv_bench(args.quick, args.conv_sweep)
+        json.dump(res, open(os.path.join(args.out, "bench_conv.json"), "w"), indent=1)
+        return
     fla_chunk = None if args.no_fla else fla_fn()
 
     def save():
@@ -248,6 +346,9 @@ def main():
         print(time.strftime("%X"), key, json.dumps(row), flush=True)
         save()
 
+    if args.conv:
+        res["short_conv"] = conv_bench(args.quick, args.conv_sweep)
+        save()
     measure(*MAIN_SHAPES[0])
     if args.sweep:
         res["sweep"] = sweep(MAIN_SHAPES[0], args.quick)

@@ -187,6 +187,97 @@ def test_short_conv_matches_reference(W, with_init):
     assert torch.equal(final, conv_final_state_oracle(x.detach(), cu, init, W).to(final.dtype))
 
 
+def conv_against_reference(lengths, C, W, *, with_init, activation="silu", row_pad=0, seed=0):
+    """Triton against the float64 torch reference on packed `lengths`: y, the gradients of x
+    (a view with row stride C + row_pad), w and the initial state, and the final state."""
+    gen = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    wide = torch.randn(1, sum(lengths), C + row_pad, generator=gen)
+    w = torch.randn(C, W, generator=gen)
+    init = torch.randn(len(lengths), C, W - 1, generator=gen) if with_init else None
+    dy = torch.randn(1, sum(lengths), C, generator=gen)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (wide, w, init) if t is not None]
+        y, final = short_conv(leaves[0][..., :C], leaves[1], cu_seqlens=cu,
+                              initial_state=leaves[2] if with_init else None,
+                              output_final_state=True, activation=activation, backend=backend)
+        grads = torch.autograd.grad((y * dy.to(dtype)).sum(), leaves)
+        results[backend] = [y, final] + list(grads)
+    for a, b in zip(results["triton"], results["torch"]):
+        assert rel_err(a, b) < 1e-5
+    return results["triton"]
+
+
+@pytest.fixture
+def multi_tile_backward(monkeypatch):
+    """Backward programs that walk 3 token tiles even at test sizes."""
+    sc_triton = pytest.importorskip("megatron_mom.ops.short_conv.triton")
+    monkeypatch.setattr(sc_triton, "BWD_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(sc_triton, "BWD_MAX_TILES", 3)
+    return sc_triton
+
+
+# Empty sequences first, in between and last; runs of sequences shorter than the kernel inside
+# one token tile; sequences across tile and program boundaries; 122 tokens, not a tile multiple.
+RAGGED = [0, 2, 1, 0, 37, 3, 1, 1, 2, 70, 0, 5, 0]
+
+
+@pytest.mark.parametrize("W", [1, 3, 4, 8])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_short_conv_ragged_segments(multi_tile_backward, W, with_init):
+    if W == 1 and with_init:
+        pytest.skip("W = 1 keeps no state")
+    conv_against_reference(RAGGED, C=40, W=W, with_init=with_init, row_pad=8)
+
+
+@pytest.mark.parametrize("row_pad", [0, 3])
+def test_short_conv_no_activation_odd_stride(multi_tile_backward, row_pad):
+    conv_against_reference(RAGGED, C=24, W=4, with_init=True, activation=None, row_pad=row_pad)
+
+
+@pytest.mark.parametrize("tiles", [1, 2, 5])
+def test_short_conv_backward_tiles_per_program(monkeypatch, tiles):
+    """dw from partial sums of 1, 2 or 5 tiles per program (the last program partly past the
+    end): right, and bit-identical when run again."""
+    sc_triton = pytest.importorskip("megatron_mom.ops.short_conv.triton")
+    monkeypatch.setattr(sc_triton, "BWD_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(sc_triton, "BWD_MAX_TILES", tiles)
+    lengths = [61, 0, 1, 100, 4]
+    first = conv_against_reference(lengths, C=16, W=4, with_init=False, seed=tiles)
+    again = conv_against_reference(lengths, C=16, W=4, with_init=False, seed=tiles)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("W", [4, 8])
+def test_short_conv_other_tile_shapes(monkeypatch, multi_tile_backward, W):
+    """Small tiles: many tile and channel-block edges per sequence (the benchmark sweep tries
+    other shapes on the GPU)."""
+    monkeypatch.setattr(multi_tile_backward, "FWD_CONFIG", (16, 16, 4))
+    monkeypatch.setattr(multi_tile_backward, "BWD_CONFIG", (16, 16, 4))
+    conv_against_reference(RAGGED, C=40, W=W, with_init=True)
+
+
+def test_short_conv_launch_path_reads_nothing_back(monkeypatch):
+    """Forward and backward with cu_seqlens read no device value on the host."""
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 40])
+    x = torch.randn(1, 40, 16, generator=gen, requires_grad=True)
+    w = torch.randn(16, 4, generator=gen, requires_grad=True)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("host read of a device value in the launch path")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    y, _ = short_conv(x, w, cu_seqlens=cu, backend="triton")
+    gx, gw = torch.autograd.grad(y.sum(), [x, w])
+    monkeypatch.undo()
+    y_ref, _ = short_conv(x, w, cu_seqlens=cu, backend="torch")
+    gx_ref, gw_ref = torch.autograd.grad(y_ref.sum(), [x, w])
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(gx, gx_ref) < 1e-5 and rel_err(gw, gw_ref) < 1e-5
+
+
 def test_short_conv_dense_no_activation():
     x = torch.randn(2, 33, 16, requires_grad=True)
     w = torch.randn(16, 4, requires_grad=True)

@@ -63,5 +63,20 @@ def sequence_of(offsets, index, N, STEPS):
 
 
 @triton.jit
+def sequence_of_unrolled(offsets, index, N, STEPS: tl.constexpr):
+    """`sequence_of` with the steps unrolled (STEPS a compile-time constant). For a block of
+    indices that feeds tiles of another layout: without the loop the compiler can recompute
+    the search in the layout that its users need instead of converting every result."""
+    lo = index * 0
+    hi = lo + N
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        right = tl.load(offsets + mid) <= index
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
 def sigmoid(x):
     return 1.0 / (1.0 + tl.exp(-x))

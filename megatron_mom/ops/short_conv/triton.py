@@ -15,26 +15,34 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of
+from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of_unrolled
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLOCK_T = 16                     # x 64 channels: no register spills in the sm_90 build
 MAX_WIDTH = 8
+# (BT tokens, BC channels, warps) per program. The backward holds more live tiles (W taps, the
+# next tile's loads, W dw sums), hence its smaller tile; W > 4 doubles the warps for the same
+# tile. Chosen from the register counts of an offline sm_90 build (Triton 3.6 and 3.9): no
+# spills up to W = 8, and 168 registers for the W = 4 backward, so three programs share an SM.
+FWD_CONFIG = (64, 64, 4)
+BWD_CONFIG = (32, 32, 4)
+# The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
+# sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
+# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU).
+BWD_MAX_TILES = 8
+BWD_MIN_PROGRAMS = 128
 
 
 @triton.jit
 def _tap(x, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
          C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
-    """x_{t - shift} [BT, BC] for each token t, from its own sequence or its initial state."""
+    """x_{t - shift} [BT, BC] fp32 for each token t, from its own sequence or its initial state."""
     inside = pos >= shift
-    m = (tmask & inside)[:, None] & cmask[None, :]
-    val = tl.load(x + (tok - shift).to(tl.int64)[:, None] * x_stride + cols[None, :], mask=m,
+    val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=tmask & inside & cmask,
                   other=0.0).to(tl.float32)
     if HAS_INIT:
         slot = W - 1 + pos - shift                                   # >= 0 when not inside
-        mh = (tmask & (pos < shift))[:, None] & cmask[None, :]
-        val += tl.load(init + (seq.to(tl.int64) * C * (W - 1) + slot)[:, None] + cols[None, :] * (W - 1),
-                       mask=mh, other=0.0).to(tl.float32)
+        val += tl.load(init + seq.to(tl.int64) * C * (W - 1) + slot + cols * (W - 1),
+                       mask=tmask & (pos < shift) & cmask, other=0.0).to(tl.float32)
     return val
 
 
@@ -45,55 +53,113 @@ def _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride
     z = tl.zeros([BT, BC], dtype=tl.float32)
     for d in tl.static_range(W):
         w_d = tl.load(weight + cols * W + (W - 1 - d), mask=cmask, other=0.0).to(tl.float32)
-        z += w_d[None, :] * _tap(x, init, seq, tok, pos, d, cols, tmask, cmask, x_stride, C, W, HAS_INIT)
+        z += w_d * _tap(x, init, seq, tok, pos, d, cols, tmask, cmask, x_stride, C, W, HAS_INIT)
     return z
 
 
-@triton.jit(do_not_specialize=["TT", "N", "STEPS", "x_stride"])
-def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, STEPS, x_stride,
+@triton.jit
+def _locate(cu_seqlens, tok, N, STEPS: tl.constexpr):
+    """(sequence, its start, its length) [BT, 1] of each token."""
+    seq = sequence_of_unrolled(cu_seqlens, tok, N, STEPS)
+    bos = tl.load(cu_seqlens + seq)
+    return seq, bos, tl.load(cu_seqlens + seq + 1) - bos
+
+
+@triton.jit(do_not_specialize=["TT", "N"])
+def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.constexpr,
                      C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr):
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    tok = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]         # [BT, 1]
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
     tmask = tok < TT
     cmask = cols < C
-    seq = sequence_of(cu_seqlens, tok, N, STEPS)
-    pos = tok - tl.load(cu_seqlens + seq)
-    z = _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride, C, W, HAS_INIT, BT, BC)
+    seq, bos, _ = _locate(cu_seqlens, tok, N, STEPS)
+    z = _pre_activation(x, init, weight, seq, tok, tok - bos, cols, tmask, cmask, x_stride, C, W,
+                        HAS_INIT, BT, BC)
     if SILU:
         z = z / (1.0 + tl.exp(-z))
-    tl.store(y + tok.to(tl.int64)[:, None] * C + cols[None, :], z.to(y.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
+    tl.store(y + tok.to(tl.int64) * C + cols, z.to(y.dtype.element_ty), mask=tmask & cmask)
 
 
-@triton.jit(do_not_specialize=["TT", "N", "STEPS", "x_stride"])
-def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, STEPS, x_stride,
-                     C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr):
-    """dx_s = sum_d w[c, W-1-d] dz_{s+d} (same sequence); dw partial sums of this token block."""
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
-    tmask = tok < TT
-    cmask = cols < C
-    seq = sequence_of(cu_seqlens, tok, N, STEPS)
-    bos = tl.load(cu_seqlens + seq)
-    length = tl.load(cu_seqlens + seq + 1) - bos
+@triton.jit
+def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, STEPS: tl.constexpr,
+               C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Everything one backward tile reads (rows at or past `limit` read nothing): (pos, length,
+    W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC]). Kept in the input
+    dtype, unlike `_tap`, as they wait in registers for a whole tile."""
+    tmask = tok < limit
+    seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
     pos = tok - bos
-    dxs = tl.zeros([BT, BC], dtype=tl.float32)
-    for d in tl.static_range(W):
-        t_d = tok + d
-        m_d = tmask & (pos + d < length)
-        dz = _grad_pre_activation(x, init, weight, dy, seq, t_d, pos + d, cols, m_d, cmask, x_stride,
-                                  C, W, HAS_INIT, SILU, BT, BC)
-        w_d = tl.load(weight + cols * W + (W - 1 - d), mask=cmask, other=0.0).to(tl.float32)
-        dxs += w_d[None, :] * dz
-        if d == 0:
-            part = dw_part + tl.program_id(0).to(tl.int64) * C * W + cols * W
-            for e in tl.static_range(W):
-                xe = _tap(x, init, seq, tok, pos, e, cols, tmask, cmask, x_stride, C, W, HAS_INIT)
-                tl.store(part + (W - 1 - e), tl.sum(dz * xe, axis=0), mask=cmask)
-    tl.store(dx + tok.to(tl.int64)[:, None] * C + cols[None, :], dxs.to(dx.dtype.element_ty),
-             mask=tmask[:, None] & cmask[None, :])
+    taps = ()
+    for e in tl.static_range(W):
+        taps = taps + (tl.load(x + (tok - e).to(tl.int64) * x_stride + cols,
+                               mask=tmask & (pos >= e) & cmask, other=0.0),)
+    hist = ()
+    if HAS_INIT:
+        for e in tl.static_range(1, W):                              # x_{t-e} before the start
+            hist = hist + (tl.load(init + seq.to(tl.int64) * C * (W - 1) + (W - 1 + pos - e) + cols * (W - 1),
+                                   mask=tmask & (pos < e) & cmask, other=0.0),)
+    g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0)
+    return pos, length, taps, hist, g
+
+
+@triton.jit(do_not_specialize=["TT", "N", "TILES"])
+def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stride, TILES,
+                     STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
+                     SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """dx_t = sum_d w[c, W-1-d] dz_{t+d} (same sequence) for TILES consecutive token tiles;
+    dw_part[program] = this program's share of dw [C, W].
+
+    Each z and sigmoid is computed once: a tile computes dz at its BT rows and reads the shifted
+    dz_{t+d} back from its own registers (a warp-local gather), so only its first
+    OUT = BT - (W-1) rows get dx; the next tile starts at row OUT and redoes the last W-1.
+    A tile's loads are issued while the previous tile computes, to hide their latency."""
+    OUT: tl.constexpr = BT - (W - 1)
+    rows = tl.arange(0, BT)[:, None]                                 # [BT, 1]
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
+    cmask = cols < C
+    w_taps = ()                                                      # W x [1, BC]: w[:, i]
+    for i in tl.static_range(W):
+        w_taps = w_taps + (tl.load(weight + cols * W + i, mask=cmask, other=0.0).to(tl.float32),)
+    dw_acc = ()                                                      # W x [BT, BC]: dz_t x_{t-e}
+    for e in tl.static_range(W):
+        dw_acc = dw_acc + (tl.zeros([BT, BC], dtype=tl.float32),)
+    first = tl.program_id(0) * TILES * OUT
+    loads = _bwd_loads(x, init, dy, cu_seqlens, first + rows, TT, cols, cmask, N, x_stride, STEPS,
+                       C, W, HAS_INIT)
+    for tile in range(TILES):
+        tok = first + tile * OUT + rows
+        pos, length, taps, hist, dz = loads
+        limit = tl.where(tile + 1 < TILES, TT, 0)                   # the last tile prefetches nothing
+        loads = _bwd_loads(x, init, dy, cu_seqlens, tok + OUT, limit, cols, cmask, N, x_stride,
+                           STEPS, C, W, HAS_INIT)
+        xs = ()                                                      # W x [BT, BC]: x_{t-e}
+        z = tl.zeros([BT, BC], dtype=tl.float32)
+        for e in tl.static_range(W):
+            xe = taps[e].to(tl.float32)
+            if HAS_INIT and e > 0:
+                xe += hist[e - 1].to(tl.float32)
+            xs = xs + (xe,)
+            z += w_taps[W - 1 - e] * xe
+        dz = dz.to(tl.float32)
+        if SILU:
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            dz = dz * sig * (1.0 + z * (1.0 - sig))
+        owned = tl.where(rows < OUT, dz, 0.0)                        # rows past OUT are the next tile's
+        acc = ()
+        for e in tl.static_range(W):
+            acc = acc + (dw_acc[e] + owned * xs[e],)
+        dw_acc = acc
+        dxs = tl.zeros([BT, BC], dtype=tl.float32)
+        for d in tl.static_range(1, W):
+            ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
+            dxs += ahead * tl.where(pos + d < length, w_taps[W - 1 - d], 0.0)  # same sequence only
+        dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
+        tl.store(dx + tok.to(tl.int64) * C + cols, dxs.to(dx.dtype.element_ty),
+                 mask=(tok < TT) & (rows < OUT) & cmask)
+    part = dw_part + (tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * W
+    for e in tl.static_range(W):
+        tl.store(part + (W - 1 - e), tl.sum(dw_acc[e], axis=0), mask=tl.reshape(cmask, [BC]))
 
 
 @triton.jit
@@ -101,8 +167,7 @@ def _grad_pre_activation(x, init, weight, dy, seq, tok, pos, cols, tmask, cmask,
                          C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
                          SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dL/dz [BT, BC] at tokens `tok` (zero where tmask is off)."""
-    g = tl.load(dy + tok.to(tl.int64)[:, None] * C + cols[None, :],
-                mask=tmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+    g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0).to(tl.float32)
     if SILU:
         z = _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride, C, W,
                             HAS_INIT, BT, BC)
@@ -117,20 +182,21 @@ def _conv_init_grad_kernel(x, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_s
                            BT: tl.constexpr, BC: tl.constexpr):
     """dL/dinitial_state [N, C, W-1]: slot W-1+p (p < 0) feeds z_t through tap t - p."""
     n = tl.program_id(0)
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
     cmask = cols < C
     bos = tl.load(cu_seqlens + n)
     length = tl.load(cu_seqlens + n + 1) - bos
-    pos = tl.arange(0, BT)                                           # first W-1 positions
+    pos = tl.arange(0, BT)[:, None]                                  # first W-1 positions
     tmask = pos < tl.minimum(length, W - 1)
     seq = pos * 0 + n
-    dz = _grad_pre_activation(x, init, weight, dy, seq, bos + pos, pos, cols, tmask, cmask, x_stride,
-                              C, W, True, SILU, BT, BC)
+    dz = _grad_pre_activation(x, init, weight, dy, seq, bos + pos, pos, cols, tmask, cmask,
+                              x_stride, C, W, True, SILU, BT, BC)
+    out = dinit + (n.to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * (W - 1)
     for j in tl.static_range(W - 1):
         shift = pos - (j - (W - 1))                                  # tap index e = t - p
-        w_e = tl.load(weight + cols[None, :] * W + (W - 1 - shift)[:, None],
-                      mask=(tmask & (shift <= W - 1))[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        tl.store(dinit + (n.to(tl.int64) * C + cols) * (W - 1) + j, tl.sum(w_e * dz, axis=0), mask=cmask)
+        w_e = tl.load(weight + cols * W + (W - 1 - shift),
+                      mask=tmask & (shift <= W - 1) & cmask, other=0.0).to(tl.float32)
+        tl.store(out + j, tl.sum(w_e * dz, axis=0), mask=tl.reshape(cmask, [BC]))
 
 
 @triton.jit(do_not_specialize=["N", "x_stride"])
@@ -152,8 +218,19 @@ def _conv_final_state_kernel(x, init, final, cu_seqlens, N, x_stride, C: tl.cons
         tl.store(final + (n.to(tl.int64) * C + cols) * (W - 1) + j, val.to(final.dtype.element_ty), mask=cmask)
 
 
-def _block_c(C: int) -> int:
-    return min(64, triton.next_power_of_2(C))
+def _block_c(C: int, cap: int = 64) -> int:
+    return min(cap, triton.next_power_of_2(C))
+
+
+def _launch(config, C: int, W: int):
+    """(BT, BC, num_warps) of `config` for C channels and width W."""
+    BT, BC, warps = config
+    return BT, _block_c(C, BC), warps if W <= 4 else 2 * warps
+
+
+def _bwd_tiles(TT: int) -> int:
+    """Token tiles per backward program (from shapes only)."""
+    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_CONFIG[0]) // BWD_MIN_PROGRAMS))
 
 
 class _ShortConv(torch.autograd.Function):
@@ -162,13 +239,13 @@ class _ShortConv(torch.autograd.Function):
     def forward(ctx, x2, weight, cu, N, init, silu):
         TT, C = x2.shape
         W = weight.shape[1]
-        BC = _block_c(C)
+        BT, BC, warps = _launch(FWD_CONFIG, C, W)
         y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)      # [TT, C]
-        steps = search_steps(N)
         if TT:
-            _conv_fwd_kernel[(triton.cdiv(TT, BLOCK_T), triton.cdiv(C, BC))](
-                x2, weight, init if init is not None else x2, y, cu, TT, N, steps, x2.stride(0),
-                C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BLOCK_T, BC=BC)
+            _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
+                x2, weight, init if init is not None else x2, y, cu, TT, N, x2.stride(0),
+                STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BT,
+                BC=BC, num_warps=warps)
         ctx.save_for_backward(x2, weight, cu, init)
         ctx.meta = (N, silu)
         return y
@@ -179,19 +256,23 @@ class _ShortConv(torch.autograd.Function):
         N, silu = ctx.meta
         TT, C = x2.shape
         W = weight.shape[1]
-        BC = _block_c(C)
+        BT, BC, warps = _launch(BWD_CONFIG, C, W)
         dy = dy.contiguous()
-        dx = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)
-        nblk = triton.cdiv(TT, BLOCK_T)
-        dw_part = torch.zeros(max(nblk, 1), C, W, dtype=torch.float32, device=x2.device)
+        dx = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)     # [TT, C]
+        tiles = _bwd_tiles(TT)
+        programs = triton.cdiv(TT, (BT - (W - 1)) * tiles)            # a tile yields BT-(W-1) rows
+        # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
+        dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=x2.device)
         steps = search_steps(N)
         if TT:
-            _conv_bwd_kernel[(nblk, triton.cdiv(C, BC))](
-                x2, weight, init if init is not None else x2, dy, dx, dw_part, cu, TT, N, steps,
-                x2.stride(0), C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BLOCK_T, BC=BC)
+            _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
+                x2, weight, init if init is not None else x2, dy, dx, dw_part, cu, TT, N,
+                x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
+                BT=BT, BC=BC, num_warps=warps)
         dinit = None
         if init is not None and ctx.needs_input_grad[4]:
             dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=x2.device)
+            BC = _block_c(C)
             _conv_init_grad_kernel[(N, triton.cdiv(C, BC))](
                 x2, weight, init, dy, dinit32, cu, N, steps, x2.stride(0), C=C, W=W, SILU=silu,
                 BT=max(2, triton.next_power_of_2(W - 1)), BC=BC)
