@@ -24,11 +24,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 HIDDEN = 2048
 RESULTS = {}
+OUT_DIR = None
 
 
 def log(key, value):
     RESULTS[key] = value
     print(time.strftime("%X"), key, value, flush=True)
+    if OUT_DIR:  # after every case, so a run cut off by its time limit keeps what it measured
+        json.dump(RESULTS, open(os.path.join(OUT_DIR, "bench_layer.json"), "w"), indent=1)
 
 
 def setup_megatron():
@@ -226,6 +229,8 @@ def main():
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
+    global OUT_DIR
+    OUT_DIR = args.out
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
