@@ -140,13 +140,12 @@ def outputs_of(B, T, H, D):
 # Alternative launch settings, tried one kernel at a time at the main D128 shape; each is
 # checked against the default settings' outputs (which the GPU suite checks against the
 # reference) before its time counts.
-SWEEP = [("prepare", None, {"num_warps": 8}),
-         ("prepare", None, {"num_warps": 2}),
-         ("chunk_bwd_main", None, {"num_warps": 4}),
-         ("chunk_bwd_wy", None, {"num_warps": 4}),
+SWEEP = [("prepare", None, {"num_warps": 2}),
+         ("prepare", None, {"BK": 128, "BV": 128, "num_warps": 8}),
+         ("chunk_bwd_main", None, {"num_warps": 8}),
          ("chunk_bwd", None, {"BK": 128}),
-         ("chunk_bwd", None, {"BV": 128}),
-         ("chunk_bwd", None, {"BK": 32}),
+         ("chunk_bwd", None, {"BV": 32}),
+         ("chunk_bwd_wy", None, {"num_warps": 8}),
          ("state_fwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
          ("state_bwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2})]
 
