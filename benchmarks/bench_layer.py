@@ -78,7 +78,7 @@ def bench_train(fn_fwd, x):
     return r
 
 
-def run_profile(out_dir, B=4, T=4096):
+def run_profile(out_dir, B=4, T=4096, by_op=False):
     """Where our layer's forward+backward time goes: CUDA kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
     from megatron_mom import MoMConfig
@@ -92,12 +92,15 @@ def run_profile(out_dir, B=4, T=4096):
 
     step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if by_op else [])
+    with profile(activities=acts, record_shapes=by_op) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=45,
-                                         max_name_column_width=70)
+    # by_op: aten ops (with input shapes) and the device time of the kernels they launch.
+    table = prof.key_averages(group_by_input_shape=by_op).table(
+        sort_by="cuda_time_total", row_limit=70 if by_op else 45, max_name_column_width=70,
+        max_shapes_column_width=90)
     open(os.path.join(out_dir, "profile_layer.txt"), "w").write(table)
     print(table[:12000])
 
@@ -229,6 +232,8 @@ def main():
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
+    p.add_argument("--profile-ops", action="store_true",
+                   help="only a profile by aten op and input shape")
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     global OUT_DIR
@@ -237,8 +242,8 @@ def main():
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
     setup_megatron()
-    if args.profile_only:
-        return run_profile(args.out)
+    if args.profile_only or args.profile_ops:
+        return run_profile(args.out, by_op=args.profile_ops)
     shapes = [(4, 4096, True)] + ([] if args.quick else
                                   [(8, 2048, False), (1, 16384, False), (1, 65536, False)])
     run_training(shapes, {} if args.no_training_peers else fla_peers())
