@@ -317,7 +317,7 @@ class MixtureOfMemories(MegatronModule):
                 output_final_state=decoding)
             if decoding:
                 hist.copy_(inference.from_segments(final, num_seqs))
-            return y[0]
+            return y.squeeze(0)  # a view; y[0] would zero-fill a full gradient in backward
 
         q = conv(q, self.conv_q, cache and cache.conv_q).view(1, L, H, K)
         k = conv(k, self.conv_k, cache and cache.conv_k).view(1, L, H, K)
@@ -330,7 +330,7 @@ class MixtureOfMemories(MegatronModule):
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o[0], layout, weight, out_dtype=o.dtype)
+        return routing.mix(o.squeeze(0), layout, weight, out_dtype=o.dtype)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
