@@ -148,9 +148,16 @@ SWEEP = [("prepare", None, {"num_warps": 2}),
          ("chunk_bwd_wy", None, {"num_warps": 8}),
          ("state_fwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2}),
          ("state_bwd", 128, {"BV": 32, "num_warps": 4, "num_stages": 2})]
+# At D256 the sequential kernels dominate: wider V blocks halve how often each chunk's q, k, W
+# are read (one program per V block), at one program per SM either way.
+SWEEP_D256 = [("state_fwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
+              ("state_bwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
+              ("chunk_bwd_main", None, {"num_warps": 8}),
+              ("chunk_bwd", None, {"BK": 128}),
+              ("prepare", None, {"num_warps": 8})]
 
 
-def sweep(shape, quick):
+def sweep(shape, quick, entries=SWEEP):
     q, k, v, g, beta = gdr_inputs(*shape)
     run = lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]  # noqa: E731
 
@@ -162,7 +169,7 @@ def sweep(shape, quick):
     base = do_bench(fwd_bwd, quick)
     out = {"default_fwdbwd_ms": base, "tried": []}
     best = {}
-    for kernel, bound, opt in SWEEP:
+    for kernel, bound, opt in entries:
         entry = gdr_triton.CONFIG[kernel] if bound is None else gdr_triton.CONFIG[kernel][bound]
         saved = dict(entry)
         entry.update(opt)
@@ -294,6 +301,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     ap.add_argument("--no-fla", action="store_true")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-only", action="store_true", help="only the launch-setting sweeps")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--fla-scaling", action="store_true", help="also time fla at the T sweep")
@@ -310,6 +318,11 @@ def main():
         json.dump(res, open(os.path.join(args.out, "bench_conv.json"), "w"), indent=1)
         return
     fla_chunk = None if args.no_fla else fla_fn()
+    if args.sweep_only:
+        res["sweep"] = sweep(MAIN_SHAPES[0], args.quick)
+        res["sweep_d256"] = sweep(MAIN_SHAPES[1], args.quick, SWEEP_D256)
+        json.dump(res, open(os.path.join(args.out, "bench_sweep.json"), "w"), indent=1)
+        return
 
     def save():
         json.dump(res, open(os.path.join(args.out, "bench_kernels.json"), "w"), indent=1)
