@@ -221,30 +221,35 @@ def chunk_bwd_wy_kernel(
     da = -tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), x, input_precision=PREC)
     strict = rows[:, None] > rows[None, :]
     hm = tl.where(strict, da * tl.exp(tl.where(strict, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
-    tl.debug_barrier()                                               # slot 0 read by all first
-    tl.store(slot0 + cc_ptrs, hm)                                    # dL/d(beta_i k_i . k_j)
+    # Only the transposed use goes through memory; the rest stays in registers. The three
+    # C x C operands of the K loop are rounded to the dW dtype once (bf16 dots; fp32 inputs
+    # keep fp32).
     tl.store(slot1 + cc_ptrs, hm * b_c[:, None])                     # dL/d(k_i . k_j) via A
     tl.debug_barrier()
+    gt_op = tl.trans(tl.load(slot1 + cc_ptrs)).to(dwt)
+    hm_op = hm.to(dwt)                                               # dL/d(beta_i k_i . k_j)
+    tt_op = tl.trans(tl.load(t_ptr + cc_ptrs)).to(dwt)
 
     d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
     d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
     for kb in tl.static_range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        dkb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)),
-                     tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0).to(tl.float32),
+        k_ld = tl.load(k + koffs, mask=valid[:, None], other=0.0)
+        k_t = k_ld.to(tl.float32)
+        k_op = k_ld.to(dwt)
+        dkb = tl.dot(tt_op, tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
                      input_precision=PREC)                           # dL/d(beta e^gam k)
         kdkb = tl.sum(dkb * k_t, axis=1)
         d_beta += kdkb * tl.exp(g_c)
         d_gam += kdkb * k_scale
         dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0) + dkb * k_scale[:, None]
-        hk = tl.dot(tl.load(slot0 + cc_ptrs), k_t, input_precision=PREC)
+        hk = tl.dot(hm_op, k_op, input_precision=PREC)
         khk = tl.sum(hk * k_t, axis=1)
         d_beta += khk
         d_gam += khk * b_c
         dk_t += hk * b_c[:, None]
-        gtk = tl.dot(tl.trans(tl.load(slot1 + cc_ptrs)), k_t, input_precision=PREC)
+        gtk = tl.dot(gt_op, k_op, input_precision=PREC)
         d_gam -= tl.sum(gtk * k_t, axis=1)
         dk_t += gtk
         tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
