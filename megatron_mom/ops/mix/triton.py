@@ -91,7 +91,7 @@ class _Mix(torch.autograd.Function):
         D = o2.shape[1]
         N, S = slot_row.shape
         store_do, store_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_o = torch.empty_like(o2) if store_do else None                     # [L, D]: every row stored once
+        d_o = torch.empty_like(o2) if store_do else None  # [L, D], each row once
         d_w = torch.empty_like(weight) if store_dw else None                 # [N, S]
         BN, BD, warps = _blocks(BWD_CONFIG, D)
         if N and (store_do or store_dw):
