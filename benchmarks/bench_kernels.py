@@ -3,6 +3,7 @@ PyTorch SDPA flash attention, in one run, at the shapes of /work/shared/baseline
 
     python benchmarks/bench_kernels.py [--out DIR] [--no-fla] [--sweep] [--quick] [--conv]
     python benchmarks/bench_kernels.py --conv-only [--conv-sweep] [--out DIR]
+    python benchmarks/bench_kernels.py --mix-only [--out DIR]
 
 Forward and forward+backward medians from `triton.testing.do_bench` (bf16), a TFLOP/s estimate
 (same formula as the peer probe: B*T*H*(2*C*D*4 + 2*D*D*6) per forward), the ratio to fla,
@@ -12,6 +13,8 @@ fla refuses its gated backward on Hopper with Triton 3.4-3.7.0 (wrong gradients)
 peer probe the guard is lifted for timing only.
 --conv adds the Triton short convolution at the shape it has inside the layer (key "short_conv");
 --conv-only times just that and writes bench_conv.json.
+--mix-only times the Triton mix of the packed read-outs against its torch path at MIX_SHAPE and
+writes bench_mix.json.
 """
 from __future__ import annotations
 
@@ -280,6 +283,58 @@ def conv_bench(quick, sweep=False):
     return res
 
 
+MIX_SHAPE = dict(N=16384, S=3, H=4, V=256)
+
+
+def mix_inputs(N, S, H, V):
+    """bf16 rows o [N*S, H, V] and dy [N, H, V], float32 weights, a random slot permutation and
+    its inverse (the layout keeps it, so the torch path does not pay for it)."""
+    from megatron_mom.ops.mix import inverse_slots
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    o = torch.randn(N * S, H, V, device="cuda", generator=gen, dtype=torch.bfloat16)
+    slot_row = torch.randperm(N * S, device="cuda", generator=gen).view(N, S)
+    w = torch.rand(N, S, device="cuda", generator=gen)
+    dy = torch.randn(N, H, V, device="cuda", generator=gen, dtype=torch.bfloat16)
+    token, slot = inverse_slots(slot_row)
+    return o.requires_grad_(), slot_row, w.requires_grad_(), dy, token, slot
+
+
+def mix_timed(backend, o, slot_row, w, dy, token, slot, quick):
+    """fwd and fwd+bwd ms of one backend (autograd.grad: nothing accumulates into .grad)."""
+    from megatron_mom.ops.mix import mix
+
+    def fwd():
+        return mix(o, slot_row, w, torch.bfloat16, token=token, slot=slot, backend=backend)
+
+    fwd_ms = do_bench(fwd, quick)
+    fb_ms = do_bench(lambda: torch.autograd.grad(fwd(), (o, w), dy), quick)
+    return {"fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "bwd_ms": fb_ms - fwd_ms}
+
+
+def mix_step(o, slot_row, w, dy, token, slot):
+    """One Triton forward+backward (for the per-kernel profile)."""
+    from megatron_mom.ops.mix import mix
+    y = mix(o, slot_row, w, torch.bfloat16, backend="triton")
+    return torch.autograd.grad(y, (o, w), dy)
+
+
+def mix_bench(quick):
+    """Both backends, their largest output difference, and the bandwidth of the unavoidable
+    traffic (fwd: S rows read per token, y written; bwd: dy and S rows read, S rows written)."""
+    inputs = mix_inputs(**MIX_SHAPE)
+    o, dy, S = inputs[0], inputs[3], MIX_SHAPE["S"]
+    res = {"shape": dict(MIX_SHAPE), "dtype": "bfloat16"}
+    for backend in ("triton", "torch"):
+        res[backend] = mix_timed(backend, *inputs, quick)
+        r = res[backend]
+        r["fwd_GBps"] = (o.numel() + dy.numel()) * 2 / (r["fwd_ms"] * 1e-3) / 1e9
+        r["bwd_GBps"] = (2 * o.numel() + dy.numel()) * 2 / (r["bwd_ms"] * 1e-3) / 1e9
+    res["speedup_fwdbwd"] = res["torch"]["fwdbwd_ms"] / res["triton"]["fwdbwd_ms"]
+    res["kernels_ms"] = kernel_profile(None, step=lambda: mix_step(*inputs))
+    print("mix", json.dumps(res), flush=True)
+    return res
+
+
 def markdown(res):
     lines = ["| shape (bf16) | impl | fwd ms | fwd+bwd ms | fwd TFLOP/s (est.) | fwd+bwd vs fla | peak extra GiB |",
              "|---|---|---|---|---|---|---|"]
@@ -307,6 +362,7 @@ def main():
     ap.add_argument("--fla-scaling", action="store_true", help="also time fla at the T sweep")
     ap.add_argument("--conv", action="store_true", help="also time the short convolution")
     ap.add_argument("--conv-only", action="store_true", help="time only the short convolution")
+    ap.add_argument("--mix-only", action="store_true", help="time only the mix of read-outs")
     ap.add_argument("--conv-sweep", action="store_true", help="with the conv: other launch settings")
     args = ap.parse_args()
     import triton
@@ -316,6 +372,11 @@ def main():
         del res["shapes"]
         res["short_conv"] = conv_bench(args.quick, args.conv_sweep)
         json.dump(res, open(os.path.join(args.out, "bench_conv.json"), "w"), indent=1)
+        return
+    if args.mix_only:
+        del res["shapes"]
+        res["mix"] = mix_bench(args.quick)
+        json.dump(res, open(os.path.join(args.out, "bench_mix.json"), "w"), indent=1)
         return
     fla_chunk = None if args.no_fla else fla_fn()
     if args.sweep_only:

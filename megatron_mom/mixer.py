@@ -330,7 +330,7 @@ class MixtureOfMemories(MegatronModule):
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o.squeeze(0), layout, weight, out_dtype=o.dtype)
+        return routing.mix(o.squeeze(0), layout, weight, out_dtype=o.dtype, backend=mom.backend)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.mix import mix as ops_mix
+
 
 @dataclass
 class PackedLayout:
@@ -60,9 +62,10 @@ def memory_ends(layout: PackedLayout, num_memories: int) -> Tensor:
 
 
 # Every packed row belongs to exactly one (token, slot): `slot_row` is a permutation of the
-# rows. The moves below use that to write their backward passes as gathers (`index_select`) and
-# non-accumulating stores (`index_copy_`, each target written once): deterministic, no atomic
-# adds, no autograd index_put accumulation, and no zero-filled full-size buffers to add into.
+# rows. The moves below (and `ops.mix`) use that to write their backward passes as gathers
+# (`index_select`) and non-accumulating stores (`index_copy_`, each target written once):
+# deterministic, no atomic adds, no autograd index_put accumulation, and no zero-filled
+# full-size buffers to add into.
 
 class _Spread(torch.autograd.Function):
     """x [N, ...] in token order -> [L, ...]: each token copied to its S packed rows."""
@@ -113,39 +116,6 @@ def _unrouted(flat: Tensor, N: int, E: int) -> Tensor:
     return (e + torch.arange(N, device=flat.device)[:, None] * E).reshape(-1)
 
 
-class _Mix(torch.autograd.Function):
-    """y[n] = sum_j weight[n, j] * o[slot_row[n, j]], accumulated in weight's dtype."""
-
-    @staticmethod
-    def forward(ctx, o, weight, token, slot, slot_row, out_dtype):
-        ctx.save_for_backward(o, weight, token, slot)
-        S = slot_row.shape[1]
-        out_dtype = out_dtype or weight.dtype
-        for j in range(S):  # S is 2-3: no [N, S, ...] temporary kept
-            # o (bf16) * weight (float32) promotes: products and sums are in weight's dtype
-            term = o.index_select(0, slot_row[:, j]) * _expand(weight[:, j], o.dim() - 1)
-            if j == 0:
-                y = term
-            elif j < S - 1:
-                y.add_(term)
-            else:  # the last add rounds once, into the output dtype
-                y = torch.add(y, term, out=term.new_empty(term.shape, dtype=out_dtype))
-        return y.to(out_dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        o, weight, token, slot = ctx.saved_tensors
-        ct = weight.dtype
-        dy_rows = dy.index_select(0, token)                            # [L, ...] dy of each row
-        w_rows = _expand(weight.reshape(-1).index_select(0, slot), o.dim() - 1)
-        d_w = None
-        if ctx.needs_input_grad[1]:
-            d_rows = (dy_rows.to(ct) * o).flatten(1).sum(-1)           # [L] in weight's dtype
-            d_w = d_rows.new_empty(weight.numel()).index_copy_(0, slot, d_rows).view(weight.shape)
-        d_o = torch.mul(dy_rows, w_rows, out=torch.empty_like(o))      # computed in weight's dtype
-        return d_o, d_w, None, None, None, None
-
-
 class _GroupedLinear(torch.autograd.Function):
     """y[r] = x[token[r]] @ weight[memory[r]].T for every packed row r: one grouped GEMM over
     the memory-major rows (`ends`: each memory's end row). Keeps x [N, D], not its packed copy
@@ -176,10 +146,6 @@ class _GroupedLinear(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
-def _expand(w: Tensor, trailing: int) -> Tensor:
-    return w.view(-1, *([1] * trailing))
-
-
 def spread(x: Tensor, layout: PackedLayout) -> Tensor:
     """Token-order rows [N, ...] -> packed rows [L, ...] (each token to its S slots)."""
     return _Spread.apply(x, layout.token, layout.slot_row)
@@ -190,12 +156,16 @@ def select(x: Tensor, layout: PackedLayout) -> Tensor:
     return _Select.apply(x, layout.token, layout.memory)
 
 
-def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor, out_dtype=None) -> Tensor:
+def mix(o_packed: Tensor, layout: PackedLayout, weight: Tensor, out_dtype=None,
+        backend: str = "auto") -> Tensor:
     """Sum each token's slots back: y[n] = sum_j weight[n, j] * o_packed[slot_row[n, j]].
 
-    o_packed: [L, ...]; weight: [N, S]. Accumulates in weight's dtype (float32 or float64) and
-    returns that dtype, or `out_dtype` (rounded once, at the end)."""
-    return _Mix.apply(o_packed, weight, layout.token, layout.slot, layout.slot_row, out_dtype)
+    o_packed: [L, ...]; weight: [N, S]. Accumulates in float32 (float64 for float64 weights)
+    and returns weight's dtype, or `out_dtype` (rounded once, at the end). The arithmetic is
+    `megatron_mom.ops.mix` (Triton on CUDA under "auto"); the layout supplies the permutation
+    and its inverse."""
+    return ops_mix(o_packed, layout.slot_row, weight, out_dtype, token=layout.token,
+                   slot=layout.slot, backend=backend)
 
 
 def grouped_linear(x: Tensor, layout: PackedLayout, weight: Tensor) -> Tensor:

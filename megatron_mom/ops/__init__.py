@@ -3,6 +3,7 @@ oracle) and, where it pays, Triton kernels, behind one entry point. No Megatron 
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
+from megatron_mom.ops.mix import mix
 from megatron_mom.ops.short_conv import short_conv
 
-__all__ = ["gated_delta_rule", "short_conv", "gated_rmsnorm", "l2norm"]
+__all__ = ["gated_delta_rule", "short_conv", "gated_rmsnorm", "l2norm", "mix"]

@@ -1,0 +1,38 @@
+"""`mix`: weighted sum of each token's S packed rows back into token order."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from megatron_mom.ops.mix.reference import inverse_slots, mix_reference
+
+
+def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None, *,
+        token: Optional[Tensor] = None, slot: Optional[Tensor] = None,
+        backend: str = "auto") -> Tensor:
+    """y[n] = sum_j weight[n, j] * o[slot_row[n, j]], accumulated in float32 (float64 for float64
+    weights), returned in out_dtype (default weight's dtype).
+
+    o: [L, ...] packed rows; slot_row: [N, S] int, a permutation of 0..L-1 (L = N * S);
+    weight: [N, S]. `token`, `slot` [L] (the inverse permutation) spare the torch backend
+    recomputing it. "auto": Triton for CUDA tensors, torch for float64 and elsewhere."""
+    if slot_row.dim() != 2 or weight.shape != slot_row.shape or o.shape[0] != slot_row.numel():
+        raise ValueError(f"mix: o {tuple(o.shape)} must be [N * S, ...], slot_row "
+                         f"{tuple(slot_row.shape)} and weight {tuple(weight.shape)} [N, S]")
+    f64 = torch.float64 in (o.dtype, weight.dtype, out_dtype)
+    use_triton = backend == "triton" or (backend == "auto" and o.device.type == "cuda" and not f64)
+    if use_triton:
+        try:
+            from megatron_mom.ops.mix.triton import mix as impl
+        except ImportError:
+            if backend == "triton":
+                raise
+            impl = None
+        if impl is not None:
+            return impl(o, slot_row, weight, out_dtype)
+    return mix_reference(o, slot_row, weight, out_dtype, token=token, slot=slot)
+
+
+__all__ = ["mix", "mix_reference", "inverse_slots"]
