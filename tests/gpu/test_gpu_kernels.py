@@ -209,9 +209,11 @@ def test_mix_paper_shape_bf16():
     y_bf = mix(o, slot_row, w, torch.bfloat16, backend="torch")
     assert torch.equal(d_o, torch.autograd.grad(y_bf, o, dy)[0])
 
-    def step():
+    def step():  # .backward into .grad, as in the recurrence's capture test above
+        o.grad = w.grad = None
         out = mix(o, slot_row, w, torch.bfloat16, backend="triton")
-        return (out, *torch.autograd.grad(out, (o, w), dy))
+        out.backward(dy)
+        return out, o.grad, w.grad
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
