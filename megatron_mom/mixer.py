@@ -343,7 +343,7 @@ class MixtureOfMemories(MegatronModule):
         """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
         out_proj, as a view."""
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
-        z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps)
+        z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps, backend=self.mom.backend)
         return z.reshape(s, b, -1)
 
     # ------------------------------------------------------------------ decoding

@@ -5,6 +5,7 @@ from typing import Optional
 
 from torch import Tensor
 
+from megatron_mom.ops.backend import triton_impl
 from megatron_mom.ops.gated_rmsnorm.reference import gated_rmsnorm_reference
 
 
@@ -15,16 +16,9 @@ def gated_rmsnorm(y: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float 
         raise ValueError(f"gated_rmsnorm: y {tuple(y.shape)}, gate "
                          f"{None if gate is None else tuple(gate.shape)} and weight "
                          f"{tuple(weight.shape)} must share the last dimension")
-    use_triton = backend == "triton" or (backend == "auto" and y.device.type == "cuda")
-    if use_triton:
-        try:
-            from megatron_mom.ops.gated_rmsnorm.triton import gated_rmsnorm as impl
-        except ImportError:
-            if backend == "triton":
-                raise
-            impl = None
-        if impl is not None:
-            return impl(y, gate, weight, eps)
+    impl = triton_impl("gated_rmsnorm", "gated_rmsnorm", backend, y.device.type == "cuda")
+    if impl is not None:
+        return impl(y, gate, weight, eps)
     return gated_rmsnorm_reference(y, gate, weight, eps)
 
 

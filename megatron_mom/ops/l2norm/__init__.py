@@ -4,21 +4,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.backend import triton_impl
 from megatron_mom.ops.l2norm.reference import l2norm_reference
 
 
 def l2norm(x: Tensor, eps: float = 1e-6, backend: str = "auto") -> Tensor:
     """L2-normalise the last dimension of x, accumulating in float32 (float64 for float64)."""
-    if backend == "auto" and x.device.type == "cuda":
-        try:
-            from megatron_mom.ops.l2norm.triton import l2norm as l2norm_triton
-        except ImportError:
-            l2norm_triton = None
-        if l2norm_triton is not None:
-            return l2norm_triton(x, eps)
-    elif backend == "triton":
-        from megatron_mom.ops.l2norm.triton import l2norm as l2norm_triton
-        return l2norm_triton(x, eps)
+    impl = triton_impl("l2norm", "l2norm", backend, x.device.type == "cuda")
+    if impl is not None:
+        return impl(x, eps)
     return l2norm_reference(x, eps)
 
 

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.backend import triton_impl
 from megatron_mom.ops.mix.reference import inverse_slots, mix_reference
 
 
@@ -22,16 +23,9 @@ def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None, *,
         raise ValueError(f"mix: o {tuple(o.shape)} must be [N * S, ...], slot_row "
                          f"{tuple(slot_row.shape)} and weight {tuple(weight.shape)} [N, S]")
     f64 = torch.float64 in (o.dtype, weight.dtype, out_dtype)
-    use_triton = backend == "triton" or (backend == "auto" and o.device.type == "cuda" and not f64)
-    if use_triton:
-        try:
-            from megatron_mom.ops.mix.triton import mix as impl
-        except ImportError:
-            if backend == "triton":
-                raise
-            impl = None
-        if impl is not None:
-            return impl(o, slot_row, weight, out_dtype)
+    impl = triton_impl("mix", "mix", backend, o.device.type == "cuda" and not f64)
+    if impl is not None:
+        return impl(o, slot_row, weight, out_dtype)
     return mix_reference(o, slot_row, weight, out_dtype, token=token, slot=slot)
 
 

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.backend import triton_impl
 from megatron_mom.ops.short_conv.reference import short_conv_reference
 
 
@@ -20,17 +21,10 @@ def short_conv(
                          f"{tuple(x.shape)}, weight {tuple(weight.shape)}")
     if cu_seqlens is not None and x.shape[0] != 1:
         raise ValueError(f"short_conv: with cu_seqlens the batch must be 1, got {x.shape[0]}")
-    use_triton = backend == "triton" or (backend == "auto" and x.device.type == "cuda")
-    if use_triton:
-        try:
-            from megatron_mom.ops.short_conv.triton import short_conv as short_conv_triton
-        except ImportError:
-            if backend == "triton":
-                raise
-            short_conv_triton = None
-        if short_conv_triton is not None:
-            return short_conv_triton(x, weight, cu_seqlens=cu_seqlens, initial_state=initial_state,
-                                     output_final_state=output_final_state, activation=activation)
+    impl = triton_impl("short_conv", "short_conv", backend, x.device.type == "cuda")
+    if impl is not None:
+        return impl(x, weight, cu_seqlens=cu_seqlens, initial_state=initial_state,
+                    output_final_state=output_final_state, activation=activation)
     return short_conv_reference(x, weight, cu_seqlens, initial_state, output_final_state, activation)
 
 
