@@ -29,7 +29,7 @@ class MoMConfig:
     aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
     z_loss_coeff:    router z-loss coefficient (0 disables it).
     chunk_size:      chunk length of the chunked gated-delta-rule kernels.
-    backend:         kernels for the recurrence, short convolutions and mix: "auto"
+    backend:         kernels for the recurrence, short convolutions, mix and gated RMSNorm: "auto"
                      (Triton on CUDA tensors, else torch), "triton" or "torch".
     grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
                      one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
