@@ -29,8 +29,8 @@ class MoMConfig:
     aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
     z_loss_coeff:    router z-loss coefficient (0 disables it).
     chunk_size:      chunk length of the chunked gated-delta-rule kernels.
-    backend:         kernels for the recurrence, short convolutions, mix and gated RMSNorm: "auto"
-                     (Triton on CUDA tensors, else torch), "triton" or "torch".
+    backend:         kernels for the recurrence, short convolutions, mix and gated
+                     RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
     grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
                      one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
                      CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS
