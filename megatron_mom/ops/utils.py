@@ -48,6 +48,14 @@ def as_int32(cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @triton.jit
+def _halve(offsets, index, lo, hi):
+    """One binary-search step of `sequence_of`: keep the half of [lo, hi) that holds index."""
+    mid = (lo + hi) // 2
+    right = tl.load(offsets + mid) <= index
+    return tl.where(right, mid, lo), tl.where(right, hi, mid)
+
+
+@triton.jit
 def sequence_of(offsets, index, N, STEPS):
     """Largest n in [0, N) with offsets[n] <= index: the sequence (or chunk run) that holds
     `index`, given non-decreasing start offsets (empty sequences are skipped). `index` may be
@@ -55,10 +63,7 @@ def sequence_of(offsets, index, N, STEPS):
     lo = index * 0
     hi = lo + N
     for _ in range(STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(offsets + mid) <= index
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
+        lo, hi = _halve(offsets, index, lo, hi)
     return lo
 
 
@@ -70,10 +75,7 @@ def sequence_of_unrolled(offsets, index, N, STEPS: tl.constexpr):
     lo = index * 0
     hi = lo + N
     for _ in tl.static_range(STEPS):
-        mid = (lo + hi) // 2
-        right = tl.load(offsets + mid) <= index
-        lo = tl.where(right, mid, lo)
-        hi = tl.where(right, hi, mid)
+        lo, hi = _halve(offsets, index, lo, hi)
     return lo
 
 
