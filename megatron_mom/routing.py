@@ -78,9 +78,15 @@ class _Spread(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
-        N, S = slot_row.shape
-        rows = grad.index_select(0, slot_row.view(-1))                 # [N * S, ...]
-        return rows.view(N, S, *grad.shape[1:]).sum(1), None, None     # [N, ...]
+        return _sum_over_slots(grad, slot_row), None, None
+
+
+def _sum_over_slots(packed: Tensor, slot_row: Tensor) -> Tensor:
+    """Packed rows [L, ...] -> per token [N, ...]: the sum of each token's S rows (the
+    backward of copying every token to its S packed rows), by one gather, no scatter-add."""
+    N, S = slot_row.shape
+    rows = packed.index_select(0, slot_row.view(-1))                   # [N * S, ...]
+    return rows.view(N, S, *packed.shape[1:]).sum(1)
 
 
 class _Select(torch.autograd.Function):
@@ -134,8 +140,7 @@ class _GroupedLinear(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             d_rows = torch._grouped_mm(dy, weight, offs=ends)              # [L, D]
-            N, S = slot_row.shape
-            dx = d_rows.index_select(0, slot_row.view(-1)).view(N, S, -1).sum(1)
+            dx = _sum_over_slots(d_rows, slot_row)
         if ctx.needs_input_grad[1]:
             # [E, C, D] directly in the weight's layout: groups split the contraction (rows)
             dw = torch._grouped_mm(dy.t(), x.index_select(0, token), offs=ends)
