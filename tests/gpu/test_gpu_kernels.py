@@ -20,6 +20,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 torch.backends.cuda.matmul.allow_tf32 = False          # the float32 reference must be float32
 
+from graph_capture import capture_and_replay, run_script  # noqa: E402
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
 from megatron_mom.ops.gated_delta_rule import reference  # noqa: E402
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm  # noqa: E402
@@ -127,19 +128,9 @@ def test_no_host_sync_cuda_graph_capture():
         o, _ = gated_delta_rule(*leaves[:5], initial_state=leaves[5], cu_seqlens=cu,
                                 backend="triton")
         o.backward(do)
-        return o
+        return [o]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()                                    # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        o_graph = step()
-    graph.replay()
-    torch.cuda.synchronize()
-    o_eager = step()
+    graph, (o_graph,), (o_eager,) = capture_and_replay(step)  # keep graph: it owns o_graph
     assert rel_err(o_graph, o_eager) < 1e-6
 
 
@@ -213,6 +204,7 @@ def test_mix_paper_shape_bf16():
 
 _MIX_CAPTURE = """
 import torch
+from graph_capture import capture_and_replay
 from megatron_mom.ops.mix import mix
 N, S, H, V = 1024, 3, 4, 256
 o = torch.randn(N * S, H, V, device="cuda").bfloat16().requires_grad_()
@@ -224,16 +216,7 @@ def step():
     out = mix(o, slot_row, w, torch.bfloat16, backend="triton")
     out.backward(dy)
     return out, o.grad, w.grad
-stream = torch.cuda.Stream()
-stream.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(stream):
-    eager = [t.clone() for t in step()]
-torch.cuda.current_stream().wait_stream(stream)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    captured = step()
-graph.replay()
-torch.cuda.synchronize()
+graph, captured, eager = capture_and_replay(step)
 assert all(torch.equal(a, b) for a, b in zip(captured, eager))
 """
 
@@ -247,8 +230,5 @@ def test_mix_cuda_graph_capture():
     bits. Fresh leaves, first used on a side stream (autograd caches the stream a leaf's
     gradient node first ran on, and a capture must not wait on the default stream). In a
     subprocess: a failed capture leaves the CUDA context unusable for later tests."""
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, "-c", _MIX_CAPTURE], capture_output=True, text=True,
-                         timeout=300)
+    run = run_script(_MIX_CAPTURE, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]

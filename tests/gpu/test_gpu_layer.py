@@ -120,6 +120,7 @@ def test_grouped_projection_matches_dense_bf16(megatron_single, blocked):
 
 _LAYER_CAPTURE = """
 import torch
+from graph_capture import capture_and_replay
 from megatron_mom import MoMConfig
 from megatron_mom.train.build import init_process_groups
 init_process_groups(tp=1, pp=1, seed=1234)
@@ -143,17 +144,7 @@ def step():
     out.backward(dy)
     return [out] + [t.grad for t in params + [x]]
 
-stream = torch.cuda.Stream()
-stream.wait_stream(torch.cuda.current_stream())
-with torch.cuda.stream(stream):
-    for _ in range(2):
-        eager = [t.clone() for t in step()]
-torch.cuda.current_stream().wait_stream(stream)
-graph = torch.cuda.CUDAGraph()
-with torch.cuda.graph(graph):
-    captured = step()
-graph.replay()
-torch.cuda.synchronize()
+graph, captured, eager = capture_and_replay(step, warmups=2)
 worst = max(((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
             for a, b in zip(captured, eager))
 assert worst < 1e-6, worst
@@ -166,8 +157,6 @@ def test_layer_training_step_cuda_graph():
     recurrence, mix, norms; forward and backward) captured in one CUDA graph and replayed
     equals the eager step: no host sync anywhere, static shapes. In a subprocess, because a
     failed capture leaves the CUDA context unusable for later tests."""
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, "-c", _LAYER_CAPTURE], capture_output=True, text=True,
-                         timeout=600)
+    from graph_capture import run_script
+    run = run_script(_LAYER_CAPTURE, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
