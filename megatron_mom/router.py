@@ -51,7 +51,57 @@ class MoMRouter(MegatronModule):
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> logits [..., M] in float32 (float64 for float64 inputs)."""
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return torch.nn.functional.linear(x.to(ct), self.weight.to(ct))
+        return _GatingLinear.apply(x, self.weight, ct)
+
+
+class _GatingLinear(torch.autograd.Function):
+    """x W^T with float32 (`ct`) accumulation that keeps x in its own dtype for the backward:
+    autograd through `x.to(ct)` would keep the float32 copy (128 MiB of the layer's peak at
+    B4 T4096, hidden 2048). Megatron's `router_gating_linear` does the same but in
+    megatron-core 0.16.1 raises NameError without Transformer Engine.
+
+    On CUDA with bf16 x the GEMMs read x as it is (cuBLAS bf16 products are exact in float32
+    and accumulate in float32) instead of through a float32 copy; the weight gradient splits
+    the float32 logit gradient into two bf16 parts (hi + lo, 16 significant bits), so it keeps
+    near-float32 accuracy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, ct):
+        ctx.save_for_backward(x, weight)
+        ctx.ct = ct
+        x2 = x.reshape(-1, x.shape[-1])
+        if _reads_bf16(x2, weight, ct):
+            logits = torch.mm(x2, weight.t(), out_dtype=ct)
+        else:
+            logits = x2.to(ct) @ weight.to(ct).t()
+        return logits.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, d_logits):
+        x, weight = ctx.saved_tensors
+        x2 = x.reshape(-1, x.shape[-1])
+        d2 = d_logits.reshape(-1, d_logits.shape[-1]).to(ctx.ct)          # [N, M]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (d2 @ weight.to(ctx.ct)).to(x.dtype).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            if _reads_bf16(x2, weight, ctx.ct):
+                hi = d2.to(x.dtype)
+                lo = (d2 - hi.to(ctx.ct)).to(x.dtype)
+                dw = (torch.mm(hi.t(), x2, out_dtype=ctx.ct)
+                      + torch.mm(lo.t(), x2, out_dtype=ctx.ct)).to(weight.dtype)
+            else:
+                dw = (d2.t() @ x2.to(ctx.ct)).to(weight.dtype)
+        return dx, dw, None
+
+
+def _reads_bf16(x: Tensor, weight: Tensor, ct: torch.dtype) -> bool:
+    """Whether the gating GEMMs can take bf16 operands with float32 output (CUDA only)."""
+    return (x.is_cuda and ct == torch.float32 and x.dtype == weight.dtype == torch.bfloat16
+            and _MM_OUT_DTYPE)
+
+
+_MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.aten.mm, "dtype")
 
 
 def route(logits: Tensor, mom: MoMConfig) -> Routing:

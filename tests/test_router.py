@@ -185,3 +185,28 @@ def test_router_loss_scale_follows_megatrons_rule(megatron_single):
     set_router_loss_scale()
     assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 1.0
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
+def test_gating_linear_keeps_x_in_its_dtype_and_matches_float32_autograd():
+    """bf16 x: logits and both gradients equal autograd through x.float() (same float32 math),
+    and nothing of x's size is saved in float32 for the backward."""
+    from megatron_mom.router import _GatingLinear
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    d = torch.randn(3, 5, 4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = _GatingLinear.apply(x, w, torch.float32)
+    assert logits.dtype == torch.float32
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() >= x.numel()]
+    logits.backward(d)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x2.float(), w2.float())
+    ref.backward(d)
+    torch.testing.assert_close(logits, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+    x64 = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    w64 = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _GatingLinear.apply(a, b, torch.float64),
+                                    (x64, w64))

@@ -221,10 +221,6 @@ assert all(torch.equal(a, b) for a, b in zip(captured, eager))
 """
 
 
-@pytest.mark.xfail(reason="not yet run in this form; the earlier in-process form failed with "
-                          "cudaErrorStreamCaptureImplicit, most likely because its leaves had "
-                          "run an eager backward on the default stream first (pytorch#164302)",
-                   strict=False)
 def test_mix_cuda_graph_capture():
     """The Triton mix forward+backward captured in a CUDA graph and replayed gives the eager
     bits. Fresh leaves, first used on a side stream (autograd caches the stream a leaf's
@@ -232,3 +228,28 @@ def test_mix_cuda_graph_capture():
     subprocess: a failed capture leaves the CUDA context unusable for later tests."""
     run = run_script(_MIX_CAPTURE, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_router_gating_bf16_reads():
+    """The router GEMMs that read bf16 x directly (float32 accumulation, hi/lo split of the
+    logit gradient for the weight gradient) against float64, at the paper's token count."""
+    from megatron_mom.router import _GatingLinear, _reads_bf16
+    torch.manual_seed(0)
+    x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(4, 2048, device="cuda")).to(torch.bfloat16).requires_grad_()
+    assert _reads_bf16(x, w, torch.float32)
+    d = torch.randn(16384, 4, device="cuda")
+    logits = _GatingLinear.apply(x, w, torch.float32)
+    logits.backward(d)
+    x64, w64 = x.detach().double(), w.detach().double()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()
+    errs = {"logits": rel(logits, x64 @ w64.t()), "dx": rel(x.grad, d.double() @ w64),
+            "dw": rel(w.grad.float(), d.double().t() @ x64)}
+    ERRORS["router_gating"] = errs
+    assert errs["logits"] < 1e-6 and errs["dw"] < 4e-3 and errs["dx"] < 4e-3, errs
+    # dw before its bf16 rounding: the split keeps near-float32 accuracy
+    hi = d.to(torch.bfloat16)
+    lo = (d - hi.float()).to(torch.bfloat16)
+    dw32 = torch.mm(hi.t(), x.detach(), out_dtype=torch.float32) + torch.mm(
+        lo.t(), x.detach(), out_dtype=torch.float32)
+    assert rel(dw32, d.double().t() @ x64) < 1e-5

@@ -178,7 +178,9 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     # dW feeds only dots: bf16 halves its round trip; float16 could overflow, so it takes fp32.
     dw_dtype = torch.float32 if k.dtype == torch.float16 else k.dtype
     scratch_dw = torch.empty(P.TT, P.H, P.K, dtype=dw_dtype, device=dev)
-    scratch_dk = torch.empty(P.TT, P.H, P.K, **f32)
+    # Phase A's part of dk, which phase B adds to: in dk itself when dk is float32 (with the
+    # fused L2 norm or fp32 inputs; each program re-reads only its own rows), else in fp32.
+    scratch_dk = dk if dk.dtype == torch.float32 else torch.empty(P.TT, P.H, P.K, **f32)
     seq = (P.cu, P.offsets, P.N, P.steps)
     prec = CONFIG["precision"]
     chunk_bwd_main_kernel[(P.NTU, P.H)](
