@@ -162,14 +162,18 @@ def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
     return dh, du, dh0
 
 
-def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dqk_dtype):
+def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype):
     """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg)."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = CONFIG["chunk_bwd"]
     BK, BV = min(cfg["BK"], P.K), min(cfg["BV"], P.V)
-    dq = torch.empty(P.TT, P.H, P.K, dtype=dqk_dtype, device=dev)
-    dk = torch.empty_like(dq)
+    # dq in q's dtype, also before the L2-norm backward (bf16: one more rounding, half the
+    # traffic); float16 keeps float32 there for range. dk as asked: float32 under the fused L2
+    # norm, where it doubles as phase A's partial-sum buffer.
+    dq_dtype = torch.float32 if q.dtype == torch.float16 and dk_dtype == torch.float32 else q.dtype
+    dq = torch.empty(P.TT, P.H, P.K, dtype=dq_dtype, device=dev)
+    dk = torch.empty(P.TT, P.H, P.K, dtype=dk_dtype, device=dev)
     dv = torch.empty_like(v)
     dbeta = torch.empty(P.TT, P.H, **f32)
     dgam = torch.empty(P.TT, P.H, **f32)
@@ -244,9 +248,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
 
         dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
-        dqk_dtype = torch.float32 if use_l2 else q_dtype
+        dk_dtype = torch.float32 if use_l2 else q_dtype
         dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
-                                                do3, scale, dqk_dtype)
+                                                do3, scale, dk_dtype)
         if use_l2:
             dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype)
             dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype)
