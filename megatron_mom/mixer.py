@@ -5,7 +5,8 @@ Data flow for x [s, b, D] (equations in docs/method.md):
     in_proj(x) -> q | gate | per memory (M routed + shared): k, v, b, a      (column-parallel)
     pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
       (grouped projection: k, v, b, a only for the packed rows, one grouped GEMM by memory)
-    short conv + SiLU per segment -> l2norm(q, k) -> gated delta rule per segment (ops/)
+    short conv + SiLU per segment (q read through the packing's row index, k | v | b | a
+      as column groups of one input) -> l2norm(q, k) -> gated delta rule per segment (ops/)
     mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
-from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
+from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv, short_conv_split
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
 from megatron_mom import inference, metrics
 
@@ -304,33 +305,58 @@ class MixtureOfMemories(MegatronModule):
         Returns y [N, H, V]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
-        q = routing.spread(q_tok, layout)                                  # [L, H*K]
-        k, v, b, a = memory_rows(layout).split([H * K, H * V, H, H], dim=-1)
         L, cu = layout.num_rows, layout.cu_seqlens
-        local = self._heads_of_this_cp_rank
         decoding = cache is not None
-
-        def conv(x, w, hist):
-            y, final = short_conv(
-                x[None], local(w), cu_seqlens=cu, activation="silu", backend=mom.backend,
-                initial_state=inference.to_segments(hist) if decoding else None,
-                output_final_state=decoding)
-            if decoding:
-                hist.copy_(inference.from_segments(final, num_seqs))
-            return y.squeeze(0)  # a view; y[0] would zero-fill a full gradient in backward
-
-        q = conv(q, self.conv_q, cache and cache.conv_q).view(1, L, H, K)
-        k = conv(k, self.conv_k, cache and cache.conv_k).view(1, L, H, K)
-        v = conv(v, self.conv_v, cache and cache.conv_v).view(1, L, H, V)
+        if decoding:
+            q, k, v, b, a = self._convolve_cached(q_tok, memory_rows(layout), layout, cache,
+                                                  num_seqs)
+        else:
+            q, k, v, b, a = self._convolve(q_tok, memory_rows(layout), layout)
         beta, g = self._beta_and_decay(b, a)
         o, state = gated_delta_rule(
-            q, k, v, g.view(1, L, H), beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
+            q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
+            beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
             chunk_size=mom.chunk_size, backend=mom.backend,
             initial_state=inference.to_segments(cache.state) if decoding else None,
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:
             cache.state.copy_(inference.from_segments(state, num_seqs))
         return routing.mix(o.squeeze(0), layout, weight, out_dtype=o.dtype, backend=mom.backend)
+
+    def _convolve(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout):
+        """Training: short conv + SiLU per segment -> q, k, v and the raw b, a, each [L, ...].
+
+        q is read from its token rows q_tok [N, H*K] through the layout's row index: no packed
+        [L, H*K] copy, and the backward keeps q_tok rather than a copy. k and v are convolved as
+        column groups of kvba [L, H*(K+V+2)], b and a pass through: the backward writes the four
+        gradients into one buffer, where a split's backward would cat them."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        local, cu = self._heads_of_this_cp_rank, layout.cu_seqlens
+        q, _ = short_conv(q_tok[None], local(self.conv_q), cu_seqlens=cu, activation="silu",
+                          gather=(layout.token, layout.slot_row), backend=mom.backend)
+        kvba = short_conv_split(kvba[None], [local(self.conv_k), local(self.conv_v), None, None],
+                                [H * K, H * V, H, H], cu_seqlens=cu, activation="silu",
+                                backend=mom.backend)
+        return tuple(t.squeeze(0) for t in (q, *kvba))  # views; t[0] would zero-fill in backward
+
+    def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout, cache,
+                         num_seqs: int):
+        """Decoding (prefill or a chunk): `_convolve`'s convolutions, each segment continuing
+        from its cached history, which then receives the segment's last W-1 inputs."""
+        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        q = routing.spread(q_tok, layout)                                  # [L, H*K]
+        k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
+
+        def conv(x, w, hist):
+            y, final = short_conv(
+                x[None], self._heads_of_this_cp_rank(w), cu_seqlens=layout.cu_seqlens,
+                activation="silu", backend=mom.backend,
+                initial_state=inference.to_segments(hist), output_final_state=True)
+            hist.copy_(inference.from_segments(final, num_seqs))
+            return y.squeeze(0)
+
+        return (conv(q, self.conv_q, cache.conv_q), conv(k, self.conv_k, cache.conv_k),
+                conv(v, self.conv_v, cache.conv_v), b, a)
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.mix import mix as ops_mix
+from megatron_mom.ops.mix import mix as ops_mix, sum_over_slots
 
 
 @dataclass
@@ -78,15 +78,7 @@ class _Spread(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (slot_row,) = ctx.saved_tensors
-        return _sum_over_slots(grad, slot_row), None, None
-
-
-def _sum_over_slots(packed: Tensor, slot_row: Tensor) -> Tensor:
-    """Packed rows [L, ...] -> per token [N, ...]: the sum of each token's S rows (the
-    backward of copying every token to its S packed rows), by one gather, no scatter-add."""
-    N, S = slot_row.shape
-    rows = packed.index_select(0, slot_row.view(-1))                   # [N * S, ...]
-    return rows.view(N, S, *packed.shape[1:]).sum(1)
+        return sum_over_slots(grad, slot_row), None, None
 
 
 class _Select(torch.autograd.Function):
@@ -140,7 +132,7 @@ class _GroupedLinear(torch.autograd.Function):
         dx = dw = None
         if ctx.needs_input_grad[0]:
             d_rows = torch._grouped_mm(dy, weight, offs=ends)              # [L, D]
-            dx = _sum_over_slots(d_rows, slot_row)
+            dx = sum_over_slots(d_rows, slot_row)
         if ctx.needs_input_grad[1]:
             # [E, C, D] directly in the weight's layout: groups split the contraction (rows)
             dw = torch._grouped_mm(dy.t(), x.index_select(0, token), offs=ends)

@@ -1,6 +1,6 @@
 """The whole layer through the Triton kernels (Triton's interpreter on CPU, float32) against the
 same layer on the torch reference kernels: outputs, input and parameter gradients, dense
-batches and packed documents."""
+batches and packed documents, with the dense and the grouped projection."""
 import pytest
 import torch
 
@@ -8,11 +8,12 @@ from megatron_mom import MoMConfig
 from test_mixer import HIDDEN, build_layer
 
 
+@pytest.mark.parametrize("grouped", ["off", "on"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_triton_layer_matches_torch_layer(megatron_single, packed):
+def test_triton_layer_matches_torch_layer(megatron_single, packed, grouped):
     from megatron.core.packed_seq_params import PackedSeqParams
     mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16,
-                    backend="torch")
+                    backend="torch", grouped_projection=grouped)
     torch.manual_seed(0)
     ref = build_layer(mom, dtype=torch.float32)
     fast = build_layer(mom.replace(backend="triton"), dtype=torch.float32)
@@ -23,6 +24,7 @@ def test_triton_layer_matches_torch_layer(megatron_single, packed):
                                                     cu_seqlens_kv=cu)
     x = torch.randn(T, B, HIDDEN)
     dy = torch.randn(T, B, HIDDEN)
+    assert fast._grouped_projection_applies(x) == (grouped == "on")
     results = []
     for layer in (ref, fast):
         xi = x.clone().requires_grad_(True)

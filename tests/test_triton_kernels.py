@@ -11,7 +11,7 @@ from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
 from megatron_mom.ops.mix import mix
-from megatron_mom.ops.short_conv import short_conv
+from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
 pytest.importorskip("triton")
 gdr_triton = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
@@ -293,6 +293,150 @@ def test_short_conv_dense_no_activation():
 def test_short_conv_rejects_bad_width():
     with pytest.raises(ValueError, match="kernel width W=9"):
         short_conv(torch.randn(1, 4, 8), torch.randn(8, 9), backend="triton")
+
+
+def grads_or_zeros(out, leaves):
+    """Gradients of `out` w.r.t. leaves, zeros for a leaf that it does not reach."""
+    grads = torch.autograd.grad(out, leaves, allow_unused=True)
+    return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+
+# k | v | b | a of the layer: two convolved groups, two passed through; x a strided view.
+SPLIT_SIZES = [16, 24, 3, 5]
+
+
+@pytest.mark.parametrize("unused", [None, 1, 2])
+@pytest.mark.parametrize("W", [4, 2])
+def test_short_conv_split_matches_reference(multi_tile_backward, W, unused):
+    """Column groups of one strided x, each with its own weight (or passed through), against
+    split + the float64 reference per group: every output and the gradients of x and of each
+    weight. `unused`: a group whose output gets no gradient (zeros in its columns of dx)."""
+    gen = torch.Generator().manual_seed(W)
+    cu = torch.tensor([0] + RAGGED).cumsum(0)
+    C = sum(SPLIT_SIZES)
+    wide = torch.randn(1, sum(RAGGED), C + 8, generator=gen)
+    weights = [torch.randn(16, W, generator=gen), torch.randn(24, 3, generator=gen), None, None]
+    dys = [torch.randn(1, sum(RAGGED), c, generator=gen) for c in SPLIT_SIZES]
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in [wide] + weights[:2]]
+        ys = short_conv_split(leaves[0][..., :C], leaves[1:] + [None, None], SPLIT_SIZES,
+                              cu_seqlens=cu, backend=backend)
+        loss = sum((y * dy.to(dtype)).sum() for i, (y, dy) in enumerate(zip(ys, dys)) if i != unused)
+        results[backend] = list(ys) + grads_or_zeros(loss, leaves)
+    for a, b in zip(results["triton"], results["torch"]):
+        assert rel_err(a, b) < 1e-5
+    assert all(y.is_contiguous() for y in results["triton"][:4])
+    dx = results["triton"][4][0]
+    assert torch.equal(dx[:, C:], torch.zeros_like(dx[:, C:]))   # the padding is not x's
+    if unused is not None:
+        start = sum(SPLIT_SIZES[:unused])
+        assert not dx[:, start:start + SPLIT_SIZES[unused]].any()
+
+
+def test_short_conv_split_rejects_mismatched_groups():
+    x = torch.randn(1, 4, 10)
+    with pytest.raises(ValueError, match="sum"):
+        short_conv_split(x, [None, None], [4, 5], backend="triton")
+    with pytest.raises(ValueError, match=r"\[6, W\]"):
+        short_conv_split(x, [torch.randn(4, 4), torch.randn(5, 4)], [4, 6], backend="triton")
+
+
+def routed_layout(batch, seqlen, S_routed=2, M=4, seed=0):
+    """A packed layout as the layer builds it: time-major tokens of `batch` sequences, each
+    token in S_routed of memories 0..M-2 plus the shared memory M; memory M-1 gets no token,
+    and memory 2 only one token of sequence 0 (a segment shorter than the kernel)."""
+    from megatron_mom import routing
+    gen = torch.Generator().manual_seed(seed)
+    seq_id, num_seqs = routing.sequence_ids(batch, seqlen, None, "cpu")
+    N = batch * seqlen
+    routed = torch.stack([torch.randperm(M - 1, generator=gen)[:S_routed] for _ in range(N)])
+    first = seq_id == 0
+    routed[first] = torch.tensor([0, 1])
+    routed[batch * 3] = torch.tensor([2, 0])                           # token t=3 of sequence 0
+    memory = torch.cat([routed, torch.full((N, 1), M)], dim=1)         # [N, S]
+    return routing.pack(memory, seq_id, num_seqs, M + 1)
+
+
+@pytest.mark.parametrize("W", [4, 1])
+@pytest.mark.parametrize("with_init", [False, True])
+def test_short_conv_gather_matches_reference(multi_tile_backward, W, with_init):
+    """Packed rows read through the layout's row index against the spread copy + the float64
+    reference: y, the final state, and the gradients of the token rows (a strided view: summed
+    over each token's S rows), of w and of the initial state."""
+    if W == 1 and with_init:
+        pytest.skip("W = 1 keeps no state")
+    from megatron_mom import routing
+    layout = routed_layout(batch=3, seqlen=14)
+    cu = layout.cu_seqlens
+    N, C = layout.slot_row.shape[0], 24
+    gen = torch.Generator().manual_seed(W)
+    wide = torch.randn(N, C + 5, generator=gen)
+    w = torch.randn(C, W, generator=gen)
+    init = torch.randn(cu.numel() - 1, C, W - 1, generator=gen) if with_init else None
+    dy = torch.randn(1, layout.num_rows, C, generator=gen)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        leaves = [t.to(dtype).requires_grad_() for t in (wide, w, init) if t is not None]
+        x_tok = leaves[0][:, :C]
+        kw = dict(cu_seqlens=cu, initial_state=leaves[2] if with_init else None,
+                  output_final_state=True)
+        if backend == "triton":
+            y, final = short_conv(x_tok[None], leaves[1], gather=(layout.token, layout.slot_row),
+                                  backend="triton", **kw)
+        else:
+            y, final = short_conv(routing.spread(x_tok, layout)[None], leaves[1], backend="torch",
+                                  **kw)
+        grads = torch.autograd.grad((y * dy.to(dtype)).sum(), leaves)
+        results[backend] = [y, final] + list(grads)
+    for a, b in zip(results["triton"], results["torch"]):
+        assert rel_err(a, b) < 1e-5
+    assert not results["triton"][2][:, C:].any()
+
+
+def test_short_conv_gather_torch_backend_and_one_sequence():
+    """The reference path takes the gather too (same numbers as the spread copy), and without
+    cu_seqlens the L packed rows are one sequence on both backends."""
+    from megatron_mom import routing
+    layout = routed_layout(batch=2, seqlen=6)
+    x = torch.randn(1, layout.slot_row.shape[0], 8, requires_grad=True)
+    w = torch.randn(8, 4, requires_grad=True)
+    gather = (layout.token, layout.slot_row)
+    for cu in (layout.cu_seqlens, None):
+        ref, _ = short_conv(routing.spread(x[0], layout)[None], w, cu_seqlens=cu, backend="torch")
+        g_ref = torch.autograd.grad(ref.square().sum(), [x, w])
+        for backend in ("torch", "triton"):
+            y, _ = short_conv(x, w, cu_seqlens=cu, gather=gather, backend=backend)
+            g = torch.autograd.grad(y.square().sum(), [x, w])
+            assert rel_err(y, ref) < 1e-6
+            assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, g_ref))
+
+
+def test_short_conv_split_and_gather_read_nothing_back(monkeypatch):
+    """Forward and backward of the split and the gathered convolution read no device value on
+    the host (CUDA-graph capturable, as the plain one)."""
+    layout = routed_layout(batch=2, seqlen=5)
+    L, N = layout.num_rows, layout.slot_row.shape[0]
+    kvba = torch.randn(1, L, 14, requires_grad=True)
+    q_tok = torch.randn(1, N, 6, requires_grad=True)
+    w = torch.randn(6, 4, requires_grad=True)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("host read of a device value in the launch path")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    q, _ = short_conv(q_tok, w, cu_seqlens=layout.cu_seqlens,
+                      gather=(layout.token, layout.slot_row), backend="triton")
+    k, v, b = short_conv_split(kvba, [w, w, None], [6, 6, 2], cu_seqlens=layout.cu_seqlens,
+                               backend="triton")
+    torch.autograd.grad(q.sum() + k.sum() + b.sum(), [q_tok, kvba, w])
+
+
+def test_short_conv_gather_rejects_bad_index():
+    x = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError, match="gather"):
+        short_conv(x, torch.randn(8, 4), gather=(torch.arange(8), torch.arange(6).view(3, 2)))
 
 
 # --------------------------------------------------------------- gated RMSNorm, L2 norm

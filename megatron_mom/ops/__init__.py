@@ -4,6 +4,7 @@ from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
 from megatron_mom.ops.mix import mix
-from megatron_mom.ops.short_conv import short_conv
+from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
-__all__ = ["gated_delta_rule", "short_conv", "gated_rmsnorm", "l2norm", "mix"]
+__all__ = ["gated_delta_rule", "short_conv", "short_conv_split", "gated_rmsnorm", "l2norm",
+           "mix"]

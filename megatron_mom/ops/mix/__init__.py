@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from megatron_mom.ops.backend import triton_impl
-from megatron_mom.ops.mix.reference import inverse_slots, mix_reference
+from megatron_mom.ops.mix.reference import inverse_slots, mix_reference, sum_over_slots
 
 
 def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None, *,
@@ -29,4 +29,4 @@ def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None, *,
     return mix_reference(o, slot_row, weight, out_dtype, token=token, slot=slot)
 
 
-__all__ = ["mix", "mix_reference", "inverse_slots"]
+__all__ = ["mix", "mix_reference", "inverse_slots", "sum_over_slots"]

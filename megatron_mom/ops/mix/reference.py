@@ -49,6 +49,14 @@ def _expand(w: Tensor, trailing: int) -> Tensor:
     return w.view(-1, *([1] * trailing))
 
 
+def sum_over_slots(packed: Tensor, slot_row: Tensor) -> Tensor:
+    """Packed rows [L, ...] -> per token [N, ...]: the sum of each token's S rows (the
+    backward of copying every token to its S packed rows), by one gather, no scatter-add."""
+    N, S = slot_row.shape
+    rows = packed.index_select(0, slot_row.view(-1))                   # [N * S, ...]
+    return rows.view(N, S, *packed.shape[1:]).sum(1)
+
+
 def inverse_slots(slot_row: Tensor) -> Tuple[Tensor, Tensor]:
     """(token [L], slot [L]) of each packed row: the inverse permutation of `slot_row` [N, S]
     (slot = n * S + j), for callers that do not keep it already."""

@@ -6,7 +6,7 @@ Nothing crosses a sequence boundary.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +71,14 @@ def short_conv_reference(
             cols.append(torch.where((p >= 0)[:, None], from_x, hist))
         final = torch.stack(cols, dim=-1) if cols else flat.new_zeros(N, C, 0)
     return y, final
+
+
+def short_conv_split_reference(
+    x: Tensor, weights: Sequence[Optional[Tensor]], sizes: Sequence[int],
+    cu_seqlens: Optional[Tensor] = None, activation: Optional[str] = "silu",
+) -> Tuple[Tensor, ...]:
+    """Split x [B, T, sum(sizes)] into column groups and convolve group i with weights[i]
+    (None: the group as it is, a view of x)."""
+    parts = x.split(list(sizes), dim=-1)
+    return tuple(p if w is None else short_conv_reference(p, w, cu_seqlens, activation=activation)[0]
+                 for p, w in zip(parts, weights))

@@ -5,16 +5,22 @@ before a sequence's first token come from its `initial_state` [N, C, W-1] (oldes
 zero; nothing crosses a `cu_seqlens` boundary. Each token finds its sequence by a binary search
 on `cu_seqlens` inside the kernel (no host sync). The final state (last W-1 inputs of each
 sequence) is returned for decoding and is not differentiable here.
+
+Two compile-time variations save memory traffic in the MoM layer. With a row index (GATHER),
+packed row r reads input row x_row[r], so the packed copy of the input is never built. And the
+backward writes dx with any row stride (DX_STRIDE), so column groups of one input fill one
+gradient buffer (`short_conv_split`). Without them the kernels are the plain contiguous ones.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from megatron_mom.ops.mix.reference import sum_over_slots
 from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of_unrolled
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -32,13 +38,22 @@ BWD_MAX_TILES = 8
 BWD_MIN_PROGRAMS = 128
 
 
+# Each load of x below has two compile-time forms. With GATHER it first reads the row index
+# (the head of the load's dependency chain, so issued first); without, it is the plain kernels'
+# line unchanged, which keeps their code (sm_90 SASS compared offline) and their tuned speed.
+
 @triton.jit
-def _tap(x, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
-         C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
+def _tap(x, x_row, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
+         C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr):
     """x_{t - shift} [BT, BC] fp32 for each token t, from its own sequence or its initial state."""
     inside = pos >= shift
-    val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=tmask & inside & cmask,
-                  other=0.0).to(tl.float32)
+    if GATHER:
+        row = tl.load(x_row + (tok - shift), mask=tmask & inside, other=0).to(tl.int64)
+        val = tl.load(x + row * x_stride + cols, mask=tmask & inside & cmask, other=0.0)
+    else:
+        val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=tmask & inside & cmask,
+                      other=0.0)
+    val = val.to(tl.float32)
     if HAS_INIT:
         slot = W - 1 + pos - shift                                   # >= 0 when not inside
         val += tl.load(init + seq.to(tl.int64) * C * (W - 1) + slot + cols * (W - 1),
@@ -47,13 +62,14 @@ def _tap(x, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
 
 
 @triton.jit
-def _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride,
-                    C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, BT: tl.constexpr,
-                    BC: tl.constexpr):
+def _pre_activation(x, x_row, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride,
+                    C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
+                    GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     z = tl.zeros([BT, BC], dtype=tl.float32)
     for d in tl.static_range(W):
         w_d = tl.load(weight + cols * W + (W - 1 - d), mask=cmask, other=0.0).to(tl.float32)
-        z += w_d * _tap(x, init, seq, tok, pos, d, cols, tmask, cmask, x_stride, C, W, HAS_INIT)
+        z += w_d * _tap(x, x_row, init, seq, tok, pos, d, cols, tmask, cmask, x_stride, C, W,
+                        HAS_INIT, GATHER)
     return z
 
 
@@ -66,24 +82,25 @@ def _locate(cu_seqlens, tok, N, STEPS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["TT", "N"])
-def _conv_fwd_kernel(x, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.constexpr,
+def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.constexpr,
                      C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr):
+                     GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     tok = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]         # [BT, 1]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
     tmask = tok < TT
     cmask = cols < C
     seq, bos, _ = _locate(cu_seqlens, tok, N, STEPS)
-    z = _pre_activation(x, init, weight, seq, tok, tok - bos, cols, tmask, cmask, x_stride, C, W,
-                        HAS_INIT, BT, BC)
+    z = _pre_activation(x, x_row, init, weight, seq, tok, tok - bos, cols, tmask, cmask, x_stride,
+                        C, W, HAS_INIT, GATHER, BT, BC)
     if SILU:
         z = z / (1.0 + tl.exp(-z))
     tl.store(y + tok.to(tl.int64) * C + cols, z.to(y.dtype.element_ty), mask=tmask & cmask)
 
 
 @triton.jit
-def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, STEPS: tl.constexpr,
-               C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr):
+def _bwd_loads(x, x_row, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride,
+               STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
+               GATHER: tl.constexpr):
     """Everything one backward tile reads (rows at or past `limit` read nothing): (pos, length,
     W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC]). Kept in the input
     dtype, unlike `_tap`, as they wait in registers for a whole tile."""
@@ -92,8 +109,13 @@ def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, ST
     pos = tok - bos
     taps = ()
     for e in tl.static_range(W):
-        taps = taps + (tl.load(x + (tok - e).to(tl.int64) * x_stride + cols,
-                               mask=tmask & (pos >= e) & cmask, other=0.0),)
+        if GATHER:
+            row = tl.load(x_row + (tok - e), mask=tmask & (pos >= e), other=0).to(tl.int64)
+            tap = tl.load(x + row * x_stride + cols, mask=tmask & (pos >= e) & cmask, other=0.0)
+        else:
+            tap = tl.load(x + (tok - e).to(tl.int64) * x_stride + cols,
+                          mask=tmask & (pos >= e) & cmask, other=0.0)
+        taps = taps + (tap,)
     hist = ()
     if HAS_INIT:
         for e in tl.static_range(1, W):                              # x_{t-e} before the start
@@ -104,11 +126,13 @@ def _bwd_loads(x, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride, ST
 
 
 @triton.jit(do_not_specialize=["TT", "N", "TILES"])
-def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stride, TILES,
+def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stride, TILES,
                      STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
-                     SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                     SILU: tl.constexpr, GATHER: tl.constexpr, DX_STRIDE: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr):
     """dx_t = sum_d w[c, W-1-d] dz_{t+d} (same sequence) for TILES consecutive token tiles;
-    dw_part[program] = this program's share of dw [C, W].
+    dw_part[program] = this program's share of dw [C, W]. dx rows lie DX_STRIDE apart (C for a
+    dx of its own): as a compile-time constant it tells the compiler how its stores align.
 
     Each z and sigmoid is computed once: a tile computes dz at its BT rows and reads the shifted
     dz_{t+d} back from its own registers (a warp-local gather), so only its first
@@ -125,14 +149,14 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
     for e in tl.static_range(W):
         dw_acc = dw_acc + (tl.zeros([BT, BC], dtype=tl.float32),)
     first = tl.program_id(0) * TILES * OUT
-    loads = _bwd_loads(x, init, dy, cu_seqlens, first + rows, TT, cols, cmask, N, x_stride, STEPS,
-                       C, W, HAS_INIT)
+    loads = _bwd_loads(x, x_row, init, dy, cu_seqlens, first + rows, TT, cols, cmask, N, x_stride,
+                       STEPS, C, W, HAS_INIT, GATHER)
     for tile in range(TILES):
         tok = first + tile * OUT + rows
         pos, length, taps, hist, dz = loads
         limit = tl.where(tile + 1 < TILES, TT, 0)                   # the last tile prefetches nothing
-        loads = _bwd_loads(x, init, dy, cu_seqlens, tok + OUT, limit, cols, cmask, N, x_stride,
-                           STEPS, C, W, HAS_INIT)
+        loads = _bwd_loads(x, x_row, init, dy, cu_seqlens, tok + OUT, limit, cols, cmask, N,
+                           x_stride, STEPS, C, W, HAS_INIT, GATHER)
         xs = ()                                                      # W x [BT, BC]: x_{t-e}
         z = tl.zeros([BT, BC], dtype=tl.float32)
         for e in tl.static_range(W):
@@ -155,7 +179,7 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
             ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
             dxs += ahead * tl.where(pos + d < length, w_taps[W - 1 - d], 0.0)  # same sequence only
         dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
-        tl.store(dx + tok.to(tl.int64) * C + cols, dxs.to(dx.dtype.element_ty),
+        tl.store(dx + tok.to(tl.int64) * DX_STRIDE + cols, dxs.to(dx.dtype.element_ty),
                  mask=(tok < TT) & (rows < OUT) & cmask)
     part = dw_part + (tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * W
     for e in tl.static_range(W):
@@ -163,23 +187,24 @@ def _conv_bwd_kernel(x, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stri
 
 
 @triton.jit
-def _grad_pre_activation(x, init, weight, dy, seq, tok, pos, cols, tmask, cmask, x_stride,
+def _grad_pre_activation(x, x_row, init, weight, dy, seq, tok, pos, cols, tmask, cmask, x_stride,
                          C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
-                         SILU: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                         SILU: tl.constexpr, GATHER: tl.constexpr, BT: tl.constexpr,
+                         BC: tl.constexpr):
     """dL/dz [BT, BC] at tokens `tok` (zero where tmask is off)."""
     g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0).to(tl.float32)
     if SILU:
-        z = _pre_activation(x, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride, C, W,
-                            HAS_INIT, BT, BC)
+        z = _pre_activation(x, x_row, init, weight, seq, tok, pos, cols, tmask, cmask, x_stride,
+                            C, W, HAS_INIT, GATHER, BT, BC)
         sig = 1.0 / (1.0 + tl.exp(-z))
         g = g * sig * (1.0 + z * (1.0 - sig))
     return g
 
 
 @triton.jit(do_not_specialize=["N", "STEPS", "x_stride"])
-def _conv_init_grad_kernel(x, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_stride,
+def _conv_init_grad_kernel(x, x_row, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_stride,
                            C: tl.constexpr, W: tl.constexpr, SILU: tl.constexpr,
-                           BT: tl.constexpr, BC: tl.constexpr):
+                           GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     """dL/dinitial_state [N, C, W-1]: slot W-1+p (p < 0) feeds z_t through tap t - p."""
     n = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
@@ -189,8 +214,8 @@ def _conv_init_grad_kernel(x, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_s
     pos = tl.arange(0, BT)[:, None]                                  # first W-1 positions
     tmask = pos < tl.minimum(length, W - 1)
     seq = pos * 0 + n
-    dz = _grad_pre_activation(x, init, weight, dy, seq, bos + pos, pos, cols, tmask, cmask,
-                              x_stride, C, W, True, SILU, BT, BC)
+    dz = _grad_pre_activation(x, x_row, init, weight, dy, seq, bos + pos, pos, cols, tmask, cmask,
+                              x_stride, C, W, True, SILU, GATHER, BT, BC)
     out = dinit + (n.to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * (W - 1)
     for j in tl.static_range(W - 1):
         shift = pos - (j - (W - 1))                                  # tap index e = t - p
@@ -200,8 +225,9 @@ def _conv_init_grad_kernel(x, weight, init, dy, dinit, cu_seqlens, N, STEPS, x_s
 
 
 @triton.jit(do_not_specialize=["N", "x_stride"])
-def _conv_final_state_kernel(x, init, final, cu_seqlens, N, x_stride, C: tl.constexpr, W: tl.constexpr,
-                             HAS_INIT: tl.constexpr, BC: tl.constexpr):
+def _conv_final_state_kernel(x, x_row, init, final, cu_seqlens, N, x_stride, C: tl.constexpr,
+                             W: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr,
+                             BC: tl.constexpr):
     """final[n, c, j] = input at position len - (W-1) + j of sequence n (or its history)."""
     n = tl.program_id(0)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -210,7 +236,12 @@ def _conv_final_state_kernel(x, init, final, cu_seqlens, N, x_stride, C: tl.cons
     length = tl.load(cu_seqlens + n + 1) - bos
     for j in tl.static_range(W - 1):
         p = cols * 0 + (length - (W - 1) + j)                         # [BC], all equal
-        val = tl.load(x + (bos + p).to(tl.int64) * x_stride + cols, mask=cmask & (p >= 0), other=0.0)
+        if GATHER:
+            row = tl.load(x_row + (bos + p), mask=cmask & (p >= 0), other=0).to(tl.int64)
+            val = tl.load(x + row * x_stride + cols, mask=cmask & (p >= 0), other=0.0)
+        else:
+            val = tl.load(x + (bos + p).to(tl.int64) * x_stride + cols, mask=cmask & (p >= 0),
+                          other=0.0)
         val = val.to(tl.float32)
         if HAS_INIT:
             val += tl.load(init + (n.to(tl.int64) * C + cols) * (W - 1) + (W - 1 + p),
@@ -233,96 +264,191 @@ def _bwd_tiles(TT: int) -> int:
     return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_CONFIG[0]) // BWD_MIN_PROGRAMS))
 
 
+def _conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
+                  init: Optional[Tensor], silu: bool) -> Tensor:
+    """y [TT, C] of input rows x2 [*, C] (any row stride): packed row r reads x2[r], or
+    x2[x_row[r]] with a row index (then TT = x_row.numel())."""
+    TT = x2.shape[0] if x_row is None else x_row.numel()
+    C, W = x2.shape[1], weight.shape[1]
+    BT, BC, warps = _launch(FWD_CONFIG, C, W)
+    y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)          # [TT, C]
+    if TT and C:
+        _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
+            x2, _or_x(x_row, x2), weight, _or_x(init, x2), y, cu, TT, N, x2.stride(0),
+            STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu,
+            GATHER=x_row is not None, BT=BT, BC=BC, num_warps=warps)
+    return y
+
+
+def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
+                   dy: Tensor, dx: Tensor, cu: Tensor, N: int, silu: bool, want_dinit: bool):
+    """Writes the gradient of each packed row's input into dx [TT, C] (any row stride: it may
+    be a column range of a wider gradient); dy [TT, C] contiguous. Returns (dw [C, W] in
+    weight's dtype, d initial_state or None)."""
+    TT, C = dx.shape
+    W = weight.shape[1]
+    BT, BC, warps = _launch(BWD_CONFIG, C, W)
+    tiles = _bwd_tiles(TT)
+    programs = triton.cdiv(TT, (BT - (W - 1)) * tiles)                # a tile yields BT-(W-1) rows
+    # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
+    dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=dx.device)
+    steps = search_steps(N)
+    if TT and C:
+        _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
+            x2, _or_x(x_row, x2), weight, _or_x(init, x2), dy, dx, dw_part, cu, TT, N,
+            x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
+            GATHER=x_row is not None, DX_STRIDE=dx.stride(0), BT=BT, BC=BC, num_warps=warps)
+    dinit = None
+    if want_dinit:
+        dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=dx.device)
+        BC = _block_c(C)
+        _conv_init_grad_kernel[(N, triton.cdiv(C, BC))](
+            x2, _or_x(x_row, x2), weight, init, dy, dinit32, cu, N, steps, x2.stride(0), C=C,
+            W=W, SILU=silu, GATHER=x_row is not None, BT=max(2, triton.next_power_of_2(W - 1)),
+            BC=BC)
+        dinit = dinit32.to(init.dtype)
+    return dw_part.sum(0).to(weight.dtype), dinit
+
+
+def _or_x(t: Optional[Tensor], x2: Tensor) -> Tensor:
+    """An optional kernel operand, or x2 as a placeholder the kernel never reads."""
+    return x2 if t is None else t
+
+
 class _ShortConv(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, x2, weight, cu, N, init, silu):
-        TT, C = x2.shape
-        W = weight.shape[1]
-        BT, BC, warps = _launch(FWD_CONFIG, C, W)
-        y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)      # [TT, C]
-        if TT:
-            _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
-                x2, weight, init if init is not None else x2, y, cu, TT, N, x2.stride(0),
-                STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu, BT=BT,
-                BC=BC, num_warps=warps)
-        ctx.save_for_backward(x2, weight, cu, init)
+    def forward(ctx, x2, weight, cu, N, init, silu, x_row, slot_row):
+        ctx.save_for_backward(x2, weight, cu, init, x_row, slot_row)
         ctx.meta = (N, silu)
-        return y
+        return _conv_forward(x2, x_row, weight, cu, N, init, silu)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, cu, init = ctx.saved_tensors
+        x2, weight, cu, init, x_row, slot_row = ctx.saved_tensors
         N, silu = ctx.meta
-        TT, C = x2.shape
-        W = weight.shape[1]
-        BT, BC, warps = _launch(BWD_CONFIG, C, W)
-        dy = dy.contiguous()
-        dx = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)     # [TT, C]
-        tiles = _bwd_tiles(TT)
-        programs = triton.cdiv(TT, (BT - (W - 1)) * tiles)            # a tile yields BT-(W-1) rows
-        # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
-        dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=x2.device)
-        steps = search_steps(N)
-        if TT:
-            _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
-                x2, weight, init if init is not None else x2, dy, dx, dw_part, cu, TT, N,
-                x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-                BT=BT, BC=BC, num_warps=warps)
-        dinit = None
-        if init is not None and ctx.needs_input_grad[4]:
-            dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=x2.device)
-            BC = _block_c(C)
-            _conv_init_grad_kernel[(N, triton.cdiv(C, BC))](
-                x2, weight, init, dy, dinit32, cu, N, steps, x2.stride(0), C=C, W=W, SILU=silu,
-                BT=max(2, triton.next_power_of_2(W - 1)), BC=BC)
-            dinit = dinit32.to(init.dtype)
-        return dx, dw_part.sum(0).to(weight.dtype), None, None, dinit, None
+        dx = torch.empty(dy.shape, dtype=x2.dtype, device=x2.device)    # [TT, C], per packed row
+        dw, dinit = _conv_backward(x2, x_row, weight, init, dy.contiguous(), dx, cu, N, silu,
+                                   init is not None and ctx.needs_input_grad[4])
+        if x_row is not None:
+            dx = sum_over_slots(dx, slot_row)                          # [rows of x2, C]
+        return dx, dw, None, None, dinit, None, None, None
 
 
-def _final_state(x2: Tensor, cu: Tensor, N: int, W: int, init: Optional[Tensor]) -> Tensor:
+class _ShortConvSplit(torch.autograd.Function):
+    """Consecutive column groups of x2 [TT, sum(sizes)], each convolved with its own weight or
+    (weight None) copied through. The backward fills ONE dx: each group writes its own columns,
+    so no cat of per-group gradients."""
+
+    @staticmethod
+    def forward(ctx, x2, cu, N, silu, sizes, *weights):
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a zero tensor
+        ctx.save_for_backward(x2, cu, *weights)
+        ctx.meta = (N, silu, sizes)
+        return tuple(x.clone(memory_format=torch.contiguous_format) if w is None
+                     else _conv_forward(x, None, w, cu, N, None, silu)
+                     for x, w in zip(_column_groups(x2, sizes), weights))
+
+    @staticmethod
+    def backward(ctx, *dys):
+        x2, cu, *weights = ctx.saved_tensors
+        N, silu, sizes = ctx.meta
+        dx = torch.empty(x2.shape, dtype=x2.dtype, device=x2.device)    # [TT, sum(sizes)]
+        dws = [_group_backward(x, w, dy, d, cu, N, silu) for x, w, dy, d in
+               zip(_column_groups(x2, sizes), weights, dys, _column_groups(dx, sizes))]
+        return (dx, None, None, None, None, *dws)
+
+
+def _column_groups(t: Tensor, sizes) -> Tuple[Tensor, ...]:
+    """Column-range views of t [TT, sum(sizes)]."""
+    return t.split(list(sizes), dim=1)
+
+
+def _group_backward(x: Tensor, weight: Optional[Tensor], dy: Optional[Tensor], dx: Tensor,
+                    cu: Tensor, N: int, silu: bool) -> Optional[Tensor]:
+    """Fills one group's columns dx of the shared gradient; returns its dw (None without one)."""
+    if dy is None:
+        dx.zero_()
+        return None if weight is None else torch.zeros_like(weight)
+    if weight is None:
+        dx.copy_(dy)
+        return None
+    return _conv_backward(x, None, weight, None, dy.contiguous(), dx, cu, N, silu, False)[0]
+
+
+def _final_state(x2: Tensor, x_row: Optional[Tensor], cu: Tensor, N: int, W: int,
+                 init: Optional[Tensor]) -> Tensor:
     C = x2.shape[1]
     final = torch.empty(N, C, W - 1, dtype=x2.dtype, device=x2.device)
     if N and W > 1:
         BC = _block_c(C)
         _conv_final_state_kernel[(N, triton.cdiv(C, BC))](
-            x2, init if init is not None else x2, final, cu, N, x2.stride(0), C=C, W=W,
-            HAS_INIT=init is not None, BC=BC)
+            x2, _or_x(x_row, x2), _or_x(init, x2), final, cu, N, x2.stride(0), C=C, W=W,
+            HAS_INIT=init is not None, GATHER=x_row is not None, BC=BC)
     return final
+
+
+def _check(x: Tensor, weights, cu_seqlens: Optional[Tensor], activation: Optional[str]):
+    if activation not in ("silu", None):
+        raise ValueError(f"short_conv: activation must be 'silu' or None, got {activation!r}")
+    for w in weights:
+        if x.dtype not in _DTYPES or w.dtype not in _DTYPES:
+            raise ValueError(f"short_conv (triton): x {x.dtype} and weight {w.dtype} must be "
+                             f"float32, bfloat16 or float16")
+        if not 1 <= w.shape[1] <= MAX_WIDTH:
+            raise ValueError(f"short_conv (triton): kernel width W={w.shape[1]} must be in "
+                             f"1..{MAX_WIDTH}")
+    if cu_seqlens is not None and cu_seqlens.device != x.device:
+        raise ValueError(f"short_conv (triton): cu_seqlens is on {cu_seqlens.device}, x on "
+                         f"{x.device}; the kernels read it on the device")
+
+
+def _rows(x: Tensor) -> Tensor:
+    """x [B, T, C] -> [B * T, C] rows with unit column stride (a view where possible)."""
+    x2 = x.reshape(x.shape[0] * x.shape[1], x.shape[2])
+    return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
 def short_conv(
     x: Tensor, weight: Tensor, *, cu_seqlens: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-    activation: Optional[str] = "silu",
+    activation: Optional[str] = "silu", gather: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """x: [B, T, C] (B == 1 with cu_seqlens), weight: [C, W], states [N, C, W-1].
-    Returns (y like x, final state [N, C, W-1] in x's dtype or None)."""
+    Returns (y like x, final state [N, C, W-1] in x's dtype or None). With
+    `gather` = (x_row [L], slot_row [T, S]) (checked by the dispatcher): x [1, T, C] holds the
+    rows that the L packed rows read, y is [1, L, C]."""
     B, T, C = x.shape
     W = weight.shape[1]
-    if activation not in ("silu", None):
-        raise ValueError(f"short_conv: activation must be 'silu' or None, got {activation!r}")
-    if x.dtype not in _DTYPES or weight.dtype not in _DTYPES:
-        raise ValueError(f"short_conv (triton): x {x.dtype} and weight {weight.dtype} must be "
-                         f"float32, bfloat16 or float16")
-    if not 1 <= W <= MAX_WIDTH:
-        raise ValueError(f"short_conv (triton): kernel width W={W} must be in 1..{MAX_WIDTH}")
-    if cu_seqlens is not None and cu_seqlens.device != x.device:
-        raise ValueError(f"short_conv (triton): cu_seqlens is on {cu_seqlens.device}, x on "
-                         f"{x.device}; the kernels read it on the device")
-    cu = dense_cu_seqlens(B, T, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
+    _check(x, [weight], cu_seqlens, activation)
+    x_row, slot_row = (None, None) if gather is None else (g.contiguous() for g in gather)
+    TT = B * T if x_row is None else x_row.numel()
+    cu = dense_cu_seqlens(B, TT // B, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
     N = cu.numel() - 1
     if initial_state is not None and tuple(initial_state.shape) != (N, C, W - 1):
         raise ValueError(f"short_conv: initial_state {tuple(initial_state.shape)} must be "
                          f"[N={N}, C={C}, W-1={W - 1}]")
-    x2 = x.reshape(B * T, C)                                          # [TT, C]
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)                                                     # [B * T, C]
     init = None if initial_state is None else initial_state.contiguous()
-    y = _ShortConv.apply(x2, weight.contiguous(), cu, N, init, activation == "silu")
-    final = _final_state(x2.detach(), cu, N, W, None if init is None else init.detach()) \
-        if output_final_state else None
-    return y.view(B, T, C), final
+    y = _ShortConv.apply(x2, weight.contiguous(), cu, N, init, activation == "silu", x_row,
+                         slot_row)
+    final = _final_state(x2.detach(), x_row, cu, N, W,
+                         None if init is None else init.detach()) if output_final_state else None
+    return y.view(B, TT // B, C), final
 
 
-__all__ = ["short_conv"]
+def short_conv_split(
+    x: Tensor, weights: Sequence[Optional[Tensor]], sizes: Sequence[int], *,
+    cu_seqlens: Optional[Tensor] = None, activation: Optional[str] = "silu",
+) -> Tuple[Tensor, ...]:
+    """x: [B, T, sum(sizes)] (B == 1 with cu_seqlens); weights[i]: [sizes[i], W_i] or None
+    (checked by the dispatcher). Returns one contiguous [B, T, sizes[i]] per group."""
+    B, T, _ = x.shape
+    _check(x, [w for w in weights if w is not None], cu_seqlens, activation)
+    cu = dense_cu_seqlens(B, T, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
+    ys = _ShortConvSplit.apply(_rows(x), cu, cu.numel() - 1, activation == "silu", tuple(sizes),
+                               *(None if w is None else w.contiguous() for w in weights))
+    return tuple(y.view(B, T, -1) for y in ys)
+
+
+__all__ = ["short_conv", "short_conv_split"]
