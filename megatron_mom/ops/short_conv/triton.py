@@ -82,7 +82,8 @@ def _locate(cu_seqlens, tok, N, STEPS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["TT", "N"])
-def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride, STEPS: tl.constexpr,
+def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride: tl.constexpr,
+                     STEPS: tl.constexpr,
                      C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
                      GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
     tok = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]         # [BT, 1]
@@ -126,13 +127,16 @@ def _bwd_loads(x, x_row, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_str
 
 
 @triton.jit(do_not_specialize=["TT", "N", "TILES"])
-def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, x_stride, TILES,
+def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N,
+                     x_stride: tl.constexpr, TILES,
                      STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
                      SILU: tl.constexpr, GATHER: tl.constexpr, DX_STRIDE: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr):
     """dx_t = sum_d w[c, W-1-d] dz_{t+d} (same sequence) for TILES consecutive token tiles;
     dw_part[program] = this program's share of dw [C, W]. dx rows lie DX_STRIDE apart (C for a
-    dx of its own): as a compile-time constant it tells the compiler how its stores align.
+    dx of its own), x rows x_stride apart: as compile-time constants they tell the compiler how
+    loads and stores align (a runtime 2056, the memory rows' stride, is not known to be a
+    multiple of 16 and compiled to 2-byte loads).
 
     Each z and sigmoid is computed once: a tile computes dz at its BT rows and reads the shifted
     dz_{t+d} back from its own registers (a warp-local gather), so only its first
