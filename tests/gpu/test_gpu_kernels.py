@@ -258,3 +258,55 @@ def test_router_gating_bf16_reads():
     dw32 = torch.mm(hi.t(), x.detach(), out_dtype=torch.float32) + torch.mm(
         lo.t(), x.detach(), out_dtype=torch.float32)
     assert rel(dw32, d.double().t() @ x64) < 3e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_conv_layer_forms_paper_shape(dtype):
+    """The layer's two convolution forms at its shapes and strides (B4 T4096, M=4 top-2 +
+    shared: 49152 packed rows, H*K = H*V = 1024): q read from its token rows (a column slice of
+    the [N, 2048] q | gate projection) through the packing index, and k | v | b | a as column
+    groups of the [L, 2056] memory rows (row stride 2056: the compile-time-stride loads).
+    Outputs and every gradient against the float64 reference (spread / split + short_conv)."""
+    from megatron_mom import routing
+    from megatron_mom.ops.short_conv import short_conv_split
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    B, T, M, C = 4, 4096, 4, 1024
+    seq_id, num_seqs = routing.sequence_ids(B, T, None, "cuda")
+    N = B * T
+    routed = torch.rand(N, M, device="cuda", generator=gen).topk(2, dim=1).indices.sort(1).values
+    memory = torch.cat([routed, torch.full((N, 1), M, device="cuda")], dim=1)
+    layout = routing.pack(memory, seq_id, num_seqs, M + 1)
+    cu, L = layout.cu_seqlens, layout.num_rows
+    qg = torch.randn(N, 2 * C, device="cuda", generator=gen).to(dtype)
+    kvba = torch.randn(L, 2 * C + 8, device="cuda", generator=gen).to(dtype)
+    wq, wk, wv = (torch.randn(C, 4, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    dyq, dyk, dyv = (torch.randn(L, C, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    dyb = torch.randn(L, 8, device="cuda", generator=gen).to(dtype)
+    sizes = [C, C, 4, 4]
+    res = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.detach().clone() if backend == "triton" else t.detach().double()
+                  for t in (qg, kvba, wq, wk, wv)]
+        for t in leaves:
+            t.requires_grad_()
+        qg_, kvba_, wq_, wk_, wv_ = leaves
+        if backend == "triton":
+            q, _ = short_conv(qg_[None, :, :C], wq_, cu_seqlens=cu,
+                              gather=(layout.token, layout.slot_row), backend="triton")
+        else:
+            q, _ = short_conv(routing.spread(qg_[:, :C], layout)[None], wq_, cu_seqlens=cu,
+                              backend="torch")
+        k, v, b, a = short_conv_split(kvba_[None], [wk_, wv_, None, None], sizes, cu_seqlens=cu,
+                                      backend=backend)
+        ba = torch.cat([b, a], dim=-1)
+        loss = sum((y[0] * dy.to(y.dtype)).sum() for y, dy in
+                   ((q, dyq), (k, dyk), (v, dyv), (ba, dyb)))
+        res[backend] = [q, k, v, ba] + list(torch.autograd.grad(loss, leaves))
+    names = ["q", "k", "v", "ba", "d_qg", "d_kvba", "d_wq", "d_wk", "d_wv"]
+    errs = {n: rel_err(a, b) for n, a, b in zip(names, res["triton"], res["torch"])}
+    ERRORS[f"conv_layer_forms_{str(dtype)[6:]}"] = errs
+    print(errs)
+    assert not res["triton"][4][:, C:].any()          # the gate columns get no gradient here
+    limit = 1e-5 if dtype == torch.float32 else 1e-2
+    for key, err in errs.items():
+        assert err < limit, f"{key}: relative error {err:.2e} >= {limit:.0e}"
