@@ -125,7 +125,8 @@ def chunk_bwd_main_kernel(
         dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
         dpt += tl.dot(u_t, tl.trans(do_t), input_precision=PREC)
         dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
-        dvb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), du_t.to(tl.float32), input_precision=PREC)
+        dvb = tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs).to(tl.float32)), du_t.to(tl.float32),
+                     input_precision=PREC)
         tl.store(dv + voffs, (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
         d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
     tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
@@ -217,8 +218,9 @@ def chunk_bwd_wy_kernel(
         k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
         dt_mat += tl.dot(tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
                          tl.trans((k_t * k_scale[:, None]).to(dwt)), input_precision=PREC)
-    x = tl.dot(dt_mat, tl.trans(tl.load(t_ptr + cc_ptrs)), input_precision=PREC)
-    da = -tl.dot(tl.trans(tl.load(t_ptr + cc_ptrs)), x, input_precision=PREC)
+    t_f = tl.load(t_ptr + cc_ptrs).to(tl.float32)
+    x = tl.dot(dt_mat, tl.trans(t_f), input_precision=PREC)
+    da = -tl.dot(tl.trans(t_f), x, input_precision=PREC)
     strict = rows[:, None] > rows[None, :]
     hm = tl.where(strict, da * tl.exp(tl.where(strict, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
     # Only the transposed use goes through memory; the rest stays in registers. The three
@@ -228,7 +230,7 @@ def chunk_bwd_wy_kernel(
     tl.debug_barrier()
     gt_op = tl.trans(tl.load(slot1 + cc_ptrs)).to(dwt)
     hm_op = hm.to(dwt)                                               # dL/d(beta_i k_i . k_j)
-    tt_op = tl.trans(tl.load(t_ptr + cc_ptrs)).to(dwt)
+    tt_op = tl.trans(tl.load(t_ptr + cc_ptrs).to(dwt))
 
     d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
     d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
@@ -243,7 +245,8 @@ def chunk_bwd_wy_kernel(
         kdkb = tl.sum(dkb * k_t, axis=1)
         d_beta += kdkb * tl.exp(g_c)
         d_gam += kdkb * k_scale
-        dk_t = tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0) + dkb * k_scale[:, None]
+        dk_t = (tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+                + dkb * k_scale[:, None])
         hk = tl.dot(hm_op, k_op, input_precision=PREC)
         khk = tl.sum(hk * k_t, axis=1)
         d_beta += khk

@@ -50,6 +50,10 @@ CONFIG: Dict[str, Dict] = {
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # tl.dot precision for float32 operands on GPUs: "tf32", "tf32x3" or "ieee".
     "precision": "tf32",
+    # Storage between the kernels: T in float32 or in the inputs' dtype ("input"); the main
+    # backward kernel's part of dk in float32 or, when dk itself is not float32, in dk.
+    "t_dtype": "float32",
+    "dk_partial_fp32": True,
 }
 _RECOMPUTE_STATES = False
 # float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
@@ -111,15 +115,18 @@ class _Packed:
 
 
 def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float):
-    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] f32, P [NTU,H,C,C]."""
+    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] (f32 or k's dtype, see CONFIG),
+    P [NTU,H,C,C]."""
     gam = torch.empty(P.TT, P.H, dtype=torch.float32, device=k.device)
     w = torch.empty_like(k)
     u0 = torch.empty_like(v)
-    t_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=torch.float32, device=k.device)
+    t_dtype = torch.float32 if CONFIG["t_dtype"] == "float32" else k.dtype
+    t_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=t_dtype, device=k.device)
     p_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=k.dtype, device=k.device)
     cfg = CONFIG["prepare"]
+    t_work = t_mat if t_dtype == torch.float32 else torch.empty_like(t_mat, dtype=torch.float32)
     prepare_kernel[(P.NTU, P.H)](
-        q, k, v, g, beta, gam, w, u0, t_mat, p_mat, P.cu, P.offsets, P.N, P.steps, scale,
+        q, k, v, g, beta, gam, w, u0, t_mat, p_mat, t_work, P.cu, P.offsets, P.N, P.steps, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
         PREC=CONFIG["precision"], **_launch_opts("prepare"))
     return gam, w, u0, t_mat, p_mat
@@ -184,7 +191,9 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     scratch_dw = torch.empty(P.TT, P.H, P.K, dtype=dw_dtype, device=dev)
     # Phase A's part of dk, which phase B adds to: in dk itself when dk is float32 (with the
     # fused L2 norm or fp32 inputs; each program re-reads only its own rows), else in fp32.
-    scratch_dk = dk if dk.dtype == torch.float32 else torch.empty(P.TT, P.H, P.K, **f32)
+    # (With dk_partial_fp32 off, a bf16/fp16 dk holds it too: one more rounding of the partial.)
+    scratch_dk = (dk if dk.dtype == torch.float32 or not CONFIG["dk_partial_fp32"]
+                  else torch.empty(P.TT, P.H, P.K, **f32))
     seq = (P.cu, P.offsets, P.N, P.steps)
     prec = CONFIG["precision"]
     chunk_bwd_main_kernel[(P.NTU, P.H)](
