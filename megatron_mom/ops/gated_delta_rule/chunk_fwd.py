@@ -42,50 +42,52 @@ def load_decay(gam, tok, valid, last, h, H: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
-def invert_unit_lower(a, NB: tl.constexpr, BS: tl.constexpr):
-    """(I + a)^-1 for NB strictly lower triangular [BS, BS] fp32 tiles at once (a: [NB, BS, BS]),
-    by forward substitution (exact fp32 arithmetic, no tensor cores): row i = e_i - sum_{j<i}
-    a_ij row_j. The NB blocks share the BS - 1 sequential steps."""
+def invert_unit_lower(a_base, NB: tl.constexpr, BS: tl.constexpr):
+    """(I + A_b)^-1 for NB strictly lower triangular [BS, BS] fp32 blocks stored one after
+    another at a_base, by forward substitution (exact fp32 arithmetic, no tensor cores):
+    row i = e_i - sum_{j<i} a_ij row_j. The NB blocks share the BS - 1 sequential steps; row i
+    of each block is read from memory (L1), which keeps a row extraction off the chain."""
     r = tl.arange(0, BS)
     eye = (r[:, None] == r[None, :]).to(tl.float32)
     inv = tl.zeros([NB, BS, BS], dtype=tl.float32) + eye[None, :, :]
+    blk = tl.arange(0, NB)[:, None] * (BS * BS)
     for i in range(1, BS):
-        row_i = r[None, :, None] == i                                    # [1, BS, 1]
-        a_i = tl.sum(tl.where(row_i, a, 0.0), axis=1)                   # [NB, BS] over j
+        a_i = tl.load(a_base + blk + i * BS + r[None, :])                # [NB, BS] over j
         upd = tl.sum(a_i[:, :, None] * inv, axis=1)                     # sum_j a_ij inv[j, :]
-        inv = tl.where(row_i, inv - upd[:, None, :], inv)
+        inv = tl.where(r[None, :, None] == i, inv - upd[:, None, :], inv)
     return inv
 
 
 @triton.jit
-def solve_by_blocks(a, t_base, C: tl.constexpr, PREC: tl.constexpr):
+def solve_by_blocks(a, d_base, C: tl.constexpr, PREC: tl.constexpr):
     """(I + a)^-1 by blocks of 16: exact inverses of the diagonal blocks (through the fp32
-    scratch at t_base, since register tiles cannot be sliced), then (I + A) = (I + A_d)(I + N),
-    N = A_d^-1 A_off, N^4 = 0 for C <= 64, so T = (I - N)(I + N^2) A_d^-1."""
+    scratch d_base [C/16, 16, 16], since register tiles cannot be sliced), then
+    (I + A) = (I + A_d)(I + N), N = A_d^-1 A_off, N^4 = 0 for C <= 64, so
+    T = (I - N)(I + N^2) A_d^-1."""
     rows = tl.arange(0, C)
-    t_ptrs = t_base + rows[:, None] * C + rows[None, :]
-    tl.store(t_ptrs, a)
-    tl.debug_barrier()
-    r16 = tl.arange(0, 16)
-    blk = tl.arange(0, C // 16)[:, None, None] * 16
-    p_diag = t_base + (blk + r16[None, :, None]) * C + blk + r16[None, None, :]  # [C/16, 16, 16]
-    tl.store(p_diag, invert_unit_lower(tl.load(p_diag), C // 16, 16))
-    tl.debug_barrier()
     blk_of = rows // 16
-    d_inv = tl.load(t_ptrs, mask=blk_of[:, None] == blk_of[None, :], other=0.0)
+    diag = blk_of[:, None] == blk_of[None, :]
+    d_ptrs = d_base + blk_of[:, None] * 256 + (rows % 16)[:, None] * 16 + (rows % 16)[None, :]
+    tl.store(d_ptrs, a, mask=diag)
+    tl.debug_barrier()
+    inv_d = invert_unit_lower(d_base, C // 16, 16)
+    tl.debug_barrier()                                             # all rows read before
+    r16 = tl.arange(0, 16)
+    tl.store(d_base + tl.arange(0, C // 16)[:, None, None] * 256 + r16[None, :, None] * 16
+             + r16[None, None, :], inv_d)
+    tl.debug_barrier()
+    d_inv = tl.load(d_ptrs, mask=diag, other=0.0)
     n_mat = tl.dot(d_inv, tl.where(blk_of[:, None] > blk_of[None, :], a, 0.0), input_precision=PREC)
     n_sq = tl.dot(n_mat, n_mat, input_precision=PREC)
     y = d_inv + tl.dot(n_sq, d_inv, input_precision=PREC)
-    inv = y - tl.dot(n_mat, y, input_precision=PREC)
-    tl.debug_barrier()
-    return inv
+    return y - tl.dot(n_mat, y, input_precision=PREC)
 
 
 @triton.jit(do_not_specialize=["N", "STEPS", "scale"])
 def prepare_kernel(
     q, k, v, g, beta,                    # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H]
     gam_out, w_out, u_out, t_out, p_out,  # [TT,H] f32, [TT,H,K], [TT,H,V], [NTU,H,C,C], [NTU,H,C,C]
-    t_work,                              # [NTU,H,C,C] f32 scratch of the solve (may be t_out)
+    t_work,                              # [NTU,H,C,16] f32: the solve's diagonal blocks
     cu_seqlens, chunk_offsets, N, STEPS, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
@@ -122,11 +124,11 @@ def prepare_kernel(
     a = tl.where(strict, kk * decay * b_c[:, None], 0.0)           # [C, C] strictly lower
     # By substitution, not by a power series: (I - A)(I + A^2)(I + A^4)... is exact in exact
     # arithmetic but, with no decay and near-parallel keys, sums terms of ~1e17 that cancel.
-    t_mat = solve_by_blocks(a, t_work + chunk_id * C * C, C, PREC)
+    t_mat = solve_by_blocks(a, t_work + chunk_id * C * 16, C, PREC)
     tl.store(t_out + chunk_id * C * C + cc_offs, t_mat.to(t_out.dtype.element_ty))
 
     # W and U0 are stored in the inputs' dtype, so their dots take T in that dtype too (one
-    # rounding of the same size as the store's; the backward keeps T in float32).
+    # rounding of the same size as the store's; T itself is stored as CONFIG["t_dtype"] says).
     dt = w_out.dtype.element_ty
     t_op = t_mat.to(dt)
     kscale = b_c * tl.exp(gam)
