@@ -172,10 +172,9 @@ def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
     o, h, u, ht = gdr_triton._state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
                                             store_o=True, store_states=True, store_final=True)
     do = torch.ones_like(o)
-    dh, du, dh0, dgam_last = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, h, do, ht,
-                                                        0.125, True)
+    dh, du, dh0 = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125, True)
     gdr_triton._chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
-                               torch.float32, dgam_last)
+                               torch.float32)
     monkeypatch.undo()
     assert rel_err(o.view_as(o_ref), o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
 

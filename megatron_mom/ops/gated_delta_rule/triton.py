@@ -56,9 +56,6 @@ CONFIG: Dict[str, Dict] = {
     # when dk is bfloat16 (one more rounding of a partial sum); float16 keeps float32 for range.
     "t_dtype": "input",
     "dk_partial_fp32": False,
-    # The state decay's part of dgam (e^Gam sum(dh * h)) in state_bwd_kernel (True) or in the
-    # main backward kernel (False, which reloads h for it).
-    "dgam_last_in_state_bwd": True,
 }
 _RECOMPUTE_STATES = False
 # float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
@@ -158,28 +155,23 @@ def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     return o, h, u, ht
 
 
-def _state_backward(P: _Packed, q, k, w, gam, p_mat, h, do, dht, scale, want_dh0):
-    """dh [NTU,H,K,V], dU [TT,H,V], dh0 [N,H,K,V] f32 (or None), dgam_last [NTU,H,V//BV] f32
-    (or None)."""
+def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
+    """dh [NTU,H,K,V], dU [TT,H,V], dh0 [N,H,K,V] f32 (or None)."""
     dev = k.device
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
     du = torch.empty_like(do)
     dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if want_dh0 else None
     cfg = _state_config("state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
-    with_last = CONFIG["dgam_last_in_state_bwd"]
-    dgam_last = torch.empty(P.NTU, P.H, P.V // BV, dtype=torch.float32, device=dev) if with_last else None
     _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
-        h, dgam_last if with_last else do, P.cu, P.offsets, scale,
+        P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
-        PREC=CONFIG["precision"], DGAM_LAST=with_last, num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
-    return dh, du, dh0, dgam_last
+        PREC=CONFIG["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dh, du, dh0
 
 
-def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
-                    dgam_last=None):
+def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype):
     """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg)."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
@@ -207,10 +199,8 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     prec = CONFIG["precision"]
     chunk_bwd_main_kernel[(P.NTU, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
-        scratch_cc, scratch_dw, scratch_dk, dgam_last if dgam_last is not None else dgam, *seq, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
-        NVB=1 if dgam_last is None else dgam_last.shape[-1], DGAM_LAST=dgam_last is not None,
-        **_launch_opts("chunk_bwd_main"))
+        scratch_cc, scratch_dw, scratch_dk, *seq, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
         *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
@@ -267,11 +257,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         do3 = d_o.reshape(P.TT, P.H, P.V).to(v3.dtype).contiguous()
         dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
 
-        dh, du, dh0, dgam_last = _state_backward(P, q3, k3, w, gam, p_mat, h, do3, dht, scale,
-                                                 want_dh0=has_h0)
+        dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
         dk_dtype = torch.float32 if use_l2 else q_dtype
         dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
-                                                do3, scale, dk_dtype, dgam_last)
+                                                do3, scale, dk_dtype)
         if use_l2:
             dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype)
             dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype)
