@@ -2,6 +2,7 @@
 PyTorch SDPA flash attention, in one run, at the shapes of /work/shared/baselines/peer_h100.json.
 
     python benchmarks/bench_kernels.py [--out DIR] [--no-fla] [--sweep] [--quick] [--conv]
+                                       [--shapes B,T,H,D ...] [--no-scaling] [--fla-scaling]
     python benchmarks/bench_kernels.py --conv-only [--conv-sweep] [--out DIR]
     python benchmarks/bench_kernels.py --mix-only [--out DIR]
 
@@ -359,12 +360,16 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="only the launch-setting sweeps")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-scaling", action="store_true")
+    ap.add_argument("--shapes", nargs="+", metavar="B,T,H,D",
+                    help="time these shapes as the main ones (default: the two of the peer probe)")
     ap.add_argument("--fla-scaling", action="store_true", help="also time fla at the T sweep")
     ap.add_argument("--conv", action="store_true", help="also time the short convolution")
     ap.add_argument("--conv-only", action="store_true", help="time only the short convolution")
     ap.add_argument("--mix-only", action="store_true", help="time only the mix of read-outs")
     ap.add_argument("--conv-sweep", action="store_true", help="with the conv: other launch settings")
     args = ap.parse_args()
+    main_shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes
+                   else MAIN_SHAPES)
     import triton
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "shapes": {}}
@@ -394,7 +399,7 @@ def main():
         row = res["shapes"].setdefault(key, {})
         row["ours"] = ours(B, T, H, D, args.quick)
         row["ours"]["approx_fwd_tflops"] = fwd_flops(B, T, H, D) / (row["ours"]["fwd_ms"] * 1e-3) / 1e12
-        if (B, T, H, D) in MAIN_SHAPES:
+        if (B, T, H, D) in main_shapes:
             gdr_triton.set_recompute_states(True)
             row["ours_recompute_states"] = ours(B, T, H, D, args.quick)
             gdr_triton.set_recompute_states(False)
@@ -411,7 +416,7 @@ def main():
                 row["fla"]["approx_fwd_tflops"] = fwd_flops(B, T, H, D) / (row["fla"]["fwd_ms"] * 1e-3) / 1e12
                 row["speedup_fwdbwd_vs_fla"] = row["fla"]["fwdbwd_ms"] / row["ours"]["fwdbwd_ms"]
                 row["speedup_fwd_vs_fla"] = row["fla"]["fwd_ms"] / row["ours"]["fwd_ms"]
-                if (B, T, H, D) == MAIN_SHAPES[0]:
+                if (B, T, H, D) in main_shapes:
                     qf, kf, vf, gf, bf = gdr_inputs(B, T, H, D)
                     row["fla_kernels_ms"] = kernel_profile(lambda: fla_chunk(qf, kf, vf, g=gf, beta=bf)[0])
             except Exception as e:                            # noqa: BLE001
@@ -422,7 +427,7 @@ def main():
     if args.conv:
         res["short_conv"] = conv_bench(args.quick, args.conv_sweep)
         save()
-    measure(*MAIN_SHAPES[0])
+    measure(*main_shapes[0])
     if args.sweep:
         res["sweep"] = sweep(MAIN_SHAPES[0], args.quick)
         save()
@@ -430,7 +435,8 @@ def main():
             res["shapes"]["B4 T4096 H16 D128 (swept settings)"] = {
                 "ours": ours(*MAIN_SHAPES[0], args.quick), "settings": res["sweep"]["chosen"]}
             save()
-    measure(*MAIN_SHAPES[1])
+    for shape in main_shapes[1:]:
+        measure(*shape)
     if not args.no_scaling:
         fla_saved, fla_chunk = fla_chunk, (fla_chunk if args.fla_scaling else None)
         for shape in SCALING_SHAPES:
