@@ -231,6 +231,7 @@ def main():
     p.add_argument("--scaling-ours", action="store_true",
                    help="with --quick: also our layer alone at B8 T2048, B1 T16384, B1 T65536")
     p.add_argument("--profile", action="store_true", help="also a kernel-time profile of ours")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode section")
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
@@ -251,7 +252,8 @@ def main():
     run_training(shapes, {} if args.no_training_peers else fla_peers())
     if args.quick and args.scaling_ours:
         run_training([(8, 2048, False), (1, 16384, False), (1, 65536, False)], {})
-    run_decode([1, 64])
+    if not args.no_decode:
+        run_decode([1, 64])
     if args.profile:
         run_profile(args.out)
     json.dump(RESULTS, open(os.path.join(args.out, "bench_layer.json"), "w"), indent=1)

@@ -87,13 +87,21 @@ class _GatingLinear(torch.autograd.Function):
             dx = (d2 @ weight.to(ctx.ct)).to(x.dtype).view(x.shape)
         if ctx.needs_input_grad[1]:
             if _reads_bf16(x2, weight, ctx.ct):
-                hi = d2.to(x.dtype)
-                lo = (d2 - hi.to(ctx.ct)).to(x.dtype)
-                dw = (torch.mm(hi.t(), x2, out_dtype=ctx.ct)
-                      + torch.mm(lo.t(), x2, out_dtype=ctx.ct)).to(weight.dtype)
+                dw = _split_weight_grad(d2, x2).to(weight.dtype)
             else:
                 dw = (d2.t() @ x2.to(ctx.ct)).to(weight.dtype)
         return dx, dw, None
+
+
+def _split_weight_grad(d2: Tensor, x2: Tensor) -> Tensor:
+    """d2^T x2 in float32 from a float32 [N, M] d2 and a bf16 [N, D] x2 with bf16 GEMM operands:
+    d2 = hi + lo (two bf16 parts, 16 significant bits), one GEMM over [hi | lo] so x2 is read
+    once, then the two M-row halves summed."""
+    hi = d2.to(x2.dtype)
+    lo = (d2 - hi.to(d2.dtype)).to(x2.dtype)
+    dw2 = torch.mm(torch.cat([hi, lo], 1).t(), x2, out_dtype=d2.dtype)      # [2M, D]
+    M = d2.shape[1]
+    return dw2[:M] + dw2[M:]
 
 
 def _reads_bf16(x: Tensor, weight: Tensor, ct: torch.dtype) -> bool:
