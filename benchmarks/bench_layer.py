@@ -232,6 +232,8 @@ def main():
                    help="with --quick: also our layer alone at B8 T2048, B1 T16384, B1 T65536")
     p.add_argument("--profile", action="store_true", help="also a kernel-time profile of ours")
     p.add_argument("--no-decode", action="store_true", help="skip the decode section")
+    p.add_argument("--lean-backward", action="store_true",
+                   help="recompute the recurrence's states in the backward and run it head by head")
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
@@ -240,10 +242,15 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     global OUT_DIR
+    if args.lean_backward:
+        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
+        gdr_triton.set_recompute_states(True)
+        gdr_triton.set_backward_head_groups(64)
     OUT_DIR = args.out
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "triton": triton.__version__, "date": time.strftime("%Y-%m-%d")}
+                      "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
+                      "lean_backward": args.lean_backward}
     setup_megatron()
     if args.profile_only or args.profile_ops:
         return run_profile(args.out, by_op=args.profile_ops)

@@ -82,7 +82,13 @@ def main():
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
+    p.add_argument("--lean-backward", action="store_true",
+                   help="recompute the recurrence's states in the backward and run it head by head")
     args = p.parse_args()
+    if args.lean_backward:
+        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
+        gdr_triton.set_recompute_states(True)
+        gdr_triton.set_backward_head_groups(64)
     setup_megatron()
     from megatron_mom import MoMConfig
     mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)

@@ -103,6 +103,21 @@ def test_gated_delta_rule_recompute_states_mode():
         gdr_triton.set_recompute_states(False)
 
 
+@pytest.mark.parametrize("groups", [2, 3, 4])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gated_delta_rule_backward_by_head_groups(groups, recompute, kernel_config):
+    """The backward over groups of heads (3 of 4 heads runs as 2 groups) gives the reference's
+    gradients, with kept and with recomputed states, l2 norm and initial state included."""
+    kernel_config(backward_head_groups=groups)
+    gdr_triton.set_recompute_states(recompute)
+    try:
+        leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=True)
+        assert_gdr_close(leaves, cu, chunk_size=32, l2=True)
+    finally:
+        gdr_triton.set_recompute_states(False)
+    assert gdr_triton._head_groups(4) == {2: 2, 3: 2, 4: 4}[groups]
+
+
 def test_gated_delta_rule_float16():
     leaves, cu = gdr_inputs([50], H=1, K=64, V=64, batch=1, dtype=torch.float16)
     got = run_gdr("triton", leaves, cu, chunk_size=32)

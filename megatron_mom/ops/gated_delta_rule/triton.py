@@ -13,6 +13,7 @@ value on the host: grids come from shapes (chunk-count upper bound T_total // C 
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -56,6 +57,10 @@ CONFIG: Dict[str, Dict] = {
     # when dk is bfloat16 (one more rounding of a partial sum); float16 keeps float32 for range.
     "t_dtype": "input",
     "dk_partial_fp32": False,
+    # The backward runs over this many groups of heads one after another (the largest divisor
+    # of H not above it): its per-chunk buffers (dh, dU, dW, scratch, and with
+    # set_recompute_states(True) the recomputed h, U, W, T, P) take 1/groups of the memory.
+    "backward_head_groups": 1,
 }
 _RECOMPUTE_STATES = False
 # float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
@@ -73,6 +78,14 @@ def set_recompute_states(enabled: bool) -> None:
     forward kernels (no per-chunk states, U or W saved between forward and backward)."""
     global _RECOMPUTE_STATES
     _RECOMPUTE_STATES = bool(enabled)
+
+
+def set_backward_head_groups(groups: int) -> None:
+    """Trade speed for memory in the backward: run it over `groups` groups of heads one after
+    another (see CONFIG["backward_head_groups"]); 1 runs all heads at once."""
+    if int(groups) < 1:
+        raise ValueError(f"set_backward_head_groups: groups must be >= 1, got {groups}")
+    CONFIG["backward_head_groups"] = int(groups)
 
 
 def _state_config(kernel: str, K: int, V: int, dtype: torch.dtype) -> Dict[str, int]:
@@ -246,28 +259,75 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         B, T, scale, use_l2, kept, has_h0, q_dtype, g_dtype, b_dtype, h0_dtype = ctx.meta
         saved = ctx.saved_tensors
         q3, k3, v3, g2, b2, h0, q_rstd, k_rstd = saved[:8]
-        if kept:
-            gam, w, t_mat, p_mat, h, u = saved[8:]
-        else:
-            gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-            _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
-                                        store_states=True, store_final=False)
+        q3, k3 = q3.view(P.TT, P.H, P.K), k3.view(P.TT, P.H, P.K)
+        if use_l2:
+            q_rstd, k_rstd = q_rstd.view(P.TT, P.H), k_rstd.view(P.TT, P.H)
         if d_o is None:
             d_o = torch.zeros(P.TT, P.H, P.V, dtype=v3.dtype, device=v3.device)
         do3 = d_o.reshape(P.TT, P.H, P.V).to(v3.dtype).contiguous()
         dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
+        inputs = (q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd)
+        states = saved[8:] if kept else None
+        opts = (scale, use_l2, has_h0, q_dtype)
 
-        dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
-        dk_dtype = torch.float32 if use_l2 else q_dtype
-        dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
-                                                do3, scale, dk_dtype)
-        if use_l2:
-            dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype)
-            dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype)
+        groups = _head_groups(P.H)
+        if groups == 1:
+            dq, dk, dv, dbeta, dg, dh0 = _backward_heads(P, inputs, states, opts)
+        else:
+            # One group of heads at a time: each group's buffers are freed (on return) before
+            # the next group's are made, so they take 1/groups of the memory.
+            Hg = P.H // groups
+            Pg = copy.copy(P)
+            Pg.H = Hg
+            dev, f32 = v3.device, torch.float32
+            dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype if use_l2 else q3.dtype, device=dev)
+            dk = torch.empty(P.TT, P.H, P.K, dtype=q_dtype if use_l2 else q3.dtype, device=dev)
+            dv = torch.empty_like(v3)
+            dbeta = torch.empty(P.TT, P.H, dtype=f32, device=dev)
+            dg = torch.empty(P.TT, P.H, dtype=f32, device=dev)
+            dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=f32, device=dev) if has_h0 else None
+            for j in range(groups):
+                heads = slice(j * Hg, (j + 1) * Hg)
+                part = lambda x: None if x is None else x[:, heads].contiguous()  # noqa: E731
+                grads = _backward_heads(Pg, tuple(part(x) for x in inputs),
+                                        None if states is None else tuple(part(x) for x in states),
+                                        opts)
+                for full, grad in zip((dq, dk, dv, dbeta, dg, dh0), grads):
+                    if full is not None:
+                        full[:, heads] = grad
+                del grads
         shape_k = (B, T, P.H, P.K)
         return (dq.view(shape_k), dk.view(shape_k), dv.view(B, T, P.H, P.V),
                 dg.view(B, T, P.H).to(g_dtype), dbeta.view(B, T, P.H).to(b_dtype), None,
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None, None)
+
+
+def _head_groups(H: int) -> int:
+    """The largest divisor of H that is at most the configured number of head groups."""
+    want = max(1, min(int(CONFIG["backward_head_groups"]), H))
+    return max(d for d in range(1, want + 1) if H % d == 0)
+
+
+def _backward_heads(P: _Packed, inputs, states, opts):
+    """The backward over P.H heads: (dq, dk, dv, dbeta, dg, dh0) from the (sliced) inputs, with
+    the forward's kept states or, when `states` is None, by rerunning the forward kernels."""
+    q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
+    scale, use_l2, has_h0, q_dtype = opts
+    if states is not None:
+        gam, w, t_mat, p_mat, h, u = states
+    else:
+        gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
+        _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
+                                    store_states=True, store_final=False)
+        del u0
+    dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
+    dk_dtype = torch.float32 if use_l2 else q_dtype
+    dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
+                                            do3, scale, dk_dtype)
+    if use_l2:
+        dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype).view(P.TT, P.H, P.K)
+        dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype).view(P.TT, P.H, P.K)
+    return dq, dk, dv, dbeta, dg, dh0
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
@@ -308,4 +368,4 @@ def chunk_gated_delta_rule(
     return o, (ht if output_final_state else None)
 
 
-__all__ = ["chunk_gated_delta_rule", "set_recompute_states", "CONFIG"]
+__all__ = ["chunk_gated_delta_rule", "set_recompute_states", "set_backward_head_groups", "CONFIG"]
