@@ -234,6 +234,8 @@ def main():
     p.add_argument("--no-decode", action="store_true", help="skip the decode section")
     p.add_argument("--lean-backward", action="store_true",
                    help="recompute the recurrence's states in the backward and run it head by head")
+    p.add_argument("--head-groups", type=int, default=None,
+                   help="groups of heads of the recurrence's backward (with or without --lean-backward)")
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
@@ -246,11 +248,14 @@ def main():
         from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
         gdr_triton.set_recompute_states(True)
         gdr_triton.set_backward_head_groups(64)
+    if args.head_groups is not None:
+        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
+        gdr_triton.set_backward_head_groups(args.head_groups)
     OUT_DIR = args.out
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
-                      "lean_backward": args.lean_backward}
+                      "lean_backward": args.lean_backward, "head_groups": args.head_groups}
     setup_megatron()
     if args.profile_only or args.profile_ops:
         return run_profile(args.out, by_op=args.profile_ops)
