@@ -316,7 +316,7 @@ class MixtureOfMemories(MegatronModule):
         o, state = gated_delta_rule(
             q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
             beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
-            chunk_size=mom.chunk_size, backend=mom.backend,
+            chunk_size=mom.chunk_size, backend=mom.backend, lean_backward=mom.lean_backward,
             initial_state=inference.to_segments(cache.state) if decoding else None,
             output_final_state=decoding)                                   # o: [1, L, H, V]
         if decoding:

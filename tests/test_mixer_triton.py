@@ -1,6 +1,7 @@
 """The whole layer through the Triton kernels (Triton's interpreter on CPU, float32) against the
 same layer on the torch reference kernels: outputs, input and parameter gradients, dense
-batches and packed documents, with the dense and the grouped projection."""
+batches and packed documents, with the dense and the grouped projection, and the lean
+backward."""
 import pytest
 import torch
 
@@ -8,15 +9,15 @@ from megatron_mom import MoMConfig
 from test_mixer import HIDDEN, build_layer
 
 
-@pytest.mark.parametrize("grouped", ["off", "on"])
+@pytest.mark.parametrize("grouped, lean", [("off", False), ("on", False), ("on", True)])
 @pytest.mark.parametrize("packed", [False, True])
-def test_triton_layer_matches_torch_layer(megatron_single, packed, grouped):
+def test_triton_layer_matches_torch_layer(megatron_single, packed, grouped, lean):
     from megatron.core.packed_seq_params import PackedSeqParams
     mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16,
                     backend="torch", grouped_projection=grouped)
     torch.manual_seed(0)
     ref = build_layer(mom, dtype=torch.float32)
-    fast = build_layer(mom.replace(backend="triton"), dtype=torch.float32)
+    fast = build_layer(mom.replace(backend="triton", lean_backward=lean), dtype=torch.float32)
     fast.load_state_dict(ref.state_dict())
     T, B = (37, 1) if packed else (21, 2)
     cu = torch.tensor([0, 5, 6, 37], dtype=torch.int32) if packed else None

@@ -118,6 +118,26 @@ def test_gated_delta_rule_backward_by_head_groups(groups, recompute, kernel_conf
     assert gdr_triton._head_groups(4) == {2: 2, 3: 2, 4: 4}[groups]
 
 
+def test_gated_delta_rule_lean_backward_argument(kernel_config):
+    """`lean_backward=True` on one call: no states kept (only the inputs are saved), the
+    backward head by head, the reference's results; the process-wide switches stay off."""
+    leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=True)
+    q, k, v, g, beta, s0 = leaves
+    o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu, chunk_size=32,
+                            use_qk_l2norm=True, backend="triton", lean_backward=True)
+    assert len(o.grad_fn.saved_tensors) == 8                        # the inputs only
+    o.sum().backward()
+    got = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu, chunk_size=32,
+                            use_qk_l2norm=True, backend="torch")
+    o.sum().backward()
+    for a, x in zip(got, leaves):
+        assert rel_err(a, x.grad) < 2e-5
+    assert gdr_triton.CONFIG["backward_head_groups"] == 1 and not gdr_triton._RECOMPUTE_STATES
+
+
 def test_gated_delta_rule_float16():
     leaves, cu = gdr_inputs([50], H=1, K=64, V=64, batch=1, dtype=torch.float16)
     got = run_gdr("triton", leaves, cu, chunk_size=32)

@@ -29,6 +29,7 @@ FLAGS = {
     "chunk-size": "chunk_size",
     "backend": "backend",
     "grouped-projection": "grouped_projection",
+    "lean-backward": "lean_backward",
 }
 _HELP = {
     "num-memories": "M, routed memories (the shared memory is extra)",
@@ -46,6 +47,8 @@ _HELP = {
     "backend": "recurrence kernels: auto (Triton on CUDA, else torch), triton or torch",
     "grouped-projection": "project k, v, b, a of the routed rows only, as one grouped GEMM: "
                           "auto (bf16 on Hopper/Blackwell), on, off (dense)",
+    "lean-backward": "recurrence backward with recomputed states, one head at a time: less "
+                     "peak memory, ~25%% more layer time (--no-mom-lean-backward: off)",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoMConfig)}
 

@@ -72,6 +72,7 @@ def gated_delta_rule(
     use_qk_l2norm: bool = False,
     chunk_size: int = 64,
     backend: str = "auto",
+    lean_backward: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gated delta rule over [B, T, H, *] inputs (or packed sequences with `cu_seqlens`).
 
@@ -81,6 +82,9 @@ def gated_delta_rule(
     L2-normalised per head first (z / sqrt(sum z^2 + 1e-6)).
     Returns (o [B, T, H, V] in v's dtype, final state in float32/float64 or None).
     Differentiable in q, k, v, g, beta and initial_state.
+    lean_backward (Triton backend; the others ignore it): keep only the inputs for the
+    backward, which reruns the forward kernels and runs head by head (less memory, more time;
+    the same gradients bit for bit).
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
@@ -90,7 +94,7 @@ def gated_delta_rule(
         return _triton_impl().chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size)
+            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, lean_backward=lean_backward)
 
     if use_qk_l2norm:
         q, k = l2norm(q, backend="torch"), l2norm(k, backend="torch")

@@ -224,7 +224,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm, chunk_size):
+                use_qk_l2norm, chunk_size, lean_backward):
         B, T, H, K = k.shape
         V = v.shape[-1]
         P = _Packed(k, v, cu_seqlens, chunk_size)
@@ -240,7 +240,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
 
         gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-        keep = not _RECOMPUTE_STATES
+        keep = not (_RECOMPUTE_STATES or lean_backward)
         o, h, u, ht = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
                                      store_states=keep, store_final=output_final_state)
         if keep:
@@ -248,6 +248,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         else:
             ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd)
         ctx.packed = P
+        ctx.lean = lean_backward
         ctx.meta = (B, T, scale, use_qk_l2norm, keep, initial_state is not None,
                     q.dtype, g.dtype, beta.dtype,
                     None if initial_state is None else initial_state.dtype)
@@ -270,7 +271,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         states = saved[8:] if kept else None
         opts = (scale, use_l2, has_h0, q_dtype)
 
-        groups = _head_groups(P.H)
+        groups = P.H if ctx.lean else _head_groups(P.H)
         if groups == 1:
             dq, dk, dv, dbeta, dg, dh0 = _backward_heads(P, inputs, states, opts)
         else:
@@ -299,7 +300,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         shape_k = (B, T, P.H, P.K)
         return (dq.view(shape_k), dk.view(shape_k), dv.view(B, T, P.H, P.V),
                 dg.view(B, T, P.H).to(g_dtype), dbeta.view(B, T, P.H).to(b_dtype), None,
-                None if dh0 is None else dh0.to(h0_dtype), None, None, None, None)
+                None if dh0 is None else dh0.to(h0_dtype), None, None, None, None, None)
 
 
 def _head_groups(H: int) -> int:
@@ -357,14 +358,17 @@ def chunk_gated_delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
     cu_seqlens: Optional[Tensor] = None, use_qk_l2norm: bool = False, chunk_size: int = 64,
+    lean_backward: bool = False,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H] -> (o [B,T,H,V] in v's dtype,
-    final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher."""
+    final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher.
+    lean_backward: this call keeps only its inputs and runs its backward head by head (as
+    set_recompute_states(True) with set_backward_head_groups(H), for this call alone)."""
     _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
     chunk_size = effective_chunk_size(int(chunk_size), k.dtype, k.shape[-1])
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state,
                                        bool(output_final_state), cu_seqlens, bool(use_qk_l2norm),
-                                       chunk_size)
+                                       chunk_size, bool(lean_backward))
     return o, (ht if output_final_state else None)
 
 
