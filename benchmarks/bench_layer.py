@@ -46,6 +46,9 @@ def setup_megatron():
     model_parallel_cuda_manual_seed(0)
 
 
+LEAN_BACKWARD = False          # --lean-backward: MoMConfig.lean_backward on our layers
+
+
 def our_layer(mom):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
@@ -53,6 +56,8 @@ def our_layer(mom):
     config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=16,
                                params_dtype=torch.bfloat16, bf16=True,
                                gradient_accumulation_fusion=False)
+    if LEAN_BACKWARD:
+        mom = mom.replace(lean_backward=True)
     layer = build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
     return layer.cuda()
 
@@ -244,10 +249,8 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     global OUT_DIR
-    if args.lean_backward:
-        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
-        gdr_triton.set_recompute_states(True)
-        gdr_triton.set_backward_head_groups(64)
+    global LEAN_BACKWARD
+    LEAN_BACKWARD = args.lean_backward
     if args.head_groups is not None:
         from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
         gdr_triton.set_backward_head_groups(args.head_groups)

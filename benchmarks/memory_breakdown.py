@@ -86,9 +86,8 @@ def main():
                    help="recompute the recurrence's states in the backward and run it head by head")
     args = p.parse_args()
     if args.lean_backward:
-        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
-        gdr_triton.set_recompute_states(True)
-        gdr_triton.set_backward_head_groups(64)
+        import benchmarks.bench_layer as bench_layer
+        bench_layer.LEAN_BACKWARD = True
     setup_megatron()
     from megatron_mom import MoMConfig
     mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
