@@ -206,11 +206,13 @@ def fla_peers():
     except Exception as e:
         print("fla not available:", e)
         return {}
+    # GatedDeltaNet first: its autotuning is the shorter one, so a run cut short by a time
+    # limit still has it.
     return {
-        "fla_mom": lambda: MomAttention(hidden_size=HIDDEN, head_dim=256, num_heads=4, expand_v=1,
-                                        num_memories=4, topk=2, shared_mem=True, layer_idx=0),
         "fla_gdn": lambda: GatedDeltaNet(hidden_size=HIDDEN, head_dim=256, num_heads=4,
                                          expand_v=1, layer_idx=0),
+        "fla_mom": lambda: MomAttention(hidden_size=HIDDEN, head_dim=256, num_heads=4, expand_v=1,
+                                        num_memories=4, topk=2, shared_mem=True, layer_idx=0),
     }
 
 
