@@ -241,8 +241,12 @@ def main():
     p.add_argument("--no-decode", action="store_true", help="skip the decode section")
     p.add_argument("--lean-backward", action="store_true",
                    help="recompute the recurrence's states in the backward and run it head by head")
+    p.add_argument("--recompute-states", action="store_true",
+                   help="process-wide set_recompute_states(True) (with --head-groups: a lean "
+                        "backward with that many groups)")
     p.add_argument("--head-groups", type=int, default=None,
-                   help="groups of heads of the recurrence's backward (with or without --lean-backward)")
+                   help="process-wide set_backward_head_groups(N) (--lean-backward always runs "
+                        "one head per group)")
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
@@ -253,14 +257,16 @@ def main():
     global OUT_DIR
     global LEAN_BACKWARD
     LEAN_BACKWARD = args.lean_backward
+    from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
+    gdr_triton.set_recompute_states(args.recompute_states)
     if args.head_groups is not None:
-        from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
         gdr_triton.set_backward_head_groups(args.head_groups)
     OUT_DIR = args.out
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
-                      "lean_backward": args.lean_backward, "head_groups": args.head_groups}
+                      "lean_backward": args.lean_backward, "head_groups": args.head_groups,
+                      "recompute_states": args.recompute_states}
     setup_megatron()
     if args.profile_only or args.profile_ops:
         return run_profile(args.out, by_op=args.profile_ops)

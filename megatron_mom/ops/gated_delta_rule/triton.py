@@ -281,8 +281,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             Pg = copy.copy(P)
             Pg.H = Hg
             dev, f32 = v3.device, torch.float32
-            dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype if use_l2 else q3.dtype, device=dev)
-            dk = torch.empty(P.TT, P.H, P.K, dtype=q_dtype if use_l2 else q3.dtype, device=dev)
+            dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype, device=dev)    # as the groups return them
+            dk = torch.empty_like(dq)
             dv = torch.empty_like(v3)
             dbeta = torch.empty(P.TT, P.H, dtype=f32, device=dev)
             dg = torch.empty(P.TT, P.H, dtype=f32, device=dev)
