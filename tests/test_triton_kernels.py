@@ -105,14 +105,17 @@ def test_gated_delta_rule_recompute_states_mode():
 
 @pytest.mark.parametrize("groups", [2, 3, 4])
 @pytest.mark.parametrize("recompute", [False, True])
-def test_gated_delta_rule_backward_by_head_groups(groups, recompute, kernel_config):
-    """The backward over groups of heads (3 of 4 heads runs as 2 groups) gives the reference's
-    gradients, with kept and with recomputed states, l2 norm and initial state included."""
+@pytest.mark.parametrize("l2", [True, False])
+def test_gated_delta_rule_backward_by_head_groups(groups, recompute, l2, kernel_config):
+    """The backward over groups of heads (3 of 4 heads runs as 2 groups), whose kernels read
+    and write head slices of the full tensors, gives the reference's gradients: kept and
+    recomputed states, with the l2 norm (its backward writes the slices) and without (the
+    kernels write them), initial state included."""
     kernel_config(backward_head_groups=groups)
     gdr_triton.set_recompute_states(recompute)
     try:
-        leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=True)
-        assert_gdr_close(leaves, cu, chunk_size=32, l2=True)
+        leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=l2)
+        assert_gdr_close(leaves, cu, chunk_size=32, l2=l2)
     finally:
         gdr_triton.set_recompute_states(False)
     assert gdr_triton._head_groups(4) == {2: 2, 3: 2, 4: 4}[groups]
@@ -212,7 +215,8 @@ def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
     o, h, u, ht = gdr_triton._state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
                                             store_o=True, store_states=True, store_final=True)
     do = torch.ones_like(o)
-    dh, du, dh0 = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125, True)
+    dh, du = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125,
+                                        torch.empty_like(ht))
     gdr_triton._chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
                                torch.float32)
     monkeypatch.undo()

@@ -24,6 +24,7 @@ def state_bwd_kernel(
     cu_seqlens, chunk_offsets, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    SQK: tl.constexpr, SDO: tl.constexpr, HN: tl.constexpr,
 ):
     """One program per (V block, head, sequence), chunks last to first:
     dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
@@ -42,7 +43,7 @@ def state_bwd_kernel(
     cc_offs = rows[:, None] * C + rows[None, :]
 
     if HAS_DHT:
-        ds = tl.load(dht + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
+        ds = tl.load(dht + (n.to(tl.int64) * HN + h) * K * V + state_offs).to(tl.float32)
     else:
         ds = tl.zeros([K, BV], dtype=tl.float32)
 
@@ -57,9 +58,11 @@ def state_bwd_kernel(
         ds_d = ds.to(dt)
         tl.store(dh_out + chunk_id * K * V + state_offs, ds_d.to(dh_out.dtype.element_ty))
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
-        koffs = (tok * H + h)[:, None] * K + kcols[None, :]
+        koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
+        woffs = (tok * H + h)[:, None] * K + kcols[None, :]
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
-        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0)
+        do_t = tl.load(do + (tok * SDO + h * V)[:, None] + vcols[None, :], mask=valid[:, None],
+                       other=0.0)
         du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
                     input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
         du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt), input_precision=PREC)
@@ -67,19 +70,19 @@ def state_bwd_kernel(
         do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
         ds = ds * tl.exp(g_last)
         ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q, input_precision=PREC)
-        ds -= tl.dot(tl.trans(tl.load(w + koffs, mask=valid[:, None], other=0.0)), du.to(dt), input_precision=PREC)
+        ds -= tl.dot(tl.trans(tl.load(w + woffs, mask=valid[:, None], other=0.0)), du.to(dt), input_precision=PREC)
 
     if STORE_DH0:
-        tl.store(dh0 + (n.to(tl.int64) * H + h) * K * V + state_offs, ds)
+        tl.store(dh0 + (n.to(tl.int64) * HN + h) * K * V + state_offs, ds)
 
 
 @triton.jit
 def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS,
-                H: tl.constexpr, C: tl.constexpr):
+                H: tl.constexpr, C: tl.constexpr, SGB: tl.constexpr):
     """Rows, decay and the two per-chunk C x C scratch slots shared by the backward phases."""
     tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
     g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
-    b_c = tl.load(beta + tok * H + hh, mask=valid, other=0.0).to(tl.float32)
+    b_c = tl.load(beta + tok * SGB + hh, mask=valid, other=0.0).to(tl.float32)
     chunk_id = pid.to(tl.int64) * H + hh
     slot0 = scratch_cc + chunk_id * 2 * C * C
     return tok, valid, last, g_c, g_last, b_c, chunk_id, slot0
@@ -94,6 +97,8 @@ def chunk_bwd_main_kernel(
     cu_seqlens, chunk_offsets, N, STEPS, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr,
+    SDQK: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr, SSK: tl.constexpr,
 ):
     """Phase A, one program per (chunk, head). Over V blocks: dv = beta T^T dU, the v part of
     dbeta, the U0 part of dL/dT = dU (beta v)^T (slot 0), and dP = dO U^T together with its
@@ -105,11 +110,14 @@ def chunk_bwd_main_kernel(
     if pid >= tl.load(chunk_offsets + N):
         return
     tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
-        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C, SGB)
     rows = tl.arange(0, C)
     cc_ptrs = rows[:, None] * C + rows[None, :]
     t_ptr = t_mat + chunk_id * C * C
     dt = u.dtype.element_ty
+    qk_row = tok * SQK + hh * K                                      # q, k (and dq, dk below)
+    v_row = tok * SV + hh * V
+    do_row = tok * SDO + hh * V
 
     dp = tl.zeros([C, C], dtype=tl.float32)                          # dO U^T
     dpt = tl.zeros([C, C], dtype=tl.float32)                         # U dO^T
@@ -118,9 +126,9 @@ def chunk_bwd_main_kernel(
     for vb in range(V // BV):
         vcols = vb * BV + tl.arange(0, BV)
         voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-        v_t = tl.load(v + voffs, mask=valid[:, None], other=0.0)
+        v_t = tl.load(v + v_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0)
         du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
-        do_t = tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt)
+        do_t = tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0).to(dt)
         u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
         dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
         dpt += tl.dot(u_t, tl.trans(do_t), input_precision=PREC)
@@ -130,10 +138,11 @@ def chunk_bwd_main_kernel(
             dvb = tl.dot(t_t, du_t, input_precision=PREC)    # bf16 T and dU: exact products
         else:
             dvb = tl.dot(t_t.to(tl.float32), du_t.to(tl.float32), input_precision=PREC)
-        tl.store(dv + voffs, (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
+        tl.store(dv + (tok * SDV + hh * V)[:, None] + vcols[None, :],
+                 (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
         d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
     tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
-    tl.store(dbeta + tok * H + hh, d_beta, mask=valid)
+    tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)
     causal = rows[:, None] >= rows[None, :]
     dp = tl.where(causal, dp * tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
     anti = rows[:, None] <= rows[None, :]
@@ -152,7 +161,8 @@ def chunk_bwd_main_kernel(
     s_base = chunk_id * K * V
     for kb in range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
-        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch
+        qk_offs = qk_row[:, None] + kcols[None, :]
         # Two passes over V, each with two accumulators, keep the live set small.
         dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
         dw = tl.zeros([C, BK], dtype=tl.float32)                     # -dU S^T
@@ -160,15 +170,17 @@ def chunk_bwd_main_kernel(
             vcols = vb * BV + tl.arange(0, BV)
             voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
             s_t = tl.load(h + s_base + kcols[:, None] * V + vcols[None, :])
-            dqg += tl.dot(tl.load(do + voffs, mask=valid[:, None], other=0.0).to(dt),
+            dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
+                                  other=0.0).to(dt),
                           tl.trans(s_t), input_precision=PREC)
             dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
                          input_precision=PREC)
         tl.store(scratch_dw + koffs, dw.to(scratch_dw.dtype.element_ty), mask=valid[:, None])
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
-        q_t = tl.load(q + koffs, mask=valid[:, None], other=0.0)
+        k_t = tl.load(k + qk_offs, mask=valid[:, None], other=0.0)
+        q_t = tl.load(q + qk_offs, mask=valid[:, None], other=0.0)
         dq_t = dqg * (tl.exp(g_c) * scale)[:, None] + tl.dot(dp, k_t, input_precision=PREC)
-        tl.store(dq + koffs, dq_t.to(dq.dtype.element_ty), mask=valid[:, None])
+        tl.store(dq + (tok * SDQK + hh * K)[:, None] + kcols[None, :], dq_t.to(dq.dtype.element_ty),
+                 mask=valid[:, None])
         d_gam += tl.sum(dq_t * q_t.to(tl.float32), axis=1)
 
         dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
@@ -186,7 +198,8 @@ def chunk_bwd_main_kernel(
         kg_term = tl.sum(dkg * k_f, axis=1)
         rows_sum += tl.sum(kg_term, axis=0)
         dk_p = tl.dot(dpt, q_t, input_precision=PREC)               # P's part of dk
-        tl.store(scratch_dk + koffs, dkg + dk_p, mask=valid[:, None])
+        tl.store(scratch_dk + (tok * SSK + hh * K)[:, None] + kcols[None, :], dkg + dk_p,
+                 mask=valid[:, None])
         # Kg = e^(Gam - gam) k puts -kg_term on gam_i and +sum(kg_term) on Gam; P's decay
         # e^(gam_i - gam_j) puts +q_i . dq_i on row i and -k_j . dk_p_j on column j.
         d_gam -= kg_term + tl.sum(dk_p * k_f, axis=1)
@@ -201,6 +214,8 @@ def chunk_bwd_wy_kernel(
     scratch_cc, scratch_dw, scratch_dk,
     cu_seqlens, chunk_offsets, N, STEPS,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    SQK: tl.constexpr, SGB: tl.constexpr, SDQK: tl.constexpr, SDB: tl.constexpr,
+    SSK: tl.constexpr,
 ):
     """Phase B, one program per (chunk, head): dL/dT (slot 0 + dW Kbg^T), dA = -T^T dT T^T,
     then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam)."""
@@ -209,7 +224,7 @@ def chunk_bwd_wy_kernel(
     if pid >= tl.load(chunk_offsets + N):
         return
     tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
-        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C)
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C, SGB)
     rows = tl.arange(0, C)
     cc_ptrs = rows[:, None] * C + rows[None, :]
     t_ptr = t_mat + chunk_id * C * C
@@ -220,8 +235,9 @@ def chunk_bwd_wy_kernel(
     dt_mat = tl.load(slot0 + cc_ptrs)
     for kb in tl.static_range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
-        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
-        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch
+        k_t = tl.load(k + (tok * SQK + hh * K)[:, None] + kcols[None, :], mask=valid[:, None],
+                      other=0.0).to(tl.float32)
         dt_mat += tl.dot(tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
                          tl.trans((k_t * k_scale[:, None]).to(dwt)), input_precision=PREC)
     t_f = tl.load(t_ptr + cc_ptrs).to(tl.float32)
@@ -238,12 +254,13 @@ def chunk_bwd_wy_kernel(
     hm_op = hm.to(dwt)                                               # dL/d(beta_i k_i . k_j)
     tt_op = tl.trans(tl.load(t_ptr + cc_ptrs).to(dwt))
 
-    d_beta = tl.load(dbeta + tok * H + hh, mask=valid, other=0.0)
+    d_beta = tl.load(dbeta + tok * SDB + hh, mask=valid, other=0.0)
     d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
     for kb in tl.static_range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
-        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]
-        k_ld = tl.load(k + koffs, mask=valid[:, None], other=0.0)
+        koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch
+        k_ld = tl.load(k + (tok * SQK + hh * K)[:, None] + kcols[None, :], mask=valid[:, None],
+                       other=0.0)
         k_t = k_ld.to(tl.float32)
         k_op = k_ld.to(dwt)
         dkb = tl.dot(tt_op, tl.load(scratch_dw + koffs, mask=valid[:, None], other=0.0),
@@ -251,7 +268,8 @@ def chunk_bwd_wy_kernel(
         kdkb = tl.sum(dkb * k_t, axis=1)
         d_beta += kdkb * tl.exp(g_c)
         d_gam += kdkb * k_scale
-        dk_t = (tl.load(scratch_dk + koffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        dk_t = (tl.load(scratch_dk + (tok * SSK + hh * K)[:, None] + kcols[None, :],
+                        mask=valid[:, None], other=0.0).to(tl.float32)
                 + dkb * k_scale[:, None])
         hk = tl.dot(hm_op, k_op, input_precision=PREC)
         khk = tl.sum(hk * k_t, axis=1)
@@ -261,9 +279,10 @@ def chunk_bwd_wy_kernel(
         gtk = tl.dot(gt_op, k_op, input_precision=PREC)
         d_gam -= tl.sum(gtk * k_t, axis=1)
         dk_t += gtk
-        tl.store(dk + koffs, dk_t.to(dk.dtype.element_ty), mask=valid[:, None])
+        tl.store(dk + (tok * SDQK + hh * K)[:, None] + kcols[None, :], dk_t.to(dk.dtype.element_ty),
+                 mask=valid[:, None])
     d_gam = tl.where(valid, d_gam, 0.0)
     # g enters through the in-chunk cumsum: dg_t = sum_{i >= t} dgam_i.
     d_g = tl.sum(d_gam, axis=0) - tl.cumsum(d_gam, axis=0) + d_gam
-    tl.store(dg + tok * H + hh, d_g, mask=valid)
-    tl.store(dbeta + tok * H + hh, d_beta, mask=valid)
+    tl.store(dg + tok * SDB + hh, d_g, mask=valid)
+    tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)

@@ -8,6 +8,11 @@ Per chunk of C tokens (local cumulative log-decay gam, last valid value Gam):
 
 Layouts: token-major [TT, H, *] for per-token tensors (TT = packed tokens), chunk-major
 [NTU, H, ...] for per-chunk tensors (NTU = chunk-count upper bound; chunk id = program id).
+The kernels' own intermediates (gam, W, U, T, P, h, ...) are [.., H, ..] for the H heads of the
+launch; the inputs and gradients may be a head slice of wider tensors (the backward by head
+groups reads and writes the full tensors in place): their token-row strides in elements are
+compile-time arguments (SQK for q and k, SV, SGB for g and beta, ...), and HN is the head count
+of the [N, HN, K, V] initial and final states.
 No kernel transposes a `tl.dot` result before feeding it to another `tl.dot` (Triton 3.4-3.7
 miscompiles that on Hopper): transposed operands are always loaded from memory.
 """
@@ -92,6 +97,7 @@ def prepare_kernel(
     cu_seqlens, chunk_offsets, N, STEPS, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr,
 ):
     """One program per (chunk, head): cumulative decay, T = (I + A)^-1, W, U0 and the
     intra-chunk read-out P = scale * lower(q k^T * exp(gam_i - gam_j))."""
@@ -102,10 +108,10 @@ def prepare_kernel(
     tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
     rows = tl.arange(0, C)
 
-    g_c = tl.load(g + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    g_c = tl.load(g + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
     gam = tl.cumsum(g_c, axis=0)                                   # [C]; constant past the end
     tl.store(gam_out + tok * H + h, gam, mask=valid)
-    b_c = tl.load(beta + tok * H + h, mask=valid, other=0.0).to(tl.float32)
+    b_c = tl.load(beta + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
 
     chunk_id = pid.to(tl.int64) * H + h
     causal = rows[:, None] >= rows[None, :]
@@ -115,7 +121,7 @@ def prepare_kernel(
     kk = tl.zeros([C, C], dtype=tl.float32)                        # k_i . k_j
     for kb in tl.static_range(K // BK):
         cols = kb * BK + tl.arange(0, BK)
-        offs = (tok * H + h)[:, None] * K + cols[None, :]
+        offs = (tok * SQK + h * K)[:, None] + cols[None, :]
         k_t = tl.load(k + offs, mask=valid[:, None], other=0.0)
         k_tt = tl.trans(k_t)
         qk += tl.dot(tl.load(q + offs, mask=valid[:, None], other=0.0), k_tt, input_precision=PREC)
@@ -135,16 +141,18 @@ def prepare_kernel(
     kscale = b_c * tl.exp(gam)
     for kb in tl.static_range(K // BK):
         cols = kb * BK + tl.arange(0, BK)
-        offs = (tok * H + h)[:, None] * K + cols[None, :]
-        k_t = tl.load(k + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        k_t = tl.load(k + (tok * SQK + h * K)[:, None] + cols[None, :], mask=valid[:, None],
+                      other=0.0).to(tl.float32)
         w_t = tl.dot(t_op, (k_t * kscale[:, None]).to(dt), input_precision=PREC)
-        tl.store(w_out + offs, w_t.to(w_out.dtype.element_ty), mask=valid[:, None])
+        tl.store(w_out + (tok * H + h)[:, None] * K + cols[None, :], w_t.to(w_out.dtype.element_ty),
+                 mask=valid[:, None])
     for vb in tl.static_range(V // BV):
         cols = vb * BV + tl.arange(0, BV)
-        offs = (tok * H + h)[:, None] * V + cols[None, :]
-        v_t = tl.load(v + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+        v_t = tl.load(v + (tok * SV + h * V)[:, None] + cols[None, :], mask=valid[:, None],
+                      other=0.0).to(tl.float32)
         u_t = tl.dot(t_op, (v_t * b_c[:, None]).to(dt), input_precision=PREC)
-        tl.store(u_out + offs, u_t.to(u_out.dtype.element_ty), mask=valid[:, None])
+        tl.store(u_out + (tok * H + h)[:, None] * V + cols[None, :], u_t.to(u_out.dtype.element_ty),
+                 mask=valid[:, None])
 
 
 @triton.jit(do_not_specialize=["scale"])
@@ -155,6 +163,7 @@ def state_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
+    SQK: tl.constexpr, SO: tl.constexpr, HN: tl.constexpr,
 ):
     """One program per (V block, head, sequence) walks the chunks in order, carrying the state
     block S [K, BV] in registers: U = U0 - W S, o = e^gam scale q S + P U, S' = ...
@@ -173,7 +182,7 @@ def state_fwd_kernel(
     cc_offs = rows[:, None] * C + rows[None, :]
 
     if HAS_H0:
-        s = tl.load(h0 + (n.to(tl.int64) * H + h) * K * V + state_offs).to(tl.float32)
+        s = tl.load(h0 + (n.to(tl.int64) * HN + h) * K * V + state_offs).to(tl.float32)
     else:
         s = tl.zeros([K, BV], dtype=tl.float32)
 
@@ -187,20 +196,22 @@ def state_fwd_kernel(
         if STORE_STATES:
             tl.store(h_out + chunk_id * K * V + state_offs, s_d.to(h_out.dtype.element_ty))
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
-        koffs = (tok * H + h)[:, None] * K + kcols[None, :]
+        koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
+        woffs = (tok * H + h)[:, None] * K + kcols[None, :]
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
         u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        u_new -= tl.dot(tl.load(w + koffs, mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
+        u_new -= tl.dot(tl.load(w + woffs, mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
         if STORE_STATES:
             tl.store(u_out + voffs, u_new.to(u_out.dtype.element_ty), mask=valid[:, None])
         if STORE_O:
             o_t = tl.dot(tl.load(q + koffs, mask=valid[:, None], other=0.0), s_d,
                          input_precision=PREC) * (tl.exp(g_c) * scale)[:, None]
             o_t += tl.dot(tl.load(p_mat + chunk_id * C * C + cc_offs), u_new.to(dt), input_precision=PREC)
-            tl.store(o + voffs, o_t.to(o.dtype.element_ty), mask=valid[:, None])
+            tl.store(o + (tok * SO + h * V)[:, None] + vcols[None, :], o_t.to(o.dtype.element_ty),
+                     mask=valid[:, None])
         u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
         s = s * tl.exp(g_last)
         s += tl.dot(tl.trans(tl.load(k + koffs, mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
 
     if STORE_FINAL:
-        tl.store(ht + (n.to(tl.int64) * H + h) * K * V + state_offs, s)
+        tl.store(ht + (n.to(tl.int64) * HN + h) * K * V + state_offs, s)

@@ -24,7 +24,7 @@ from triton.runtime.errors import OutOfResources
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
-from megatron_mom.ops.l2norm.triton import l2norm_bwd, l2norm_fwd
+from megatron_mom.ops.l2norm.triton import l2norm_bwd_into, l2norm_fwd
 from megatron_mom.ops.utils import (as_int32, chunk_offsets, dense_cu_seqlens, max_chunks,
                                     search_steps)
 
@@ -129,9 +129,33 @@ class _Packed:
         self.steps = search_steps(self.N)
 
 
+def _row_stride(x: Tensor, *more: Tensor) -> int:
+    """Token-row stride (elements) of [TT, H, *] / [TT, H] tensors or head slices of wider ones,
+    which the kernels take as a compile-time argument; tensors read through one argument (q and
+    k, g and beta, dbeta and dg) must share it."""
+    tail = 1
+    for d in reversed(x.shape[2:]):
+        tail *= d
+    for t in (x,) + more:
+        if t.stride(0) != x.stride(0) or t.shape[1:] != x.shape[1:] or (
+                t.dim() > 1 and t.stride(1) != tail) or t.stride(-1) != 1:
+            raise ValueError(f"gated_delta_rule (triton): internal layout {tuple(t.shape)} / "
+                             f"{t.stride()} does not fit the kernels")
+    return x.stride(0)
+
+
+def _state_heads(P: _Packed, *states: Optional[Tensor]) -> int:
+    """Heads per sequence row of the [N, HN, K, V] initial/final states (head slices of full
+    tensors in the backward by head groups)."""
+    strides = {t.stride(0) // (P.K * P.V) for t in states if t is not None}
+    if len(strides) > 1:
+        raise ValueError("gated_delta_rule (triton): internal state layouts differ")
+    return strides.pop() if strides else P.H
+
+
 def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float):
     """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] (f32 or k's dtype, see CONFIG),
-    P [NTU,H,C,C]."""
+    P [NTU,H,C,C]. q, k, v, g, beta may be head slices of wider tensors."""
     gam = torch.empty(P.TT, P.H, dtype=torch.float32, device=k.device)
     w = torch.empty_like(k)
     u0 = torch.empty_like(v)
@@ -143,7 +167,8 @@ def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
     prepare_kernel[(P.NTU, P.H)](
         q, k, v, g, beta, gam, w, u0, t_mat, p_mat, t_work, P.cu, P.offsets, P.N, P.steps, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
-        PREC=CONFIG["precision"], **_launch_opts("prepare"))
+        PREC=CONFIG["precision"], SQK=_row_stride(q, k), SV=_row_stride(v),
+        SGB=_row_stride(g, beta), **_launch_opts("prepare"))
     return gam, w, u0, t_mat, p_mat
 
 
@@ -164,28 +189,33 @@ def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
         ht if store_final else dummy, P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=CONFIG["precision"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        SQK=_row_stride(q, k), SO=_row_stride(o) if store_o else P.H * P.V,
+        HN=_state_heads(P, h0, ht), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, h, u, ht
 
 
-def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, want_dh0):
-    """dh [NTU,H,K,V], dU [TT,H,V], dh0 [N,H,K,V] f32 (or None)."""
+def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, dh0):
+    """dh [NTU,H,K,V], dU [TT,H,V]; writes dL/d(initial state) into dh0 [N,H,K,V] f32 when
+    given."""
     dev = k.device
+    want_dh0 = dh0 is not None
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
-    du = torch.empty_like(do)
-    dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if want_dh0 else None
+    du = torch.empty(P.TT, P.H, P.V, dtype=do.dtype, device=dev)
     cfg = _state_config("state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
         P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
-        PREC=CONFIG["precision"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return dh, du, dh0
+        PREC=CONFIG["precision"], SQK=_row_stride(q, k), SDO=_row_stride(do),
+        HN=_state_heads(P, dht, dh0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return dh, du
 
 
-def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype):
-    """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg)."""
+def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
+                    dq=None, dk=None, dv=None, dbeta=None, dg=None):
+    """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg), written
+    into the given tensors (head slices of the full gradients) or into new ones."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = CONFIG["chunk_bwd"]
@@ -194,12 +224,12 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     # traffic); float16 keeps float32 there for range. dk as asked: float32 under the fused L2
     # norm, where it doubles as phase A's partial-sum buffer.
     dq_dtype = torch.float32 if q.dtype == torch.float16 and dk_dtype == torch.float32 else q.dtype
-    dq = torch.empty(P.TT, P.H, P.K, dtype=dq_dtype, device=dev)
-    dk = torch.empty(P.TT, P.H, P.K, dtype=dk_dtype, device=dev)
-    dv = torch.empty_like(v)
-    dbeta = torch.empty(P.TT, P.H, **f32)
+    new = lambda t, d, dtype: t if t is not None else torch.empty(  # noqa: E731
+        (P.TT, P.H) + ((d,) if d else ()), dtype=dtype, device=dev)
+    dq, dk = new(dq, P.K, dq_dtype), new(dk, P.K, dk_dtype)
+    dv = new(dv, P.V, v.dtype)
+    dbeta, dg = new(dbeta, 0, torch.float32), new(dg, 0, torch.float32)
     dgam = torch.empty(P.TT, P.H, **f32)
-    dg = torch.empty(P.TT, P.H, **f32)
     scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
     # dW feeds only dots: bf16 halves its round trip; float16 could overflow, so it takes fp32.
     dw_dtype = torch.float32 if k.dtype == torch.float16 else k.dtype
@@ -210,14 +240,17 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     scratch_dk = dk if in_dk else torch.empty(P.TT, P.H, P.K, **f32)
     seq = (P.cu, P.offsets, P.N, P.steps)
     prec = CONFIG["precision"]
+    strides = dict(SQK=_row_stride(q, k), SGB=_row_stride(beta), SDQK=_row_stride(dq, dk),
+                   SDB=_row_stride(dbeta, dg), SSK=_row_stride(scratch_dk))
     chunk_bwd_main_kernel[(P.NTU, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
         scratch_cc, scratch_dw, scratch_dk, *seq, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, **_launch_opts("chunk_bwd_main"))
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, SV=_row_stride(v),
+        SDO=_row_stride(do), SDV=_row_stride(dv), **strides, **_launch_opts("chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
-        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **_launch_opts("chunk_bwd_wy"))
-    return dq, dk, dv, dbeta, dg
+        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **strides, **_launch_opts("chunk_bwd_wy"))
+    return dq, dk
 
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
@@ -272,31 +305,30 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         opts = (scale, use_l2, has_h0, q_dtype)
 
         groups = P.H if ctx.lean else _head_groups(P.H)
-        if groups == 1:
-            dq, dk, dv, dbeta, dg, dh0 = _backward_heads(P, inputs, states, opts)
-        else:
-            # One group of heads at a time: each group's buffers are freed (on return) before
-            # the next group's are made, so they take 1/groups of the memory.
-            Hg = P.H // groups
+        Hg = P.H // groups
+        Pg = P
+        if groups > 1:
             Pg = copy.copy(P)
             Pg.H = Hg
-            dev, f32 = v3.device, torch.float32
-            dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype, device=dev)    # as the groups return them
-            dk = torch.empty_like(dq)
-            dv = torch.empty_like(v3)
-            dbeta = torch.empty(P.TT, P.H, dtype=f32, device=dev)
-            dg = torch.empty(P.TT, P.H, dtype=f32, device=dev)
-            dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=f32, device=dev) if has_h0 else None
-            for j in range(groups):
-                heads = slice(j * Hg, (j + 1) * Hg)
-                part = lambda x: None if x is None else x[:, heads].contiguous()  # noqa: E731
-                grads = _backward_heads(Pg, tuple(part(x) for x in inputs),
-                                        None if states is None else tuple(part(x) for x in states),
-                                        opts)
-                for full, grad in zip((dq, dk, dv, dbeta, dg, dh0), grads):
-                    if full is not None:
-                        full[:, heads] = grad
-                del grads
+        # Gradients in q's dtype (l2 norm: its backward writes them; else the kernels do).
+        dev, f32 = v3.device, torch.float32
+        dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype, device=dev)
+        dk = torch.empty_like(dq)
+        dv = torch.empty_like(v3)
+        dbeta = torch.empty(P.TT, P.H, dtype=f32, device=dev)
+        dg = torch.empty(P.TT, P.H, dtype=f32, device=dev)
+        dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=f32, device=dev) if has_h0 else None
+        # One group of heads at a time: the kernels read the group's inputs and write its
+        # gradients in place (head slices, see chunk_fwd.py), and the group's own buffers are
+        # freed (on return) before the next group's are made, so they take 1/groups of the
+        # memory. Kept states are per-chunk tensors of all heads: a group takes a copy.
+        for j in range(groups):
+            heads = slice(j * Hg, (j + 1) * Hg)
+            part_in = lambda x: x if groups == 1 or x is None else x[:, heads]  # noqa: E731
+            own = lambda x: x if groups == 1 else x[:, heads].contiguous()     # noqa: E731
+            _backward_heads(Pg, tuple(part_in(x) for x in inputs),
+                            None if states is None else tuple(own(x) for x in states), opts,
+                            tuple(part_in(x) for x in (dq, dk, dv, dbeta, dg, dh0)))
         shape_k = (B, T, P.H, P.K)
         return (dq.view(shape_k), dk.view(shape_k), dv.view(B, T, P.H, P.V),
                 dg.view(B, T, P.H).to(g_dtype), dbeta.view(B, T, P.H).to(b_dtype), None,
@@ -309,10 +341,12 @@ def _head_groups(H: int) -> int:
     return max(d for d in range(1, want + 1) if H % d == 0)
 
 
-def _backward_heads(P: _Packed, inputs, states, opts):
-    """The backward over P.H heads: (dq, dk, dv, dbeta, dg, dh0) from the (sliced) inputs, with
-    the forward's kept states or, when `states` is None, by rerunning the forward kernels."""
+def _backward_heads(P: _Packed, inputs, states, opts, grads):
+    """The backward over P.H heads into `grads` (dq, dk, dv, dbeta, dg, dh0; head slices of the
+    full gradients, dh0 may be None), from the (sliced) inputs and the forward's kept states
+    or, when `states` is None, by rerunning the forward kernels."""
     q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
+    dq, dk, dv, dbeta, dg, dh0 = grads
     scale, use_l2, has_h0, q_dtype = opts
     if states is not None:
         gam, w, t_mat, p_mat, h, u = states
@@ -321,14 +355,18 @@ def _backward_heads(P: _Packed, inputs, states, opts):
         _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
                                     store_states=True, store_final=False)
         del u0
-    dh, du, dh0 = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, want_dh0=has_h0)
-    dk_dtype = torch.float32 if use_l2 else q_dtype
-    dq, dk, dv, dbeta, dg = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du,
-                                            do3, scale, dk_dtype)
+    dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, dh0)
     if use_l2:
-        dq = l2norm_bwd(q3, q_rstd, dq, out_dtype=q_dtype).view(P.TT, P.H, P.K)
-        dk = l2norm_bwd(k3, k_rstd, dk, out_dtype=q_dtype).view(P.TT, P.H, P.K)
-    return dq, dk, dv, dbeta, dg, dh0
+        # The kernels' dq, dk are gradients of the normalised q, k: the group's own buffers
+        # (dk in float32), which the L2 norm's backward turns into the full gradients' slices.
+        dq_n, dk_n = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
+                                     torch.float32, dv=dv, dbeta=dbeta, dg=dg)
+        del h, dh, u, du
+        l2norm_bwd_into(dq, q3, q_rstd, dq_n)
+        l2norm_bwd_into(dk, k3, k_rstd, dk_n)
+    else:
+        _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale, q_dtype,
+                        dq=dq, dk=dk, dv=dv, dbeta=dbeta, dg=dg)
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):

@@ -28,16 +28,23 @@ def _l2norm_fwd_kernel(x, y, rstd, R, eps, D: tl.constexpr, BD: tl.constexpr, BR
 
 
 @triton.jit(do_not_specialize=["R"])
-def _l2norm_bwd_kernel(y, rstd, dy, dx, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+def _l2norm_bwd_kernel(y, rstd, dy, dx, R, SY, SR, SDY, SDX, HG: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BR: tl.constexpr):
+    """Rows r = (token r // HG, head r % HG) of [tokens, HG, D] head slices, each tensor with
+    its own token-row stride (SY, SDY, SDX in elements; SR for rstd): the backward by head
+    groups reads and writes slices of the full tensors in place. Contiguous rows: HG = 1."""
     rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     cols = tl.arange(0, BD)
-    mask = (rows < R)[:, None] & (cols < D)[None, :]
-    offs = rows[:, None] * D + cols[None, :]
-    y_t = tl.load(y + offs, mask=mask, other=0.0).to(tl.float32)
-    dy_t = tl.load(dy + offs, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(rstd + rows, mask=rows < R, other=0.0)
+    in_rows = rows < R
+    mask = in_rows[:, None] & (cols < D)[None, :]
+    tok, j = rows // HG, rows % HG
+    y_t = tl.load(y + (tok * SY + j * D)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy_t = tl.load(dy + (tok * SDY + j * D)[:, None] + cols[None, :], mask=mask,
+                   other=0.0).to(tl.float32)
+    r = tl.load(rstd + tok * SR + j, mask=in_rows, other=0.0)
     dx_t = r[:, None] * (dy_t - y_t * tl.sum(y_t * dy_t, axis=1)[:, None])
-    tl.store(dx + offs, dx_t.to(dx.dtype.element_ty), mask=mask)
+    tl.store(dx + (tok * SDX + j * D)[:, None] + cols[None, :], dx_t.to(dx.dtype.element_ty),
+             mask=mask)
 
 
 def _grid(rows: int):
@@ -59,13 +66,27 @@ def l2norm_fwd(x: Tensor, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
 def l2norm_bwd(y: Tensor, rstd: Tensor, dy: Tensor, out_dtype: torch.dtype = None) -> Tensor:
     """Gradient of l2norm given its output y, rstd and dL/dy (any float dtype)."""
     D = y.shape[-1]
-    y2 = y.reshape(-1, D)
-    dy2 = dy.reshape(-1, D).contiguous()
+    y2 = y.reshape(-1, 1, D).contiguous()
     dx = torch.empty(y2.shape, dtype=out_dtype or y.dtype, device=y.device)
-    if y2.shape[0]:
-        _l2norm_bwd_kernel[_grid(y2.shape[0])](y2, rstd.reshape(-1), dy2, dx, y2.shape[0], D=D,
-                                               BD=triton.next_power_of_2(D), BR=ROWS_PER_PROGRAM)
+    l2norm_bwd_into(dx, y2, rstd.reshape(-1, 1).contiguous(), dy.reshape(-1, 1, D).contiguous())
     return dx.view(y.shape)
+
+
+def l2norm_bwd_into(dx: Tensor, y: Tensor, rstd: Tensor, dy: Tensor) -> None:
+    """l2norm's backward written into dx, all [tokens, heads, D] with unit strides over the
+    last two dimensions (rstd [tokens, heads], unit stride over heads): head slices of wider
+    tensors are read and written in place."""
+    R, HG, D = y.shape
+    for name, t in (("y", y), ("dy", dy), ("dx", dx)):
+        if t.shape != y.shape or t.stride(-1) != 1 or t.stride(-2) != D:
+            raise ValueError(f"l2norm_bwd_into: {name} {tuple(t.shape)} with strides "
+                             f"{t.stride()} must be [{R}, {HG}, {D}] with rows of D contiguous")
+    if rstd.shape != (R, HG) or rstd.stride(-1) != 1:
+        raise ValueError(f"l2norm_bwd_into: rstd {tuple(rstd.shape)} must be [{R}, {HG}]")
+    if R * HG:
+        _l2norm_bwd_kernel[_grid(R * HG)](
+            y, rstd, dy, dx, R * HG, y.stride(0), rstd.stride(0), dy.stride(0), dx.stride(0),
+            HG=HG, D=D, BD=triton.next_power_of_2(D), BR=ROWS_PER_PROGRAM)
 
 
 class _L2Norm(torch.autograd.Function):
@@ -90,4 +111,4 @@ def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     return _L2Norm.apply(x, eps)
 
 
-__all__ = ["l2norm", "l2norm_fwd", "l2norm_bwd"]
+__all__ = ["l2norm", "l2norm_fwd", "l2norm_bwd", "l2norm_bwd_into"]
