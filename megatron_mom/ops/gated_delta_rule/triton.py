@@ -310,25 +310,32 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         if groups > 1:
             Pg = copy.copy(P)
             Pg.H = Hg
-        # Gradients in q's dtype (l2 norm: its backward writes them; else the kernels do).
+        # Gradients in q's dtype (l2 norm: its backward writes them; else the kernels do),
+        # each made when a group first writes it (after that group's own buffers for dq, dk).
         dev, f32 = v3.device, torch.float32
-        dq = torch.empty(P.TT, P.H, P.K, dtype=q_dtype, device=dev)
-        dk = torch.empty_like(dq)
-        dv = torch.empty_like(v3)
-        dbeta = torch.empty(P.TT, P.H, dtype=f32, device=dev)
-        dg = torch.empty(P.TT, P.H, dtype=f32, device=dev)
-        dh0 = torch.empty(P.N, P.H, P.K, P.V, dtype=f32, device=dev) if has_h0 else None
+        full = {}
+        specs = {"dq": ((P.TT, P.H, P.K), q_dtype), "dk": ((P.TT, P.H, P.K), q_dtype),
+                 "dv": ((P.TT, P.H, P.V), v3.dtype), "dbeta": ((P.TT, P.H), f32),
+                 "dg": ((P.TT, P.H), f32), "dh0": ((P.N, P.H, P.K, P.V), f32)}
         # One group of heads at a time: the kernels read the group's inputs and write its
         # gradients in place (head slices, see chunk_fwd.py), and the group's own buffers are
         # freed (on return) before the next group's are made, so they take 1/groups of the
         # memory. Kept states are per-chunk tensors of all heads: a group takes a copy.
         for j in range(groups):
             heads = slice(j * Hg, (j + 1) * Hg)
-            part_in = lambda x: x if groups == 1 or x is None else x[:, heads]  # noqa: E731
-            own = lambda x: x if groups == 1 else x[:, heads].contiguous()     # noqa: E731
-            _backward_heads(Pg, tuple(part_in(x) for x in inputs),
-                            None if states is None else tuple(own(x) for x in states), opts,
-                            tuple(part_in(x) for x in (dq, dk, dv, dbeta, dg, dh0)))
+
+            def out(name, heads=heads):
+                if name not in full:
+                    shape, dtype = specs[name]
+                    full[name] = torch.empty(shape, dtype=dtype, device=dev)
+                return full[name] if groups == 1 else full[name][:, heads]
+
+            part = lambda x: x if groups == 1 or x is None else x[:, heads]   # noqa: E731
+            own = lambda x: x if groups == 1 else x[:, heads].contiguous()    # noqa: E731
+            _backward_heads(Pg, tuple(part(x) for x in inputs),
+                            None if states is None else tuple(own(x) for x in states), opts, out)
+        dq, dk, dv, dbeta, dg = (full[name] for name in ("dq", "dk", "dv", "dbeta", "dg"))
+        dh0 = full.get("dh0")
         shape_k = (B, T, P.H, P.K)
         return (dq.view(shape_k), dk.view(shape_k), dv.view(B, T, P.H, P.V),
                 dg.view(B, T, P.H).to(g_dtype), dbeta.view(B, T, P.H).to(b_dtype), None,
@@ -341,12 +348,11 @@ def _head_groups(H: int) -> int:
     return max(d for d in range(1, want + 1) if H % d == 0)
 
 
-def _backward_heads(P: _Packed, inputs, states, opts, grads):
-    """The backward over P.H heads into `grads` (dq, dk, dv, dbeta, dg, dh0; head slices of the
-    full gradients, dh0 may be None), from the (sliced) inputs and the forward's kept states
-    or, when `states` is None, by rerunning the forward kernels."""
+def _backward_heads(P: _Packed, inputs, states, opts, out):
+    """The backward over P.H heads from the (sliced) inputs and the forward's kept states or,
+    when `states` is None, by rerunning the forward kernels. Writes into `out(name)`: the head
+    slices of the full dq, dk, dv, dbeta, dg (and dh0), asked for only when written."""
     q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
-    dq, dk, dv, dbeta, dg, dh0 = grads
     scale, use_l2, has_h0, q_dtype = opts
     if states is not None:
         gam, w, t_mat, p_mat, h, u = states
@@ -355,18 +361,20 @@ def _backward_heads(P: _Packed, inputs, states, opts, grads):
         _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
                                     store_states=True, store_final=False)
         del u0
-    dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale, dh0)
+    dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
+                             out("dh0") if has_h0 else None)
+    grads = dict(dv=out("dv"), dbeta=out("dbeta"), dg=out("dg"))
     if use_l2:
         # The kernels' dq, dk are gradients of the normalised q, k: the group's own buffers
         # (dk in float32), which the L2 norm's backward turns into the full gradients' slices.
         dq_n, dk_n = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
-                                     torch.float32, dv=dv, dbeta=dbeta, dg=dg)
-        del h, dh, u, du
-        l2norm_bwd_into(dq, q3, q_rstd, dq_n)
-        l2norm_bwd_into(dk, k3, k_rstd, dk_n)
+                                     torch.float32, **grads)
+        del h, dh, u, du, states
+        l2norm_bwd_into(out("dq"), q3, q_rstd, dq_n)
+        l2norm_bwd_into(out("dk"), k3, k_rstd, dk_n)
     else:
         _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale, q_dtype,
-                        dq=dq, dk=dk, dv=dv, dbeta=dbeta, dg=dg)
+                        dq=out("dq"), dk=out("dk"), **grads)
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
