@@ -27,7 +27,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
-from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv, short_conv_split
+from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
+from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, conv_gated_delta_rule
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
 from megatron_mom import inference, metrics
 
@@ -306,42 +307,31 @@ class MixtureOfMemories(MegatronModule):
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         L, cu = layout.num_rows, layout.cu_seqlens
-        decoding = cache is not None
-        if decoding:
+        if cache is None:
+            # Training: q's convolution reads q's token rows through the layout's row index (no
+            # packed [L, H*K] copy); k | v | b | a are column groups of the packed rows.
+            local = self._heads_of_this_cp_rank
+            o = conv_gated_delta_rule(
+                q_tok, memory_rows(layout), (layout.token, layout.slot_row), cu,
+                local(self.conv_q), local(self.conv_k), local(self.conv_v), local(self.A_log),
+                local(self.dt_bias), num_heads=H, chunk_size=mom.chunk_size,
+                lean_backward=mom.lean_backward, backend=mom.backend)          # [L, H, V]
+        else:
             q, k, v, b, a = self._convolve_cached(q_tok, memory_rows(layout), layout, cache,
                                                   num_seqs)
-        else:
-            q, k, v, b, a = self._convolve(q_tok, memory_rows(layout), layout)
-        beta, g = self._beta_and_decay(b, a)
-        o, state = gated_delta_rule(
-            q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
-            beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
-            chunk_size=mom.chunk_size, backend=mom.backend, lean_backward=mom.lean_backward,
-            initial_state=inference.to_segments(cache.state) if decoding else None,
-            output_final_state=decoding)                                   # o: [1, L, H, V]
-        if decoding:
+            beta, g = self._beta_and_decay(b, a)
+            o, state = gated_delta_rule(
+                q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
+                beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
+                chunk_size=mom.chunk_size, backend=mom.backend,
+                initial_state=inference.to_segments(cache.state), output_final_state=True)
             cache.state.copy_(inference.from_segments(state, num_seqs))
-        return routing.mix(o.squeeze(0), layout, weight, out_dtype=o.dtype, backend=mom.backend)
-
-    def _convolve(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout):
-        """Training: short conv + SiLU per segment -> q, k, v and the raw b, a, each [L, ...].
-
-        q is read from its token rows q_tok [N, H*K] through the layout's row index: no packed
-        [L, H*K] copy, and the backward keeps q_tok rather than a copy. k and v are convolved as
-        column groups of kvba [L, H*(K+V+2)], b and a pass through: the backward writes the four
-        gradients into one buffer, where a split's backward would cat them."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        local, cu = self._heads_of_this_cp_rank, layout.cu_seqlens
-        q, _ = short_conv(q_tok[None], local(self.conv_q), cu_seqlens=cu, activation="silu",
-                          gather=(layout.token, layout.slot_row), backend=mom.backend)
-        kvba = short_conv_split(kvba[None], [local(self.conv_k), local(self.conv_v), None, None],
-                                [H * K, H * V, H, H], cu_seqlens=cu, activation="silu",
-                                backend=mom.backend)
-        return tuple(t.squeeze(0) for t in (q, *kvba))  # views; t[0] would zero-fill in backward
+            o = o.squeeze(0)
+        return routing.mix(o, layout, weight, out_dtype=o.dtype, backend=mom.backend)
 
     def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout, cache,
                          num_seqs: int):
-        """Decoding (prefill or a chunk): `_convolve`'s convolutions, each segment continuing
+        """Decoding (prefill or a chunk): the training path's convolutions, each segment continuing
         from its cached history, which then receives the segment's last W-1 inputs."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         q = routing.spread(q_tok, layout)                                  # [L, H*K]
@@ -360,10 +350,8 @@ class MixtureOfMemories(MegatronModule):
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
-        ct = torch.float64 if b.dtype == torch.float64 else torch.float32
         local = self._heads_of_this_cp_rank
-        A_log, dt_bias = local(self.A_log).to(ct), local(self.dt_bias).to(ct)
-        return torch.sigmoid(b.to(ct)), -A_log.exp() * F.softplus(a.to(ct) + dt_bias)
+        return beta_and_decay(b, a, local(self.A_log), local(self.dt_bias))
 
     def _read_out(self, y: Tensor, gate: Optional[Tensor], b: int, s: int) -> Tensor:
         """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
