@@ -82,13 +82,17 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             k3, k_rstd = l2norm_fwd(
                 conv._conv_forward(k_in[:, ck], None, conv_k[ck], cu, N, None, True).view(L, 1, K))
             v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True).view(L, 1, V)
-            own = {"dq": torch.empty(L, 1, K, dtype=kvba.dtype, device=dev),
-                   "dk": torch.empty(L, 1, K, dtype=kvba.dtype, device=dev),
-                   "dv": torch.empty(L, 1, V, dtype=kvba.dtype, device=dev),
-                   "dbeta": dbeta[:, j:j + 1], "dg": dg[:, j:j + 1]}
+            own = {"dbeta": dbeta[:, j:j + 1], "dg": dg[:, j:j + 1]}
+
+            def out(name):  # this head's dq, dk, dv: made when first written (peak memory)
+                if name not in own:
+                    own[name] = torch.empty(L, 1, V if name == "dv" else K, dtype=kvba.dtype,
+                                            device=dev)
+                return own[name]
+
             inputs = (q3, k3, v3, g[:, j:j + 1], beta[:, j:j + 1], do3[:, j:j + 1], None, None,
                       q_rstd.view(L, 1), k_rstd.view(L, 1))
-            gdr._backward_heads(P, inputs, None, opts, own.__getitem__)
+            gdr._backward_heads(P, inputs, None, opts, out)
             del q3, k3, v3, inputs
             d_rows = torch.empty(L, K, dtype=q_tok.dtype, device=dev)             # per packed row
             dw_q[ck] = conv._conv_backward(q_tok[:, ck], x_row, conv_q[ck], None,
