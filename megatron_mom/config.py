@@ -31,10 +31,11 @@ class MoMConfig:
     chunk_size:      chunk length of the chunked gated-delta-rule kernels.
     backend:         kernels for the recurrence, short convolutions, mix and gated
                      RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
-    lean_backward:   the recurrence keeps only its inputs for the backward, which reruns its
-                     forward kernels and runs one head at a time: the layer's peak memory at
-                     the paper shape drops from 2.46 to 1.58 GiB for ~25% more time (H100,
-                     docs/performance.md). Gradients are unchanged. Triton backend only.
+    lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps only its
+                     inputs for the backward, which recomputes them and the recurrence's states
+                     one head at a time: the layer's peak memory at the paper shape drops from
+                     2.46 to 1.21 GiB for ~25% more time (H100, docs/performance.md). The same
+                     gradients up to rounding. Triton backend only.
     grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
                      one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
                      CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS

@@ -47,8 +47,9 @@ _HELP = {
     "backend": "recurrence kernels: auto (Triton on CUDA, else torch), triton or torch",
     "grouped-projection": "project k, v, b, a of the routed rows only, as one grouped GEMM: "
                           "auto (bf16 on Hopper/Blackwell), on, off (dense)",
-    "lean-backward": "recurrence backward with recomputed states, one head at a time: less "
-                     "peak memory, ~25%% more layer time (--no-mom-lean-backward: off)",
+    "lean-backward": "memory path backward from recomputed convolutions and states, one head "
+                     "at a time: less peak memory, ~25%% more layer time "
+                     "(--no-mom-lean-backward: off)",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoMConfig)}
 
