@@ -247,6 +247,8 @@ def main():
     p.add_argument("--head-groups", type=int, default=None,
                    help="process-wide set_backward_head_groups(N) (--lean-backward always runs "
                         "one head per group)")
+    p.add_argument("--peers", default="fla_gdn,fla_mom",
+                   help="comma-separated fla layers to time beside ours (fla_gdn, fla_mom)")
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
@@ -272,7 +274,10 @@ def main():
         return run_profile(args.out, by_op=args.profile_ops)
     shapes = [(4, 4096, True)] + ([] if args.quick else
                                   [(8, 2048, False), (1, 16384, False), (1, 65536, False)])
-    run_training(shapes, {} if args.no_training_peers else fla_peers())
+    wanted = set(args.peers.split(","))
+    peers = {} if args.no_training_peers else {
+        name: make for name, make in fla_peers().items() if name in wanted}
+    run_training(shapes, peers)
     if args.quick and args.scaling_ours:
         run_training([(8, 2048, False), (1, 16384, False), (1, 65536, False)], {})
     if not args.no_decode:
