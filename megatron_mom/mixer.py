@@ -6,7 +6,8 @@ Data flow for x [s, b, D] (equations in docs/method.md):
     pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
       (grouped projection: k, v, b, a only for the packed rows, one grouped GEMM by memory)
     short conv + SiLU per segment (q read through the packing's row index, k | v | b | a
-      as column groups of one input) -> l2norm(q, k) -> gated delta rule per segment (ops/)
+      as column groups of one input) -> l2norm(q, k) -> gated delta rule per segment
+      (one op in training: ops.conv_gated_delta_rule)
     mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
 """
 from __future__ import annotations
