@@ -121,13 +121,7 @@ def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, 
     if q_tok.dtype != kvba.dtype:
         raise ValueError(f"conv_gated_delta_rule: q_tok ({q_tok.dtype}) and kvba ({kvba.dtype}) "
                          f"dtypes differ")
-    for name, dim in (("key", K), ("value", V)):
-        if dim not in gdr.HEAD_DIMS:
-            raise ValueError(f"conv_gated_delta_rule (triton): {name} head dim {dim} is not "
-                             f"supported; use one of {gdr.HEAD_DIMS}")
-    if chunk_size not in gdr.CHUNK_SIZES:
-        raise ValueError(f"conv_gated_delta_rule (triton): chunk_size={chunk_size} is not "
-                         f"supported; use one of {gdr.CHUNK_SIZES}")
+    gdr.check_dims(K, V, chunk_size, "conv_gated_delta_rule")
     chunk_size = gdr.effective_chunk_size(int(chunk_size), kvba.dtype, K)
     x_row, slot_row = (t.contiguous() for t in gather)
     return _LeanConvGatedDeltaRule.apply(

@@ -377,16 +377,23 @@ def _backward_heads(P: _Packed, inputs, states, opts, out):
                         dq=out("dq"), dk=out("dk"), **grads)
 
 
+def check_dims(K: int, V: int, chunk_size: int, op: str = "gated_delta_rule") -> None:
+    """The head dims and chunk size the kernels are built for (also for ops built on them)."""
+    for name, dim in (("key head dim K", K), ("value head dim V", V)):
+        if dim not in HEAD_DIMS:
+            raise ValueError(f"{op} (triton): {name}={dim} is not supported; use one of "
+                             f"{HEAD_DIMS}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{op} (triton): chunk_size={chunk_size} is not supported; use one of "
+                         f"{CHUNK_SIZES}")
+
+
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
     def need(ok, msg):
         if not ok:
             raise ValueError(f"gated_delta_rule (triton): {msg}")
 
-    K, V = k.shape[-1], v.shape[-1]
-    need(K in HEAD_DIMS, f"key head dim K={K} is not supported; use one of {HEAD_DIMS}")
-    need(V in HEAD_DIMS, f"value head dim V={V} is not supported; use one of {HEAD_DIMS}")
-    need(chunk_size in CHUNK_SIZES, f"chunk_size={chunk_size} is not supported; use one of "
-         f"{CHUNK_SIZES}")
+    check_dims(k.shape[-1], v.shape[-1], chunk_size)
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         need(x.dtype in _DTYPES, f"{name} has dtype {x.dtype}; the Triton kernels take float32, "
              f"bfloat16 or float16 (use backend='torch' for float64)")
