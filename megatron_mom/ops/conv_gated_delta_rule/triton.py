@@ -63,7 +63,11 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         L, N = kvba.shape[0], cu.numel() - 1
         dev, f32 = kvba.device, torch.float32
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        beta, g = beta_and_decay(b, a, A_log, dt_bias)
+        # beta and g with their small graph ([L, H] float32), for their gradients at the end.
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (b, a, A_log, dt_bias)]
+            beta_g = beta_and_decay(*leaves)
+        beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
         # Shapes of one head (meta tensors: _Packed reads only shapes when cu is given).
         P = gdr._Packed(torch.empty(1, L, 1, K, device="meta"),
@@ -104,9 +108,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             dw_v[cv] = conv._conv_backward(v_in[:, cv], None, conv_v[cv], None, own["dv"].view(L, V),
                                            dv_in[:, cv], cu, N, True, False)[0]
             del own
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (b, a, A_log, dt_bias)]
-            d_b, d_a, d_A, d_dt = torch.autograd.grad(beta_and_decay(*leaves), leaves, (dbeta, dg))
+        d_b, d_a, d_A, d_dt = torch.autograd.grad(beta_g, leaves, (dbeta, dg))
         db.copy_(d_b)
         da.copy_(d_a)
         return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype),
