@@ -45,9 +45,9 @@ def run(leaves, layout, H, chunk_size, **kw):
     return [o] + list(torch.autograd.grad((o * weight).sum(), list(leaves.values())))
 
 
-@pytest.mark.parametrize("seqs, chunk_size", [(2, 16), (1, 32)])
-def test_lean_conv_gated_delta_rule_matches_composition(seqs, chunk_size):
-    leaves, layout, H = make_case(seqs=seqs)
+@pytest.mark.parametrize("seqs, chunk_size, H", [(2, 16, 2), (1, 32, 2), (2, 16, 1), (2, 16, 3)])
+def test_lean_conv_gated_delta_rule_matches_composition(seqs, chunk_size, H):
+    leaves, layout, H = make_case(seqs=seqs, H=H)
     got = run(leaves, layout, H, chunk_size, lean_backward=True, backend="triton")
     want = run(leaves, layout, H, chunk_size, backend="torch")
     # dA_log and d dt_bias are per-head sums over every row of terms that mostly cancel: the
@@ -58,18 +58,41 @@ def test_lean_conv_gated_delta_rule_matches_composition(seqs, chunk_size):
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
-def test_lean_conv_gated_delta_rule_keeps_only_its_inputs():
-    """Nothing the forward makes is saved: the saved tensors are the inputs (and the layout)."""
-    leaves, layout, H = make_case()
-    o = conv_gated_delta_rule(
+def lean_forward(leaves, layout, H):
+    return conv_gated_delta_rule(
         leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
         leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
         num_heads=H, chunk_size=16, lean_backward=True, backend="triton")
+
+
+def test_lean_conv_gated_delta_rule_keeps_its_inputs_and_one_head():
+    """The saved tensors are the inputs (and the layout); besides them the forward keeps one
+    head's buffers, which the backward drops."""
+    leaves, layout, H = make_case(H=3)
+    o = lean_forward(leaves, layout, H)
     inputs = {t.data_ptr() for t in leaves.values()} | {
         t.data_ptr() for t in (layout.token, layout.slot_row)}
     saved = o.grad_fn.saved_tensors
     assert len(saved) == 10
     assert all(t.data_ptr() in inputs for t in saved[:9]), "a tensor made in the forward is kept"
+    per_token, states = o.grad_fn.kept
+    L = layout.num_rows
+    for t in per_token + states[:3]:                 # q, k, v, rstd; gam, W, T (chunk-major)
+        assert t.shape[1] == 1 or t.shape == (L,), tuple(t.shape)
+    assert states[4].shape[1] == 1 and states[5].shape == (L, 1, 32)      # h, U of one head
+    o.sum().backward()
+    assert o.grad_fn.kept is None
+
+
+def test_lean_conv_gated_delta_rule_second_backward_recomputes():
+    """retain_graph: the second backward (kept head's buffers gone) gives the same gradients."""
+    leaves, layout, H = make_case(H=2)
+    o = lean_forward(leaves, layout, H)
+    weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+    first = torch.autograd.grad((o * weight).sum(), list(leaves.values()), retain_graph=True)
+    second = torch.autograd.grad((o * weight).sum(), list(leaves.values()))
+    for name, a, b in zip(leaves, first, second):
+        assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
 
 
 def test_conv_gated_delta_rule_rejects_bad_shapes():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
-from megatron_mom.ops.mix import mix
+from megatron_mom.ops.mix import mix, sum_over_slots
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
 pytest.importorskip("triton")
@@ -194,6 +194,38 @@ def test_gated_delta_rule_half_precision_storage(kernel_config):
         diffs.append(rel_err(a, b))
         assert diffs[-1] < 5e-3 and rel_err(a, c) < 2e-2
     assert max(diffs) > 0, "the T storage switch changed nothing"
+
+
+def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
+    """A build whose pipelined form does not fit in shared memory launches with one stage,
+    tried once per build (not on every call), and the failed try's traceback keeps none of
+    the launch's tensors alive."""
+    import weakref
+    from triton.runtime.errors import OutOfResources
+    gdr = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
+    monkeypatch.setattr(gdr, "_ONE_STAGE", set())
+    tries = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                tries.append(num_stages)
+                if num_stages > 1 and kwargs["BV"] == 32:
+                    # held by its own frame, as in Triton's launcher: a reference cycle
+                    err = OutOfResources(300000, 232448, "shared memory")
+                    raise err
+            return run
+
+    kernel = Kernel()
+    x = torch.ones(4)
+    ref = weakref.ref(x)
+    gdr._launch(kernel, (1,), x, num_stages=2, BV=32)
+    del x
+    assert ref() is None, "the failed launch's frames keep its tensors"
+    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=32)
+    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=16)
+    gdr._launch(kernel, (1,), torch.ones(4, dtype=torch.float64), num_stages=2, BV=32)
+    assert tries == [2, 1, 1, 2, 2, 1]      # second BV=32 call: straight to one stage
 
 
 def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
@@ -630,6 +662,24 @@ def test_mix_launch_path_reads_nothing_back(monkeypatch):
     ref = mix_both(o, slot_row, w, dy)["torch"]
     for a, b in zip([y, *grads], ref):
         assert rel_err(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_sum_over_slots_matches_reference(mix_config, S):
+    """The unweighted sum of each token's rows (the backward of copying tokens to their packed
+    rows), also written into a column range of a wider tensor."""
+    o, slot_row, _, _ = mix_inputs(N=11, S=S, H=3, V=13, seed=S)
+    rows = o.detach().reshape(11 * S, 39)
+    want = sum_over_slots(rows, slot_row, backend="torch")
+    got = sum_over_slots(rows, slot_row, backend="triton")
+    assert got.shape == want.shape == (11, 39) and want.abs().max() > 0.1
+    assert rel_err(got, want) < 1e-6
+    wide = torch.full((11, 50), 7.0)
+    mix_config.sum_over_slots(rows, slot_row, out=wide[:, 5:44])
+    assert (wide[:, :5] == 7).all() and (wide[:, 44:] == 7).all()      # nothing else written
+    assert rel_err(wide[:, 5:44], want) < 1e-6
+    with pytest.raises(ValueError, match="unit column stride"):
+        mix_config.sum_over_slots(rows, slot_row, out=torch.empty(39, 11).t())
 
 
 def test_mix_rejects_float64_and_bad_shapes():

@@ -225,6 +225,32 @@ def test_mix_paper_shape_bf16():
 
 
 
+def test_sum_over_slots_paper_shape_bf16():
+    """The Triton sum over slots (the packed rows' backward: grouped projection's dx, q's
+    convolution) against the torch gather-and-sum at the paper shape, bf16: both sum three
+    values in float32 and round once (in their own order: at most one bf16 step apart); also
+    into a column range."""
+    from megatron_mom.ops.mix import sum_over_slots
+    from megatron_mom.ops.mix.triton import sum_over_slots as sum_into
+    N, S, D = 16384, 3, 2048
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    rows = torch.randn(N * S, D, device="cuda", generator=gen).bfloat16()
+    slot_row = torch.randperm(N * S, device="cuda", generator=gen).view(N, S)
+    want = sum_over_slots(rows, slot_row, backend="torch").float()
+    exact = rows.float()[slot_row].sum(1)
+
+    def close(got):
+        step = exact.abs()[:, :got.shape[1]] * 2.0 ** -7                 # one bf16 step
+        return ((got.float() - exact[:, :got.shape[1]]).abs() <= step).all()
+
+    got = sum_over_slots(rows, slot_row, backend="triton")
+    assert got.dtype == torch.bfloat16 and close(got) and close(want)
+    assert rel_err(got, want) < 1e-4
+    wide = torch.zeros(N, 4 * 256, device="cuda", dtype=torch.bfloat16)
+    sum_into(rows[:, :256].contiguous(), slot_row, out=wide[:, 512:768])
+    assert close(wide[:, 512:768]) and not wide[:, :512].any() and not wide[:, 768:].any()
+
+
 _MIX_CAPTURE = """
 import torch
 from graph_capture import capture_and_replay

@@ -1,18 +1,17 @@
 """The lean form of `conv_gated_delta_rule`: one autograd function over the Triton kernels of
-`short_conv`, `l2norm` and `gated_delta_rule` that keeps only its inputs.
+`short_conv`, `l2norm` and `gated_delta_rule` that keeps its inputs and one head's buffers.
 
-Forward: convolutions -> L2 norms -> chunked recurrence (all heads at once), keeping nothing
-it makes. Backward, one head at a time: rerun that head's convolutions, L2 norms, `prepare` and
-state kernels; the recurrence's backward (`_backward_heads`, which reads the full dO and writes
-the full dbeta and dg in place); then that head's convolution backward into its columns of the
-one d(kvba) and d(q_tok). So at most one head's q, k, v, states and gradients exist at a time,
-and none of the normalised q, k, v are kept between forward and backward (the composition keeps
-them all, 3 x L x H x K values). The decay and beta gradients go through `beta_and_decay`
-once for all heads at the end.
+Forward: convolutions -> L2 norms -> chunked recurrence, for heads 0..H-2 at once keeping
+nothing they make, then for the last head keeping what its backward needs. Backward, one head
+at a time, the last first: (except for the last head) rerun that head's convolutions, L2 norms,
+`prepare` and state kernels; the recurrence's backward (`_backward_heads`, which reads the full
+dO and writes the full dbeta and dg in place); then that head's convolution backward into its
+columns of the one d(kvba) and d(q_tok). So at most one head's q, k, v, states and gradients
+exist at a time, and only one head's normalised q, k, v are kept between forward and backward
+(the composition keeps them all, 3 x L x H x K values). The decay and beta gradients go through
+`beta_and_decay` once for all heads at the end.
 """
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ from torch import Tensor
 from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay
 from megatron_mom.ops.gated_delta_rule import triton as gdr
 from megatron_mom.ops.l2norm.triton import l2norm_fwd
-from megatron_mom.ops.mix.reference import sum_over_slots
+from megatron_mom.ops.mix.triton import sum_over_slots
 from megatron_mom.ops.short_conv import triton as conv
 from megatron_mom.ops.utils import as_int32
 
@@ -30,6 +29,27 @@ def _split_kvba(kvba: Tensor, H: int, K: int, V: int):
     return kvba.split([H * K, H * V, H, H], dim=1)
 
 
+def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: slice, K: int,
+                V: int):
+    """Heads `heads`' q, k (L2-normalised, with their rstd) [L, h, K] and v [L, h, V] from the
+    pre-convolution rows (column slices read in place)."""
+    N, L = cu.numel() - 1, k_in.shape[0]
+    ck, cv = slice(heads.start * K, heads.stop * K), slice(heads.start * V, heads.stop * V)
+    h = heads.stop - heads.start
+    q3, q_rstd = l2norm_fwd(conv._conv_forward(q_tok[:, ck], x_row, conv_q[ck], cu, N, None,
+                                               True).view(L, h, K))
+    k3, k_rstd = l2norm_fwd(conv._conv_forward(k_in[:, ck], None, conv_k[ck], cu, N, None,
+                                               True).view(L, h, K))
+    v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True).view(L, h, V)
+    return q3, q_rstd, k3, k_rstd, v3
+
+
+def _packed(L: int, heads: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
+    """Shapes of `heads` heads (meta tensors: _Packed reads only shapes when cu is given)."""
+    return gdr._Packed(torch.empty(1, L, heads, K, device="meta"),
+                       torch.empty(1, L, heads, V, device="meta"), cu, chunk_size)
+
+
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
@@ -37,22 +57,33 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
                 H, chunk_size, scale):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
-        N = cu.numel() - 1
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        q = conv._conv_forward(q_tok, x_row, conv_q, cu, N, None, True)           # [L, H*K]
-        q3, _ = l2norm_fwd(q.view(L, H, K))
-        del q
-        k = conv._conv_forward(k_in, None, conv_k, cu, N, None, True)
-        k3, _ = l2norm_fwd(k.view(L, H, K))
-        del k
-        v3 = conv._conv_forward(v_in, None, conv_v, cu, N, None, True).view(L, H, V)
         beta, g = beta_and_decay(b, a, A_log, dt_bias)                             # [L, H] f32
-        P = gdr._Packed(k3.view(1, L, H, K), v3.view(1, L, H, V), cu, chunk_size)
-        gam, w, u0, _, p_mat = gdr._prepare(P, q3, k3, v3, g, beta, scale)
-        o, _, _, _ = gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                                        store_states=False, store_final=False)
+        weights = (conv_q, conv_k, conv_v)
+        o = torch.empty(L, H, V, dtype=kvba.dtype, device=kvba.device)
+        # Heads 0..H-2 keep nothing; the last head keeps what its backward needs (normalised
+        # q, k, v, the recurrence's per-chunk states, W, U, T, P), since the backward starts
+        # with it and frees them before the next head: no other head's buffers exist then,
+        # so keeping them adds nothing to the backward's peak and saves one head's recompute.
+        rest, last = slice(0, H - 1), slice(H - 1, H)
+        if H > 1:
+            q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
+            P = _packed(L, H - 1, K, V, cu, chunk_size)
+            gam, w, u0, _, p_mat = gdr._prepare(P, q3, k3, v3, g[:, rest], beta[:, rest], scale)
+            gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                               store_states=False, store_final=False, o=o[:, rest])
+            del q3, k3, v3, gam, w, u0, p_mat
+        q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
+        P = _packed(L, 1, K, V, cu, chunk_size)
+        gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
+        _, h, u, _ = gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                                        store_states=True, store_final=False, o=o[:, last])
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
                               slot_row, cu)
+        # An attribute, not a saved tensor: the backward drops it after the last head, which a
+        # saved tensor would outlive (its storage is released only when the backward returns).
+        # A second backward through the graph (retain_graph) recomputes that head instead.
+        ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), (gam, w, t_mat, p_mat, h, u))
         ctx.meta = (H, K, V, chunk_size, scale)
         return o                                                                   # [L, H, V]
 
@@ -69,9 +100,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             beta_g = beta_and_decay(*leaves)
         beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
-        # Shapes of one head (meta tensors: _Packed reads only shapes when cu is given).
-        P = gdr._Packed(torch.empty(1, L, 1, K, device="meta"),
-                        torch.empty(1, L, 1, V, device="meta"), cu, chunk_size)
+        P = _packed(L, 1, K, V, cu, chunk_size)
         dbeta = torch.empty(L, H, dtype=f32, device=dev)
         dg = torch.empty(L, H, dtype=f32, device=dev)
         d_kvba = torch.empty_like(kvba)
@@ -79,14 +108,17 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         d_qtok = torch.empty(q_tok.shape, dtype=q_tok.dtype, device=dev)
         dw_q, dw_k, dw_v = (torch.empty_like(w) for w in (conv_q, conv_k, conv_v))
         opts = (scale, True, False, kvba.dtype)
-        for j in range(H):
-            ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
-            q3, q_rstd = l2norm_fwd(
-                conv._conv_forward(q_tok[:, ck], x_row, conv_q[ck], cu, N, None, True).view(L, 1, K))
-            k3, k_rstd = l2norm_fwd(
-                conv._conv_forward(k_in[:, ck], None, conv_k[ck], cu, N, None, True).view(L, 1, K))
-            v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True).view(L, 1, V)
-            own = {"dbeta": dbeta[:, j:j + 1], "dg": dg[:, j:j + 1]}
+        kept, ctx.kept = ctx.kept, None
+        for j in reversed(range(H)):               # the last head first: its buffers are kept
+            heads = slice(j, j + 1)
+            if kept is not None:
+                (q3, k3, v3, q_rstd, k_rstd), states = kept
+                kept = None
+            else:
+                q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k,
+                                                         conv_v, cu, heads, K, V)
+                states = None
+            own = {"dbeta": dbeta[:, heads], "dg": dg[:, heads]}
 
             def out(name):  # this head's dq, dk, dv: made when first written (peak memory)
                 if name not in own:
@@ -94,14 +126,15 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
                                             device=dev)
                 return own[name]
 
-            inputs = (q3, k3, v3, g[:, j:j + 1], beta[:, j:j + 1], do3[:, j:j + 1], None, None,
+            inputs = (q3, k3, v3, g[:, heads], beta[:, heads], do3[:, heads], None, None,
                       q_rstd.view(L, 1), k_rstd.view(L, 1))
-            gdr._backward_heads(P, inputs, None, opts, out)
-            del q3, k3, v3, inputs
+            gdr._backward_heads(P, inputs, states, opts, out)
+            del q3, k3, v3, inputs, states
+            ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
             d_rows = torch.empty(L, K, dtype=q_tok.dtype, device=dev)             # per packed row
             dw_q[ck] = conv._conv_backward(q_tok[:, ck], x_row, conv_q[ck], None,
                                            own["dq"].view(L, K), d_rows, cu, N, True, False)[0]
-            d_qtok[:, ck] = sum_over_slots(d_rows, slot_row)
+            sum_over_slots(d_rows, slot_row, out=d_qtok[:, ck])
             del d_rows
             dw_k[ck] = conv._conv_backward(k_in[:, ck], None, conv_k[ck], None, own["dk"].view(L, K),
                                            dk_in[:, ck], cu, N, True, False)[0]

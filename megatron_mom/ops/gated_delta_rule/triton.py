@@ -14,6 +14,7 @@ value on the host: grids come from shapes (chunk-count upper bound T_total // C 
 from __future__ import annotations
 
 import copy
+import traceback
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -37,8 +38,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # largest K they serve. The benchmark may override entries.
 CONFIG: Dict[str, Dict] = {
     "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
+    # K = 256: 32-wide V blocks read each chunk's q, k, W half as often as 16-wide ones
+    # (H100, MoM layer's 20 segments: all 4 heads 1.05 -> 0.77 ms with o, 0.79 -> 0.49 storing
+    # h; one head storing h 0.27 -> 0.23, with o 0.355 -> 0.37). The backward keeps 16: 32 was
+    # slower for one head (0.34 -> 0.43 ms) and 3% faster for four.
     "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 2}},
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     # float32 operands take twice the registers and shared memory (K > 128 runs 16-token
@@ -100,15 +105,26 @@ def _launch_opts(kernel: str) -> Dict[str, int]:
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
+# Builds (kernel, tensor dtypes, compile-time arguments) whose pipelined form needs more shared
+# memory than this GPU has: they launch with num_stages=1 from then on.
+_ONE_STAGE = set()
+
+
 def _launch(kernel, grid, *args, num_stages: int, **kwargs):
     """Launch; if the pipelined build needs more shared memory than this GPU has, fall back to
-    num_stages=1 (a compile-time check, no device sync)."""
-    try:
-        kernel[grid](*args, num_stages=num_stages, **kwargs)
-    except OutOfResources:
-        if num_stages == 1:
-            raise
-        kernel[grid](*args, num_stages=1, **kwargs)
+    num_stages=1 (a compile-time check, no device sync), and remember that for the build: the
+    failed launch raises every time, and its traceback's frames hold the launch's tensors
+    until the garbage collector breaks their cycles (it kept ~350 MiB alive in the layer)."""
+    key = (kernel, tuple(a.dtype for a in args if isinstance(a, Tensor)),
+           tuple(sorted(kwargs.items())))
+    if num_stages > 1 and key not in _ONE_STAGE:
+        try:
+            kernel[grid](*args, num_stages=num_stages, **kwargs)
+            return
+        except OutOfResources as err:
+            traceback.clear_frames(err.__traceback__)
+            _ONE_STAGE.add(key)
+    kernel[grid](*args, num_stages=1, **kwargs)
 
 
 class _Packed:
@@ -173,10 +189,12 @@ def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
 
 
 def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
-                   store_final):
-    """o [TT,H,V] (or None), h [NTU,H,K,V], U [TT,H,V] (or None), final state [N,H,K,V] f32."""
+                   store_final, o=None):
+    """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
+    h [NTU,H,K,V], U [TT,H,V] (or None), final state [N,H,K,V] f32."""
     dev = k.device
-    o = torch.empty_like(u0) if store_o else None
+    if store_o and o is None:
+        o = torch.empty_like(u0)
     h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev) if store_states else None
     u = torch.empty_like(u0) if store_states else None
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None

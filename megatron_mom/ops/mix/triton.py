@@ -24,7 +24,9 @@ BWD_CONFIG = (4096, 1024, 4)
 
 @triton.jit(do_not_specialize=["N"])
 def _mix_fwd_kernel(o, weight, slot_row, y, N, D: tl.constexpr, S: tl.constexpr,
-                    BN: tl.constexpr, BD: tl.constexpr):
+                    BN: tl.constexpr, BD: tl.constexpr, WEIGHTED: tl.constexpr = True,
+                    SY: tl.constexpr = 0):
+    """y rows SY apart (0: D apart); WEIGHTED off sums the S rows as they are."""
     tok = (tl.program_id(0) * BN + tl.arange(0, BN)).to(tl.int64)[:, None]   # [BN, 1]
     cols = tl.program_id(1) * BD + tl.arange(0, BD)[None, :]                  # [1, BD]
     tmask = tok < N
@@ -32,9 +34,11 @@ def _mix_fwd_kernel(o, weight, slot_row, y, N, D: tl.constexpr, S: tl.constexpr,
     acc = tl.zeros([BN, BD], dtype=tl.float32)
     for j in tl.static_range(S):
         row = tl.load(slot_row + tok * S + j, mask=tmask, other=0).to(tl.int64)
-        w = tl.load(weight + tok * S + j, mask=tmask, other=0.0).to(tl.float32)
-        acc += w * tl.load(o + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y + tok * D + cols, acc.to(y.dtype.element_ty), mask=mask)
+        x = tl.load(o + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            x *= tl.load(weight + tok * S + j, mask=tmask, other=0.0).to(tl.float32)
+        acc += x
+    tl.store(y + tok * (D if SY == 0 else SY) + cols, acc.to(y.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -118,4 +122,28 @@ def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None) -> Tensor:
     return y.view(N, *o.shape[1:])
 
 
-__all__ = ["mix"]
+def sum_over_slots(packed: Tensor, slot_row: Tensor, out: Tensor = None) -> Tensor:
+    """Packed rows [L, D] -> per token [N, D] (the sum of each token's S rows, float32
+    accumulation, in packed's dtype), written into `out` when given: [N, D] with unit column
+    stride and any row stride, e.g. a column range of a wider gradient. One kernel reading
+    each packed row once, where the torch path gathers a copy of them and sums it."""
+    if packed.dtype not in _DTYPES:
+        raise ValueError(f"sum_over_slots (triton): packed has dtype {packed.dtype}; use float32, "
+                         f"bfloat16 or float16 (float64 runs on backend='torch')")
+    N, S = slot_row.shape
+    packed = packed.contiguous()
+    D = packed.shape[1]
+    if out is None:
+        out = torch.empty(N, D, dtype=packed.dtype, device=packed.device)    # [N, D]
+    elif out.shape != (N, D) or out.stride(1) != 1 or out.dtype != packed.dtype:
+        raise ValueError(f"sum_over_slots (triton): out {tuple(out.shape)} / {out.stride()} "
+                         f"{out.dtype} must be [{N}, {D}] {packed.dtype} with unit column stride")
+    BN, BD, warps = _blocks(FWD_CONFIG, D)
+    if N and D:
+        _mix_fwd_kernel[(triton.cdiv(N, BN), triton.cdiv(D, BD))](
+            packed, packed, slot_row.contiguous(), out, N, D=D, S=S, BN=BN, BD=BD,
+            WEIGHTED=False, SY=out.stride(0), num_warps=warps)
+    return out
+
+
+__all__ = ["mix", "sum_over_slots"]

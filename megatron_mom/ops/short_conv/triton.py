@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_mom.ops.mix.reference import sum_over_slots
+from megatron_mom.ops.mix.triton import sum_over_slots
 from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of_unrolled
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
