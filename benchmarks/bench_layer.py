@@ -71,10 +71,12 @@ def bench_train(fn_fwd, x):
 
     fwd_bwd()
     torch.cuda.synchronize()
-    r = {"fwd_ms": do_bench(fn_fwd, warmup=3, rep=20, return_mode="median"),
-         "fwdbwd_ms": do_bench(fwd_bwd, warmup=3, rep=20, return_mode="median")}
+    # do_bench's warmup and rep are milliseconds, not counts: rep=20 took one sample of a 13 ms
+    # step (its median was a single run). 300 ms: ~20 samples of our step, ~10 of fla's.
+    r = {"fwd_ms": do_bench(fn_fwd, warmup=30, rep=150, return_mode="median"),
+         "fwdbwd_ms": do_bench(fwd_bwd, warmup=50, rep=300, return_mode="median")}
     # a second forward timing: one run once showed a forward at 9 ms beside a 11.2 ms fwd+bwd
-    r["fwd_ms_again"] = do_bench(fn_fwd, warmup=3, rep=20, return_mode="median")
+    r["fwd_ms_again"] = do_bench(fn_fwd, warmup=30, rep=150, return_mode="median")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

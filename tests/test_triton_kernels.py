@@ -511,6 +511,36 @@ def test_short_conv_gather_matches_reference(multi_tile_backward, W, with_init):
     assert not results["triton"][2][:, C:].any()
 
 
+@pytest.mark.parametrize("gather, head_dim", [(False, 16), (True, 32), (False, 64)])
+def test_conv_l2norm_forward_matches_reference(gather, head_dim):
+    """The convolution with each head's L2 norm in its kernel (the lean memory path's q and k)
+    against the float64 convolution reference and L2 norm: rows read in place from a wider
+    tensor or through the layout's row index, several heads, ragged segments."""
+    from megatron_mom.ops.l2norm.reference import l2norm_reference
+    from megatron_mom.ops.short_conv.reference import short_conv_reference
+    from megatron_mom.ops.short_conv.triton import conv_l2norm_forward
+    layout = routed_layout(batch=3, seqlen=14)
+    cu, L = layout.cu_seqlens, layout.num_rows
+    H = 3
+    C = H * head_dim
+    gen = torch.Generator().manual_seed(head_dim)
+    rows = layout.slot_row.shape[0] if gather else L
+    wide = torch.randn(rows, C + 8, generator=gen)
+    w = torch.randn(C, 4, generator=gen) * 0.5
+    x_row = layout.token if gather else None
+    y, rstd = conv_l2norm_forward(wide[:, :C], x_row, w, cu.to(torch.int32), cu.numel() - 1,
+                                  head_dim)
+    x = wide[:, :C].double()[layout.token] if gather else wide[:, :C].double()
+    z, _ = short_conv_reference(x[None], w.double(), cu_seqlens=cu)
+    z = z[0].view(L, H, head_dim)
+    want = l2norm_reference(z).view(L, C)
+    assert y.shape == (L, C) and rstd.shape == (L, H)
+    assert rel_err(y, want) < 1e-5, rel_err(y, want)
+    assert rel_err(rstd, 1 / (z.square().sum(-1) + 1e-6).sqrt()) < 1e-5
+    with pytest.raises(ValueError, match="head_dim"):
+        conv_l2norm_forward(wide[:, :C], x_row, w, cu.to(torch.int32), cu.numel() - 1, 24)
+
+
 def test_short_conv_gather_torch_backend_and_one_sequence():
     """The reference path takes the gather too (same numbers as the spread copy), and without
     cu_seqlens the L packed rows are one sequence on both backends."""

@@ -1,5 +1,5 @@
 """The lean form of `conv_gated_delta_rule`: one autograd function over the Triton kernels of
-`short_conv`, `l2norm` and `gated_delta_rule` that keeps its inputs and one head's buffers.
+`short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule` that keeps its inputs and one head's buffers.
 
 Forward: convolutions -> L2 norms -> chunked recurrence, for heads 0..H-2 at once keeping
 nothing they make, then for the last head keeping what its backward needs. Backward, one head
@@ -18,7 +18,6 @@ from torch import Tensor
 
 from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay
 from megatron_mom.ops.gated_delta_rule import triton as gdr
-from megatron_mom.ops.l2norm.triton import l2norm_fwd
 from megatron_mom.ops.mix.triton import sum_over_slots
 from megatron_mom.ops.short_conv import triton as conv
 from megatron_mom.ops.utils import as_int32
@@ -36,12 +35,10 @@ def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: sli
     N, L = cu.numel() - 1, k_in.shape[0]
     ck, cv = slice(heads.start * K, heads.stop * K), slice(heads.start * V, heads.stop * V)
     h = heads.stop - heads.start
-    q3, q_rstd = l2norm_fwd(conv._conv_forward(q_tok[:, ck], x_row, conv_q[ck], cu, N, None,
-                                               True).view(L, h, K))
-    k3, k_rstd = l2norm_fwd(conv._conv_forward(k_in[:, ck], None, conv_k[ck], cu, N, None,
-                                               True).view(L, h, K))
-    v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True).view(L, h, V)
-    return q3, q_rstd, k3, k_rstd, v3
+    q3, q_rstd = conv.conv_l2norm_forward(q_tok[:, ck], x_row, conv_q[ck], cu, N, K)
+    k3, k_rstd = conv.conv_l2norm_forward(k_in[:, ck], None, conv_k[ck], cu, N, K)
+    v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True)
+    return q3.view(L, h, K), q_rstd, k3.view(L, h, K), k_rstd, v3.view(L, h, V)
 
 
 def _packed(L: int, heads: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:

@@ -30,6 +30,9 @@ MAX_WIDTH = 8
 # tile. Chosen from the register counts of an offline sm_90 build (Triton 3.6 and 3.9): no
 # spills up to W = 8, and 168 registers for the W = 4 backward, so three programs share an SM.
 FWD_CONFIG = (64, 64, 4)
+# With the L2 norm (`conv_l2norm_forward`) a tile spans one head's columns: (BT, warps) by the
+# largest head dim served, so the tile stays at 4096 elements.
+NORM_CONFIG = {64: (64, 4), 128: (32, 4), 256: (16, 4)}
 BWD_CONFIG = (32, 32, 4)
 # The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
 # sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
@@ -85,7 +88,10 @@ def _locate(cu_seqlens, tok, N, STEPS: tl.constexpr):
 def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride: tl.constexpr,
                      STEPS: tl.constexpr,
                      C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
-                     GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                     GATHER: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                     NORM: tl.constexpr = False, rstd=None, eps=1e-6):
+    """NORM: each column block is one head (BC = its dim); its rows are L2-normalised before
+    the store, from the float32 activations, and 1/norm goes to rstd [TT, C // BC]."""
     tok = tl.program_id(0) * BT + tl.arange(0, BT)[:, None]         # [BT, 1]
     cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
     tmask = tok < TT
@@ -95,6 +101,11 @@ def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride: tl.
                         C, W, HAS_INIT, GATHER, BT, BC)
     if SILU:
         z = z / (1.0 + tl.exp(-z))
+    if NORM:
+        r = 1.0 / tl.sqrt(tl.sum(z * z, axis=1) + eps)                   # [BT]
+        z = z * r[:, None]
+        tl.store(rstd + tl.reshape(tok, [BT]).to(tl.int64) * (C // BC) + tl.program_id(1), r,
+                 mask=tl.reshape(tmask, [BT]))
     tl.store(y + tok.to(tl.int64) * C + cols, z.to(y.dtype.element_ty), mask=tmask & cmask)
 
 
@@ -282,6 +293,29 @@ def _conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tenso
             STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu,
             GATHER=x_row is not None, BT=BT, BC=BC, num_warps=warps)
     return y
+
+
+def conv_l2norm_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
+                        head_dim: int, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    """silu(conv) of input rows x2 [*, C] (as `_conv_forward`, no initial state), each head's
+    head_dim columns L2-normalised in the same kernel: (y [TT, C], rstd [TT, C // head_dim]
+    float32), what `l2norm_fwd` gives for the convolution's output, with the norm taken before
+    the output is rounded to x2's dtype."""
+    TT = x2.shape[0] if x_row is None else x_row.numel()
+    C, W = x2.shape[1], weight.shape[1]
+    if C % head_dim or head_dim != triton.next_power_of_2(head_dim) or head_dim > max(NORM_CONFIG):
+        raise ValueError(f"conv_l2norm_forward: head_dim={head_dim} must be a power of two up "
+                         f"to {max(NORM_CONFIG)} dividing the {C} channels")
+    BT, warps = NORM_CONFIG[min(d for d in NORM_CONFIG if d >= head_dim)]
+    y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)          # [TT, C]
+    rstd = torch.empty(TT, C // head_dim, dtype=torch.float32, device=x2.device)
+    if TT and C:
+        _conv_fwd_kernel[(triton.cdiv(TT, BT), C // head_dim)](
+            x2, _or_x(x_row, x2), weight, x2, y, cu, TT, N, x2.stride(0),
+            STEPS=search_steps(N), C=C, W=W, HAS_INIT=False, SILU=True,
+            GATHER=x_row is not None, BT=BT, BC=head_dim, NORM=True, rstd=rstd, eps=eps,
+            num_warps=warps if W <= 4 else 2 * warps)
+    return y, rstd
 
 
 def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
