@@ -13,6 +13,8 @@ exist at a time, and only one head's normalised q, k, v are kept between forward
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -41,10 +43,17 @@ def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: sli
     return q3.view(L, h, K), q_rstd, k3.view(L, h, K), k_rstd, v3.view(L, h, V)
 
 
-def _packed(L: int, heads: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
-    """Shapes of `heads` heads (meta tensors: _Packed reads only shapes when cu is given)."""
-    return gdr._Packed(torch.empty(1, L, heads, K, device="meta"),
-                       torch.empty(1, L, heads, V, device="meta"), cu, chunk_size)
+def _packed(L: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
+    """Shapes of one head (meta tensors: _Packed reads only shapes when cu is given)."""
+    return gdr._Packed(torch.empty(1, L, 1, K, device="meta"),
+                       torch.empty(1, L, 1, V, device="meta"), cu, chunk_size)
+
+
+def _heads(P: gdr._Packed, heads: int) -> gdr._Packed:
+    """P for `heads` heads (same sequences and chunk offsets)."""
+    P = copy.copy(P)
+    P.H = heads
+    return P
 
 
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
@@ -63,15 +72,15 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         # with it and frees them before the next head: no other head's buffers exist then,
         # so keeping them adds nothing to the backward's peak and saves one head's recompute.
         rest, last = slice(0, H - 1), slice(H - 1, H)
+        P = _packed(L, K, V, cu, chunk_size)
         if H > 1:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
-            P = _packed(L, H - 1, K, V, cu, chunk_size)
-            gam, w, u0, _, p_mat = gdr._prepare(P, q3, k3, v3, g[:, rest], beta[:, rest], scale)
-            gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+            Pr = _heads(P, H - 1)
+            gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale)
+            gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                store_states=False, store_final=False, o=o[:, rest])
             del q3, k3, v3, gam, w, u0, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
-        P = _packed(L, 1, K, V, cu, chunk_size)
         gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
         _, h, u, _ = gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                         store_states=True, store_final=False, o=o[:, last])
@@ -97,13 +106,17 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             beta_g = beta_and_decay(*leaves)
         beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
-        P = _packed(L, 1, K, V, cu, chunk_size)
+        P = _packed(L, K, V, cu, chunk_size)
         dbeta = torch.empty(L, H, dtype=f32, device=dev)
         dg = torch.empty(L, H, dtype=f32, device=dev)
         d_kvba = torch.empty_like(kvba)
         dk_in, dv_in, db, da = _split_kvba(d_kvba, H, K, V)
         d_qtok = torch.empty(q_tok.shape, dtype=q_tok.dtype, device=dev)
-        dw_q, dw_k, dw_v = (torch.empty_like(w) for w in (conv_q, conv_k, conv_v))
+        # Each head's convolution backward writes its columns of one dw partial-sum buffer
+        # per weight, summed once at the end (not three reductions and copies per head).
+        rows = conv.conv_backward_programs(L, conv_q.shape[1])
+        dw_parts = [torch.empty(rows, w.shape[0], w.shape[1], dtype=f32, device=dev)
+                    for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
         opts = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
         for j in reversed(range(H)):               # the last head first: its buffers are kept
@@ -129,15 +142,17 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             del q3, k3, v3, inputs, states
             ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
             d_rows = torch.empty(L, K, dtype=q_tok.dtype, device=dev)             # per packed row
-            dw_q[ck] = conv._conv_backward(q_tok[:, ck], x_row, conv_q[ck], None,
-                                           own["dq"].view(L, K), d_rows, cu, N, True, False)[0]
+            conv._conv_backward(q_tok[:, ck], x_row, conv_q[ck], None, own["dq"].view(L, K),
+                                d_rows, cu, N, True, False, dw_parts[0][:, ck])
             sum_over_slots(d_rows, slot_row, out=d_qtok[:, ck])
             del d_rows
-            dw_k[ck] = conv._conv_backward(k_in[:, ck], None, conv_k[ck], None, own["dk"].view(L, K),
-                                           dk_in[:, ck], cu, N, True, False)[0]
-            dw_v[cv] = conv._conv_backward(v_in[:, cv], None, conv_v[cv], None, own["dv"].view(L, V),
-                                           dv_in[:, cv], cu, N, True, False)[0]
+            conv._conv_backward(k_in[:, ck], None, conv_k[ck], None, own["dk"].view(L, K),
+                                dk_in[:, ck], cu, N, True, False, dw_parts[1][:, ck])
+            conv._conv_backward(v_in[:, cv], None, conv_v[cv], None, own["dv"].view(L, V),
+                                dv_in[:, cv], cu, N, True, False, dw_parts[2][:, cv])
             del own
+        dw_q, dw_k, dw_v = (p.sum(0).to(w.dtype) for p, w in zip(dw_parts, (conv_q, conv_k,
+                                                                          conv_v)))
         d_b, d_a, d_A, d_dt = torch.autograd.grad(beta_g, leaves, (dbeta, dg))
         db.copy_(d_b)
         da.copy_(d_a)

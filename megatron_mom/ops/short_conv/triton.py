@@ -142,9 +142,10 @@ def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N,
                      x_stride: tl.constexpr, TILES,
                      STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
                      SILU: tl.constexpr, GATHER: tl.constexpr, DX_STRIDE: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr):
+                     BT: tl.constexpr, BC: tl.constexpr, PART_C: tl.constexpr):
     """dx_t = sum_d w[c, W-1-d] dz_{t+d} (same sequence) for TILES consecutive token tiles;
-    dw_part[program] = this program's share of dw [C, W]. dx rows lie DX_STRIDE apart (C for a
+    dw_part[program] = this program's share of dw [C, W] (its rows PART_C channels apart: a
+    column range of a wider buffer, as for heads of one weight). dx rows lie DX_STRIDE apart (C for a
     dx of its own), x rows x_stride apart: as compile-time constants they tell the compiler how
     loads and stores align (a runtime 2056, the memory rows' stride, is not known to be a
     multiple of 16 and compiled to 2-byte loads).
@@ -196,7 +197,8 @@ def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N,
         dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
         tl.store(dx + tok.to(tl.int64) * DX_STRIDE + cols, dxs.to(dx.dtype.element_ty),
                  mask=(tok < TT) & (rows < OUT) & cmask)
-    part = dw_part + (tl.program_id(0).to(tl.int64) * C + tl.program_id(1) * BC + tl.arange(0, BC)) * W
+    part = dw_part + (tl.program_id(0).to(tl.int64) * PART_C + tl.program_id(1) * BC
+                      + tl.arange(0, BC)) * W
     for e in tl.static_range(W):
         tl.store(part + (W - 1 - e), tl.sum(dw_acc[e], axis=0), mask=tl.reshape(cmask, [BC]))
 
@@ -318,24 +320,41 @@ def conv_l2norm_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu:
     return y, rstd
 
 
+def conv_backward_programs(TT: int, W: int) -> int:
+    """Programs along the tokens of a backward over TT rows: the rows of its dw partials."""
+    BT = BWD_CONFIG[0]
+    return triton.cdiv(TT, (BT - (W - 1)) * _bwd_tiles(TT))           # a tile yields BT-(W-1) rows
+
+
 def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
-                   dy: Tensor, dx: Tensor, cu: Tensor, N: int, silu: bool, want_dinit: bool):
+                   dy: Tensor, dx: Tensor, cu: Tensor, N: int, silu: bool, want_dinit: bool,
+                   dw_part: Optional[Tensor] = None):
     """Writes the gradient of each packed row's input into dx [TT, C] (any row stride: it may
     be a column range of a wider gradient); dy [TT, C] contiguous. Returns (dw [C, W] in
-    weight's dtype, d initial_state or None)."""
+    weight's dtype, d initial_state or None). With `dw_part` [conv_backward_programs(TT, W), C,
+    W] float32 (a column range of a wider buffer: several heads of one weight, summed once by
+    the caller) the per-program partial sums go there and dw is returned as None."""
     TT, C = dx.shape
     W = weight.shape[1]
     BT, BC, warps = _launch(BWD_CONFIG, C, W)
     tiles = _bwd_tiles(TT)
-    programs = triton.cdiv(TT, (BT - (W - 1)) * tiles)                # a tile yields BT-(W-1) rows
-    # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
-    dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=dx.device)
+    programs = conv_backward_programs(TT, W)
+    own_part = dw_part is None
+    if own_part:
+        # [programs, C, W]: every entry is written by exactly one program, hence no zero fill
+        dw_part = torch.empty(programs, C, W, dtype=torch.float32, device=dx.device)
+    elif (dw_part.shape != (programs, C, W) or dw_part.dtype != torch.float32
+          or dw_part.stride()[1:] != (W, 1)):
+        raise ValueError(f"short_conv (triton): dw_part {tuple(dw_part.shape)} / "
+                         f"{dw_part.stride()} must be float32 [{programs}, {C}, {W}] with "
+                         f"contiguous channel rows")
     steps = search_steps(N)
     if TT and C:
         _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
             x2, _or_x(x_row, x2), weight, _or_x(init, x2), dy, dx, dw_part, cu, TT, N,
             x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-            GATHER=x_row is not None, DX_STRIDE=dx.stride(0), BT=BT, BC=BC, num_warps=warps)
+            GATHER=x_row is not None, DX_STRIDE=dx.stride(0), BT=BT, BC=BC,
+            PART_C=dw_part.stride(0) // W, num_warps=warps)
     dinit = None
     if want_dinit:
         dinit32 = torch.empty(N, C, W - 1, dtype=torch.float32, device=dx.device)
@@ -345,7 +364,7 @@ def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Op
             W=W, SILU=silu, GATHER=x_row is not None, BT=max(2, triton.next_power_of_2(W - 1)),
             BC=BC)
         dinit = dinit32.to(init.dtype)
-    return dw_part.sum(0).to(weight.dtype), dinit
+    return (dw_part.sum(0).to(weight.dtype) if own_part else None), dinit
 
 
 def _or_x(t: Optional[Tensor], x2: Tensor) -> Tensor:
