@@ -29,7 +29,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
-from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, conv_gated_delta_rule
+from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
+                                                    kvba_columns)
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
 from megatron_mom import inference, metrics
 
@@ -336,7 +337,7 @@ class MixtureOfMemories(MegatronModule):
         from its cached history, which then receives the segment's last W-1 inputs."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         q = routing.spread(q_tok, layout)                                  # [L, H*K]
-        k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
+        k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
 
         def conv(x, w, hist):
             y, final = short_conv(
@@ -409,7 +410,7 @@ class MixtureOfMemories(MegatronModule):
             return y[:, 0]
 
         kvba = mem.gather(1, slot[..., None].expand(B, S, mem.shape[-1])).view(B * S, -1)
-        k, v, b, a = kvba.split([H * K, H * V, H, H], dim=-1)
+        k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
         q = conv(q_tok.repeat_interleave(S, dim=0), self.conv_q, cache.conv_q)
         k = conv(k, self.conv_k, cache.conv_k)
         v = conv(v, self.conv_v, cache.conv_v)

@@ -23,6 +23,11 @@ from megatron_mom.ops.gated_delta_rule import gated_delta_rule, resolve_backend
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
 
+def kvba_columns(H: int, K: int, V: int):
+    """Column sizes of the packed k | v | b | a rows (the memories' projection output)."""
+    return [H * K, H * V, H, H]
+
+
 def beta_and_decay(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tuple[Tensor, Tensor]:
     """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32 (float64 for
     float64 inputs). b, a: [..., H]; A_log, dt_bias: [H]."""
@@ -77,7 +82,7 @@ def conv_gated_delta_rule(
                                           A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale)
     q, _ = short_conv(q_tok[None], conv_q, cu_seqlens=cu_seqlens, activation="silu",
                       gather=gather, backend=backend)
-    k, v, b, a = short_conv_split(kvba[None], [conv_k, conv_v, None, None], [H * K, H * V, H, H],
+    k, v, b, a = short_conv_split(kvba[None], [conv_k, conv_v, None, None], kvba_columns(H, K, V),
                                   cu_seqlens=cu_seqlens, activation="silu", backend=backend)
     beta, g = beta_and_decay(b, a, A_log, dt_bias)
     o, _ = gated_delta_rule(q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V),
@@ -87,4 +92,4 @@ def conv_gated_delta_rule(
     return o.view(L, H, V)
 
 
-__all__ = ["conv_gated_delta_rule", "beta_and_decay"]
+__all__ = ["conv_gated_delta_rule", "beta_and_decay", "kvba_columns"]

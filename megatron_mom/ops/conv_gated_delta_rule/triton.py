@@ -1,5 +1,6 @@
 """The lean form of `conv_gated_delta_rule`: one autograd function over the Triton kernels of
-`short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule` that keeps its inputs and one head's buffers.
+`short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule` that keeps its
+inputs and one head's buffers.
 
 Forward: convolutions -> L2 norms -> chunked recurrence, for heads 0..H-2 at once keeping
 nothing they make, then for the last head keeping what its backward needs. Backward, one head
@@ -18,7 +19,7 @@ import copy
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay
+from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, kvba_columns
 from megatron_mom.ops.gated_delta_rule import triton as gdr
 from megatron_mom.ops.mix.triton import sum_over_slots
 from megatron_mom.ops.short_conv import triton as conv
@@ -27,7 +28,7 @@ from megatron_mom.ops.utils import as_int32
 
 def _split_kvba(kvba: Tensor, H: int, K: int, V: int):
     """Column views k [L, H*K], v [L, H*V], b [L, H], a [L, H] of the packed rows."""
-    return kvba.split([H * K, H * V, H, H], dim=1)
+    return kvba.split(kvba_columns(H, K, V), dim=1)
 
 
 def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: slice, K: int,
