@@ -4,6 +4,8 @@ measured in the same run (bf16, triton.testing.do_bench medians).
   training: forward and forward+backward at the paper configuration (hidden 2048, 4 heads x 256,
             M=4, top-2, shared memory), B4 T4096, and fwd+bwd at B8 T2048, B1 T16384, B1 T65536;
             peak extra memory of one forward+backward.
+            With --cuda-graph also ours captured in one CUDA graph (the time without host
+            overhead).
   decoding: per-token latency of one decode step after a 512-token prefill at batch 1 and 64
             (ours eager and CUDA-graph replayed; fla's MomAttention with its cache).
 
@@ -85,6 +87,45 @@ def bench_train(fn_fwd, x):
     r["peak_extra_GiB"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     r["tok_per_s_fwdbwd"] = x.shape[0] * x.shape[1] / (r["fwdbwd_ms"] * 1e-3)
     return r
+
+
+def graph_step_ms(layer, x):
+    """Our layer's fwd+bwd captured in one CUDA graph and replayed: the step's time without the
+    host's launch overhead (as under Megatron's CUDA graphs). Fresh layer and input: autograd
+    binds a leaf's gradient to the stream it first ran on, and the capture runs on a side one."""
+    from triton.testing import do_bench
+    params = list(layer.parameters())
+
+    def step():
+        for t in params + [x]:
+            t.grad = None
+        out = layer(x)[0]
+        out.backward(torch.ones_like(out))
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+
+
+def run_graph(B=4, T=4096):
+    from megatron_mom import MoMConfig
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    torch.manual_seed(0)
+    layer = our_layer(mom).to("cuda", torch.bfloat16).train()
+    x = torch.randn(T, B, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    try:
+        log(f"ours_mom_graph_B{B}_T{T}", {"fwdbwd_ms": graph_step_ms(layer, x)})
+    except Exception as e:  # noqa: BLE001 - report and go on
+        log(f"ours_mom_graph_B{B}_T{T}", {"error": repr(e)[:300]})
 
 
 def run_profile(out_dir, B=4, T=4096, by_op=False):
@@ -254,6 +295,8 @@ def main():
     p.add_argument("--no-training-peers", action="store_true",
                    help="time fla's layers only in the decode section")
     p.add_argument("--profile-only", action="store_true", help="only the kernel-time profile")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also our layer's fwd+bwd captured in a CUDA graph (no host overhead)")
     p.add_argument("--profile-ops", action="store_true",
                    help="only a profile by aten op and input shape")
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
@@ -280,6 +323,8 @@ def main():
     peers = {} if args.no_training_peers else {
         name: make for name, make in fla_peers().items() if name in wanted}
     run_training(shapes, peers)
+    if args.cuda_graph:
+        run_graph()
     if args.quick and args.scaling_ours:
         run_training([(8, 2048, False), (1, 16384, False), (1, 65536, False)], {})
     if not args.no_decode:

@@ -128,7 +128,8 @@ init_process_groups(tp=1, pp=1, seed=1234)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
 from megatron_mom.specs import get_mom_module_spec
-mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=128)
+mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=128,
+                lean_backward=LEAN)
 config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=4,
                            params_dtype=torch.bfloat16, bf16=True,
                            gradient_accumulation_fusion=False)
@@ -153,11 +154,13 @@ print("layer step captured; worst difference to eager", worst)
 """
 
 
-def test_layer_training_step_cuda_graph():
+@pytest.mark.parametrize("lean", [False, True], ids=["default", "lean"])
+def test_layer_training_step_cuda_graph(lean):
     """A whole training step of the layer (routing, packing, grouped projection, convolutions,
     recurrence, mix, norms; forward and backward) captured in one CUDA graph and replayed
-    equals the eager step: no host sync anywhere, static shapes. In a subprocess, because a
-    failed capture leaves the CUDA context unusable for later tests."""
+    equals the eager step: no host sync anywhere, static shapes; also in the lean mode (its
+    per-head backward and kept head). In a subprocess, because a failed capture leaves the
+    CUDA context unusable for later tests."""
     from graph_capture import run_script
-    run = run_script(_LAYER_CAPTURE, timeout=600)
+    run = run_script(_LAYER_CAPTURE.replace("LEAN", str(lean)), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
