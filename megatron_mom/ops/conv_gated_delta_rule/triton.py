@@ -14,8 +14,6 @@ exist at a time, and only one head's normalised q, k, v are kept between forward
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor
 
@@ -50,13 +48,6 @@ def _packed(L: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
                        torch.empty(1, L, 1, V, device="meta"), cu, chunk_size)
 
 
-def _heads(P: gdr._Packed, heads: int) -> gdr._Packed:
-    """P for `heads` heads (same sequences and chunk offsets)."""
-    P = copy.copy(P)
-    P.H = heads
-    return P
-
-
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
@@ -76,7 +67,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         P = _packed(L, K, V, cu, chunk_size)
         if H > 1:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
-            Pr = _heads(P, H - 1)
+            Pr = P.with_heads(H - 1)
             gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale)
             gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                store_states=False, store_final=False, o=o[:, rest])

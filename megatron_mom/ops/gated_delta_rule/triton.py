@@ -144,6 +144,12 @@ class _Packed:
         self.offsets = chunk_offsets(self.cu, chunk_size)
         self.steps = search_steps(self.N)
 
+    def with_heads(self, heads: int) -> "_Packed":
+        """The same sequences and chunk offsets for a launch over `heads` heads."""
+        packed = copy.copy(self)
+        packed.H = heads
+        return packed
+
 
 def _row_stride(x: Tensor, *more: Tensor) -> int:
     """Token-row stride (elements) of [TT, H, *] / [TT, H] tensors or head slices of wider ones,
@@ -324,10 +330,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
         groups = P.H if ctx.lean else _head_groups(P.H)
         Hg = P.H // groups
-        Pg = P
-        if groups > 1:
-            Pg = copy.copy(P)
-            Pg.H = Hg
+        Pg = P.with_heads(Hg)
         # Gradients in q's dtype (l2 norm: its backward writes them; else the kernels do),
         # each made when a group first writes it (after that group's own buffers for dq, dk).
         dev, f32 = v3.device, torch.float32
