@@ -31,10 +31,11 @@ class MoMConfig:
     chunk_size:      chunk length of the chunked gated-delta-rule kernels.
     backend:         kernels for the recurrence, short convolutions, mix and gated
                      RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
-    lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps only its
-                     inputs for the backward, which recomputes them and the recurrence's states
-                     one head at a time: the layer's peak memory at the paper shape drops from
-                     2.46 to 1.21 GiB for ~25% more time (H100, docs/performance.md). The same
+    lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps its inputs
+                     and one head's buffers for the backward, which recomputes the rest and the
+                     recurrence's states one head at a time: the layer's peak memory at the
+                     paper shape drops from 2.46 to 1.22 GiB for ~15% more GPU time, and the
+                     eager step becomes host-bound (H100, docs/performance.md). The same
                      gradients up to rounding. Triton backend only.
     grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
                      one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16

@@ -6,10 +6,10 @@
 
 By default it is the composition of the ops it is made of (`short_conv`, `short_conv_split`,
 `gated_delta_rule`), each with its own autograd. With `lean_backward` on the Triton backend it
-runs as one function that keeps only its inputs (the pre-convolution rows) for the backward,
-which goes one head at a time: convolutions, L2 norms and the recurrence's states are
-recomputed for that head, and its gradients are taken back through the convolutions before the
-next head starts (`triton.py`). Same gradients as the composition, less memory, more time.
+runs as one function that keeps its inputs (the pre-convolution rows) and the last head's
+buffers for the backward, which goes one head at a time, that head first: for the others the
+convolutions, L2 norms and the recurrence's states are recomputed, and each head's gradients
+are taken back through the convolutions before the next head starts (`triton.py`). Same gradients as the composition, less memory, more time.
 """
 from __future__ import annotations
 
