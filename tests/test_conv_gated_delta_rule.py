@@ -3,6 +3,8 @@ autograd function, backward head by head through recomputed convolutions) agains
 composition of the torch references, on the CPU through Triton's interpreter (float32)."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -82,6 +84,33 @@ def test_lean_conv_gated_delta_rule_keeps_its_inputs_and_one_head():
     assert states[4].shape[1] == 1 and states[5].shape == (L, 1, 32)      # h, U of one head
     o.sum().backward()
     assert o.grad_fn.kept is None
+
+
+def test_lean_conv_gated_delta_rule_frees_a_heads_gradients_before_the_next_chunk_backward(
+        monkeypatch):
+    """A head's convolution backward is deferred to run beside the next head's state kernels;
+    its gradient buffers must be gone by the next head's chunk backward (the backward's peak),
+    or the lean mode's peak grows by one head's dq, dk, dv (96 MiB at the paper shape)."""
+    from megatron_mom.ops.gated_delta_rule import triton as gdr
+    from megatron_mom.ops.short_conv import triton as conv
+    grads, alive, calls = [], [], []
+    conv_backward, chunk_backward = conv._conv_backward, gdr._chunk_backward
+
+    def conv_spy(x2, x_row, weight, init, dy, *args):
+        grads.append(weakref.ref(dy if dy._base is None else dy._base))
+        return conv_backward(x2, x_row, weight, init, dy, *args)
+
+    def chunk_spy(*args, **kwargs):
+        alive.append(sum(ref() is not None for ref in grads))
+        return chunk_backward(*args, **kwargs)
+
+    monkeypatch.setattr(conv, "_conv_backward", conv_spy)
+    monkeypatch.setattr(gdr, "_chunk_backward", chunk_spy)
+    leaves, layout, H = make_case(H=3)
+    o = lean_forward(leaves, layout, H)
+    o.sum().backward()
+    assert len(alive) == 3 and len(grads) == 9
+    assert alive == [0, 0, 0], alive
 
 
 def test_lean_conv_gated_delta_rule_second_backward_recomputes():

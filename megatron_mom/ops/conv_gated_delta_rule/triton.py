@@ -14,6 +14,8 @@ exist at a time, and only one head's normalised q, k, v are kept between forward
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,18 @@ def _packed(L: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
                        torch.empty(1, L, 1, V, device="meta"), cu, chunk_size)
 
 
+def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_row, slot_row, cu):
+    """One head's q, k, v convolution backward: from its gradients [L, 1, D] into its columns of
+    the inputs' gradients and of the dw partial sums (q's through d_rows [L, D], per packed
+    row, then summed over each token's slots)."""
+    L, N = grads[0].shape[0], cu.numel() - 1
+    for j, (x2, w, dy, dx, part) in enumerate(zip(inputs, weights, grads, d_inputs, dw_parts)):
+        conv._conv_backward(x2, x_row if j == 0 else None, w, None, dy.view(L, -1),
+                            d_rows if j == 0 else dx, cu, N, True, False, part)
+        if j == 0:
+            sum_over_slots(d_rows, slot_row, out=dx)
+
+
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
@@ -65,17 +79,26 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         # so keeping them adds nothing to the backward's peak and saves one head's recompute.
         rest, last = slice(0, H - 1), slice(H - 1, H)
         P = _packed(L, K, V, cu, chunk_size)
+        rest_bufs, join = (), lambda: None
         if H > 1:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
             Pr = P.with_heads(H - 1)
             gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale)
-            gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                               store_states=False, store_final=False, o=o[:, rest])
+            rest_bufs = (q3, k3, w, u0, gam, p_mat)
+            # Its recurrence (sequential over chunks, too few programs to fill the GPU) runs
+            # beside the last head's convolutions, `prepare` and recurrence.
+            with gdr._beside(kvba.device) as join:
+                gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                                   store_states=False, store_final=False, o=o[:, rest])
             del q3, k3, v3, gam, w, u0, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
         gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
-        _, h, u, _ = gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                                        store_states=True, store_final=False, o=o[:, last])
+        h = torch.empty(P.NTU, 1, K, V, dtype=kvba.dtype, device=kvba.device)
+        u = torch.empty_like(u0)
+        gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                           store_states=True, store_final=False, o=o[:, last], h=h, u=u)
+        join()
+        del rest_bufs
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
                               slot_row, cu)
         # An attribute, not a saved tensor: the backward drops it after the last head, which a
@@ -111,6 +134,11 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
                     for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
         opts = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
+        # A head's convolution backward (memory-bound, many programs) runs beside the next
+        # head's sequential state kernels (latency-bound, few programs). Its gradients then
+        # outlive its own backward by those kernels, which stays under the peak of a head's
+        # chunk backward (the recomputed and gradient states, 2 x 98.5 MiB at the paper shape).
+        pending = []
         for j in reversed(range(H)):               # the last head first: its buffers are kept
             heads = slice(j, j + 1)
             if kept is not None:
@@ -130,19 +158,18 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
             inputs = (q3, k3, v3, g[:, heads], beta[:, heads], do3[:, heads], None, None,
                       q_rstd.view(L, 1), k_rstd.view(L, 1))
-            gdr._backward_heads(P, inputs, states, opts, out)
+            gdr._backward_heads(P, inputs, states, opts, out, beside=pending)
             del q3, k3, v3, inputs, states
             ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
-            d_rows = torch.empty(L, K, dtype=q_tok.dtype, device=dev)             # per packed row
-            conv._conv_backward(q_tok[:, ck], x_row, conv_q[ck], None, own["dq"].view(L, K),
-                                d_rows, cu, N, True, False, dw_parts[0][:, ck])
-            sum_over_slots(d_rows, slot_row, out=d_qtok[:, ck])
-            del d_rows
-            conv._conv_backward(k_in[:, ck], None, conv_k[ck], None, own["dk"].view(L, K),
-                                dk_in[:, ck], cu, N, True, False, dw_parts[1][:, ck])
-            conv._conv_backward(v_in[:, cv], None, conv_v[cv], None, own["dv"].view(L, V),
-                                dv_in[:, cv], cu, N, True, False, dw_parts[2][:, cv])
+            pending.append(functools.partial(
+                _conv_backward_head, (q_tok[:, ck], k_in[:, ck], v_in[:, cv]),
+                (conv_q[ck], conv_k[ck], conv_v[cv]), (own["dq"], own["dk"], own["dv"]),
+                (d_qtok[:, ck], dk_in[:, ck], dv_in[:, cv]),
+                tuple(p[:, c] for p, c in zip(dw_parts, (ck, ck, cv))),
+                torch.empty(L, K, dtype=q_tok.dtype, device=dev), x_row, slot_row, cu))
             del own
+        while pending:                                  # the last head's, on this stream
+            pending.pop()()
         dw_q, dw_k, dw_v = (p.sum(0).to(w.dtype) for p, w in zip(dw_parts, (conv_q, conv_k,
                                                                           conv_v)))
         d_b, d_a, d_A, d_dt = torch.autograd.grad(beta_g, leaves, (dbeta, dg))

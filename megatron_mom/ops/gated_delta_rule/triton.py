@@ -13,6 +13,7 @@ value on the host: grids come from shapes (chunk-count upper bound T_total // C 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import traceback
 from typing import Dict, Optional, Tuple
@@ -127,6 +128,32 @@ def _launch(kernel, grid, *args, num_stages: int, **kwargs):
     kernel[grid](*args, num_stages=1, **kwargs)
 
 
+# Launch independent sequential kernels on a side stream (CUDA only); off: one stream.
+OVERLAP = True
+_SIDE_STREAMS: Dict[Tuple[torch.device, int], "torch.cuda.Stream"] = {}
+
+
+@contextlib.contextmanager
+def _beside(device: torch.device, slot: int = 0):
+    """Work enqueued inside the block goes to a side stream, after everything already enqueued
+    on the current one, and runs beside what the current stream gets next. Yields `join`, which
+    makes the current stream wait for that work: call it before reading the block's results or
+    freeing its inputs. Tensors the block uses must be made outside it (on the current stream),
+    so that the caching allocator keeps them in the current stream's pool. A plain block where
+    there is no CUDA stream (CPU, the Triton interpreter) or with OVERLAP off. `slot` picks
+    one of several side streams, for blocks meant to run beside each other too."""
+    if not (OVERLAP and device.type == "cuda"):
+        yield lambda: None
+        return
+    main = torch.cuda.current_stream(device)
+    side = _SIDE_STREAMS.get((device, slot))
+    if side is None:
+        side = _SIDE_STREAMS[(device, slot)] = torch.cuda.Stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield lambda: main.wait_stream(side)
+
+
 class _Packed:
     """Shapes and sequence bookkeeping shared by the forward and backward launches."""
 
@@ -195,14 +222,16 @@ def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
 
 
 def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
-                   store_final, o=None):
+                   store_final, o=None, h=None, u=None):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
-    h [NTU,H,K,V], U [TT,H,V] (or None), final state [N,H,K,V] f32."""
+    h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
-    h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev) if store_states else None
-    u = torch.empty_like(u0) if store_states else None
+    if store_states and h is None:
+        h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
+    if store_states and u is None:
+        u = torch.empty_like(u0)
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
     cfg = _state_config("state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
@@ -369,21 +398,38 @@ def _head_groups(H: int) -> int:
     return max(d for d in range(1, want + 1) if H % d == 0)
 
 
-def _backward_heads(P: _Packed, inputs, states, opts, out):
+def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
     """The backward over P.H heads from the (sliced) inputs and the forward's kept states or,
     when `states` is None, by rerunning the forward kernels. Writes into `out(name)`: the head
-    slices of the full dq, dk, dv, dbeta, dg (and dh0), asked for only when written."""
+    slices of the full dq, dk, dv, dbeta, dg (and dh0), asked for only when written.
+    `beside`: a list of functions whose launches (independent of this call's, their tensors
+    made by the caller) run beside the sequential state kernels, which leave most of the GPU
+    idle; emptied once the current stream waits for them, so that their tensors can be freed."""
     q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
     scale, use_l2, has_h0, q_dtype = opts
+    join = None
+    with _beside(q3.device, 1) as join_beside:
+        for i in range(len(beside)):       # no loop variable: it would keep the last one alive
+            beside[i]()
     if states is not None:
         gam, w, t_mat, p_mat, h, u = states
     else:
         gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-        _, h, u, _ = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
-                                    store_states=True, store_final=False)
-        del u0
+        h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k3.dtype, device=k3.device)
+        u = torch.empty_like(u0)
+        # The state backward below does not read the states: the two sequential kernels, each
+        # too few programs to fill the GPU, run side by side.
+        with _beside(k3.device) as join:
+            _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
+                           store_states=True, store_final=False, h=h, u=u)
     dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
                              out("dh0") if has_h0 else None)
+    join_beside()
+    if beside:
+        beside.clear()
+    if join is not None:
+        join()
+        del u0
     grads = dict(dv=out("dv"), dbeta=out("dbeta"), dg=out("dg"))
     if use_l2:
         # The kernels' dq, dk are gradients of the normalised q, k: the group's own buffers
