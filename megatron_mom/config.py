@@ -34,9 +34,11 @@ class MoMConfig:
     lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps its inputs
                      and one head's buffers for the backward, which recomputes the rest and the
                      recurrence's states one head at a time: the layer's peak memory at the
-                     paper shape drops from 2.46 to 1.22 GiB for ~15% more GPU time, and the
-                     eager step becomes host-bound (H100, docs/performance.md). The same
-                     gradients up to rounding. Triton backend only.
+                     paper shape drops from 2.46 to 1.22 GiB for ~10% more GPU time (side
+                     CUDA streams run its sequential kernels beside other work); its many
+                     launches make the eager step host-bound on slower host CPUs, which a
+                     CUDA graph removes (H100, docs/performance.md). The same gradients up to
+                     rounding. Triton backend only.
     grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
                      one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
                      CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS

@@ -48,8 +48,8 @@ _HELP = {
     "grouped-projection": "project k, v, b, a of the routed rows only, as one grouped GEMM: "
                           "auto (bf16 on Hopper/Blackwell), on, off (dense)",
     "lean-backward": "memory path backward from recomputed convolutions and states, one head "
-                     "at a time: less peak memory, ~15%% more layer GPU time (host-bound "
-                     "unless CUDA-graphed) "
+                     "at a time: less peak memory, ~10%% more layer GPU time (host-bound "
+                     "on slow host CPUs unless CUDA-graphed) "
                      "(--no-mom-lean-backward: off)",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoMConfig)}

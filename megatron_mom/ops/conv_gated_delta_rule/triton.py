@@ -10,7 +10,10 @@ dO and writes the full dbeta and dg in place); then that head's convolution back
 columns of the one d(kvba) and d(q_tok). So at most one head's q, k, v, states and gradients
 exist at a time, and only one head's normalised q, k, v are kept between forward and backward
 (the composition keeps them all, 3 x L x H x K values). The decay and beta gradients go through
-`beta_and_decay` once for all heads at the end.
+`beta_and_decay` once for all heads at the end. On CUDA the sequential state kernels run beside
+independent work on side streams (`gdr._beside`): a head's state forward beside its state
+backward, a head's convolution backward beside the next head's state kernels, and in the
+forward heads 0..H-2's recurrence beside the last head's.
 """
 from __future__ import annotations
 
