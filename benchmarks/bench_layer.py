@@ -278,6 +278,12 @@ def table() -> str:
     return "\n".join(rows + ([""] + errors if errors else []))
 
 
+def add_lean_argument(parser):
+    parser.add_argument("--lean-backward", action="store_true",
+                        help="our layer with MoMConfig(lean_backward=True): the memory path "
+                             "keeps one head's buffers and recomputes the rest, head by head")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="B4 T4096 and decode only")
@@ -285,8 +291,7 @@ def main():
                    help="with --quick: also our layer alone at B8 T2048, B1 T16384, B1 T65536")
     p.add_argument("--profile", action="store_true", help="also a kernel-time profile of ours")
     p.add_argument("--no-decode", action="store_true", help="skip the decode section")
-    p.add_argument("--lean-backward", action="store_true",
-                   help="recompute the recurrence's states in the backward and run it head by head")
+    add_lean_argument(p)
     p.add_argument("--recompute-states", action="store_true",
                    help="process-wide set_recompute_states(True) (with --head-groups: a lean "
                         "backward with that many groups)")

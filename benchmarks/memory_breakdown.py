@@ -20,7 +20,8 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.bench_layer import HIDDEN, our_layer, setup_megatron  # noqa: E402
+from benchmarks.bench_layer import (HIDDEN, add_lean_argument, our_layer,  # noqa: E402
+                                    setup_megatron)
 
 PKG = os.path.join("megatron_mom", "")
 
@@ -82,8 +83,7 @@ def main():
     p.add_argument("--B", type=int, default=4)
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
-    p.add_argument("--lean-backward", action="store_true",
-                   help="recompute the recurrence's states in the backward and run it head by head")
+    add_lean_argument(p)
     args = p.parse_args()
     if args.lean_backward:
         import benchmarks.bench_layer as bench_layer

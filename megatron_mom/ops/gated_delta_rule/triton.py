@@ -407,10 +407,11 @@ def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
     idle; emptied once the current stream waits for them, so that their tensors can be freed."""
     q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
     scale, use_l2, has_h0, q_dtype = opts
-    join = None
-    with _beside(q3.device, 1) as join_beside:
-        for i in range(len(beside)):       # no loop variable: it would keep the last one alive
-            beside[i]()
+    join = join_beside = None
+    if beside:
+        with _beside(q3.device, 1) as join_beside:
+            for i in range(len(beside)):   # no loop variable: it would keep the last one alive
+                beside[i]()
     if states is not None:
         gam, w, t_mat, p_mat, h, u = states
     else:
@@ -424,8 +425,8 @@ def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
                            store_states=True, store_final=False, h=h, u=u)
     dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
                              out("dh0") if has_h0 else None)
-    join_beside()
-    if beside:
+    if join_beside is not None:
+        join_beside()
         beside.clear()
     if join is not None:
         join()
