@@ -57,12 +57,13 @@ def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_ro
     """One head's q, k, v convolution backward: from its gradients [L, 1, D] into its columns of
     the inputs' gradients and of the dw partial sums (q's through d_rows [L, D], per packed
     row, then summed over each token's slots)."""
-    L, N = grads[0].shape[0], cu.numel() - 1
-    for j, (x2, w, dy, dx, part) in enumerate(zip(inputs, weights, grads, d_inputs, dw_parts)):
-        conv._conv_backward(x2, x_row if j == 0 else None, w, None, dy.view(L, -1),
-                            d_rows if j == 0 else dx, cu, N, True, False, part)
-        if j == 0:
-            sum_over_slots(d_rows, slot_row, out=dx)
+    (q_in, k_in, v_in), (w_q, w_k, w_v), (dq, dk, dv) = inputs, weights, grads
+    (d_q, d_k, d_v), (part_q, part_k, part_v) = d_inputs, dw_parts
+    L, N = dq.shape[0], cu.numel() - 1
+    conv._conv_backward(q_in, x_row, w_q, None, dq.view(L, -1), d_rows, cu, N, True, False, part_q)
+    sum_over_slots(d_rows, slot_row, out=d_q)
+    conv._conv_backward(k_in, None, w_k, None, dk.view(L, -1), d_k, cu, N, True, False, part_k)
+    conv._conv_backward(v_in, None, w_v, None, dv.view(L, -1), d_v, cu, N, True, False, part_v)
 
 
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
@@ -96,8 +97,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             del q3, k3, v3, gam, w, u0, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
         gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
-        h = torch.empty(P.NTU, 1, K, V, dtype=kvba.dtype, device=kvba.device)
-        u = torch.empty_like(u0)
+        h, u = gdr._new_states(P, k3, u0)
         gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                            store_states=True, store_final=False, o=o[:, last], h=h, u=u)
         join()

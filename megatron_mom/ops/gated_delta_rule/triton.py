@@ -221,6 +221,12 @@ def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tenso
     return gam, w, u0, t_mat, p_mat
 
 
+def _new_states(P: _Packed, k: Tensor, u0: Tensor) -> Tuple[Tensor, Tensor]:
+    """Empty per-chunk states h [NTU,H,K,V] and U like u0, for `_state_forward(store_states)`
+    (made ahead of it where it runs on a side stream)."""
+    return torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=k.device), torch.empty_like(u0)
+
+
 def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
                    store_final, o=None, h=None, u=None):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
@@ -229,9 +235,7 @@ def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     if store_o and o is None:
         o = torch.empty_like(u0)
     if store_states and h is None:
-        h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
-    if store_states and u is None:
-        u = torch.empty_like(u0)
+        h, u = _new_states(P, k, u0)
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
     cfg = _state_config("state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
@@ -416,8 +420,7 @@ def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
         gam, w, t_mat, p_mat, h, u = states
     else:
         gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-        h = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k3.dtype, device=k3.device)
-        u = torch.empty_like(u0)
+        h, u = _new_states(P, k3, u0)
         # The state backward below does not read the states: the two sequential kernels, each
         # too few programs to fill the GPU, run side by side.
         with _beside(k3.device) as join:
