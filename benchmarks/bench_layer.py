@@ -51,6 +51,12 @@ def setup_megatron():
 LEAN_BACKWARD = False          # --lean-backward: MoMConfig.lean_backward on our layers
 
 
+def paper_mom():
+    """The paper's MoM configuration: 4 memories, top-2, a shared memory, 4 heads x 256."""
+    from megatron_mom import MoMConfig
+    return MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+
+
 def our_layer(mom):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
@@ -117,8 +123,7 @@ def graph_step_ms(layer, x):
 
 
 def run_graph(B=4, T=4096):
-    from megatron_mom import MoMConfig
-    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    mom = paper_mom()
     torch.manual_seed(0)
     layer = our_layer(mom).to("cuda", torch.bfloat16).train()
     x = torch.randn(T, B, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -132,8 +137,7 @@ def run_graph(B=4, T=4096):
 def run_profile(out_dir, B=4, T=4096, by_op=False):
     """Where our layer's forward+backward time goes: CUDA kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
-    from megatron_mom import MoMConfig
-    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    mom = paper_mom()
     layer = our_layer(mom).train()
     x = torch.randn(T, B, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
@@ -157,8 +161,7 @@ def run_profile(out_dir, B=4, T=4096, by_op=False):
 
 
 def run_training(shapes, peers):
-    from megatron_mom import MoMConfig
-    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    mom = paper_mom()
     for B, T, full in shapes:
         x_bt = torch.randn(B, T, HIDDEN, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         x_tb = x_bt.detach().transpose(0, 1).contiguous().requires_grad_(True)
@@ -184,8 +187,7 @@ def run_training(shapes, peers):
 def run_decode(batches, prompt_len=512):
     from triton.testing import do_bench
     from megatron.core.inference.contexts import StaticInferenceContext
-    from megatron_mom import MoMConfig
-    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    mom = paper_mom()
     for B in batches:
         key = f"ours_decode_B{B}"
         try:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_layer import (HIDDEN, add_lean_argument, our_layer,  # noqa: E402
-                                    setup_megatron)
+                                    paper_mom, setup_megatron)
 
 PKG = os.path.join("megatron_mom", "")
 
@@ -89,8 +89,7 @@ def main():
         import benchmarks.bench_layer as bench_layer
         bench_layer.LEAN_BACKWARD = True
     setup_megatron()
-    from megatron_mom import MoMConfig
-    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=256)
+    mom = paper_mom()
     layer = our_layer(mom).train()
     x = torch.randn(args.T, args.B, HIDDEN, device="cuda", dtype=torch.bfloat16,
                     requires_grad=True)
