@@ -84,7 +84,11 @@ def layer_spec(kind: str, config, shape: dict):
     return get_hybrid_block_spec(config, pattern, mom_config(kind, shape), backend="auto")
 
 
-def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = False):
+def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = False,
+          init_state: dict = None):
+    """(DDP model, Megatron optimizer, TransformerConfig, parameter count, device); the GPT's
+    weights from `init_state` (a GPTModel state dict) when given, before the optimizer copies
+    them."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.models.gpt import GPTModel
@@ -113,6 +117,12 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
                    position_embedding_type="rope" if has_attention else "none")
     device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
     gpt = gpt.to(device)
+    if init_state is not None:
+        result = gpt.load_state_dict(init_state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"bench_gpt: init_state does not fit the model: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
     inner = Float16Module(config, gpt) if dtype == torch.bfloat16 else gpt
     model = DistributedDataParallel(config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False), inner)
