@@ -174,6 +174,9 @@ def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, 
                tokens_per_s=round(mbs * seq / ms * 1e3), loss=round(float(loss.detach()), 4))
     if not on_cpu:
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        # CUDA graphs keep their tensors in private pools that the allocated count omits once
+        # captured: the reserved peak is the footprint to compare there.
+        row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         row["activations_gib"] = round(activation_memory(model, tokens, positions) / 2**30, 2)
     if profile_iters:
         row.update(profile_split(lambda: train_step(model, optimizer, config, tokens, positions),
