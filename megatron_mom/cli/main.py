@@ -26,8 +26,10 @@ QUIET_WARNINGS = (
 def _train_parser(sub):
     p = sub.add_parser("train", help="train a MoM hybrid GPT (the embedded tiny hybrid by "
                                      "default)")
-    p.add_argument("--config", help="YAML run config (default: the embedded tiny hybrid, "
-                                    "written out in examples/configs/tiny_hybrid.yaml)")
+    p.add_argument("--config", help="YAML run config with the keys to change (default: the "
+                                    "embedded tiny hybrid, written out with comments in the "
+                                    "source tree's examples/configs/tiny_hybrid.yaml; every "
+                                    "checkpoint holds its run's full config.yaml)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in the output directory")
     p.add_argument("--steps", type=int, help="train.steps")
