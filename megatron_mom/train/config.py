@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -125,6 +126,7 @@ NON_NEGATIVE = {"model.dropout", "model.init_method_std", "train.lr", "train.min
                 "train.warmup_steps", "train.weight_decay", "train.clip_grad",
                 "train.eval_interval", "train.save_interval", "train.seed",
                 "generate.temperature", "generate.top_k"}
+UNIT_INTERVAL = {"model.dropout", "train.adam_beta1", "train.adam_beta2"}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -182,12 +184,18 @@ def _check_values(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         if value(key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value(key)!r}")
+    for key in sorted(POSITIVE | NON_NEGATIVE | UNIT_INTERVAL):
+        if isinstance(value(key), float) and not math.isfinite(value(key)):  # NaN passes < 0
+            raise ConfigError(f"{key} must be a finite number, got {value(key)!r}")
     for key in POSITIVE:
         if value(key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {value(key)!r}")
     for key in NON_NEGATIVE:
         if value(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {value(key)!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= value(key) < 1:
+            raise ConfigError(f"{key} must be >= 0 and < 1, got {value(key)!r}")
     m, t = cfg.model, cfg.train
     if len(m.pattern) != m.num_layers or set(m.pattern) - {"M", "A"}:
         raise ConfigError(f"model.pattern {m.pattern!r} must have one symbol per layer "

@@ -180,6 +180,12 @@ class _MetricsFile:
                 f.write(json.dumps(record) + "\n")
 
 
+def _is_terminal() -> bool:
+    """Whether stdout is a terminal: the bar's carriage-return updates would clutter a log
+    file (the log lines every train.log_interval steps report progress there)."""
+    return sys.stdout.isatty()
+
+
 def _say(par, text: str, bar=None) -> None:
     if not par.is_logger:
         return
@@ -218,7 +224,7 @@ class _Run:
         self.say(_banner(self.cfg, self.par, self.trainables, self.layout))
         self.bar = tqdm(total=self.cfg.train.steps, initial=self.start, desc="train",
                         unit="step", dynamic_ncols=True, file=sys.stdout,
-                        disable=not (self.par.is_logger and show_progress))
+                        disable=not (self.par.is_logger and show_progress and _is_terminal()))
         self.last_log, self.last_log_step = time.time(), self.start
 
     def step_done(self, step: int, loss: float) -> None:
@@ -247,9 +253,11 @@ class _Run:
     def save(self, step: int, train_state: dict) -> Path:
         path = checkpoint.save_checkpoint(self.ckpt_root, step, self.trainables, train_state,
                                           self.cfg, self.cfg.train.keep_checkpoints)
+        png = self.out / "loss.png"
         if self.par.is_logger:
-            plot.loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
-        self.say(f"saved {path} and {self.out / 'loss.png'}")
+            drawn = plot.loss_curve(self.out / "metrics.jsonl", png)
+            self.say(f"saved {path} and {png}" if drawn else
+                     f"saved {path}; {plot.not_drawn(png)}")
         self.last_log = time.time()  # saving is not training time
         return path
 
