@@ -50,10 +50,13 @@ def iteration_dir(root: Path, iteration: int) -> Path:
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint under `root` (None if nothing was saved there yet)."""
+    """The checkpoint `latest` names; without `latest` (a save stopped between renaming its
+    folder and writing the pointer) the newest iter_* folder: every iter_* folder is complete,
+    as folders appear and disappear only by renames. None if nothing was saved yet."""
     pointer = Path(root) / LATEST
     if not pointer.is_file():
-        return None
+        done = sorted(p for p in Path(root).glob("iter_*") if p.is_dir())
+        return done[-1] if done else None
     name = pointer.read_bytes().decode("utf-8", errors="replace").strip()
     if not re.fullmatch(r"iter_\d{7}", name) or not (Path(root) / name).is_dir():
         raise CheckpointError(f"{pointer} names {name[:40]!r}, which is not a checkpoint folder "
@@ -158,7 +161,7 @@ def save_checkpoint(root: Path, iteration: int, trainables, train_state: dict,
         _atomic_write(tmp / MANIFEST_FILE, json.dumps(_file_sizes(tmp), indent=1) + "\n")
         _fsync_dir(tmp)
         if final.exists():                        # re-saving an iteration (e.g. after resume)
-            shutil.rmtree(final)
+            _remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _atomic_write(root / LATEST, final.name + "\n")
@@ -205,8 +208,16 @@ def _prune(root: Path, keep: int) -> None:
     latest = latest_checkpoint(root)
     for old in done[:-keep]:
         if old != latest:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_checkpoint(old)
     remove_temporaries(root)
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Renamed first, so that no half-deleted folder is ever named iter_*."""
+    doomed = path.with_name(f"{TMP_PREFIX}{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)     # left by an interrupted earlier removal
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def remove_temporaries(root: Path) -> None:

@@ -96,12 +96,14 @@ def load_plain(source, where: str):
                               f"tensors and plain data, or is damaged ({first_line}); loading a "
                               f"checkpoint never runs code") from None
     except (EOFError, RuntimeError) as err:
+        detail = str(err).strip().splitlines()[0][:200] if str(err).strip() else "end of file"
         raise CheckpointError(f"{where} is damaged or truncated ({type(err).__name__}: "
-                              f"{err})") from None
+                              f"{detail})") from None
 
 
-def _strategies():
-    """Megatron's torch_dist load strategies with the restricted readers above."""
+def _strategies(metadata):
+    """Megatron's torch_dist load strategies with the restricted readers above; `metadata`
+    is the checkpoint's `.metadata`, read beforehand by `read_metadata`."""
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
     from torch.distributed.checkpoint import FileSystemReader
@@ -109,20 +111,13 @@ def _strategies():
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class RestrictedReader(FileSystemReader):
-        """Reads `.metadata` once, through `read_metadata` above."""
-
-        def __init__(self, path):
-            super().__init__(path)
-            self._metadata = None
+        """Serves the `.metadata` read by `read_metadata` instead of unpickling it."""
 
         def read_metadata(self, *args, **kwargs):
-            if self._metadata is None:
-                metadata = read_metadata(Path(self.path) / METADATA_FILE)
-                if getattr(metadata, "storage_meta", None) is None:
-                    metadata.storage_meta = StorageMeta()
-                metadata.storage_meta.load_id = self.load_id
-                self._metadata = metadata
-            return self._metadata
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
 
     class PlainDataPlanner(torch_strategy.MCoreLoadPlanner):
         """Objects stored in the shard files come back through `load_plain`."""
@@ -164,8 +159,28 @@ def _replaced(module, **names):
 
 
 def dist_load(template: dict, path: Path) -> dict:
-    """`dist_checkpointing.load(template, path)` with every pickle read restricted."""
+    """`dist_checkpointing.load(template, path)` with every pickle read restricted, and
+    failures while reading the files raised as one CheckpointError."""
     from megatron.core import dist_checkpointing
-    sharded, common = _strategies()
-    return dist_checkpointing.load(template, str(path), sharded_strategy=sharded,
-                                   common_strategy=common)
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+    sharded, common = _strategies(read_metadata(Path(path) / METADATA_FILE))
+    try:
+        return dist_checkpointing.load(template, str(path), sharded_strategy=sharded,
+                                       common_strategy=common)
+    except CheckpointException as err:    # torch's collective wrapper, a BaseException
+        raise _reading_failed(path, [exc for exc, _ in err.failures.values()]) from err
+    except (CheckpointingException, EOFError, pickle.UnpicklingError) as err:
+        raise _reading_failed(path, [err]) from err
+
+
+def _reading_failed(path: Path, failures: list) -> CheckpointError:
+    """Our own error if a rank raised one, else a summary of the first failure."""
+    for exc in failures:
+        if isinstance(exc, CheckpointError):
+            return exc
+    first = failures[0]
+    detail = str(first).strip().splitlines()[0] if str(first).strip() else "end of file"
+    return CheckpointError(f"{path}: reading the checkpoint failed ({type(first).__name__}: "
+                           f"{detail}); its files are damaged, truncated or do not belong to "
+                           f"this model: resume from an earlier checkpoint")
