@@ -266,14 +266,10 @@ def _resume_in_one_process_names_the_launch(out: Path, banner: str) -> None:
     """A TP=2 or PP=2 checkpoint resumed by a plain one-process command: refused before
     anything is built, with the launch that fits (and a layout change named as such)."""
     from megatron_mom.cli.main import main
-    from megatron_mom.train.checkpoint import saved_config
     tp_pp = banner.split()                                      # ["TP=2", "PP=1"]
     err = _cli_error(main, ["train", "--resume", "--output-dir", str(out)])
     assert f"saved with {' '.join(tp_pp)}, which 1 process(es) cannot hold" in err, err
     assert "torchrun --nproc-per-node 2 -m megatron_mom.cli.main train --resume" in err, err
-    saved = saved_config(out / "checkpoints" / "iter_0000004")
-    assert saved.parallel.tensor_model_parallel_size * \
-        saved.parallel.pipeline_model_parallel_size == 2
     err = _cli_error(main, ["train", "--resume", "--output-dir", str(out), "--tp", "1",
                             "--pp", "1"])
     key = "tensor" if tp_pp[0] == "TP=2" else "pipeline"
@@ -472,7 +468,7 @@ def test_loading_never_runs_code_from_checkpoint_files(straight_run, tmp_path, m
 def _truncate(folder: Path, name: str, keep_manifest: bool) -> None:
     data = (folder / name).read_bytes()
     (folder / name).write_bytes(data[: len(data) // 2])
-    if not keep_manifest:
+    if not keep_manifest and (folder / "manifest.json").exists():
         sizes = json.loads((folder / "manifest.json").read_text())
         sizes[name] = len(data) // 2
         (folder / "manifest.json").write_text(json.dumps(sizes))
@@ -503,7 +499,6 @@ def test_damaged_checkpoints_give_clear_errors(straight_run, tmp_path, damage, m
 @pytest.mark.slow
 def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tmp_path):
     from megatron_mom.cli.main import main
-    from megatron_mom.train.checkpoint import check_resume, resume_config, saved_config
     out = tmp_path / "run"
     shutil.copytree(straight_run[0], out)
     metrics = (out / "metrics.jsonl").read_text()
@@ -516,6 +511,7 @@ def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tm
     assert "train.steps" not in err.split("may change only")[0]      # steps may change
     assert (out / "metrics.jsonl").read_text() == metrics
     # Training-only keys may change; the saved train.steps stays unless given.
+    from megatron_mom.train.checkpoint import check_resume, resume_config, saved_config
     found = out / "checkpoints" / "iter_0000008"
     longer = resume_config(None, {"output_dir": str(out), "train.steps": 12,
                                   "train.log_interval": 3, "mom.backend": "torch"})

@@ -2,8 +2,9 @@
 
 Unpickling can call any function a file names, so a checkpoint that someone else wrote (or
 changed) could run code on load. Megatron's `dist_checkpointing.load` reads three kinds of
-pickles; here each is read in a restricted way, for our load calls only (nothing is changed
-for other code in the process):
+pickles; `dist_load` reads each in a restricted way, through load strategies passed to that
+call (other code in the process keeps Megatron's and torch's own readers; only while one of
+our loads runs does Megatron's torch_dist module name the stricter reader and planner):
 
 - `.metadata`, torch.distributed.checkpoint's index of the shard files: a restricted unpickler
   that builds only the checkpoint-metadata classes of torch.distributed.checkpoint (plus
