@@ -310,9 +310,9 @@ def _check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Optional
     if resume:
         found = checkpoint.latest_checkpoint(out / "checkpoints")
         if found is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}; train "
-                                    f"without --resume first (add --overwrite to replace what "
-                                    f"is in {out})")
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; train "
+                              f"without --resume first (add --overwrite to replace what is "
+                              f"in {out})")
         world = dist.get_world_size() if dist.is_initialized() else \
             int(os.environ.get("WORLD_SIZE", "1"))
         checkpoint.check_resume(found, cfg, world)
