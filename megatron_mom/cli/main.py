@@ -31,7 +31,10 @@ def _train_parser(sub):
                                     "source tree's examples/configs/tiny_hybrid.yaml; every "
                                     "checkpoint holds its run's full config.yaml)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in the output directory")
+                   help="continue from the newest checkpoint in the output directory (with "
+                        "its config; train.steps stays the saved run's unless --steps)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the output directory (refused without it)")
     p.add_argument("--steps", type=int, help="train.steps")
     p.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and loss.png go")
     p.add_argument("--tp", type=int, help="parallel.tensor_model_parallel_size")
@@ -90,10 +93,12 @@ def _overrides(args) -> dict:
 
 def _run_train(args) -> int:
     from megatron_mom.train import load_config
+    from megatron_mom.train.checkpoint import resume_config
     from megatron_mom.train.loop import train
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = (resume_config if args.resume else load_config)(args.config, overrides)
     result = train(cfg, resume=args.resume, stop_after=args.stop_after,
-                   show_progress=not args.no_progress)
+                   show_progress=not args.no_progress, overwrite=args.overwrite)
     if result.losses and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: loss {result.losses[0]:.3f} (step {result.first_step}) -> "
               f"{result.losses[-1]:.3f} (step {result.first_step + len(result.losses) - 1}); "
@@ -126,11 +131,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     run = {"train": _run_train, "generate": _run_generate, "mqar": _run_mqar}[args.command]
     from megatron_mom.train.config import ConfigError
+    from megatron_mom.train.safe_load import CheckpointError
     try:
         with _quiet_megatron_warnings():
             return run(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"megatron-mom {args.command}: error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        # A config error arises alike on every rank (torchrun): rank 0 reports it once.
+        if not isinstance(err, ConfigError) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron-mom {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
         _shutdown()

@@ -266,15 +266,26 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such "
                               f"as examples/configs/tiny_hybrid.yaml or omit --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        data = read_yaml(p)
     try:
         return build_config(data, overrides)
     except ConfigError as err:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{err}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed content of a YAML file ({} when empty); ConfigError for binary or
+    malformed files."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8: "
+                          f"binary or damaged)") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

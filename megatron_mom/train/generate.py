@@ -92,9 +92,8 @@ def decode(tokenizer, ids) -> str:
 def load_for_generation(checkpoint_path: str):
     """(GPTModel with the checkpoint's weights, its RunConfig), built at TP = PP = 1 in this
     process whatever the run's layout (dist_checkpointing reshards)."""
-    import yaml
     path = checkpoint.resolve_checkpoint(checkpoint_path)
-    saved = yaml.safe_load((path / checkpoint.CONFIG_FILE).read_text())
+    saved = checkpoint.saved_config(path).to_dict()
     cfg = build_config(saved, {"parallel.tensor_model_parallel_size": 1,
                                "parallel.pipeline_model_parallel_size": 1,
                                "parallel.sequence_parallel": False,
