@@ -551,7 +551,7 @@ def read_fla_folder(folder: Path) -> Tuple[dict, StateDict]:
         raise ConversionError(f"{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
     state: StateDict = {}
     for name in files:
-        if Path(name).name != name:
+        if Path(name).name != name or not (folder / name).is_file():
             raise ConversionError(f"{INDEX_FILE} names {name!r}, which is not a file of {folder}")
         part = st.load_file(str(folder / name))
         twice = sorted(set(part) & set(state))

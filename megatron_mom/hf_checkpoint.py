@@ -468,6 +468,34 @@ def megatron_lm_flags(desc: GPTDescription, te: bool) -> List[str]:
     return flags
 
 
+def megatron_lm_args(desc: GPTDescription, te: bool):
+    """The `args` Megatron-LM keeps in a checkpoint, for the settings that shape this model
+    (what `check_checkpoint_args` compares and `describe_megatron_lm` reads back)."""
+    import argparse
+    from megatron_mom.megatron_lm.args import FLAGS
+    args = argparse.Namespace(
+        num_layers=desc.num_layers, hidden_size=desc.hidden_size,
+        ffn_hidden_size=desc.ffn_hidden_size, num_attention_heads=desc.num_attention_heads,
+        group_query_attention=desc.num_query_groups != desc.num_attention_heads,
+        num_query_groups=desc.num_query_groups, kv_channels=desc.attention_head_dim,
+        max_position_embeddings=desc.max_position_embeddings,
+        seq_length=desc.max_position_embeddings, padded_vocab_size=desc.vocab_size,
+        vocab_size=desc.vocab_size, normalization="RMSNorm", norm_epsilon=desc.norm_eps,
+        swiglu=True, add_bias_linear=False, add_qkv_bias=False, qk_layernorm=False,
+        apply_layernorm_1p=False, apply_residual_connection_post_layernorm=False,
+        position_embedding_type="rope", add_position_embedding=True, rotary_base=10000,
+        rotary_percent=1.0, rotary_interleaved=False, use_rope_scaling=False,
+        untie_embeddings_and_output_weights=not desc.tie_embeddings,
+        init_method_std=desc.init_method_std, num_experts=None, mtp_num_layers=None,
+        spec=[PRESETS_MODULE, "hybrid" if "A" in desc.pattern else "mom"],
+        mom_layer_pattern=desc.pattern, tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        transformer_impl="transformer_engine" if te else "local")
+    for field in FLAGS.values():
+        setattr(args, f"mom_{field}", getattr(desc.mom, field))
+    return args
+
+
 def import_megatron_lm(hf_dir: str, out: str, transformer_impl: str = "local") -> str:
     """HF folder -> Megatron-LM `--save`-style directory holding a `release` checkpoint."""
     from megatron_mom.train import build
@@ -484,9 +512,10 @@ def import_megatron_lm(hf_dir: str, out: str, transformer_impl: str = "local") -
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     dtype = state_dtype(state)
+    te = transformer_impl == "transformer_engine"
+    common = {"checkpoint_version": 3.0, "iteration": 0, "args": megatron_lm_args(desc, te)}
     save_weights({k: v.to(dtype) for k, v in state.items()}, desc, tmp / MEGATRON_LM_RELEASE,
-                 dtype, common={"checkpoint_version": 3.0, "iteration": 0},
-                 te_names=transformer_impl == "transformer_engine")
+                 dtype, common=common, te_names=te)
     (tmp / MEGATRON_LM_TRACKER).write_text(MEGATRON_LM_RELEASE + "\n")
     tokenizer = _copy_tokenizer_if_any(Path(hf_dir), tmp / "tokenizer")
     tmp.rename(root)
