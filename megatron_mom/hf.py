@@ -549,10 +549,11 @@ def read_fla_folder(folder: Path) -> Tuple[dict, StateDict]:
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         hint = f" (found {pickled}: pickles, which we never load)" if pickled else ""
         raise ConversionError(f"{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}")
-    state: StateDict = {}
     for name in files:
         if Path(name).name != name or not (folder / name).is_file():
             raise ConversionError(f"{INDEX_FILE} names {name!r}, which is not a file of {folder}")
+    state: StateDict = {}
+    for name in files:
         part = st.load_file(str(folder / name))
         twice = sorted(set(part) & set(state))
         if twice:
