@@ -559,9 +559,11 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     checkpoint.load_model_weights(weights, trainables.gpt)
     # The optimizer's float32 main copies were made from the random initial weights.
     trainables.optimizer.reload_model_params()
-    saved = checkpoint.save_checkpoint(root, 0, trainables, {"iteration": 0,
-                                                             "consumed_samples": 0},
-                                       cfg, cfg.train.keep_checkpoints)
+    _fresh_adam_states(trainables.optimizer)
+    with _save_step_zero(trainables.optimizer):
+        saved = checkpoint.save_checkpoint(root, 0, trainables, {"iteration": 0,
+                                                                 "consumed_samples": 0},
+                                           cfg, cfg.train.keep_checkpoints)
     if par.rank == 0:
         shutil.rmtree(weights)
         (Path(cfg.output_dir) / checkpoint.CONFIG_FILE).write_text(dump_config(cfg))
@@ -571,6 +573,48 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     return (f"imported {hf_dir}: {describe_for_log(desc)} -> {saved} (TP={par.tp} PP={par.pp}, "
             f"{cfg.train.precision}); continue with\n{launch} train --config "
             f"{Path(cfg.output_dir) / checkpoint.CONFIG_FILE} --resume")
+
+
+def _fresh_adam_states(optimizer) -> None:
+    """Give every parameter the Adam state of a step that has not happened yet (zero moments,
+    step 0), which Adam treats exactly as no state: a checkpoint needs the tensors, since
+    resuming reads them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                state.setdefault("exp_avg", torch.zeros_like(param.data))
+                state.setdefault("exp_avg_sq", torch.zeros_like(param.data))
+                state.setdefault("step", torch.tensor(0.0))
+
+
+@contextlib.contextmanager
+def _save_step_zero(optimizer):
+    """Megatron-Core (0.16.1 optimizer.py:845 and :1033, `if step:`) saves the Adam step shared by all
+    parameters only when it is non-zero, and loading a state without it fails (KeyError 'step'
+    in torch's Adam). An imported run is at step 0: write that step into the checkpoint."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    wrapped = [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+               if not isinstance(opt, DistributedOptimizer)]   # those keep per-shard steps
+
+    def with_step(original):
+        def sharded_state_dict(*args, **kwargs):
+            state_dict = original(*args, **kwargs)
+            # Mixed-precision optimizers nest torch's state dict under "optimizer".
+            state = state_dict.get("optimizer", state_dict).get("state")
+            if isinstance(state, dict):
+                state.setdefault("common_step", torch.tensor(0.0))
+            return state_dict
+        return sharded_state_dict
+
+    for opt in wrapped:
+        opt.sharded_state_dict = with_step(opt.sharded_state_dict)
+    try:
+        yield
+    finally:
+        for opt in wrapped:
+            del opt.sharded_state_dict                  # back to the class method
 
 
 def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides: dict):
