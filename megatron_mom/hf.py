@@ -243,7 +243,8 @@ def _attn_specs(config: dict, num_layers: int) -> Tuple[str, int, int]:
     if len(heads) > 1:
         raise ConversionError(f"attn: attention layers with different head counts {heads}; "
                               f"Megatron's attention layers share num_attention_heads")
-    num_heads, kv_heads = heads.pop() if heads else (config.get("num_heads", 1),) * 2
+    # Without attention layers the count is unused; 1 divides every hidden size.
+    num_heads, kv_heads = heads.pop() if heads else (1, 1)
     return "".join(pattern), int(num_heads), int(kv_heads)
 
 

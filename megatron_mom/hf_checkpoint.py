@@ -22,21 +22,28 @@ torch's `.metadata` index of a distributed checkpoint.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
-import os
+import json
 import pickle
 import shutil
+import struct
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from megatron_mom.hf import (
+    CONFIG_FILE,
+    DTYPE_NAMES,
+    INDEX_FILE,
+    WEIGHTS_FILE,
     ConversionError,
     GPTDescription,
     MegatronSettings,
     StateDict,
+    copy_tokenizer_files,
     describe_fla,
     describe_for_log,
     fla_config,
@@ -48,8 +55,6 @@ from megatron_mom.hf import (
     state_dtype,
     unexpressible,
     write_fla_folder,
-    copy_tokenizer_files,
-    DTYPE_NAMES,
 )
 
 MEGATRON_LM_TRACKER = "latest_checkpointed_iteration.txt"
@@ -62,6 +67,7 @@ MODEL_METADATA = {"non_homogeneous_layers": True, "singleton_local_shards": Fals
 TE_NORM_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
                  "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 PRESETS_MODULE = "megatron_mom.megatron_lm.presets"
+PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 # ------------------------------------------------------------------ safe reading
@@ -434,8 +440,6 @@ def save_weights(state: StateDict, desc: GPTDescription, directory: Path, dtype:
 def _read_hf(hf_dir: str, with_tensors: bool, mom_overrides: Optional[dict] = None):
     config, state = read_fla_folder(Path(hf_dir)) if with_tensors else (None, None)
     if config is None:
-        import json
-        from megatron_mom.hf import CONFIG_FILE
         path = Path(hf_dir) / CONFIG_FILE
         if not path.is_file():
             raise ConversionError(f"{hf_dir} has no {CONFIG_FILE}; give a Hugging Face folder")
@@ -621,7 +625,8 @@ def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides
     """The run config: the user's (or the default), with the model taken from config.json;
     refused unless `megatron-mom train` builds exactly that model."""
     from megatron_mom.train.config import ConfigError, load_config
-    base = load_config(config_path, {"output_dir": out, **overrides})
+    # Only the MoM execution settings are taken from here (the model comes from config.json).
+    base = load_config(config_path, {k: v for k, v in overrides.items() if k.startswith("mom.")})
     mom_execution = {k: getattr(base.mom, k) for k in
                      ("backend", "chunk_size", "grouped_projection", "lean_backward",
                       "z_loss_coeff")}
@@ -633,10 +638,8 @@ def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides
              "model.pattern": desc.pattern, "model.seq_length": desc.max_position_embeddings,
              "model.tie_embeddings": desc.tie_embeddings,
              "model.init_method_std": desc.init_method_std,
-             "train.precision": {v: k for k, v in
-                                 {"fp32": "float32", "bf16": "bfloat16",
-                                  "fp16": "float16"}.items()}[DTYPE_NAMES[dtype]]}
-    model.update({f"mom.{k}": v for k, v in vars_of(desc.mom).items()})
+             "train.precision": PRECISION[dtype]}
+    model.update({f"mom.{k}": v for k, v in dataclasses.asdict(desc.mom).items()})
     try:
         cfg = load_config(config_path, {**model, "output_dir": out, **overrides})
     except ConfigError as err:
@@ -651,16 +654,8 @@ def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides
     return cfg
 
 
-def vars_of(mom) -> Dict[str, object]:
-    import dataclasses
-    return dataclasses.asdict(mom)
-
-
 def _weights_dtype(hf_dir: Path) -> torch.dtype:
     """The dtype of the folder's weights, from the safetensors headers (no tensor is read)."""
-    import json
-    import struct
-    from megatron_mom.hf import INDEX_FILE, WEIGHTS_FILE
     index = hf_dir / INDEX_FILE
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
              if index.is_file() else [WEIGHTS_FILE])
