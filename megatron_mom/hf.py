@@ -243,8 +243,11 @@ def _attn_specs(config: dict, num_layers: int) -> Tuple[str, int, int]:
     if len(heads) > 1:
         raise ConversionError(f"attn: attention layers with different head counts {heads}; "
                               f"Megatron's attention layers share num_attention_heads")
-    # Without attention layers the count is unused; 1 divides every hidden size.
-    num_heads, kv_heads = heads.pop() if heads else (1, 1)
+    # Without attention layers the count is unused, but Megatron wants it to divide the hidden
+    # size and to be a multiple of the TP size, as the MoM head count must be.
+    mom_heads = config.get("num_heads", 4)
+    unused = mom_heads if config["hidden_size"] % mom_heads == 0 else 1
+    num_heads, kv_heads = heads.pop() if heads else (unused, unused)
     return "".join(pattern), int(num_heads), int(kv_heads)
 
 

@@ -268,7 +268,8 @@ def _describe_checkpoint(ckpt_dir: Path, kind: str):
     tokenizer = getattr(args, "tokenizer_model", None)
     local = (getattr(args, "tokenizer_type", None) == "HuggingFaceTokenizer" and tokenizer
              and Path(tokenizer).is_dir())
-    return desc, settings, Path(tokenizer) if local else None, {}
+    return desc, settings, Path(tokenizer) if local else None, \
+        dict(getattr(args, "hf_token_ids", None) or {})
 
 
 # ------------------------------------------------------------------ reading tensors
@@ -437,14 +438,19 @@ def save_weights(state: StateDict, desc: GPTDescription, directory: Path, dtype:
     dist.barrier()
 
 
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def _read_hf(hf_dir: str, with_tensors: bool, mom_overrides: Optional[dict] = None):
+    """(description, tensors or None, the config's token ids) of a Hugging Face folder."""
     config, state = read_fla_folder(Path(hf_dir)) if with_tensors else (None, None)
     if config is None:
         path = Path(hf_dir) / CONFIG_FILE
         if not path.is_file():
             raise ConversionError(f"{hf_dir} has no {CONFIG_FILE}; give a Hugging Face folder")
         config = json.loads(path.read_text())
-    return describe_fla(config, mom_overrides), state
+    token_ids = {k: config[k] for k in TOKEN_ID_KEYS if k in config}
+    return describe_fla(config, mom_overrides), state, token_ids
 
 
 def megatron_lm_flags(desc: GPTDescription, te: bool) -> List[str]:
@@ -472,9 +478,10 @@ def megatron_lm_flags(desc: GPTDescription, te: bool) -> List[str]:
     return flags
 
 
-def megatron_lm_args(desc: GPTDescription, te: bool):
+def megatron_lm_args(desc: GPTDescription, te: bool, token_ids: Optional[dict] = None):
     """The `args` Megatron-LM keeps in a checkpoint, for the settings that shape this model
-    (what `check_checkpoint_args` compares and `describe_megatron_lm` reads back)."""
+    (what `check_checkpoint_args` compares and `describe_megatron_lm` reads back), plus the
+    Hugging Face token ids (`hf_token_ids`, which only `export` reads)."""
     import argparse
     from megatron_mom.megatron_lm.args import FLAGS
     args = argparse.Namespace(
@@ -494,7 +501,8 @@ def megatron_lm_args(desc: GPTDescription, te: bool):
         spec=[PRESETS_MODULE, "hybrid" if "A" in desc.pattern else "mom"],
         mom_layer_pattern=desc.pattern, tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
-        transformer_impl="transformer_engine" if te else "local")
+        transformer_impl="transformer_engine" if te else "local",
+        hf_token_ids=dict(token_ids or {}))
     for field in FLAGS.values():
         setattr(args, f"mom_{field}", getattr(desc.mom, field))
     return args
@@ -506,7 +514,7 @@ def import_megatron_lm(hf_dir: str, out: str, transformer_impl: str = "local") -
     if transformer_impl not in ("local", "transformer_engine"):
         raise ConversionError(f"--transformer-impl must be local or transformer_engine, got "
                               f"{transformer_impl!r}")
-    desc, hf_state = _read_hf(hf_dir, with_tensors=True)
+    desc, hf_state, token_ids = _read_hf(hf_dir, with_tensors=True)
     state = fla_to_megatron(hf_state, desc)
     root = Path(out)
     if root.exists():
@@ -517,7 +525,8 @@ def import_megatron_lm(hf_dir: str, out: str, transformer_impl: str = "local") -
     tmp.mkdir(parents=True)
     dtype = state_dtype(state)
     te = transformer_impl == "transformer_engine"
-    common = {"checkpoint_version": 3.0, "iteration": 0, "args": megatron_lm_args(desc, te)}
+    common = {"checkpoint_version": 3.0, "iteration": 0,
+              "args": megatron_lm_args(desc, te, token_ids)}
     save_weights({k: v.to(dtype) for k, v in state.items()}, desc, tmp / MEGATRON_LM_RELEASE,
                  dtype, common=common, te_names=te)
     (tmp / MEGATRON_LM_TRACKER).write_text(MEGATRON_LM_RELEASE + "\n")
@@ -553,7 +562,7 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
                               f"directory")
     dist_ready = build.init_process_groups(1, 1)
     rank0 = dist_ready.rank == 0
-    _, hf_state = _read_hf(hf_dir, with_tensors=rank0)
+    _, hf_state, _ = _read_hf(hf_dir, with_tensors=rank0)
     state = fla_to_megatron(hf_state, desc) if rank0 else {}
     dtype = build.params_dtype(cfg.train.precision)
     weights = root / ".tmp_import_weights"
@@ -630,7 +639,7 @@ def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides
     mom_execution = {k: getattr(base.mom, k) for k in
                      ("backend", "chunk_size", "grouped_projection", "lean_backward",
                       "z_loss_coeff")}
-    desc, _ = _read_hf(hf_dir, with_tensors=False, mom_overrides=mom_execution)
+    desc, _, _ = _read_hf(hf_dir, with_tensors=False, mom_overrides=mom_execution)
     dtype = _weights_dtype(Path(hf_dir))
     model = {"model.num_layers": desc.num_layers, "model.hidden_size": desc.hidden_size,
              "model.ffn_hidden_size": desc.ffn_hidden_size,

@@ -170,6 +170,7 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
     def standin(*extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "-m", "megatron_mom.megatron_lm.launch",   # the CPU redirections
                str(ROOT / "tests" / "pretrain_standin.py"), *flags, *extra]
         return ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600))
 
