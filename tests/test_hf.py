@@ -136,7 +136,8 @@ def test_exported_weights_give_our_logits(runs, name, megatron_single):
 
 # ------------------------------------------------------------------ round trips
 @pytest.mark.slow
-@pytest.mark.parametrize("name, layout", [("mom", "--tp"), ("hybrid", "--pp")])
+@pytest.mark.parametrize("name, layout", [("mom", "--tp"), ("hybrid", "--pp"),
+                                          ("hybrid", "--tp"), ("mom", "--pp")])
 def test_import_at_tp2_pp2_round_trip_is_bit_identical(runs, name, layout, tmp_path, corpus):
     run, folder = runs[name]
     imported = tmp_path / "imported"
@@ -146,7 +147,7 @@ def test_import_at_tp2_pp2_round_trip_is_bit_identical(runs, name, layout, tmp_p
     assert "iter_0000000" in out and ("TP=2 PP=1" if layout == "--tp" else "TP=1 PP=2") in out
     ok(cli("export", "--checkpoint", imported, "--out", tmp_path / "again"))
     assert_same_weights(folder, tmp_path / "again")
-    if name == "mom":  # and training continues from it at that layout
+    if (name, layout) == ("mom", "--tp"):  # and training continues from it at that layout
         done = ok(cli("train", "--config", imported / "config.yaml", "--resume", "--steps", 1,
                       "--no-progress", layout, 2, nproc=2))
         assert "resumed from" in done and "step     1/1" in done
@@ -208,6 +209,28 @@ def test_transformer_engine_names_and_sharded_folders_round_trip(runs, tmp_path)
     index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())
     assert len(set(index["weight_map"].values())) > 2
     assert_same_weights(folder, tmp_path / "sharded")
+
+
+@pytest.mark.slow
+def test_bfloat16_and_mixed_dtypes_are_kept(runs, tmp_path, megatron_single):
+    """bfloat16 weights stay bfloat16 through a Megatron checkpoint and back, bit for bit; a
+    folder mixing float32 norms with bfloat16 weights (as fla's float32 RMSNorms can leave it)
+    is imported in float32, which holds both exactly."""
+    from megatron_mom import hf_checkpoint
+    from megatron_mom.hf import read_fla_folder, write_fla_folder
+    config, state = read_fla_folder(runs["hybrid"][1])
+    bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    write_fla_folder(tmp_path / "bf16", bf16, {**config, "torch_dtype": "bfloat16"}, 10 ** 9)
+    hf_checkpoint.import_megatron_lm(str(tmp_path / "bf16"), str(tmp_path / "lm"))
+    hf_checkpoint.export(str(tmp_path / "lm"), str(tmp_path / "back"))
+    assert_same_weights(tmp_path / "bf16", tmp_path / "back")
+    mixed = {k: (v if "norm" in k else v.to(torch.bfloat16)) for k, v in state.items()}
+    write_fla_folder(tmp_path / "mixed", mixed, config, 10 ** 9)
+    hf_checkpoint.import_megatron_lm(str(tmp_path / "mixed"), str(tmp_path / "lm2"))
+    hf_checkpoint.export(str(tmp_path / "lm2"), str(tmp_path / "back2"))
+    _, back = read_fla_folder(tmp_path / "back2")
+    assert {t.dtype for t in back.values()} == {torch.float32}
+    assert all(torch.equal(back[k], mixed[k].float()) for k in mixed)
 
 
 # ------------------------------------------------------------------ refusals
