@@ -560,8 +560,7 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     if Path(cfg.output_dir).exists() and any(Path(cfg.output_dir).iterdir()):
         raise ConversionError(f"{cfg.output_dir} exists and is not empty; import into a new "
                               f"directory")
-    dist_ready = build.init_process_groups(1, 1)
-    rank0 = dist_ready.rank == 0
+    rank0 = build.init_process_groups(1, 1).rank == 0
     _, hf_state, _ = _read_hf(hf_dir, with_tensors=rank0)
     state = fla_to_megatron(hf_state, desc) if rank0 else {}
     dtype = build.params_dtype(cfg.train.precision)
@@ -604,9 +603,9 @@ def _fresh_adam_states(optimizer) -> None:
 
 @contextlib.contextmanager
 def _save_step_zero(optimizer):
-    """Megatron-Core (0.16.1 optimizer.py:845 and :1033, `if step:`) saves the Adam step shared by all
-    parameters only when it is non-zero, and loading a state without it fails (KeyError 'step'
-    in torch's Adam). An imported run is at step 0: write that step into the checkpoint."""
+    """Megatron-Core (0.16.1 optimizer.py:845 and :1033, `if step:`) saves the Adam step that
+    all parameters share only when it is non-zero, and loading a state without it fails
+    (KeyError 'step' in torch's Adam). An imported run is at step 0: write that step."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     wrapped = [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
                if not isinstance(opt, DistributedOptimizer)]   # those keep per-shard steps
