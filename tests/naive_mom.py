@@ -110,3 +110,81 @@ def naive_mom(x, p, mom, eps=None):
     lb = mom.aux_loss_coeff * M * (f * P).sum()
     zl = mom.z_loss_coeff * torch.logsumexp(logits, -1).square().mean()
     return out, lb, zl, counts
+
+
+# ------------------------------------------------------------------ a whole fla MoM model
+# Written from fla's MomForCausalLM definition (MomBlock: attn_norm -> attn -> residual ->
+# mlp_norm -> SwiGLU MLP -> residual; final norm; lm_head, tied to the embeddings when
+# tie_word_embeddings), reading its config.json names and weight names. Float64, one token at
+# a time; it shares no code with megatron_mom.
+
+def rms_norm(x, weight, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate(x, position, theta):
+    """RoPE on one token's heads x [h, d]: the two halves of each head rotate together."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = position * inv_freq
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def naive_attention(x, p, num_heads, num_kv_heads, theta):
+    """Causal softmax attention over one sequence x [T, D] (GQA: query head h reads key/value
+    head h // (num_heads / num_kv_heads))."""
+    T, D = x.shape
+    d = D // num_heads
+    q = (x @ p["q_proj.weight"].T).view(T, num_heads, d)
+    k = (x @ p["k_proj.weight"].T).view(T, num_kv_heads, d)
+    v = (x @ p["v_proj.weight"].T).view(T, num_kv_heads, d)
+    q = torch.stack([rotate(q[t], t, theta) for t in range(T)])
+    k = torch.stack([rotate(k[t], t, theta) for t in range(T)])
+    group = num_heads // num_kv_heads
+    out = x.new_zeros(T, num_heads, d)
+    for t in range(T):
+        for h in range(num_heads):
+            kv = h // group
+            scores = torch.stack([q[t, h] @ k[s, kv] for s in range(t + 1)]) / math.sqrt(d)
+            weights = torch.softmax(scores, dim=0)
+            out[t, h] = sum(weights[s] * v[s, kv] for s in range(t + 1))
+    return out.reshape(T, D) @ p["o_proj.weight"].T
+
+
+def _mom_settings(config):
+    from types import SimpleNamespace
+    return SimpleNamespace(
+        num_memories=config["num_memories"], topk=config["topk"], num_heads=config["num_heads"],
+        head_dim=config["head_dim"], expand_v=config["expand_v"], conv_size=config["conv_size"],
+        shared_memory=config["shared_mem"], use_output_gate=config["use_output_gate"],
+        norm_eps=config["norm_eps"], aux_loss_coeff=0.0, z_loss_coeff=0.0)
+
+
+def naive_gpt(input_ids, weights, config):
+    """Logits [B, T, vocab] of fla's MomForCausalLM for token ids [B, T]; `weights`: its state
+    dict (any float dtype, computed in float64), `config`: its config.json as a dict."""
+    w = {k: v.double() for k, v in weights.items()}
+    eps = config["norm_eps"]
+    attn = config.get("attn") or {"layers": []}
+    mom = _mom_settings(config)
+    h = w["model.embeddings.weight"][input_ids]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        layer = {k[len(p + "attn."):]: v for k, v in w.items() if k.startswith(p + "attn.")}
+        x = rms_norm(h, w[p + "attn_norm.weight"], eps)
+        if i in attn["layers"]:
+            y = torch.stack([naive_attention(x[b], layer, attn["num_heads"],
+                                             attn.get("num_kv_heads") or attn["num_heads"],
+                                             attn.get("rope_theta", 10000.0))
+                             for b in range(x.shape[0])])
+        else:
+            y = naive_mom(x, layer, mom, eps=eps)[0]
+        h = h + y
+        x = rms_norm(h, w[p + "mlp_norm.weight"], eps)
+        gate, up = x @ w[p + "mlp.gate_proj.weight"].T, x @ w[p + "mlp.up_proj.weight"].T
+        h = h + (F.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
+    h = rms_norm(h, w["model.norm.weight"], eps)
+    head = w["model.embeddings.weight"] if config.get("tie_word_embeddings") else w["lm_head.weight"]
+    return h @ head.T

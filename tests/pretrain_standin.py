@@ -8,8 +8,11 @@ checkpoints (others, e.g. fusion switches and tokenizer settings, are listed onc
 builds the GPT with the same --spec preset and --mom-* flags, trains on synthetic sequences
 that can be learned (token t+1 = token t + 1), prints Megatron-LM-style log lines (with
 `mom_load_balancing_loss`) and saves / resumes distributed checkpoints in Megatron-LM's layout
-(<save>/iter_0000004/, latest_checkpointed_iteration.txt). Model weights only: the optimizer
-restarts on resume. Tensor and data parallelism (plus sequence parallelism); no pipeline.
+(<save>/iter_0000004/, latest_checkpointed_iteration.txt; a `release` checkpoint loads as
+iteration 0), with the parsed `args` in common.pt and the content metadata Megatron-LM 0.16
+writes, so `megatron-mom export` reads them as it reads Megatron-LM's. Model weights only: the
+optimizer restarts on resume. Tensor and data parallelism (plus sequence parallelism); no
+pipeline.
 """
 from __future__ import annotations
 
@@ -47,6 +50,10 @@ def parse():
     if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
         raise SystemExit("pretrain_standin.py: pipeline and context parallelism are not done here")
     args.num_experts, args.mtp_num_layers = None, None
+    # What Megatron-LM's argument validation derives and keeps in a checkpoint's args.
+    args.add_bias_linear = not args.disable_bias_linear
+    args.padded_vocab_size = args.vocab_size
+    args.kv_channels = args.hidden_size // args.num_attention_heads
     return args, ignored
 
 
@@ -83,11 +90,19 @@ def batch(args, iteration, micro, dp_rank, device):
 
 
 def latest(path):
+    """(iteration, checkpoint directory) named by Megatron-LM's tracker file, or (0, None)."""
     try:
         with open(os.path.join(path, "latest_checkpointed_iteration.txt")) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError, TypeError):
-        return 0
+            text = f.read().strip()
+    except (OSError, TypeError):
+        return 0, None
+    if text == "release":
+        return 0, os.path.join(path, "release")
+    return int(text), os.path.join(path, f"iter_{int(text):07d}")
+
+
+# Megatron-LM 0.16's _build_sharded_state_dict_metadata without a distributed optimizer.
+SAVE_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 
 def main():
@@ -116,10 +131,12 @@ def main():
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     metrics.set_router_loss_scale(1.0, num_micro, device=device)
-    start = latest(args.load) if args.load else 0
-    if start:
-        ckpt = os.path.join(args.load, f"iter_{start:07d}")
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    start, ckpt = latest(args.load) if args.load else (0, None)
+    if ckpt:
+        # As Megatron-LM: the model's checkpoint keys follow the checkpoint's content metadata.
+        metadata = dist_checkpointing.load_content_metadata(ckpt) or {}
+        state = {"model": model.sharded_state_dict(metadata=metadata)}
+        model.load_state_dict(dist_checkpointing.load(state, ckpt)["model"])
         if last:
             print(f"  successfully loaded checkpoint from {args.load} at iteration {start}",
                   flush=True)
@@ -164,7 +181,9 @@ def main():
             if rank == 0:
                 os.makedirs(path, exist_ok=True)
             dist.barrier()
-            dist_checkpointing.save(model.sharded_state_dict(), path)
+            state = {"args": args, "checkpoint_version": 3.0, "iteration": it,
+                     "model": model.sharded_state_dict(metadata=dict(SAVE_METADATA))}
+            dist_checkpointing.save(state, path, content_metadata=dict(SAVE_METADATA))
             dist.barrier()
             if rank == 0:
                 with open(os.path.join(args.save, "latest_checkpointed_iteration.txt"), "w") as f:

@@ -4,6 +4,8 @@
     torchrun --nproc-per-node 4 -m megatron_mom.cli.main train --tp 2 --pp 2 ...
     megatron-mom generate --checkpoint runs/tiny_hybrid --prompt "Return the"
     megatron-mom mqar [--preset tiny|cpu|gpu] [--out runs/mqar]
+    megatron-mom export --checkpoint runs/tiny_hybrid --out hf/tiny_hybrid
+    megatron-mom import --hf hf/tiny_hybrid --out runs/imported [--tp 2 --pp 2 under torchrun]
 """
 from __future__ import annotations
 
@@ -79,6 +81,36 @@ def _mqar_parser(sub):
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
 
+def _export_parser(sub):
+    p = sub.add_parser("export", help="a Megatron checkpoint (megatron-mom train or Megatron-LM "
+                                      "pretrain_gpt.py) -> a Hugging Face MomForCausalLM folder")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run's output directory (or its checkpoints/ or an iter_* folder), or "
+                        "a Megatron-LM --save directory (or one of its iter_*/release folders)")
+    p.add_argument("--out", required=True, help="the new Hugging Face folder")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file before the weights are sharded with an index")
+    p.add_argument("--tokenizer", help="a folder of Hugging Face tokenizer files to include")
+
+
+def _import_parser(sub):
+    p = sub.add_parser("import", help="a Hugging Face MomForCausalLM folder -> a megatron-mom "
+                                      "train run or a Megatron-LM checkpoint")
+    p.add_argument("--hf", required=True, help="the Hugging Face folder (safetensors)")
+    p.add_argument("--out", required=True, help="the new run / --save directory")
+    p.add_argument("--format", choices=("megatron-mom", "megatron-lm"), default="megatron-mom",
+                   help="megatron-mom: a run that `megatron-mom train --resume` continues at "
+                        "--tp/--pp (launch with torchrun for TP * PP > 1); megatron-lm: a "
+                        "release checkpoint for pretrain_gpt.py --load (any TP/PP)")
+    p.add_argument("--tp", type=int, help="parallel.tensor_model_parallel_size (megatron-mom)")
+    p.add_argument("--pp", type=int, help="parallel.pipeline_model_parallel_size (megatron-mom)")
+    p.add_argument("--config", help="run config for the training settings (megatron-mom)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a run-config key, e.g. --set train.lr=1e-4 (megatron-mom)")
+    p.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
+                   default="local", help="layer naming of the Megatron-LM run (megatron-lm)")
+
+
 def _overrides(args) -> dict:
     from megatron_mom.train.config import parse_override
     flags = {"train.steps": args.steps, "output_dir": args.output_dir,
@@ -113,6 +145,29 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _run_export(args) -> int:
+    from megatron_mom import hf_checkpoint
+    print(hf_checkpoint.export(args.checkpoint, args.out, args.max_shard_size, args.tokenizer))
+    return 0
+
+
+def _run_import(args) -> int:
+    from megatron_mom import hf_checkpoint
+    from megatron_mom.train.config import parse_override
+    if args.format == "megatron-lm":
+        text = hf_checkpoint.import_megatron_lm(args.hf, args.out, args.transformer_impl)
+    else:
+        overrides = dict(parse_override(text) for text in args.set)
+        for key, value in (("parallel.tensor_model_parallel_size", args.tp),
+                           ("parallel.pipeline_model_parallel_size", args.pp)):
+            if value is not None:
+                overrides[key] = value
+        text = hf_checkpoint.import_run(args.hf, args.out, args.config, overrides)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(text)
+    return 0
+
+
 def _run_mqar(args) -> int:
     from megatron_mom.train.config import parse_override
     from megatron_mom import mqar
@@ -128,14 +183,17 @@ def main(argv=None) -> int:
     _train_parser(sub)
     _generate_parser(sub)
     _mqar_parser(sub)
+    _export_parser(sub)
+    _import_parser(sub)
     args = parser.parse_args(argv)
-    run = {"train": _run_train, "generate": _run_generate, "mqar": _run_mqar}[args.command]
+    run = {"train": _run_train, "generate": _run_generate, "mqar": _run_mqar,
+           "export": _run_export, "import": _run_import}[args.command]
     from megatron_mom.train.config import ConfigError
     from megatron_mom.train.safe_load import CheckpointError
     try:
         with _quiet_megatron_warnings():
             return run(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, _conversion_error()) as err:
         # A config error arises alike on every rank (torchrun): rank 0 reports it once.
         if not isinstance(err, ConfigError) or int(os.environ.get("RANK", "0")) == 0:
             print(f"megatron-mom {args.command}: error: {err}", file=sys.stderr)
@@ -150,6 +208,11 @@ def _quiet_megatron_warnings():
         for message in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
         yield
+
+
+def _conversion_error():
+    from megatron_mom.hf import ConversionError
+    return ConversionError
 
 
 def _shutdown() -> None:
