@@ -436,6 +436,9 @@ def save_weights(state: StateDict, desc: GPTDescription, directory: Path, dtype:
     dist_checkpointing.save({"model": sharded, **(common or {})}, str(directory),
                             content_metadata=dict(MODEL_METADATA))
     dist.barrier()
+    if dist.get_rank() == 0:
+        checkpoint.write_manifest(directory)
+    dist.barrier()
 
 
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")

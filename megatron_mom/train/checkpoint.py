@@ -158,7 +158,7 @@ def save_checkpoint(root: Path, iteration: int, trainables, train_state: dict,
     dist.barrier()
     if dist.get_rank() == 0:
         _atomic_write(tmp / CONFIG_FILE, dump_config(cfg))
-        _atomic_write(tmp / MANIFEST_FILE, json.dumps(_file_sizes(tmp), indent=1) + "\n")
+        write_manifest(tmp)
         _fsync_dir(tmp)
         if final.exists():                        # re-saving an iteration (e.g. after resume)
             _remove_checkpoint(final)
@@ -169,6 +169,13 @@ def save_checkpoint(root: Path, iteration: int, trainables, train_state: dict,
         _prune(root, keep)
     dist.barrier()
     return final
+
+
+def write_manifest(folder: Path) -> None:
+    """The manifest that `verify_files` checks a checkpoint folder against (rank 0, after the
+    save's last file)."""
+    _atomic_write(Path(folder) / MANIFEST_FILE, json.dumps(_file_sizes(Path(folder)), indent=1)
+                  + "\n")
 
 
 def _file_sizes(folder: Path) -> dict:
