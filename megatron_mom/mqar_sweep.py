@@ -582,7 +582,8 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env: dict) -> str:
+def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env: dict,
+                  with_plot: bool = True) -> str:
     agg = aggregate(s, runs)
     text = table(s, agg)
     (out / "results.md").write_text(
@@ -594,7 +595,8 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
     tmp.write_text(json.dumps({"settings": dataclasses.asdict(s), "environment": env,
                                "plan": plan, "aggregate": agg, "runs": runs}, indent=1))
     tmp.replace(out / "results.json")
-    plot(s, agg, out / "mqar_zoology.png")
+    if with_plot:
+        plot(s, agg, out / "mqar_zoology.png")
     return text
 
 
@@ -656,6 +658,7 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
                 runner.submit(Job("lr", mixer, width, lr, 0, steps, train_deadline))
     # The hard stop: a little after the budget, whatever is still running is reported lost.
     hard_stop = deadline + 30 if deadline else 0.0
+    plotted = time.time()
     for result in runner.results(hard_stop):
         runs.append(result)
         job = result["job"]
@@ -670,7 +673,10 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
                     for seed in range(1, s.seeds):
                         runner.submit(Job("seed", job["mixer"], job["width"], lr, seed, steps,
                                           train_deadline))
-        write_outputs(out_dir, s, plan, runs, env)
+        # The plot every half minute (it takes a fraction of a second); the end redraws it.
+        with_plot = time.time() - plotted > 30
+        write_outputs(out_dir, s, plan, runs, env, with_plot)
+        plotted = time.time() if with_plot else plotted
 
 
 def _log_result(r: dict, log) -> None:
