@@ -56,6 +56,7 @@ class MQARSettings:
     topk: int = 2
     chunk_size: int = 16
     mom_backend: str = "auto"     # MoM kernels: auto (Triton on GPUs when present) | triton | torch
+    tf32: bool = True             # CUDA: TF32 matmuls and convolutions (False: full float32)
     train_steps: int = 40
     batch_size: int = 32
     lr: float = 1e-3
@@ -392,7 +393,8 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
     init_process_groups(1, 1, s.seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        torch.backends.cudnn.allow_tf32 = s.tf32
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if s.budget_minutes > 0:
