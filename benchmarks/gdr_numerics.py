@@ -46,13 +46,14 @@ _MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.
             aten.mv.default, aten.dot.default}
 
 
-def round_tf32(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 values to TF32 (8-bit exponent, 10-bit mantissa), nearest, ties away."""
+def round_tf32(x: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+    """float32 values to TF32 (8-bit exponent, 10-bit mantissa): rounded to nearest (ties
+    away), or with `truncate` the low 13 bits dropped (toward zero)."""
     if x.dtype != torch.float32:
         return x
     bits = x.contiguous().view(torch.int32)
-    rounded = (bits + 0x1000) & ~0x1FFF
-    return torch.where(torch.isfinite(x), rounded.view(torch.float32), x).view_as(x)
+    rounded = ((bits if truncate else bits + 0x1000) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isfinite(x), rounded, x).view_as(x)
 
 
 class TF32Matmuls(TorchDispatchMode):
@@ -60,8 +61,9 @@ class TF32Matmuls(TorchDispatchMode):
     inputs rounded to TF32, as cuBLAS/cuDNN tensor cores do with allow_tf32. Accumulation stays
     float32 (so does the hardware's)."""
 
-    def __init__(self, solve: bool = False):
+    def __init__(self, solve: bool = False, truncate: bool = False):
         super().__init__()
+        self.truncate = truncate
         self.ops = set(_MATMULS)
         if solve:
             self.ops |= {aten.linalg_solve_triangular.default, aten.triangular_solve.default}
@@ -69,7 +71,8 @@ class TF32Matmuls(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in self.ops:
-            args = tuple(round_tf32(a) if isinstance(a, torch.Tensor) else a for a in args)
+            args = tuple(round_tf32(a, self.truncate) if isinstance(a, torch.Tensor) else a
+                         for a in args)
         return func(*args, **kwargs)
 
 
@@ -143,6 +146,8 @@ def main(argv=None) -> int:
     p.add_argument("--head-dim", type=int, default=16)
     p.add_argument("--tf32-solve", action="store_true",
                    help="round the triangular solve's inputs to TF32 too")
+    p.add_argument("--tf32-truncate", action="store_true",
+                   help="TF32 by dropping the low mantissa bits instead of rounding")
     p.add_argument("--backends", default="torch,torch-tf32,triton,torch-f64")
     args = p.parse_args(argv)
     if args.device == "cuda":
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
             if kind == "triton" and K > 256:
                 continue
             got = run(kind, leaves, cu, dtype, args.chunk_size,
-                      mode=TF32Matmuls(args.tf32_solve) if mode else None)
+                      mode=TF32Matmuls(args.tf32_solve, args.tf32_truncate) if mode else None)
             errs = [rel_err(a, b) if b is not None else None for a, b in zip(got, truth)]
             worst[backend] = max([worst.get(backend, 0.0)] + [e for e in errs if e is not None])
             print(f"{case:<38} {backend:<11} " + " ".join(
