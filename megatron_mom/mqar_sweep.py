@@ -69,7 +69,7 @@ class SweepSettings:
     val_examples: int = 256          # per length, picks the learning rate
     test_examples: int = 1000        # per length, the reported accuracy
     budget_minutes: float = 8.0      # the whole sweep, start to end; 0: no limit
-    workers: int = 0                 # 0: min(12, CPUs - 2) on a GPU, 1 on the CPU
+    workers: int = 0                 # 0: min(8, CPUs - 2) on a GPU, 1 on the CPU
     log_every: int = 0               # >0: log the loss every this many steps
 
 
@@ -261,6 +261,7 @@ def init_worker(settings: dict, device: str, threads: int = 0) -> None:
     if threads:
         torch.set_num_threads(threads)
     init_process_groups(1, 1, 0)
+    _STATE.pop("init_error", None)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -268,6 +269,16 @@ def init_worker(settings: dict, device: str, threads: int = 0) -> None:
     s = SweepSettings(**settings)
     sets = held_out_sets(s, dev)
     _STATE.update(settings=s, device=dev, sets=sets, exclude=held_out_hashes(sets))
+
+
+def _init_pool_worker(settings: dict, device: str, threads: int) -> None:
+    """init_worker in a pool process: a failure is kept and returned by every job (a raising
+    initializer would make the pool start replacement workers forever)."""
+    try:
+        init_worker(settings, device, threads)
+    except Exception as err:  # noqa: BLE001
+        _STATE["init_error"] = f"worker setup failed: {type(err).__name__}: {err}\n" + \
+            traceback.format_exc(limit=6)
 
 
 def _seed_everything(seed: int) -> None:
@@ -284,8 +295,10 @@ def _sync(device) -> None:
 def run_job(job: Job) -> dict:
     """Train and evaluate one model in this process (`init_worker` first). Never raises: an
     error comes back as the result's "error"."""
-    s, dev = _STATE["settings"], _STATE["device"]
     out = {"job": dataclasses.asdict(job), "pid": os.getpid()}
+    if "init_error" in _STATE:
+        return {**out, "error": _STATE["init_error"]}
+    s, dev = _STATE["settings"], _STATE["device"]
     if job.deadline and time.time() > job.deadline:
         return {**out, "skipped": "the budget ran out before this run started"}
     try:
@@ -394,7 +407,7 @@ class _Pool:
     def __init__(self, settings: SweepSettings, device: str, workers: int):
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
-        self.pool = ctx.Pool(workers, initializer=init_worker,
+        self.pool = ctx.Pool(workers, initializer=_init_pool_worker,
                              initargs=(dataclasses.asdict(settings), device, 1))
         self.waiting: list = []
 
@@ -427,7 +440,7 @@ class _Pool:
 def default_workers(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
-    return max(1, min(12, (os.cpu_count() or 4) - 2))
+    return max(1, min(8, (os.cpu_count() or 4) - 2))
 
 
 def fit_steps(s: SweepSettings, timing: Dict[str, dict], runs_per_mixer: Dict[str, int],
@@ -612,7 +625,8 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     workers = s.workers or default_workers(dev)
     deadline = started + 60 * s.budget_minutes if s.budget_minutes else 0.0
-    # Runs stop training early enough to be evaluated and written before the budget ends.
+    # Runs stop training early enough to be evaluated and written before the budget ends;
+    # at the budget, whatever has not come back is reported unfinished.
     train_deadline = deadline - min(45.0, 0.1 * 60 * s.budget_minutes) if deadline else 0.0
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -628,7 +642,10 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     try:
         steps = s.train_steps
         if not steps:
-            plan["timing"] = _timing(runner, s, workers, deadline, log)
+            # A timing that has not come back within 40% of the budget will not fit in it.
+            plan["timing"] = _timing(runner, s, workers,
+                                     min(deadline, time.time() + 0.4 * 60 * s.budget_minutes),
+                                     log)
             steps = fit_steps(s, plan["timing"], runs_per_mixer, workers,
                               train_deadline - time.time())
             if steps == s.min_steps:
@@ -656,10 +673,8 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
             pending_lr[(mixer, width)] = len(s.lrs)
             for lr in s.lrs:
                 runner.submit(Job("lr", mixer, width, lr, 0, steps, train_deadline))
-    # The hard stop: a little after the budget, whatever is still running is reported lost.
-    hard_stop = deadline + 30 if deadline else 0.0
     plotted = time.time()
-    for result in runner.results(hard_stop):
+    for result in runner.results(deadline):
         runs.append(result)
         job = result["job"]
         _log_result(result, log)

@@ -68,7 +68,7 @@ def _mqar_parser(sub):
                         "step count to it and stop there")
     p.add_argument("--workers", type=int,
                    help="zoology presets: runs in parallel, in processes sharing the GPU "
-                        "(default: min(12, CPUs - 2) on a GPU, 1 on the CPU)")
+                        "(default: min(8, CPUs - 2) on a GPU, 1 on the CPU)")
 
 
 def _overrides(args) -> dict:
