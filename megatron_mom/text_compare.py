@@ -69,7 +69,8 @@ class TextSettings:
 
 
 PRESETS = {
-    # One H200: ~19M-parameter models (7 mixers x 3 seeds x minutes_per_model).
+    # One H200: 13M (attention) to 46M (single-state) parameters, MoM 27M; 7 mixers x 3
+    # seeds x minutes_per_model.
     "h200": TextSettings(),
     # The pipeline at a tiny size on a CPU (tests).
     "cpu": TextSettings(width=32, num_layers=2, num_heads=2, chunk_size=16, seq_len=64,
