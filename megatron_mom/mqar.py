@@ -12,6 +12,8 @@ random batches and tested on a fixed test set per (L, N):
     single     one gated-delta memory with the same heads and head size (M=1, k=1, no shared)
     attention  softmax attention
 Outputs in the output folder: results.json, results.md (the table) and mqar.png.
+The Zoology-style sweep over widths, learning rates and seeds (`--preset zoology`) is in
+`megatron_mom/mqar_sweep.py`; it adds the mixers of `EXTRA_MIXERS` below.
 """
 from __future__ import annotations
 
@@ -30,6 +32,15 @@ from megatron_mom.train.config import ConfigError
 from megatron_mom.train.plot import not_drawn
 
 MIXERS = ("mom", "single", "attention")
+# More single-memory baselines and variants (all 2-layer unless said), for the sweep:
+EXTRA_MIXERS = {
+    "mom-noshared": "MoM without the shared memory (M memories, top-k)",
+    "single-state": "one memory with (M+1) x the heads: the same total state as MoM",
+    "single-params": "one memory with the heads that bring its layer's parameter count "
+                     "closest to MoM's",
+    "hybrid": "MoM layers with softmax attention as the last layer",
+}
+ALL_MIXERS = MIXERS + tuple(EXTRA_MIXERS)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class MQARSettings:
     topk: int = 2
     chunk_size: int = 16
     mom_backend: str = "auto"     # MoM kernels: auto (Triton on GPUs when present) | triton | torch
+    tf32: bool = True             # CUDA: TF32 matmuls and convolutions (False: full float32)
     train_steps: int = 40
     batch_size: int = 32
     lr: float = 1e-3
@@ -121,16 +133,18 @@ def make_batch(batch: int, seq_len: int, num_pairs: int, vocab_size: int, power_
     """(inputs [b, L], labels [b, L]); labels are -100 except at query positions."""
     half = vocab_size // 2
     N, b = num_pairs, batch
-    keys = torch.rand(b, half - 1, generator=generator).argsort(dim=1)[:, :N] + 1
-    values = torch.rand(b, vocab_size - half, generator=generator).argsort(dim=1)[:, :N] + half
+    on = generator.device            # drawn where the generator lives (a CUDA one: no copies)
+    keys = torch.rand(b, half - 1, generator=generator, device=on).argsort(dim=1)[:, :N] + 1
+    values = torch.rand(b, vocab_size - half, generator=generator,
+                        device=on).argsort(dim=1)[:, :N] + half
     context = torch.stack([keys, values], dim=2).reshape(b, 2 * N)
     space = (seq_len - 2 * N) // 2
     # Zoology's power law: query gaps favour short distances.
-    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
+    p = power_a * torch.arange(1, space + 1, dtype=torch.float64, device=on) ** (power_a - 1)
     gaps = torch.multinomial(p.expand(b, -1), N, replacement=False, generator=generator)
-    inputs = torch.zeros(b, seq_len, dtype=torch.long)
+    inputs = torch.zeros(b, seq_len, dtype=torch.long, device=on)
     inputs[:, : 2 * N] = context
-    labels = torch.full((b, seq_len), -100, dtype=torch.long)
+    labels = torch.full((b, seq_len), -100, dtype=torch.long, device=on)
     positions = 2 * N + 2 * gaps
     inputs.scatter_(1, positions, keys)
     labels.scatter_(1, positions, values)
@@ -139,18 +153,49 @@ def make_batch(batch: int, seq_len: int, num_pairs: int, vocab_size: int, power_
 
 # ---------------------------------------------------------------------------------- models
 def mixer_pattern_and_mom(mixer: str, s: MQARSettings):
+    """(layer pattern, MoMConfig of its 'M' layers) of a mixer name in ALL_MIXERS."""
     from megatron_mom import MoMConfig
     common = dict(num_heads=s.num_heads, head_dim=s.head_dim, chunk_size=s.chunk_size,
                   backend=s.mom_backend)
+    mom = MoMConfig(num_memories=s.num_memories, topk=s.topk, shared_memory=True, **common)
+    single = MoMConfig(num_memories=1, topk=1, shared_memory=False, aux_loss_coeff=0.0,
+                       **common)
+    stack = "M" * s.num_layers
     if mixer == "mom":
-        return "M" * s.num_layers, MoMConfig(num_memories=s.num_memories, topk=s.topk,
-                                            shared_memory=True, **common)
+        return stack, mom
     if mixer == "single":
-        return "M" * s.num_layers, MoMConfig(num_memories=1, topk=1, shared_memory=False,
-                                            aux_loss_coeff=0.0, **common)
+        return stack, single
     if mixer == "attention":
         return "A" * s.num_layers, MoMConfig(**common)
-    raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(MIXERS)}")
+    if mixer == "mom-noshared":
+        return stack, mom.replace(shared_memory=False)
+    if mixer == "single-state":
+        return stack, single.replace(num_heads=s.num_heads * mom.num_memory_weights)
+    if mixer == "single-params":
+        return stack, parameter_matched_single(single, mom, s.hidden_size)
+    if mixer == "hybrid":
+        return "M" * (s.num_layers - 1) + "A", mom
+    raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(ALL_MIXERS)}")
+
+
+def mom_layer_parameters(mom, hidden_size: int) -> int:
+    """Parameters of one MixtureOfMemories layer (router, projections, convolutions, decay
+    parameters and the output norm) at tensor-parallel size 1."""
+    from megatron_mom.mixer import in_proj_sections
+    H, K, V, W = mom.num_heads, mom.key_dim, mom.value_dim, mom.conv_size
+    in_rows = sum(rows for _, rows in in_proj_sections(mom))
+    return ((mom.num_memories + in_rows) * hidden_size + H * V * hidden_size
+            + (2 * H * K + H * V) * W + 2 * H + V)
+
+
+def parameter_matched_single(single, mom, hidden_size: int):
+    """`single` with the number of heads whose layer has the parameter count closest to
+    `mom`'s (the fewer heads on a tie)."""
+    target = mom_layer_parameters(mom, hidden_size)
+    heads = range(1, 4 * mom.num_memory_weights * mom.num_heads + 1)
+    best = min(heads, key=lambda h: (abs(mom_layer_parameters(single.replace(num_heads=h),
+                                                              hidden_size) - target), h))
+    return single.replace(num_heads=best)
 
 
 def build_model(mixer: str, s: MQARSettings, device: torch.device):
@@ -285,12 +330,11 @@ def test_accuracy(model, s: MQARSettings, seq_len: int, num_pairs: int, device) 
 # ---------------------------------------------------------------------------------- report
 def state_size(mixer: str, s: MQARSettings) -> str:
     """Recurrent state per layer, in floats (attention: its KV cache grows with length)."""
-    per_memory = s.num_heads * s.head_dim * s.head_dim
-    if mixer == "mom":
-        return f"{s.num_memories + 1} x {per_memory}"
-    if mixer == "single":
-        return f"1 x {per_memory}"
-    return "KV cache (grows with L)"
+    pattern, mom = mixer_pattern_and_mom(mixer, s)
+    if "M" not in pattern:
+        return "KV cache (grows with L)"
+    memories = f"{mom.num_memory_weights} x {mom.num_heads * mom.key_dim * mom.value_dim}"
+    return memories + (" + KV cache" if "A" in pattern else "")
 
 
 def table(results: dict, s: MQARSettings) -> str:
@@ -356,12 +400,13 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
         log(TINY_NOTE)
     mixers = list(mixers or MIXERS)
     for m in mixers:
-        if m not in MIXERS:
-            raise ConfigError(f"unknown mixer {m!r}; choose from {', '.join(MIXERS)}")
+        if m not in ALL_MIXERS:
+            raise ConfigError(f"unknown mixer {m!r}; choose from {', '.join(ALL_MIXERS)}")
     init_process_groups(1, 1, s.seed)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = s.tf32
+        torch.backends.cudnn.allow_tf32 = s.tf32
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if s.budget_minutes > 0:

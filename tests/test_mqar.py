@@ -1,5 +1,7 @@
 """MQAR: the data generator's layout, and a tiny end-to-end run with its table and plot."""
 import json
+import math
+import os
 
 import pytest
 import torch
@@ -69,3 +71,141 @@ def test_tiny_mqar_run_writes_table_and_plot(megatron_single, tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["settings"]["train_steps"] == 12
     assert (tmp_path / "mqar.png").stat().st_size > 5_000
+
+
+# ------------------------------------------------------------------ the Zoology-style sweep
+from megatron_mom import mqar_sweep  # noqa: E402
+
+
+def test_mixer_variants(megatron_single):
+    """Every sweep mixer builds; single-state holds MoM's total state in one memory,
+    single-params the parameter count closest to MoM's, hybrid ends in attention; the layer
+    parameter formula matches the built layers."""
+    s = mqar_sweep.model_settings(mqar_sweep.settings_for("zoology-cpu"), width=32)
+    layers, patterns = {}, {}
+    for mixer in mqar.ALL_MIXERS:
+        model = mqar.build_model(mixer, s, torch.device("cpu"))
+        layers[mixer] = [layer.self_attention for layer in model.decoder.layers]
+        patterns[mixer], _ = mqar.mixer_pattern_and_mom(mixer, s)
+    mom = {m: layers[m][0].mom for m in layers if patterns[m][0] == "M"}
+    for mixer, m in mom.items():
+        built = sum(p.numel() for p in layers[mixer][0].parameters())
+        assert built == mqar.mom_layer_parameters(m, s.hidden_size), mixer
+    assert patterns["hybrid"] == "MA" and type(layers["hybrid"][1]).__name__ == "SelfAttention"
+    assert (mom["mom-noshared"].num_memories, mom["mom-noshared"].shared_memory) == (4, False)
+    state = lambda m: m.num_memory_weights * m.num_heads * m.key_dim * m.value_dim
+    assert state(mom["single-state"]) == state(mom["mom"]) == 5 * state(mom["single"])
+    target = mqar.mom_layer_parameters(mom["mom"], s.hidden_size)
+    gap = lambda h: abs(mqar.mom_layer_parameters(mom["single"].replace(num_heads=h),
+                                                  s.hidden_size) - target)
+    h = mom["single-params"].num_heads
+    assert h > mom["single"].num_heads and gap(h) <= min(gap(h - 1), gap(h + 1))
+    assert gap(h) < 0.1 * target
+
+
+def test_sweep_settings_errors():
+    with pytest.raises(ConfigError, match="unknown MQAR sweep setting 'lr'"):
+        mqar_sweep.settings_for("zoology", {"lr": 1e-3})
+    with pytest.raises(ConfigError, match="unknown mixer 'rnn'"):
+        mqar_sweep.settings_for("zoology", {"mixers": ["mom", "rnn"]})
+    with pytest.raises(ConfigError, match="tokens_per_step 256 must hold"):
+        mqar_sweep.settings_for("zoology", {"tokens_per_step": 256})
+    with pytest.raises(ConfigError, match="width 65 is not a multiple of num_heads 2"):
+        mqar_sweep.settings_for("zoology", {"widths": [64, 65]})
+    with pytest.raises(ConfigError, match="hybrid mixer needs num_layers >= 2"):
+        mqar_sweep.settings_for("zoology", {"num_layers": 1})
+    with pytest.raises(ConfigError, match="train_steps 0 fits the steps to budget_minutes"):
+        mqar_sweep.settings_for("zoology", {"budget_minutes": 0})
+    s = mqar_sweep.settings_for("zoology", {"widths": 128, "lrs": [0.001, "3e-3"]})
+    assert s.widths == [128] and s.lrs == [1e-3, 3e-3]
+    assert [mqar_sweep.test_pairs(L, s) for L in s.seq_lens] == [16, 32, 64, 64]
+    assert mqar_sweep.train_pairs(512, s) == [16, 32, 64]
+
+
+def test_training_batches_mask_held_out_rows():
+    """A training row equal to a held-out sequence contributes no labels; others keep all."""
+    s = mqar_sweep.settings_for("zoology-cpu")
+    step = 1
+    gen = lambda: torch.Generator().manual_seed(3)
+    pick = lambda: torch.Generator().manual_seed(4)
+    none = torch.zeros(0, dtype=torch.long)
+    x, y, masked = mqar_sweep.training_batch(s, step, gen(), pick(), none, "cpu")
+    assert int(masked) == 0 and (y != -100).sum(1).min() > 0
+    held_out = mqar_sweep.row_hashes(x[::2])           # every other row is "held out"
+    x2, y2, masked2 = mqar_sweep.training_batch(s, step, gen(), pick(), held_out, "cpu")
+    assert torch.equal(x, x2) and int(masked2) == (x.shape[0] + 1) // 2
+    assert (y2[::2] == -100).all() and torch.equal(y2[1::2], y[1::2])
+    sets = mqar_sweep.held_out_sets(s, "cpu")
+    for L in s.seq_lens:                                  # val and test differ
+        assert not torch.isin(mqar_sweep.row_hashes(sets["test"][L][0]),
+                              mqar_sweep.row_hashes(sets["val"][L][0])).any()
+
+
+def test_fit_steps_to_budget():
+    s = mqar_sweep.settings_for("zoology", {"min_steps": 10, "max_steps": 5000})
+    timing = {"a": {"seconds_per_step": 0.01, "overhead_seconds": 2.0},
+              "b": {"seconds_per_step": 0.03, "overhead_seconds": 4.0}}
+    runs = {"a": 10, "b": 10}
+    # 0.8 * 100 s * 4 workers = 320 s; minus 60 s fixed; 0.4 s per step of all runs.
+    assert mqar_sweep.fit_steps(s, timing, runs, 4, 100.0) == 650
+    assert mqar_sweep.fit_steps(s, timing, runs, 4, 10.0) == 10          # the floor
+    assert mqar_sweep.fit_steps(s, timing, runs, 400, 1000.0) == 5000    # the ceiling
+
+
+def _check_sweep(agg, saved, s):
+    runs = [r for r in saved["runs"] if r["job"]["kind"] != "time"]
+    assert not [r for r in runs if "error" in r or "skipped" in r]
+    for mixer in s.mixers:                       # every mixer trained at every width and lr
+        for width in s.widths:
+            group = [r for r in runs if (r["job"]["mixer"], r["job"]["width"]) == (mixer, width)]
+            sweep = {r["job"]["lr"]: r for r in group if r["job"]["kind"] == "lr"}
+            assert sorted(sweep) == sorted(s.lrs)
+            assert all(r["job"]["seed"] == 0 for r in sweep.values())
+            entry = agg[mixer][str(width)]
+            best = entry["best_lr"]                  # chosen on validation, not test
+            val = lambda r: sum(r["val"].values())
+            assert val(sweep[best]) == max(val(r) for r in sweep.values())
+            seeds = [r for r in group if r["job"]["kind"] == "seed"]
+            assert sorted(r["job"]["seed"] for r in seeds) == list(range(1, s.seeds))
+            assert all(r["job"]["lr"] == best for r in seeds)
+            for r in group:
+                assert r["steps"] == saved["plan"]["steps"] and not r["cut"]
+                assert math.isfinite(r["first_loss"]) and math.isfinite(r["final_loss"])
+                for L in s.seq_lens:                 # every query answer of the test set
+                    N = mqar_sweep.test_pairs(L, s)
+                    assert r["test_answers"][str(L)] == s.test_examples * N
+                    assert 0.0 <= r["test"][str(L)] <= 1.0
+            for L in s.seq_lens:
+                t = entry["test"][str(L)]
+                accs = [r["test"][str(L)] for r in group if r["job"]["lr"] == best]
+                assert t["n"] == s.seeds == len(accs)
+                assert t["mean"] == pytest.approx(sum(accs) / len(accs))
+
+
+@pytest.mark.slow
+def test_zoology_cpu_sweep_in_process(megatron_single, tmp_path):
+    s = mqar_sweep.settings_for("zoology-cpu")
+    agg = mqar_sweep.run("zoology-cpu", str(tmp_path), log=lambda *_: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["plan"]["steps"] == s.train_steps and saved["plan"]["workers"] == 1
+    _check_sweep(agg, saved, s)
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {m} | 32 |" in table for m in mqar_sweep.SWEEP_MIXERS)
+    assert (tmp_path / "mqar_zoology.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_zoology_sweep_workers_and_budget(tmp_path):
+    """The GPU path on the CPU: worker processes, the steps fitted to a budget from a timing
+    of each mixer, then the seeds at the best learning rate."""
+    overrides = {"mixers": ["attention", "mom"], "widths": [32], "lrs": [1e-3, 1e-2],
+                 "train_steps": 0, "budget_minutes": 2.0, "min_steps": 2, "max_steps": 3,
+                 "workers": 2}
+    agg = mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides,
+                         log=lambda *_: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    s = mqar_sweep.settings_for("zoology-cpu", overrides)
+    assert saved["plan"]["steps"] == 3 and saved["plan"]["workers"] == 2
+    assert set(saved["plan"]["timing"]) == {"attention", "mom"}
+    assert os.getpid() not in {r["pid"] for r in saved["runs"]}   # ran in the workers
+    _check_sweep(agg, saved, s)

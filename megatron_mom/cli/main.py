@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 4 -m megatron_mom.cli.main train --tp 2 --pp 2 ...
     megatron-mom generate --checkpoint runs/tiny_hybrid --prompt "Return the"
     megatron-mom mqar [--preset tiny|cpu|gpu] [--out runs/mqar]
+    megatron-mom mqar --preset zoology --budget-minutes 8 --out runs/mqar_zoology
     megatron-mom export --checkpoint runs/tiny_hybrid --out hf/tiny_hybrid
     megatron-mom import --hf hf/tiny_hybrid --out runs/imported [--tp 2 --pp 2 under torchrun]
 """
@@ -73,12 +74,21 @@ def _mqar_parser(sub):
     p.add_argument("--preset", default="tiny",
                    help="tiny (default; seconds on a CPU: shows that it runs, its accuracies "
                         "are at chance level), cpu (a few minutes on a CPU) or gpu (about 5 "
-                        "minutes on one GPU)")
+                        "minutes on one GPU); the sweeps: zoology (one GPU), zoology-cpu (CI "
+                        "size)")
     p.add_argument("--out", default="runs/mqar", help="output folder (table, plot, json)")
-    p.add_argument("--mixers", help="comma-separated subset of: mom,single,attention")
+    p.add_argument("--mixers", help="comma-separated subset of: mom,single,attention (and for "
+                                    "the sweeps mom-noshared,single-state,single-params,hybrid)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. --set train_steps=200")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    # The Zoology-style sweep (megatron_mom/mqar_sweep.py): presets zoology, zoology-cpu.
+    p.add_argument("--budget-minutes", type=float,
+                   help="wall-time budget (budget_minutes); the zoology presets fit their "
+                        "step count to it and stop there")
+    p.add_argument("--workers", type=int,
+                   help="zoology presets: runs in parallel, in processes sharing the GPU "
+                        "(default: min(8, CPUs - 2) on a GPU, 1 on the CPU)")
 
 
 def _export_parser(sub):
@@ -169,10 +179,22 @@ def _run_import(args) -> int:
 
 
 def _run_mqar(args) -> int:
-    from megatron_mom.train.config import parse_override
+    from megatron_mom.train.config import ConfigError, parse_override
     from megatron_mom import mqar
+    from megatron_mom import mqar_sweep
     overrides = dict(parse_override(text) for text in args.set)
     mixers = args.mixers.split(",") if args.mixers else None
+    if args.budget_minutes is not None:
+        overrides["budget_minutes"] = args.budget_minutes
+    if args.preset in mqar_sweep.PRESETS:
+        if args.workers is not None:
+            overrides["workers"] = args.workers
+        mqar_sweep.run(args.preset, args.out, overrides=overrides, mixers=mixers,
+                       device=args.device)
+        return 0
+    if args.workers is not None:
+        raise ConfigError(f"--workers applies to the sweep presets "
+                          f"({', '.join(mqar_sweep.PRESETS)}), not to {args.preset!r}")
     mqar.run(args.preset, args.out, overrides=overrides, mixers=mixers, device=args.device)
     return 0
 

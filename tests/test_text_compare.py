@@ -1,0 +1,48 @@
+"""The real-text comparison runner at its CPU size: the corpus split, the same training
+windows for every mixer, validation curves, the outputs. Checks the pipeline, not the
+numbers."""
+import json
+import math
+
+import pytest
+
+from megatron_mom import text_compare
+from megatron_mom.train.config import ConfigError
+
+
+def test_split_by_file_is_stable_and_about_the_fraction():
+    names = [f"pkg/module_{i}.py" for i in range(4000)]
+    val = [n for n in names if text_compare.is_validation(n, 0.05)]
+    assert val == [n for n in names if text_compare.is_validation(n, 0.05)]
+    assert 0.03 < len(val) / len(names) < 0.07
+
+
+def test_settings_errors():
+    with pytest.raises(ConfigError, match="unknown text_compare setting 'steps'"):
+        text_compare.settings_for("cpu", {"steps": 3})
+    with pytest.raises(ConfigError, match="unknown mixer 'rnn'"):
+        text_compare.settings_for("cpu", {"mixers": ["rnn"]})
+    with pytest.raises(ConfigError, match="fewer than min_train_tokens"):
+        text_compare.load_corpus(text_compare.settings_for(
+            "cpu", {"max_corpus_bytes": 50_000, "min_train_tokens": 1_000_000}))
+
+
+@pytest.mark.slow
+def test_cpu_preset_trains_every_mixer_on_the_same_windows(megatron_single, tmp_path):
+    mixers = ["attention", "single", "mom"]
+    agg = text_compare.run("cpu", str(tmp_path), {"mixers": mixers}, log=lambda *_: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    s = text_compare.settings_for("cpu")
+    assert saved["plan"]["files"]["val"] > 0 and saved["plan"]["val_bytes"] > s.seq_len
+    runs = saved["runs"]
+    assert sorted((r["mixer"], r["seed"]) for r in runs) == sorted(
+        (m, seed) for m in mixers for seed in range(s.seeds))
+    for seed in range(s.seeds):
+        digests = {r["training_windows_sha256"] for r in runs if r["seed"] == seed}
+        assert len(digests) == 1                        # the same data for every mixer
+    for r in runs:
+        assert [p["step"] for p in r["curve"]] == [2, 4]
+        assert all(math.isfinite(p["val_loss"]) and p["val_loss"] > 0 for p in r["curve"])
+    assert set(agg) == set(mixers) and all(e["final_val_loss"]["n"] == 2 for e in agg.values())
+    assert (tmp_path / "text_lm.png").stat().st_size > 5_000
+    assert "| mixer | parameters |" in (tmp_path / "results.md").read_text()
