@@ -47,11 +47,20 @@ class MoMRouter(MegatronModule):
         # Under sequence parallelism each rank routes only its own tokens, so its gradient is a
         # partial sum: Megatron's finalize_model_grads all-reduces params marked like this.
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        # Tokens each memory received in training since the last `metrics.memory_load` (for
+        # logs only: not in checkpoints; int64, which precision casts of the model leave as is).
+        self.register_buffer("routed_tokens", torch.zeros(
+            mom.num_memories, dtype=torch.int64, device=self.weight.device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> logits [..., M] in float32 (float64 for float64 inputs)."""
         ct = torch.float64 if x.dtype == torch.float64 else torch.float32
         return _GatingLinear.apply(x, self.weight, ct)
+
+    @torch.no_grad()
+    def count(self, tokens_per_memory: Tensor) -> None:
+        """Add one routed group's tokens per memory [M] to `routed_tokens`."""
+        self.routed_tokens += tokens_per_memory.to(self.routed_tokens.dtype)
 
 
 class _GatingLinear(torch.autograd.Function):

@@ -25,6 +25,7 @@ from torch import Tensor
 from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, kvba_columns
 from megatron_mom.ops.gated_delta_rule import triton as gdr
 from megatron_mom.ops.mix.triton import sum_over_slots
+from megatron_mom.ops.options import DEFAULT_OPTIONS
 from megatron_mom.ops.short_conv import triton as conv
 from megatron_mom.ops.utils import as_int32
 
@@ -70,7 +71,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu,
-                H, chunk_size, scale):
+                H, chunk_size, scale, options):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
@@ -87,19 +88,23 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         if H > 1:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
             Pr = P.with_heads(H - 1)
-            gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale)
+            gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale,
+                                                options)
             rest_bufs = (q3, k3, w, u0, gam, p_mat)
             # Its recurrence (sequential over chunks, too few programs to fill the GPU) runs
             # beside the last head's convolutions, `prepare` and recurrence.
-            with gdr._beside(kvba.device) as join:
+            with gdr._beside(kvba.device, 0, options.side_streams) as join:
                 gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                                   store_states=False, store_final=False, o=o[:, rest])
+                                   store_states=False, store_final=False, o=o[:, rest],
+                                   options=options)
             del q3, k3, v3, gam, w, u0, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
-        gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
+        gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale,
+                                                options)
         h, u = gdr._new_states(P, k3, u0)
         gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                           store_states=True, store_final=False, o=o[:, last], h=h, u=u)
+                           store_states=True, store_final=False, o=o[:, last], h=h, u=u,
+                           options=options)
         join()
         del rest_bufs
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
@@ -109,6 +114,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         # A second backward through the graph (retain_graph) recomputes that head instead.
         ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), (gam, w, t_mat, p_mat, h, u))
         ctx.meta = (H, K, V, chunk_size, scale)
+        ctx.options = options
         return o                                                                   # [L, H, V]
 
     @staticmethod
@@ -135,7 +141,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         rows = conv.conv_backward_programs(L, conv_q.shape[1])
         dw_parts = [torch.empty(rows, w.shape[0], w.shape[1], dtype=f32, device=dev)
                     for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
-        opts = (scale, True, False, kvba.dtype)
+        meta = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
         # A head's convolution backward (memory-bound, many programs) runs beside the next
         # head's sequential state kernels (latency-bound, few programs). Its gradients then
@@ -161,7 +167,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
             inputs = (q3, k3, v3, g[:, heads], beta[:, heads], do3[:, heads], None, None,
                       q_rstd.view(L, 1), k_rstd.view(L, 1))
-            gdr._backward_heads(P, inputs, states, opts, out, beside=pending)
+            gdr._backward_heads(P, inputs, states, meta, out, beside=pending, options=ctx.options)
             del q3, k3, v3, inputs, states
             ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
             pending.append(functools.partial(
@@ -179,12 +185,15 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         db.copy_(d_b)
         da.copy_(d_a)
         return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log,
-                               dt_bias, *, H: int, chunk_size: int, scale: float) -> Tensor:
-    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype."""
+                               dt_bias, *, H: int, chunk_size: int, scale: float,
+                               options=None) -> Tensor:
+    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype. `options`
+    (KernelOptions): precision, storage, side streams and launch settings of the recurrence's
+    kernels; its backward runs one head at a time whatever they say."""
     K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
     conv._check(kvba, [conv_q, conv_k, conv_v], cu_seqlens, "silu")
     if q_tok.dtype != kvba.dtype:
@@ -196,7 +205,8 @@ def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, 
     return _LeanConvGatedDeltaRule.apply(
         q_tok if q_tok.stride(1) == 1 else q_tok.contiguous(), kvba.contiguous(),
         conv_q.contiguous(), conv_k.contiguous(), conv_v.contiguous(), A_log, dt_bias, x_row,
-        slot_row, as_int32(cu_seqlens), H, chunk_size, float(scale))
+        slot_row, as_int32(cu_seqlens), H, chunk_size, float(scale),
+        DEFAULT_OPTIONS if options is None else options)
 
 
 __all__ = ["lean_conv_gated_delta_rule"]

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from megatron_mom.ops.gated_delta_rule import reference
 from megatron_mom.ops.l2norm import l2norm
+from megatron_mom.ops.options import KernelOptions
 
 BACKENDS = ("auto", "triton", "torch", "recurrent")
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -73,6 +74,7 @@ def gated_delta_rule(
     chunk_size: int = 64,
     backend: str = "auto",
     lean_backward: bool = False,
+    options: Optional[KernelOptions] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gated delta rule over [B, T, H, *] inputs (or packed sequences with `cu_seqlens`).
 
@@ -85,6 +87,9 @@ def gated_delta_rule(
     lean_backward (Triton backend; the others ignore it): keep only the inputs for the
     backward, which reruns the forward kernels and runs head by head (less memory, more time;
     the same gradients bit for bit).
+    options: how the Triton kernels run (`KernelOptions`: precision, storage, memory of the
+    backward, side streams, launch settings; default `KernelOptions()`); the other backends
+    ignore them.
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
@@ -94,7 +99,8 @@ def gated_delta_rule(
         return _triton_impl().chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, lean_backward=lean_backward)
+            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, lean_backward=lean_backward,
+            options=options)
 
     if use_qk_l2norm:
         q, k = l2norm(q, backend="torch"), l2norm(k, backend="torch")
