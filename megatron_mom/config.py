@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional
 
+from megatron_mom.ops.common import checker
 from megatron_mom.ops.options import KernelOptions
 
 BACKENDS = ("auto", "triton", "torch")
@@ -49,9 +50,7 @@ class MoMExecution:
     kernels: KernelOptions = KernelOptions()
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"MoMExecution: {msg}")
+        need = checker("MoMExecution")
 
         need(self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
@@ -105,9 +104,7 @@ class MoMConfig:
     execution: MoMExecution = MoMExecution()
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"MoMConfig: {msg}")
+        need = checker("MoMConfig")
 
         for name in ("num_memories", "topk", "num_heads", "head_dim", "chunk_size"):
             value = getattr(self, name)

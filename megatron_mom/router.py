@@ -17,6 +17,7 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mom.config import MoMConfig
+from megatron_mom.ops.common import compute_dtype
 
 @dataclass
 class Routing:
@@ -54,8 +55,7 @@ class MoMRouter(MegatronModule):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> logits [..., M] in float32 (float64 for float64 inputs)."""
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return _GatingLinear.apply(x, self.weight, ct)
+        return _GatingLinear.apply(x, self.weight, compute_dtype(x.dtype))
 
     @torch.no_grad()
     def count(self, tokens_per_memory: Tensor) -> None:

@@ -11,6 +11,7 @@ from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
 from megatron_mom.ops.mix import mix, sum_over_slots
+from megatron_mom.ops.common import Segments
 from megatron_mom.ops.options import KernelOptions
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
@@ -179,8 +180,8 @@ def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
     the launch's tensors alive."""
     import weakref
     from triton.runtime.errors import OutOfResources
-    gdr = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
-    monkeypatch.setattr(gdr, "_ONE_STAGE", set())
+    launcher = pytest.importorskip("megatron_mom.ops.common.launch")
+    monkeypatch.setattr(launcher, "_ONE_STAGE", set())
     tries = []
 
     class Kernel:
@@ -196,12 +197,12 @@ def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
     kernel = Kernel()
     x = torch.ones(4)
     ref = weakref.ref(x)
-    gdr._launch(kernel, (1,), x, num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), x, num_stages=2, BV=32)
     del x
     assert ref() is None, "the failed launch's frames keep its tensors"
-    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=32)
-    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=16)
-    gdr._launch(kernel, (1,), torch.ones(4, dtype=torch.float64), num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), torch.ones(4), num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), torch.ones(4), num_stages=2, BV=16)
+    launcher.launch(kernel, (1,), torch.ones(4, dtype=torch.float64), num_stages=2, BV=32)
     assert tries == [2, 1, 1, 2, 2, 1]      # second BV=32 call: straight to one stage
 
 
@@ -215,19 +216,19 @@ def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("host read of a device value in the launch path")
 
-    P = gdr_triton._Packed(k, v, cu, 16)                 # bookkeeping is built before patching
+    P = Segments.of(k, v, cu, 16)                       # bookkeeping is built before patching
     for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     q3, k3, v3 = (x.detach().reshape(-1, 1, 64) for x in (q, k, v))
     g2, b2 = g.detach().reshape(-1, 1), beta.detach().reshape(-1, 1)
-    gam, w, u0, t_mat, p_mat = gdr_triton._prepare(P, q3, k3, v3, g2, b2, 0.125)
-    o, h, u, ht = gdr_triton._state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
-                                            store_o=True, store_states=True, store_final=True)
+    gam, w, u0, t_mat, p_mat = gdr_triton.prepare(P, q3, k3, v3, g2, b2, 0.125)
+    o, h, u, ht = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
+                                           store_o=True, store_states=True, store_final=True)
     do = torch.ones_like(o)
-    dh, du = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125,
-                                        torch.empty_like(ht))
-    gdr_triton._chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
-                               torch.float32)
+    dh, du = gdr_triton.state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125,
+                                       torch.empty_like(ht))
+    gdr_triton.chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
+                              torch.float32)
     monkeypatch.undo()
     assert rel_err(o.view_as(o_ref), o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
 

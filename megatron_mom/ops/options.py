@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
 
+from megatron_mom.ops.common.checks import checker
+
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 T_DTYPES = ("input", "float32")
 
@@ -80,9 +82,7 @@ class KernelOptions:
     launch: Mapping[str, Any] = field(default_factory=lambda: TUNED_LAUNCH, hash=False, repr=False)
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"KernelOptions: {msg}")
+        need = checker("KernelOptions")
 
         need(self.precision in PRECISIONS,
              f"precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mom.ops.gated_delta_rule import gated_delta_rule, resolve_backend
+from megatron_mom.ops.common import checker, compute_dtype, resolve_backend
+from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.options import KernelOptions
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
@@ -32,15 +33,12 @@ def kvba_columns(H: int, K: int, V: int):
 def beta_and_decay(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tuple[Tensor, Tensor]:
     """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32 (float64 for
     float64 inputs). b, a: [..., H]; A_log, dt_bias: [H]."""
-    ct = torch.float64 if b.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(b.dtype)
     return torch.sigmoid(b.to(ct)), -A_log.to(ct).exp() * F.softplus(a.to(ct) + dt_bias.to(ct))
 
 
 def _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H):
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"conv_gated_delta_rule: {msg}")
-
+    need = checker("conv_gated_delta_rule")
     need(q_tok.dim() == 2 and kvba.dim() == 2, f"q_tok must be [N, H*K] and kvba [L, C]; got "
          f"{tuple(q_tok.shape)}, {tuple(kvba.shape)}")
     need(conv_q.shape[0] % H == 0 and conv_v.shape[0] % H == 0,
@@ -77,7 +75,8 @@ def conv_gated_delta_rule(
     L = kvba.shape[0]
     if scale is None:
         scale = K ** -0.5
-    if lean_backward and resolve_backend(backend, kvba.device) == "triton":
+    if lean_backward and resolve_backend("conv_gated_delta_rule", backend,
+                                         kvba.device.type == "cuda") == "triton":
         from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
         return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
                                           A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
