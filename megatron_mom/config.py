@@ -168,8 +168,8 @@ class MoMConfig:
 
 
 def _with_execution_keywords(init):
-    """MoMConfig's __init__, also taking MoMExecution's settings as keywords (where they were
-    before execution settings had their own object): they go into `execution`."""
+    """MoMConfig's __init__, also taking MoMExecution's EXECUTION_SETTINGS as keywords (the
+    flat form that flags, YAML files and existing callers use): they go into `execution`."""
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
         moved = {name: kwargs.pop(name) for name in EXECUTION_SETTINGS if name in kwargs}

@@ -43,9 +43,10 @@ def set_router_loss_scale(loss_scale=1.0, num_microbatches: int = 1, cp_size: in
     loss_scale * cp_size / num_microbatches.
 
     Megatron's pipeline schedule sets `MoEAuxLossAutoScaler`'s scale only when MoE experts are
-    configured (schedules.py:281 in megatron-core 0.16.1), so a training loop with MoM layers
-    calls this once per step. The scale is kept 0-dim: Megatron copies it into whatever buffer
-    an earlier call created, and a [1]-shaped value cannot be copied into a 0-dim one."""
+    configured (`forward_step_calc_loss` in pipeline_parallel/schedules.py), so a training loop
+    with MoM layers calls this once per step. The scale is kept 0-dim: Megatron copies it into
+    whatever buffer an earlier call created, and a [1]-shaped value cannot be copied into a
+    0-dim one."""
     scale = torch.as_tensor(loss_scale, dtype=torch.float32, device=device).reshape(())
     moe_utils.MoEAuxLossAutoScaler.set_loss_scale(scale * (cp_size / num_microbatches))
 

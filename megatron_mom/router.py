@@ -70,10 +70,9 @@ class _GatingLinear(torch.autograd.Function):
     megatron-core 0.16.1 raises NameError without Transformer Engine.
 
     On CUDA with bf16 x the GEMMs read x as it is (bf16 products are exact in float32, summed
-    in float32: 2.1e-6 relative error against float64 at D=2048 on an H100, the float32 GEMM
-    2.6e-7) instead of through a float32 copy; the weight gradient splits
-    the float32 logit gradient into two bf16 parts (hi + lo, 16 significant bits), so it keeps
-    near-float32 accuracy."""
+    in float32; errors against float64 in docs/performance.md) instead of through a float32
+    copy; the weight gradient splits the float32 logit gradient into two bf16 parts (hi + lo,
+    16 significant bits), so it keeps near-float32 accuracy."""
 
     @staticmethod
     def forward(ctx, x, weight, ct):

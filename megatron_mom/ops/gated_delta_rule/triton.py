@@ -381,7 +381,8 @@ def chunk_gated_delta_rule(
     return o, (ht if output_final_state else None)
 
 
-# What the module held before options travelled with the call, and what replaces it.
+# Process-wide switches this module does not have (execution choices travel with each call as
+# KernelOptions), each with what to use: a clear error instead of a bare AttributeError.
 _REMOVED = {
     "CONFIG": "megatron_mom.ops.KernelOptions (launch settings: TUNED_LAUNCH and "
               "KernelOptions.with_launch), passed as gated_delta_rule(..., options=...)",

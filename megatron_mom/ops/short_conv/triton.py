@@ -37,9 +37,8 @@ NORM_CONFIG = {64: (64, 4), 128: (32, 4), 256: (16, 4)}
 BWD_CONFIG = (32, 32, 4)
 # The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
 # sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
-# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU). 16 (12 at the
-# MoM layer's 49152 rows): 89 -> 82 us per 256-channel head, 298 -> 287 us at 1024 channels on
-# the H100, against 8.
+# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU); timed in
+# docs/performance.md.
 BWD_MAX_TILES = 16
 BWD_MIN_PROGRAMS = 128
 
