@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
-from megatron_mom.ops.gated_delta_rule import triton as gdr_triton  # noqa: E402
+from megatron_mom.ops import KernelOptions  # noqa: E402
 
 MAIN_SHAPES = [(4, 4096, 16, 128), (4, 4096, 4, 256)]
 SCALING_SHAPES = [(8, 2048, 16, 128), (2, 8192, 16, 128), (2, 32768, 16, 128),
@@ -76,9 +76,10 @@ def timed(run, quick):
     return {"fwd_ms": fwd_ms, "fwdbwd_ms": fb_ms, "peak_extra_GiB": peak}
 
 
-def ours(B, T, H, D, quick):
+def ours(B, T, H, D, quick, options=None):
     q, k, v, g, beta = gdr_inputs(B, T, H, D)
-    return timed(lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0], quick)
+    return timed(lambda: gated_delta_rule(q, k, v, g, beta, backend="triton",
+                                          options=options)[0], quick)
 
 
 def fla_fn():
@@ -133,10 +134,10 @@ def kernel_profile(run, iters=5, step=None):
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:16])
 
 
-def outputs_of(B, T, H, D):
+def outputs_of(B, T, H, D, options=None):
     """Output and all input gradients of one fwd+bwd of ours (fixed inputs and dO)."""
     leaves = gdr_inputs(B, T, H, D, seed=3)
-    o, _ = gated_delta_rule(*leaves, backend="triton")
+    o, _ = gated_delta_rule(*leaves, backend="triton", options=options)
     o.backward(torch.ones_like(o))
     return [o.detach().float()] + [x.grad.float() for x in leaves]
 
@@ -163,39 +164,37 @@ SWEEP_D256 = [("state_fwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
 
 def sweep(shape, quick, entries=SWEEP):
     q, k, v, g, beta = gdr_inputs(*shape)
-    run = lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0]  # noqa: E731
 
-    def fwd_bwd():
-        out = run()
+    def fwd_bwd(options):
+        out = gated_delta_rule(q, k, v, g, beta, backend="triton", options=options)[0]
         out.backward(torch.ones_like(out))
 
     ref_outputs = outputs_of(*shape)
-    base = do_bench(fwd_bwd, quick)
+    base = do_bench(lambda: fwd_bwd(None), quick)
     out = {"default_fwdbwd_ms": base, "tried": []}
     best = {}
     for kernel, bound, opt in entries:
-        entry = gdr_triton.CONFIG[kernel] if bound is None else gdr_triton.CONFIG[kernel][bound]
-        saved = dict(entry)
-        entry.update(opt)
+        options = KernelOptions().with_launch(kernel, bound, **opt)
         rec = {"kernel": kernel, "settings": opt}
         try:
-            errs = [((a - b).norm() / b.norm()).item() for a, b in zip(outputs_of(*shape), ref_outputs)]
+            errs = [((a - b).norm() / b.norm()).item()
+                    for a, b in zip(outputs_of(*shape, options), ref_outputs)]
             rec["max_rel_diff_vs_default"] = max(errs)
-            rec["fwdbwd_ms"] = do_bench(fwd_bwd, quick)
+            rec["fwdbwd_ms"] = do_bench(lambda: fwd_bwd(options), quick)
             rec["ok"] = max(errs) < 5e-3
             if rec["ok"] and rec["fwdbwd_ms"] < best.get(kernel, (base, None))[0] * 0.98:
                 best[kernel] = (rec["fwdbwd_ms"], bound, dict(opt))
         except Exception as e:                                # noqa: BLE001
             rec["error"] = repr(e)[:200]
-        entry.clear()
-        entry.update(saved)
         out["tried"].append(rec)
         print("sweep", rec, flush=True)
+    chosen = KernelOptions()
     for kernel, (_, bound, opt) in best.items():
-        (gdr_triton.CONFIG[kernel] if bound is None else gdr_triton.CONFIG[kernel][bound]).update(opt)
+        chosen = chosen.with_launch(kernel, bound, **opt)
     out["chosen"] = {k: v[2] for k, v in best.items()}
     if best:
-        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(outputs_of(*shape), ref_outputs)]
+        errs = [((a - b).norm() / b.norm()).item()
+                for a, b in zip(outputs_of(*shape, chosen), ref_outputs)]
         out["chosen_max_rel_diff_vs_default"] = max(errs)
     return out
 
@@ -400,9 +399,8 @@ def main():
         row["ours"] = ours(B, T, H, D, args.quick)
         row["ours"]["approx_fwd_tflops"] = fwd_flops(B, T, H, D) / (row["ours"]["fwd_ms"] * 1e-3) / 1e12
         if (B, T, H, D) in main_shapes:
-            gdr_triton.set_recompute_states(True)
-            row["ours_recompute_states"] = ours(B, T, H, D, args.quick)
-            gdr_triton.set_recompute_states(False)
+            row["ours_recompute_states"] = ours(B, T, H, D, args.quick,
+                                                KernelOptions(recompute_states=True))
             q, k, v, g, beta = gdr_inputs(B, T, H, D)
             row["ours_kernels_ms"] = kernel_profile(
                 lambda: gated_delta_rule(q, k, v, g, beta, backend="triton")[0])

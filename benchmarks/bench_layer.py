@@ -48,7 +48,7 @@ def setup_megatron():
     model_parallel_cuda_manual_seed(0)
 
 
-LEAN_BACKWARD = False          # --lean-backward: MoMConfig.lean_backward on our layers
+EXECUTION = None               # MoMExecution of our layers (--lean-backward, --recompute-states, ...)
 
 
 def paper_mom():
@@ -64,8 +64,8 @@ def our_layer(mom):
     config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=16,
                                params_dtype=torch.bfloat16, bf16=True,
                                gradient_accumulation_fusion=False)
-    if LEAN_BACKWARD:
-        mom = mom.replace(lean_backward=True)
+    if EXECUTION is not None:
+        mom = mom.replace(execution=EXECUTION)
     layer = build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
     return layer.cuda()
 
@@ -295,11 +295,13 @@ def main():
     p.add_argument("--no-decode", action="store_true", help="skip the decode section")
     add_lean_argument(p)
     p.add_argument("--recompute-states", action="store_true",
-                   help="process-wide set_recompute_states(True) (with --head-groups: a lean "
-                        "backward with that many groups)")
+                   help="our layers' recurrence keeps only its inputs for the backward "
+                        "(KernelOptions.recompute_states; with --head-groups: a lean backward "
+                        "with that many groups)")
     p.add_argument("--head-groups", type=int, default=None,
-                   help="process-wide set_backward_head_groups(N) (--lean-backward always runs "
-                        "one head per group)")
+                   help="our layers' recurrence backward over N groups of heads "
+                        "(KernelOptions.backward_head_groups; --lean-backward always runs one "
+                        "head per group)")
     p.add_argument("--peers", default="fla_gdn,fla_mom",
                    help="comma-separated fla layers to time beside ours (fla_gdn, fla_mom)")
     p.add_argument("--no-training-peers", action="store_true",
@@ -312,12 +314,11 @@ def main():
     p.add_argument("--out", default=os.environ.get("OUT") or tempfile.gettempdir())
     args = p.parse_args()
     global OUT_DIR
-    global LEAN_BACKWARD
-    LEAN_BACKWARD = args.lean_backward
-    from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
-    gdr_triton.set_recompute_states(args.recompute_states)
-    if args.head_groups is not None:
-        gdr_triton.set_backward_head_groups(args.head_groups)
+    global EXECUTION
+    from megatron_mom.config import MoMExecution
+    from megatron_mom.ops import KernelOptions
+    EXECUTION = MoMExecution(lean_backward=args.lean_backward, kernels=KernelOptions(
+        recompute_states=args.recompute_states, backward_head_groups=args.head_groups or 1))
     OUT_DIR = args.out
     import triton
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -25,6 +25,7 @@ def main():
     config = TransformerConfig(
         num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=192,
         normalization="RMSNorm", hidden_dropout=0.0, attention_dropout=0.0,
+        hetereogenous_dist_checkpoint=True,        # MoM and attention layers: per-layer keys
         **(cpu.megatron_cpu_config_overrides() if on_cpu else {}))
     mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=2, head_dim=32,
                     chunk_size=32)

@@ -1,4 +1,6 @@
-"""MoMConfig: the hyperparameters of one Mixture-of-Memories mixer (and nothing else).
+"""MoMConfig: the hyperparameters of one Mixture-of-Memories mixer, and `MoMExecution`: how
+it runs (kernels, projection form, memory of the backward), which never changes what it
+computes beyond rounding.
 
 Megatron's own `TransformerConfig` stays untouched so that Megatron-LM's argument parsing
 builds it as usual; the MoM layer spec carries a `MoMConfig` beside it.
@@ -6,9 +8,13 @@ builds it as usual; the MoM layer spec carries a `MoMConfig` beside it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, List, Mapping, Optional
+
+from megatron_mom.ops.common import checker
+from megatron_mom.ops.options import KernelOptions
 
 BACKENDS = ("auto", "triton", "torch")
 GROUPED_PROJECTION = ("auto", "on", "off")
@@ -31,9 +37,59 @@ def _is_finite_number(value) -> bool:
             and math.isfinite(value))
 
 
+# MoMExecution's fields that flags (--mom-*) and YAML files (mom.*) set, beside MoMConfig's.
+EXECUTION_SETTINGS = ("backend", "grouped_projection", "lean_backward")
+
+
+@dataclass(frozen=True)
+class MoMExecution:
+    """How a MoM mixer runs: the same results, up to rounding, whatever these say.
+
+    backend:         kernels for the recurrence, short convolutions, mix and gated
+                     RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
+    grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
+                     one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
+                     CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS
+                     kernel, else dense; "on" grouped wherever the layer allows it (any
+                     device, not float64: for tests); "off" always the dense projection of
+                     every memory for every token (the reference).
+    lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps its inputs
+                     and one head's buffers for the backward, which recomputes the rest and the
+                     recurrence's states one head at a time: less peak memory for more GPU
+                     time (side CUDA streams run its sequential kernels beside other work; its
+                     many launches can make the eager step host-bound, which a CUDA graph
+                     removes; numbers in docs/performance.md). Triton backend only.
+    kernels:         how the recurrence's Triton kernels run (`megatron_mom.ops.KernelOptions`:
+                     dot precision, storage between kernels, recomputed states, backward head
+                     groups, side streams, launch settings).
+    """
+
+    backend: str = "auto"
+    grouped_projection: str = "auto"
+    lean_backward: bool = False
+    kernels: KernelOptions = KernelOptions()
+
+    def __post_init__(self):
+        need = checker("MoMExecution")
+
+        need(self.backend in BACKENDS,
+             f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        need(isinstance(self.lean_backward, bool),
+             f"lean_backward must be True or False, got {self.lean_backward!r}")
+        need(self.grouped_projection in GROUPED_PROJECTION,
+             f"grouped_projection must be one of {GROUPED_PROJECTION}, "
+             f"got {self.grouped_projection!r}")
+        need(isinstance(self.kernels, KernelOptions),
+             f"kernels must be a megatron_mom.ops.KernelOptions, got {self.kernels!r}")
+
+    def replace(self, **changes) -> "MoMExecution":
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
 class MoMConfig:
-    """Hyperparameters of a MoM mixer (arXiv:2502.13685; equations in docs/method.md).
+    """Hyperparameters of a MoM mixer (arXiv:2502.13685; equations in docs/method.md), and
+    how it runs (`execution`).
 
     num_memories:    M, routed memories (the always-on shared memory is extra).
     topk:            memories each token is routed to.
@@ -43,30 +99,18 @@ class MoMConfig:
     expand_v:        V = K * expand_v, the value size per head.
     conv_size:       width W of the causal short convolutions, >= 1 (1 mixes nothing over
                      time: a learned per-channel scale before the SiLU; there is no "off").
+                     The Triton kernels take head_dim and value_dim in (16, 32, 64, 128,
+                     256) and conv_size <= 8 (checked here for backend "triton", when the
+                     layer is built on a CUDA device for "auto"); "torch" takes any.
     use_output_gate: gate the normalised output with silu(x W_g_out).
     norm_eps:        epsilon of the per-head output RMSNorm.
     aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
     z_loss_coeff:    router z-loss coefficient (0 disables it).
     chunk_size:      chunk length of the chunked gated-delta-rule kernels: 16, 32 or 64.
-    backend:         kernels for the recurrence, short convolutions, mix and gated
-                     RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
-                     The Triton kernels take head_dim and value_dim in (16, 32, 64, 128,
-                     256) and conv_size <= 8 (checked here for "triton", when the layer is
-                     built on a CUDA device for "auto"); "torch" takes any.
-    lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps its inputs
-                     and one head's buffers for the backward, which recomputes the rest and the
-                     recurrence's states one head at a time: the layer's peak memory at the
-                     paper shape drops from 2.46 to 1.22 GiB for ~10% more GPU time (side
-                     CUDA streams run its sequential kernels beside other work); its many
-                     launches make the eager step host-bound on slower host CPUs, which a
-                     CUDA graph removes (H100, docs/performance.md). The same gradients up to
-                     rounding. Triton backend only.
-    grouped_projection: how the memories' k, v, b, a are projected in training: "auto" as
-                     one grouped GEMM over the routed rows only (torch._grouped_mm) for bf16
-                     CUDA inputs on compute capability 9.x/10.x, where it is a single CUTLASS
-                     kernel, else dense; "on" grouped wherever the layer allows it (any
-                     device, not float64: for tests); "off" always the dense projection of
-                     every memory for every token (the reference).
+    execution:       how the mixer runs (`MoMExecution`). Its backend, grouped_projection
+                     and lean_backward are also accepted as keywords of MoMConfig(...) and
+                     replace(...), and read as attributes (mom.backend is
+                     mom.execution.backend).
     """
 
     num_memories: int = 4
@@ -81,14 +125,10 @@ class MoMConfig:
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.0
     chunk_size: int = 64
-    backend: str = "auto"
-    grouped_projection: str = "auto"
-    lean_backward: bool = False
+    execution: MoMExecution = MoMExecution()
 
     def __post_init__(self):
-        def need(ok: bool, msg: str):
-            if not ok:
-                raise ValueError(f"MoMConfig: {msg}")
+        need = checker("MoMConfig")
 
         for name in ("num_memories", "topk", "num_heads", "head_dim"):
             value = getattr(self, name)
@@ -102,7 +142,7 @@ class MoMConfig:
              f"over time)")
         need(_is_int(self.chunk_size) and self.chunk_size in CHUNK_SIZES,
              f"chunk_size must be one of {CHUNK_SIZES}, got {self.chunk_size!r}")
-        for name in ("shared_memory", "use_output_gate", "lean_backward"):
+        for name in ("shared_memory", "use_output_gate"):
             value = getattr(self, name)
             need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
         need(_is_finite_number(self.expand_v) and self.expand_v > 0,
@@ -116,11 +156,8 @@ class MoMConfig:
             value = getattr(self, name)
             need(_is_finite_number(value) and value >= 0,
                  f"{name} must be a finite number >= 0, got {value!r}")
-        need(self.backend in BACKENDS,
-             f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(self.grouped_projection in GROUPED_PROJECTION,
-             f"grouped_projection must be one of {GROUPED_PROJECTION}, "
-             f"got {self.grouped_projection!r}")
+        need(isinstance(self.execution, MoMExecution),
+             f"execution must be a MoMExecution, got {self.execution!r}")
         if self.backend == "triton":
             self.check_triton_sizes()
 
@@ -173,3 +210,39 @@ class MoMConfig:
                 f"MoMConfig: num_heads ({self.num_heads}) must be divisible by "
                 f"tensor_model_parallel_size * context_parallel_size ({tp_size} * {cp_size}): "
                 f"context parallelism splits each rank's heads across the CP group")
+
+
+def _with_execution_keywords(init):
+    """MoMConfig's __init__, also taking MoMExecution's EXECUTION_SETTINGS as keywords (the
+    flat form that flags, YAML files and existing callers use): they go into `execution`."""
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        moved = {name: kwargs.pop(name) for name in EXECUTION_SETTINGS if name in kwargs}
+        if moved:
+            execution = kwargs.get("execution", MoMExecution())
+            if not isinstance(execution, MoMExecution):
+                raise ValueError(f"MoMConfig: execution must be a MoMExecution, got "
+                                 f"{execution!r}")
+            kwargs["execution"] = execution.replace(**moved)
+        init(self, *args, **kwargs)
+    return __init__
+
+
+MoMConfig.__init__ = _with_execution_keywords(MoMConfig.__init__)
+for _name in EXECUTION_SETTINGS:
+    setattr(MoMConfig, _name, property(lambda self, name=_name: getattr(self.execution, name),
+                                       doc=f"execution.{_name}"))
+
+
+def settings_fields() -> List[dataclasses.Field]:
+    """The settings that Megatron-LM flags and YAML files give, each one value: MoMConfig's
+    fields (without `execution`), then MoMExecution's EXECUTION_SETTINGS."""
+    model = [f for f in dataclasses.fields(MoMConfig) if f.name != "execution"]
+    return model + [f for f in dataclasses.fields(MoMExecution) if f.name in EXECUTION_SETTINGS]
+
+
+def from_settings(values: Mapping[str, Any]) -> MoMConfig:
+    """The MoMConfig of one value per `settings_fields()` name (missing ones: defaults)."""
+    values = dict(values)
+    execution = {name: values.pop(name) for name in EXECUTION_SETTINGS if name in values}
+    return MoMConfig(**values, execution=MoMExecution(**execution))

@@ -2,8 +2,7 @@
 
 Megatron-Core assumes CUDA in a handful of places. `enable()` redirects exactly those, inside
 this process only, and refuses to do anything when CUDA is available: on a GPU machine nothing
-here is ever active. Each redirection names the Megatron code it works around (megatron-core
-0.16.1 line references).
+here is ever active. Each redirection names the Megatron-Core function it works around.
 """
 from __future__ import annotations
 
@@ -33,10 +32,10 @@ def _is_cuda(device) -> bool:
 class _CudaToCpu(TorchFunctionMode):
     """Rewrites `device='cuda'` to cpu, makes `.cuda()` a no-op and reports CUDA type names.
 
-    Covers optimizer/clip_grads.py:167 (asserts torch.cuda.FloatTensor grads),
-    optimizer/optimizer.py:671-699 and distrib_optimizer.py:361-435 (param.type() checks), and
-    the tensors built with device='cuda' in optimizer, schedules and transformer/utils.py:35
-    (get_default_causal_mask)."""
+    Covers `clip_grad_by_total_norm_fp32` (asserts torch.cuda.FloatTensor grads), the
+    param.type() checks of `Float16OptimizerWithFloat16Params.__init__` and
+    `DistributedOptimizer._build_model_and_main_param_groups`, and the tensors built with
+    device='cuda' in the optimizers, the pipeline schedules and `get_default_causal_mask`."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -46,7 +45,7 @@ class _CudaToCpu(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _CPU
-        if kwargs.get("pin_memory"):  # rope_utils.py:62 (RoPE under CP) pins a host tensor
+        if kwargs.get("pin_memory"):  # get_pos_emb_on_this_cp_rank (RoPE under CP) pins one
             kwargs["pin_memory"] = False
         if func in (torch.Tensor.to,) and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], _CPU, *args[2:])
@@ -54,7 +53,7 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _QuietCpuRngWarning(logging.Filter):
-    # tensor_parallel/random.py:264 warns when the CPU RNG moves inside a "CUDA" RNG fork;
+    # CudaRNGStatesTracker.fork warns when the CPU RNG moves inside a "CUDA" RNG fork;
     # on CPU the fork *is* the CPU generator, so the warning is expected noise.
     def filter(self, record):
         return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
@@ -74,17 +73,18 @@ def enable() -> bool:
 
     # Buffers, TP layers, mappings, RoPE: device=torch.cuda.current_device().
     torch.cuda.current_device = lambda: _CPU
-    # pipeline_parallel/p2p_communication.py:242,398 synchronise the GPU after p2p.
+    # P2PCommunicator._communicate_shapes and ._communicate synchronise the GPU after p2p.
     torch.cuda.synchronize = lambda *a, **k: None
-    # tensor_parallel/random.py:41-110,235-238: the model-parallel RNG tracker saves and
-    # restores the CUDA generator; on CPU it forks the CPU generator instead.
+    # _get_cuda_rng_state, _set_cuda_rng_state and CudaRNGStatesTracker.add: the
+    # model-parallel RNG tracker saves and restores the CUDA generator; on CPU it forks the CPU
+    # generator instead.
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(seed)
     logging.getLogger(mp_random.__name__).addFilter(_QuietCpuRngWarning())
 
-    # transformer/utils.py:33 builds the causal mask on "cuda"; fused_softmax imports it by name.
+    # get_default_causal_mask builds the mask on "cuda"; fused_softmax imports it by name.
     def causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 

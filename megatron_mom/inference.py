@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.common import compute_dtype
+
 
 @dataclass
 class MoMCache:
@@ -22,7 +24,7 @@ class MoMCache:
 
     @classmethod
     def empty(cls, batch: int, memories: int, heads: int, K: int, V: int, W: int, dtype, device):
-        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        state_dtype = compute_dtype(dtype)
         z = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=device)
         return cls(state=z(batch, memories, heads, K, V, dt=state_dtype),
                    conv_q=z(batch, memories, heads * K, W - 1),

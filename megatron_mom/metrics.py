@@ -2,19 +2,21 @@
 
 Losses go to Megatron-Core's MoE aux-loss tracker under names of our own
 (`mom_load_balancing_loss`, `mom_z_loss`), which Megatron-LM's logging can report; the number
-of tokens each memory received is kept here, per layer, for our own logs.
+of tokens each memory received is counted by each layer's router (`MoMRouter.routed_tokens`,
+as Megatron's MoE routers count tokens per expert) and read here for our own logs.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 
 from megatron.core.transformer.moe import moe_utils
 
+from megatron_mom.router import MoMRouter
+
 LOAD_BALANCING_LOSS = "mom_load_balancing_loss"
 Z_LOSS = "mom_z_loss"
-_MEMORY_LOAD: Dict[int, torch.Tensor] = {}
 
 
 def _tracker_record(name: str, value: torch.Tensor, layer_number: int, num_layers: int,
@@ -41,17 +43,17 @@ def set_router_loss_scale(loss_scale=1.0, num_microbatches: int = 1, cp_size: in
     loss_scale * cp_size / num_microbatches.
 
     Megatron's pipeline schedule sets `MoEAuxLossAutoScaler`'s scale only when MoE experts are
-    configured (schedules.py:281 in megatron-core 0.16.1), so a training loop with MoM layers
-    calls this once per step. The scale is kept 0-dim: Megatron copies it into whatever buffer
-    an earlier call created, and a [1]-shaped value cannot be copied into a 0-dim one."""
+    configured (`forward_step_calc_loss` in pipeline_parallel/schedules.py), so a training loop
+    with MoM layers calls this once per step. The scale is kept 0-dim: Megatron copies it into
+    whatever buffer an earlier call created, and a [1]-shaped value cannot be copied into a
+    0-dim one."""
     scale = torch.as_tensor(loss_scale, dtype=torch.float32, device=device).reshape(())
     moe_utils.MoEAuxLossAutoScaler.set_loss_scale(scale * (cp_size / num_microbatches))
 
 
-def record_router(layer_number: Optional[int], config, losses, tokens_per_memory: torch.Tensor,
-                  reduce_group=None) -> None:
-    """Record one forward pass of a MoM router (this rank's loss shares; `reduce_group` sums
-    them where ranks routed different tokens)."""
+def record_router(layer_number: Optional[int], config, losses, reduce_group=None) -> None:
+    """Record the router losses of one forward pass of a MoM layer in Megatron's tracker
+    (this rank's loss shares; `reduce_group` sums them where ranks routed different tokens)."""
     if layer_number is None:
         return
     num_layers = config.num_layers + (getattr(config, "mtp_num_layers", None) or 0)
@@ -60,12 +62,6 @@ def record_router(layer_number: Optional[int], config, losses, tokens_per_memory
                         num_layers, reduce_group)
     if losses.z is not None:
         _tracker_record(Z_LOSS, losses.z.detach(), layer_number, num_layers, reduce_group)
-    counts = tokens_per_memory.detach().float()
-    previous = _MEMORY_LOAD.get(layer_number)
-    if previous is not None and previous.shape == counts.shape:
-        previous += counts
-    else:
-        _MEMORY_LOAD[layer_number] = counts.clone()
 
 
 def router_loss_values(clear: bool = True) -> Dict[str, torch.Tensor]:
@@ -82,9 +78,22 @@ def router_loss_values(clear: bool = True) -> Dict[str, torch.Tensor]:
     return out
 
 
-def memory_load(clear: bool = True) -> Dict[int, torch.Tensor]:
-    """Fraction of routed tokens each memory received, per layer, since the last clear."""
-    out = {layer: counts / counts.sum().clamp(min=1) for layer, counts in sorted(_MEMORY_LOAD.items())}
-    if clear:
-        _MEMORY_LOAD.clear()
-    return out
+def memory_load(model: Union[torch.nn.Module, Iterable[torch.nn.Module]],
+                clear: bool = True) -> Dict[int, torch.Tensor]:
+    """Fraction of routed tokens each memory received since the last clear, {layer number:
+    [M] float32}, for every MoM layer of `model` (a module, or a list of them such as virtual
+    pipeline chunks) that has a layer number."""
+    if isinstance(model, bool):
+        raise TypeError("memory_load(model, clear=True): pass the model whose MoM layers to "
+                        "read (the counts live in each layer's router)")
+    modules = [model] if isinstance(model, torch.nn.Module) else list(model)
+    out = {}
+    for module in (m for chunk in modules for m in chunk.modules()):
+        router = getattr(module, "router", None)
+        layer = getattr(module, "layer_number", None)
+        if isinstance(router, MoMRouter) and layer is not None:
+            counts = router.routed_tokens.float()
+            out[layer] = counts / counts.sum().clamp(min=1)
+            if clear:
+                router.routed_tokens.zero_()
+    return dict(sorted(out.items()))

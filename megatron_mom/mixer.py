@@ -201,8 +201,9 @@ class MixtureOfMemories(MegatronModule):
                                plan.tokens_per_memory, b * s, mom)
         weight = attach_loss(plan.weight, losses.total if losses else None)
         if losses is not None and self.training:
-            metrics.record_router(self.layer_number, self.config, losses, plan.tokens_per_memory,
+            metrics.record_router(self.layer_number, self.config, losses,
                                   reduce_group=self._router_reduce_group())
+            self.router.count(plan.tokens_per_memory)
 
         if grouped:
             q_tok, gate, memory_rows = self._project_grouped(x.reshape(s * b, -1))
@@ -259,7 +260,7 @@ class MixtureOfMemories(MegatronModule):
     def _grouped_projection_applies(self, x: Tensor) -> bool:
         """Whether this training step projects the memories' k, v, b, a per routed row
         (`_project_grouped`) instead of through `in_proj` for every memory (the reference)."""
-        mode = self.mom.grouped_projection
+        mode = self.mom.execution.grouped_projection
         if mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None):
             return False
         w, bias = getattr(self.in_proj, "weight", None), getattr(self.in_proj, "bias", None)
@@ -322,6 +323,7 @@ class MixtureOfMemories(MegatronModule):
         segments start from the cached states and the cache receives their final states.
         Returns y [N, H, V]."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
+        run = mom.execution
         layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         L, cu = layout.num_rows, layout.cu_seqlens
         if cache is None:
@@ -332,7 +334,8 @@ class MixtureOfMemories(MegatronModule):
                 q_tok, memory_rows(layout), (layout.token, layout.slot_row), cu,
                 local(self.conv_q), local(self.conv_k), local(self.conv_v), local(self.A_log),
                 local(self.dt_bias), num_heads=H, chunk_size=mom.chunk_size,
-                lean_backward=mom.lean_backward, backend=mom.backend)          # [L, H, V]
+                lean_backward=run.lean_backward, backend=run.backend,
+                options=run.kernels)                                           # [L, H, V]
         else:
             q, k, v, b, a = self._convolve_cached(q_tok, memory_rows(layout), layout, cache,
                                                   num_seqs)
@@ -340,11 +343,11 @@ class MixtureOfMemories(MegatronModule):
             o, state = gated_delta_rule(
                 q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
                 beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
-                chunk_size=mom.chunk_size, backend=mom.backend,
+                chunk_size=mom.chunk_size, backend=run.backend, options=run.kernels,
                 initial_state=inference.to_segments(cache.state), output_final_state=True)
             cache.state.copy_(inference.from_segments(state, num_seqs))
             o = o.squeeze(0)
-        return routing.mix(o, layout, weight, out_dtype=o.dtype, backend=mom.backend)
+        return routing.mix(o, layout, weight, out_dtype=o.dtype, backend=run.backend)
 
     def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout, cache,
                          num_seqs: int):
@@ -357,7 +360,7 @@ class MixtureOfMemories(MegatronModule):
         def conv(x, w, hist):
             y, final = short_conv(
                 x[None], self._heads_of_this_cp_rank(w), cu_seqlens=layout.cu_seqlens,
-                activation="silu", backend=mom.backend,
+                activation="silu", backend=mom.execution.backend,
                 initial_state=inference.to_segments(hist), output_final_state=True)
             hist.copy_(inference.from_segments(final, num_seqs))
             return y.squeeze(0)
@@ -374,7 +377,7 @@ class MixtureOfMemories(MegatronModule):
         """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
         out_proj, as a view."""
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
-        z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps, backend=self.mom.backend)
+        z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps, backend=self.mom.execution.backend)
         return z.reshape(s, b, -1)
 
     # ------------------------------------------------------------------ decoding
@@ -420,7 +423,7 @@ class MixtureOfMemories(MegatronModule):
         def conv(x, w, hist):  # x [B * S, C]: one step of the memory's short convolution
             h, idx = gather(hist)
             y, h_new = short_conv(x[:, None], w, initial_state=h, output_final_state=True,
-                                  activation="silu", backend=mom.backend)
+                                  activation="silu", backend=mom.execution.backend)
             scatter(hist, idx, h_new)
             return y[:, 0]
 

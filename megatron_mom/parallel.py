@@ -26,7 +26,7 @@ class _CopyToGroup(torch.autograd.Function):
 
     Megatron's `copy_to_tensor_model_parallel_region` all-reduces `grad.contiguous()` and returns
     the original tensor, so a non-contiguous gradient (here: one coming through a transpose)
-    silently skips the reduction (megatron-core 0.16.1 tensor_parallel/mappings.py:31)."""
+    silently skips the reduction (`_reduce` in tensor_parallel/mappings.py)."""
 
     @staticmethod
     def forward(ctx, x, group):

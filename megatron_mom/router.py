@@ -17,6 +17,7 @@ from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_mom.config import MoMConfig
+from megatron_mom.ops.common import compute_dtype
 
 @dataclass
 class Routing:
@@ -47,11 +48,19 @@ class MoMRouter(MegatronModule):
         # Under sequence parallelism each rank routes only its own tokens, so its gradient is a
         # partial sum: Megatron's finalize_model_grads all-reduces params marked like this.
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        # Tokens each memory received in training since the last `metrics.memory_load` (for
+        # logs only: not in checkpoints; int64, which precision casts of the model leave as is).
+        self.register_buffer("routed_tokens", torch.zeros(
+            mom.num_memories, dtype=torch.int64, device=self.weight.device), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [..., D] -> logits [..., M] in float32 (float64 for float64 inputs)."""
-        ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-        return _GatingLinear.apply(x, self.weight, ct)
+        return _GatingLinear.apply(x, self.weight, compute_dtype(x.dtype))
+
+    @torch.no_grad()
+    def count(self, tokens_per_memory: Tensor) -> None:
+        """Add one routed group's tokens per memory [M] to `routed_tokens`."""
+        self.routed_tokens += tokens_per_memory.to(self.routed_tokens.dtype)
 
 
 class _GatingLinear(torch.autograd.Function):
@@ -61,10 +70,9 @@ class _GatingLinear(torch.autograd.Function):
     megatron-core 0.16.1 raises NameError without Transformer Engine.
 
     On CUDA with bf16 x the GEMMs read x as it is (bf16 products are exact in float32, summed
-    in float32: 2.1e-6 relative error against float64 at D=2048 on an H100, the float32 GEMM
-    2.6e-7) instead of through a float32 copy; the weight gradient splits
-    the float32 logit gradient into two bf16 parts (hi + lo, 16 significant bits), so it keeps
-    near-float32 accuracy."""
+    in float32; errors against float64 in docs/performance.md) instead of through a float32
+    copy; the weight gradient splits the float32 logit gradient into two bf16 parts (hi + lo,
+    16 significant bits), so it keeps near-float32 accuracy."""
 
     @staticmethod
     def forward(ctx, x, weight, ct):

@@ -2,6 +2,7 @@
 
     from megatron_mom import MoMConfig, get_mom_layer_spec, get_hybrid_block_spec
     GPTModel(config, transformer_layer_spec=get_mom_layer_spec(MoMConfig()), ...)
+    config = TransformerConfig(..., hetereogenous_dist_checkpoint=True)   # MoM and attention
     GPTModel(config, transformer_layer_spec=get_hybrid_block_spec(config, "MMMA", MoMConfig()), ...)
 
 Backends: "local" builds from Megatron-Core's own modules (CPU or GPU, no extra packages);
@@ -155,12 +156,23 @@ def check_pattern(pattern: str, num_layers: int) -> str:
     return pattern
 
 
-def checkpoint_per_layer_if_mixed(config, pattern: str) -> None:
-    """MoM and attention layers hold different parameters, so a stack mixing them must key its
-    distributed checkpoint per layer: Megatron's TransformerBlock otherwise stacks every layer's
-    tensor of one name into one tensor (Megatron does the same for its GDN/attention hybrids)."""
-    if len(set(pattern)) > 1 and hasattr(config, "hetereogenous_dist_checkpoint"):
-        config.hetereogenous_dist_checkpoint = True
+def mixes_layer_kinds(pattern: str) -> bool:
+    """Whether a pattern mixes MoM and attention layers. They hold different parameters, so
+    such a stack must key its distributed checkpoint per layer (TransformerConfig's
+    `hetereogenous_dist_checkpoint`, which TransformerBlock.sharded_state_dict reads): otherwise
+    Megatron stacks every layer's tensor of one name into one tensor (Megatron's GDN/attention
+    hybrids key per layer too)."""
+    return len(set(pattern)) > 1
+
+
+def check_checkpoint_keys(config, pattern: str) -> None:
+    """Refuse a config that would stack the tensors of a mixed pattern's layers."""
+    if mixes_layer_kinds(pattern) and not getattr(config, "hetereogenous_dist_checkpoint", True):
+        raise ValueError(
+            f"pattern {pattern!r} mixes MoM and attention layers, which hold different "
+            f"parameters: build the TransformerConfig with hetereogenous_dist_checkpoint=True "
+            f"(per-layer checkpoint keys; megatron_mom.specs.mixes_layer_kinds(pattern) says "
+            f"when it is needed)")
 
 
 def local_layer_ids(config, vp_stage: Optional[int] = None,
@@ -182,12 +194,13 @@ def get_hybrid_block_spec(config, pattern: str, mom: Optional[MoMConfig] = None,
     this pipeline stage. Use as `GPTModel(transformer_layer_spec=...)`; e.g. the paper's hybrid
     is `"MMMMMMMA" * 3` (one attention layer after every seven MoM layers).
 
-    A pattern with both symbols sets `config.hetereogenous_dist_checkpoint` (Megatron's switch
-    to per-layer checkpoint keys), since the two layer kinds hold different parameters."""
+    `config` is read, never changed: a pattern with both symbols needs
+    `config.hetereogenous_dist_checkpoint` (Megatron's per-layer checkpoint keys), since the two
+    layer kinds hold different parameters; without it this raises, naming the fix."""
     mom = mom if mom is not None else MoMConfig()
     backend = resolve_spec_backend(backend)
     check_pattern(pattern, config.num_layers)
-    checkpoint_per_layer_if_mixed(config, pattern)
+    check_checkpoint_keys(config, pattern)
     specs = {"M": get_mom_layer_spec(mom, backend), "A": get_attention_layer_spec(backend)}
     layer_specs = [specs[pattern[i]] for i in local_layer_ids(config, vp_stage, pp_rank)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_norm(backend))

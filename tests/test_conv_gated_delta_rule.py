@@ -94,7 +94,7 @@ def test_lean_conv_gated_delta_rule_frees_a_heads_gradients_before_the_next_chun
     from megatron_mom.ops.gated_delta_rule import triton as gdr
     from megatron_mom.ops.short_conv import triton as conv
     grads, alive, calls = [], [], []
-    conv_backward, chunk_backward = conv._conv_backward, gdr._chunk_backward
+    conv_backward, chunk_backward = conv.conv_backward, gdr.chunk_backward
 
     def conv_spy(x2, x_row, weight, init, dy, *args):
         grads.append(weakref.ref(dy if dy._base is None else dy._base))
@@ -104,8 +104,8 @@ def test_lean_conv_gated_delta_rule_frees_a_heads_gradients_before_the_next_chun
         alive.append(sum(ref() is not None for ref in grads))
         return chunk_backward(*args, **kwargs)
 
-    monkeypatch.setattr(conv, "_conv_backward", conv_spy)
-    monkeypatch.setattr(gdr, "_chunk_backward", chunk_spy)
+    monkeypatch.setattr(conv, "conv_backward", conv_spy)
+    monkeypatch.setattr(gdr, "chunk_backward", chunk_spy)
     leaves, layout, H = make_case(H=3)
     o = lean_forward(leaves, layout, H)
     o.sum().backward()

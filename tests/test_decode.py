@@ -63,7 +63,8 @@ def test_hybrid_gpt_generation_matches_full_forward(megatron_single):
     from megatron_mom.inference import generate
     from test_gpt import gpt
     mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16)
-    model = gpt(lambda c: get_hybrid_block_spec(c, "MAMM", mom, backend="local")).eval()
+    model = gpt(lambda c: get_hybrid_block_spec(c, "MAMM", mom, backend="local"),
+                hetereogenous_dist_checkpoint=True).eval()
     prompt = torch.randint(0, 64, (2, 3))
     tokens = generate(model, prompt, max_new_tokens=8)
     assert tokens.shape == (2, 11)

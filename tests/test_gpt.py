@@ -41,7 +41,7 @@ def test_gpt_trains(megatron_single, kind):
     from megatron_mom.mixer import MixtureOfMemories
     spec_fn = {"layer_spec": lambda c: get_mom_layer_spec(MOM, backend="local"),
                "hybrid_block": lambda c: get_hybrid_block_spec(c, "MMAM", MOM, backend="local")}
-    model = gpt(spec_fn[kind])
+    model = gpt(spec_fn[kind], hetereogenous_dist_checkpoint=kind == "hybrid_block")
     kinds = [type(layer.self_attention).__name__ for layer in model.decoder.layers]
     expected = ["MixtureOfMemories"] * 4 if kind == "layer_spec" else \
         ["MixtureOfMemories", "MixtureOfMemories", "SelfAttention", "MixtureOfMemories"]
@@ -56,9 +56,32 @@ def test_hybrid_pattern_is_sliced_per_pipeline_stage(megatron_single):
     from megatron_mom.specs import local_layer_ids
     config = TransformerConfig(num_layers=8, hidden_size=16, num_attention_heads=2,
                                pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
+                               hetereogenous_dist_checkpoint=True,
                                **cpu.megatron_cpu_config_overrides())
     assert local_layer_ids(config, pp_rank=0) == [0, 1, 2, 3]
     assert local_layer_ids(config, pp_rank=1) == [4, 5, 6, 7]
     block = get_hybrid_block_spec(config, "MMMAMMMA", MOM, backend="local", pp_rank=1)
     names = [s.submodules.self_attention.module.__name__ for s in block.layer_specs]
     assert names == ["MixtureOfMemories"] * 3 + ["SelfAttention"]
+
+
+def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single):
+    """A mixed pattern needs per-layer checkpoint keys in the caller's config: refused with the
+    fix named when absent; with them, and for an all-MoM pattern, the config is left as it
+    was."""
+    import dataclasses
+    from megatron.core.transformer import TransformerConfig
+    from megatron_mom import cpu, get_hybrid_block_spec
+    from megatron_mom.specs import mixes_layer_kinds
+    config = TransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2,
+                               **cpu.megatron_cpu_config_overrides())
+    before = dict(vars(config))
+    with pytest.raises(ValueError, match="hetereogenous_dist_checkpoint=True"):
+        get_hybrid_block_spec(config, "MMAM", MOM, backend="local")
+    assert len(get_hybrid_block_spec(config, "MMMM", MOM, backend="local").layer_specs) == 4
+    assert vars(config) == before
+    keyed = dataclasses.replace(config, hetereogenous_dist_checkpoint=True)
+    keyed_before = dict(vars(keyed))
+    assert len(get_hybrid_block_spec(keyed, "MMAM", MOM, backend="local").layer_specs) == 4
+    assert vars(keyed) == keyed_before
+    assert mixes_layer_kinds("MMAM") and not mixes_layer_kinds("MMMM")

@@ -11,6 +11,8 @@ from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm
 from megatron_mom.ops.l2norm import l2norm
 from megatron_mom.ops.mix import mix, sum_over_slots
+from megatron_mom.ops.common import Segments
+from megatron_mom.ops.options import KernelOptions
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
 pytest.importorskip("triton")
@@ -40,11 +42,11 @@ def gdr_inputs(lengths, H, K, V, *, batch=None, h0=True, dtype=torch.float32, ra
     return leaves, cu
 
 
-def run_gdr(backend, leaves, cu, *, chunk_size, l2=False, final=True, seed=1):
+def run_gdr(backend, leaves, cu, *, chunk_size, l2=False, final=True, seed=1, options=None):
     q, k, v, g, beta, s0 = leaves
     o, ht = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=final,
                              cu_seqlens=cu, use_qk_l2norm=l2, chunk_size=chunk_size,
-                             backend=backend)
+                             backend=backend, options=options)
     gen = torch.Generator().manual_seed(seed)
     loss = (o.float() * torch.randn(o.shape, generator=gen)).sum()
     if final:
@@ -53,8 +55,9 @@ def run_gdr(backend, leaves, cu, *, chunk_size, l2=False, final=True, seed=1):
     return [o, ht] + list(torch.autograd.grad(loss, wrt))
 
 
-def assert_gdr_close(leaves, cu, *, chunk_size, l2=False, final=True, tol=2e-5):
-    got = run_gdr("triton", leaves, cu, chunk_size=chunk_size, l2=l2, final=final)
+def assert_gdr_close(leaves, cu, *, chunk_size, l2=False, final=True, tol=2e-5, options=None):
+    got = run_gdr("triton", leaves, cu, chunk_size=chunk_size, l2=l2, final=final,
+                  options=options)
     want = run_gdr("torch", leaves, cu, chunk_size=chunk_size, l2=l2, final=final)
     names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
     for name, a, b in zip(names, got, want):
@@ -96,34 +99,26 @@ def test_gated_delta_rule_output_only_gradient():
 
 def test_gated_delta_rule_recompute_states_mode():
     leaves, cu = gdr_inputs([30, 50], H=1, K=64, V=64)
-    gdr_triton.set_recompute_states(True)
-    try:
-        assert_gdr_close(leaves, cu, chunk_size=32)
-    finally:
-        gdr_triton.set_recompute_states(False)
+    assert_gdr_close(leaves, cu, chunk_size=32, options=KernelOptions(recompute_states=True))
 
 
 @pytest.mark.parametrize("groups", [2, 3, 4])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("l2", [True, False])
-def test_gated_delta_rule_backward_by_head_groups(groups, recompute, l2, kernel_config):
+def test_gated_delta_rule_backward_by_head_groups(groups, recompute, l2):
     """The backward over groups of heads (3 of 4 heads runs as 2 groups), whose kernels read
     and write head slices of the full tensors, gives the reference's gradients: kept and
     recomputed states, with the l2 norm (its backward writes the slices) and without (the
     kernels write them), initial state included."""
-    kernel_config(backward_head_groups=groups)
-    gdr_triton.set_recompute_states(recompute)
-    try:
-        leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=l2)
-        assert_gdr_close(leaves, cu, chunk_size=32, l2=l2)
-    finally:
-        gdr_triton.set_recompute_states(False)
-    assert gdr_triton._head_groups(4) == {2: 2, 3: 2, 4: 4}[groups]
+    options = KernelOptions(backward_head_groups=groups, recompute_states=recompute)
+    leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=l2)
+    assert_gdr_close(leaves, cu, chunk_size=32, l2=l2, options=options)
+    assert gdr_triton.head_groups(4, groups) == {2: 2, 3: 2, 4: 4}[groups]
 
 
-def test_gated_delta_rule_lean_backward_argument(kernel_config):
+def test_gated_delta_rule_lean_backward_argument():
     """`lean_backward=True` on one call: no states kept (only the inputs are saved), the
-    backward head by head, the reference's results; the process-wide switches stay off."""
+    backward head by head, the reference's results."""
     leaves, cu = gdr_inputs([30, 50], H=4, K=64, V=64, raw_qk=True)
     q, k, v, g, beta, s0 = leaves
     o, _ = gated_delta_rule(q, k, v, g, beta, initial_state=s0, cu_seqlens=cu, chunk_size=32,
@@ -138,7 +133,6 @@ def test_gated_delta_rule_lean_backward_argument(kernel_config):
     o.sum().backward()
     for a, x in zip(got, leaves):
         assert rel_err(a, x.grad) < 2e-5
-    assert gdr_triton.CONFIG["backward_head_groups"] == 1 and not gdr_triton._RECOMPUTE_STATES
 
 
 def test_gated_delta_rule_float16():
@@ -148,22 +142,6 @@ def test_gated_delta_rule_float16():
     assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16
     for a, b in zip(got, want):
         assert rel_err(a, b) < 2e-2
-
-
-@pytest.fixture
-def kernel_config():
-    """Set entries of the kernels' CONFIG for one test and restore them afterwards."""
-    saved = {key: (dict(val) if isinstance(val, dict) else val) for key, val in gdr_triton.CONFIG.items()}
-
-    def set_entries(**entries):
-        for key, val in entries.items():
-            if isinstance(val, dict):
-                gdr_triton.CONFIG[key].update(val)
-            else:
-                gdr_triton.CONFIG[key] = val
-    yield set_entries
-    gdr_triton.CONFIG.clear()
-    gdr_triton.CONFIG.update(saved)
 
 
 def test_gated_delta_rule_solve_without_decay():
@@ -178,15 +156,15 @@ def test_gated_delta_rule_solve_without_decay():
     assert_gdr_close(leaves, cu, chunk_size=64, tol=1e-4)
 
 
-def test_gated_delta_rule_half_precision_storage(kernel_config):
+def test_gated_delta_rule_half_precision_storage():
     """T kept in the inputs' dtype (float16 here; the default) against T in float32: the same
     results within float16 rounding, and the reference's. (dk's partial sum stays float32 for
     float16 by design; its bf16 form runs in the GPU suite, bf16 being beyond the interpreter.)"""
     leaves, cu = gdr_inputs([50, 20], H=1, K=64, V=64, dtype=torch.float16)
-    kernel_config(t_dtype="float32", dk_partial_fp32=True)
-    full = run_gdr("triton", leaves, cu, chunk_size=32)
-    kernel_config(t_dtype="input", dk_partial_fp32=False)
-    half = run_gdr("triton", leaves, cu, chunk_size=32)
+    full = run_gdr("triton", leaves, cu, chunk_size=32,
+                   options=KernelOptions(t_dtype="float32", dk_partial_fp32=True))
+    half = run_gdr("triton", leaves, cu, chunk_size=32,
+                   options=KernelOptions(t_dtype="input", dk_partial_fp32=False))
     want = run_gdr("torch", leaves, cu, chunk_size=32)
     diffs = []
     for a, b, c in zip(half, full, want):
@@ -202,8 +180,8 @@ def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
     the launch's tensors alive."""
     import weakref
     from triton.runtime.errors import OutOfResources
-    gdr = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
-    monkeypatch.setattr(gdr, "_ONE_STAGE", set())
+    launcher = pytest.importorskip("megatron_mom.ops.common.launch")
+    monkeypatch.setattr(launcher, "_ONE_STAGE", set())
     tries = []
 
     class Kernel:
@@ -219,12 +197,12 @@ def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
     kernel = Kernel()
     x = torch.ones(4)
     ref = weakref.ref(x)
-    gdr._launch(kernel, (1,), x, num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), x, num_stages=2, BV=32)
     del x
     assert ref() is None, "the failed launch's frames keep its tensors"
-    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=32)
-    gdr._launch(kernel, (1,), torch.ones(4), num_stages=2, BV=16)
-    gdr._launch(kernel, (1,), torch.ones(4, dtype=torch.float64), num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), torch.ones(4), num_stages=2, BV=32)
+    launcher.launch(kernel, (1,), torch.ones(4), num_stages=2, BV=16)
+    launcher.launch(kernel, (1,), torch.ones(4, dtype=torch.float64), num_stages=2, BV=32)
     assert tries == [2, 1, 1, 2, 2, 1]      # second BV=32 call: straight to one stage
 
 
@@ -238,19 +216,19 @@ def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
     def refuse(*_a, **_k):
         raise AssertionError("host read of a device value in the launch path")
 
-    P = gdr_triton._Packed(k, v, cu, 16)                 # bookkeeping is built before patching
+    P = Segments.of(k, v, cu, 16)                       # bookkeeping is built before patching
     for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, name, refuse)
     q3, k3, v3 = (x.detach().reshape(-1, 1, 64) for x in (q, k, v))
     g2, b2 = g.detach().reshape(-1, 1), beta.detach().reshape(-1, 1)
-    gam, w, u0, t_mat, p_mat = gdr_triton._prepare(P, q3, k3, v3, g2, b2, 0.125)
-    o, h, u, ht = gdr_triton._state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
-                                            store_o=True, store_states=True, store_final=True)
+    gam, w, u0, t_mat, p_mat = gdr_triton.prepare(P, q3, k3, v3, g2, b2, 0.125)
+    o, h, u, ht = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, s0.detach(), 0.125,
+                                           store_o=True, store_states=True, store_final=True)
     do = torch.ones_like(o)
-    dh, du = gdr_triton._state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125,
-                                        torch.empty_like(ht))
-    gdr_triton._chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
-                               torch.float32)
+    dh, du = gdr_triton.state_backward(P, q3, k3, w, gam, p_mat, do, ht, 0.125,
+                                       torch.empty_like(ht))
+    gdr_triton.chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do, 0.125,
+                              torch.float32)
     monkeypatch.undo()
     assert rel_err(o.view_as(o_ref), o_ref) < 1e-6 and rel_err(ht, ht_ref) < 1e-6
 

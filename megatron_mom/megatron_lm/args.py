@@ -8,12 +8,12 @@ Errors name the flags, not the dataclass fields.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Callable, Optional
 
-from megatron_mom.config import BACKENDS, GROUPED_PROJECTION, MoMConfig
+from megatron_mom.config import (BACKENDS, GROUPED_PROJECTION, MoMConfig, from_settings,
+                                 settings_fields)
 
-# flag (without the leading "--mom-") -> MoMConfig field
+# flag (without the leading "--mom-") -> MoMConfig field, or MoMExecution's for the last three
 FLAGS = {
     "num-memories": "num_memories",
     "topk": "topk",
@@ -52,7 +52,7 @@ _HELP = {
                      "on slow host CPUs unless CUDA-graphed) "
                      "(--no-mom-lean-backward: off)",
 }
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(MoMConfig)}
+_DEFAULTS = {f.name: f.default for f in settings_fields()}
 
 
 def add_mom_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -104,9 +104,9 @@ def mom_config_from_args(args) -> MoMConfig:
             "megatron_mom.megatron_lm.args.add_mom_args as extra_args_provider")
     values = {field: getattr(args, f"mom_{field}") for field in FLAGS.values()}
     try:
-        return MoMConfig(**values)
+        return from_settings(values)
     except ValueError as err:
-        msg = str(err).replace("MoMConfig: ", "")
+        msg = str(err).replace("MoMConfig: ", "").replace("MoMExecution: ", "")
         for field in sorted(FLAGS.values(), key=len, reverse=True):
             msg = msg.replace(f"{field} ", f"{_flag(field)} ")
         raise ValueError(f"megatron-mom: bad --mom-* flags: {msg}") from None

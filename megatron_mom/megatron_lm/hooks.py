@@ -9,9 +9,6 @@ from __future__ import annotations
 from megatron_mom import metrics
 
 
-_SCALE_REPORTED = False
-
-
 def aux_loss_scale() -> float:
     """The scale Megatron's schedule last set for aux-loss gradients (1.0 when never set)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -44,14 +41,15 @@ def report_losses(args, iteration, writer, wandb_writer, total_loss_dict, pg_col
                   num_microbatches: int = 1) -> str:
     """Reduce, add to Megatron-LM's `total_loss_dict` (printed in the log line as
     `mom_load_balancing_loss: ...`) and clear the MoM router losses of this iteration.
-    Called by the patched `training_log` on every rank, every iteration. Returns extra text for
-    the log line (empty: the losses already appear through total_loss_dict)."""
+    Called by the patched `training_log` on every rank, every iteration; on the iterations
+    Megatron logs, it also prints the aux-loss gradient scale the schedule set (it follows the
+    number of micro-batches, which a batch-size ramp changes). Returns extra text for the log
+    line (empty: the losses already appear through total_loss_dict)."""
     names = _track_names(args)
     if not names:
         return ""
-    global _SCALE_REPORTED
-    if not _SCALE_REPORTED:
-        _SCALE_REPORTED = True
+    log_interval = getattr(args, "log_interval", 1) or 1
+    if iteration % log_interval == 0:
         _print_last_rank(f"megatron-mom: MoM aux-loss gradient scale {aux_loss_scale():.6g} "
                          f"(set by Megatron's schedule: grad scale * cp / num_microbatches)")
     flags = _mom_layer_flags(args)

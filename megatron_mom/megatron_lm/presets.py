@@ -78,10 +78,14 @@ class PatternLayer(BaseTransformerLayer):
         if pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
             pp_rank = pg_collection.pp.rank()
         symbol = pattern[global_layer_index(config, layer_number, vp_stage, pp_rank)]
-        # The patched Megatron-LM schedules set the aux-loss gradient scale when this is set.
+        # Megatron-LM builds the model's TransformerConfig from its own flags, which have
+        # none for these: the preset marks the config it is built with. The patched schedules
+        # set the aux-loss gradient scale for configs with mom_aux_loss; TransformerBlock keys
+        # the checkpoint per layer with hetereogenous_dist_checkpoint (specs.mixes_layer_kinds).
         if symbol == "M":
             config.mom_aux_loss = True
-        specs.checkpoint_per_layer_if_mixed(config, pattern)
+        if specs.mixes_layer_kinds(pattern):
+            config.hetereogenous_dist_checkpoint = True
         return build_module(getattr(submodules, symbol), config=config, layer_number=layer_number,
                             vp_stage=vp_stage, pg_collection=pg_collection, **kwargs)
 

@@ -94,6 +94,7 @@ def params_dtype(precision: str) -> torch.dtype:
 
 def transformer_config(cfg: RunConfig, on_cpu: bool):
     from megatron.core.transformer import TransformerConfig
+    from megatron_mom.specs import mixes_layer_kinds
 
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dtype = params_dtype(t.precision)
@@ -111,7 +112,7 @@ def transformer_config(cfg: RunConfig, on_cpu: bool):
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
-        **overrides)
+        hetereogenous_dist_checkpoint=mixes_layer_kinds(m.pattern), **overrides)
 
 
 def build_gpt(cfg: RunConfig, config, device: torch.device):

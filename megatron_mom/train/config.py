@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from megatron_mom.config import MoMConfig
+from megatron_mom.config import MoMConfig, from_settings, settings_fields
 
 
 class ConfigError(ValueError):
@@ -37,13 +37,14 @@ class ModelConfig:
     spec_backend: str = "auto"            # auto | local | te (Transformer Engine layers)
 
 
-# The `mom` section has exactly the fields of `megatron_mom.MoMConfig` (which validates them),
-# with tiny-model defaults where MoMConfig's are paper-sized.
+# The `mom` section has the settings of `megatron_mom.MoMConfig` and its execution settings
+# (`megatron_mom.config.settings_fields()`, validated by MoMConfig), with tiny-model defaults
+# where MoMConfig's are paper-sized.
 TINY_MOM = {"num_heads": 2, "head_dim": 32, "chunk_size": 32}
 MoMSection = dataclasses.make_dataclass(
     "MoMSection",
     [(f.name, f.type, field(default=TINY_MOM.get(f.name, f.default)))
-     for f in dataclasses.fields(MoMConfig)])
+     for f in settings_fields()])
 
 
 @dataclass
@@ -102,7 +103,7 @@ class RunConfig:
     output_dir: str = "runs/tiny_hybrid"
 
     def mom_config(self) -> MoMConfig:
-        return MoMConfig(**dataclasses.asdict(self.mom))
+        return from_settings(dataclasses.asdict(self.mom))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -124,7 +124,7 @@ def _prepare_data(cfg: RunConfig, par, out: Path, layout: data.BatchLayout):
                                cfg.train.steps * layout.global_batch_size, num_valid)
 
 
-def _router_stats(cfg: RunConfig, par, steps: int, num_microbatches: int):
+def _router_stats(cfg: RunConfig, par, model, steps: int, num_microbatches: int):
     """(MoM router loss - load balancing plus z-loss - per MoM layer and micro-batch,
     {layer: fraction of routed tokens per memory}), gathered from every rank; every rank
     must call this together."""
@@ -134,7 +134,7 @@ def _router_stats(cfg: RunConfig, par, steps: int, num_microbatches: int):
     for values in metrics.router_loss_values(clear=True).values():  # load balancing (+ z)
         lb += values.detach().double().cpu()[:L]                      # [num_layers (+ MTP)]
     load = torch.zeros(L, M, dtype=torch.float64)
-    for layer, fractions in metrics.memory_load(clear=True).items():
+    for layer, fractions in metrics.memory_load(model, clear=True).items():
         load[layer - 1] = fractions.double().cpu()
     both = torch.cat([lb, load.view(-1)]).to(par.device)
     dist.all_reduce(both)  # each layer lives on one pipeline stage: sum over its replicas
@@ -238,7 +238,8 @@ class _Run:
     def log(self, step: int, loss: float) -> None:
         """A log line (collective: gathers the router statistics from every rank)."""
         elapsed, n = time.time() - self.last_log, step - self.last_log_step
-        aux, load = _router_stats(self.cfg, self.par, n, self.layout.num_microbatches)
+        aux, load = _router_stats(self.cfg, self.par, self.trainables.gpt, n,
+                                  self.layout.num_microbatches)
         tokens_per_s = n * self.layout.global_batch_size * self.cfg.model.seq_length / elapsed
         lr = self.trainables.optimizer.param_groups[0]["lr"]
         self.say(_log_line(step, self.cfg.train.steps, loss, lr, tokens_per_s, aux, load))
@@ -357,7 +358,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
     train_state = _resume(run, found) if resume else {"iteration": 0, "consumed_samples": 0}
     run.start = train_state["iteration"]
     end = min(cfg.train.steps, stop_after if stop_after is not None else cfg.train.steps)
-    _clear_router_stats()
+    _clear_router_stats(run.trainables.gpt)
     run.open_reporting(show_progress)
     iterator = data.micro_batches(run.train_set, run.layout, train_state["consumed_samples"],
                                   run.par.device)
@@ -385,10 +386,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
     return result
 
 
-def _clear_router_stats() -> None:
+def _clear_router_stats(model) -> None:
     from megatron_mom import metrics
     metrics.router_loss_values(clear=True)
-    metrics.memory_load(clear=True)
+    metrics.memory_load(model, clear=True)
 
 
 def _banner(cfg: RunConfig, par, trainables, layout) -> str:

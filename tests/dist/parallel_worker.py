@@ -210,7 +210,8 @@ def build_gpt(tp=1, pp=1, cp=1, sp=False, pattern="MMAM", vpp=None, deterministi
         calculate_per_token_loss=True, virtual_pipeline_model_parallel_size=vpp,
         deterministic_mode=deterministic,
         # gloo + interleaved schedule trains wrong with batched p2p (cpu_testing.md)
-        batch_p2p_comm=vpp is None, **cpu.megatron_cpu_config_overrides())
+        batch_p2p_comm=vpp is None, hetereogenous_dist_checkpoint=len(set(pattern)) > 1,
+        **cpu.megatron_cpu_config_overrides())
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = None if vpp is None else vp_stage

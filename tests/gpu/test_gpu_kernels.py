@@ -63,12 +63,12 @@ def make_inputs(B, T, H, K, V, dtype, *, N=None, seed=0, raw_qk=False):
     return [x.to(dtype) for x in (q, k, v, g, beta)] + [h0]
 
 
-def forward_backward(leaves, backend, *, cu=None, l2=False, chunk_size=64, seed=1):
+def forward_backward(leaves, backend, *, cu=None, l2=False, chunk_size=64, seed=1, options=None):
     leaves = [x.detach().clone().requires_grad_() for x in leaves]
     q, k, v, g, beta, h0 = leaves
     o, ht = gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
                              cu_seqlens=cu, use_qk_l2norm=l2, chunk_size=chunk_size,
-                             backend=backend)
+                             backend=backend, options=options)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     do = torch.randn(o.shape, device="cuda", generator=gen)
     dht = torch.randn(ht.shape, device="cuda", generator=gen)
@@ -113,18 +113,13 @@ def test_backward_by_head_groups_is_exact(recompute):
     """The backward head by head (and with recomputed states) runs the same kernels on the same
     values per head: its gradients match the all-heads backward to float32 rounding at most
     (bf16, packed ragged sequences, l2 norm, initial state); whether bit for bit is recorded."""
-    from megatron_mom.ops.gated_delta_rule import triton as gdr_triton
+    from megatron_mom.ops import KernelOptions
     lengths = [3000, 77, 1, 4096, 1018]
     leaves = make_inputs(1, sum(lengths), 4, 256, 256, torch.bfloat16, N=len(lengths), raw_qk=True)
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     want = forward_backward(leaves, "triton", cu=cu, l2=True)
-    try:
-        gdr_triton.set_recompute_states(recompute)
-        gdr_triton.set_backward_head_groups(4)
-        got = forward_backward(leaves, "triton", cu=cu, l2=True)
-    finally:
-        gdr_triton.set_recompute_states(False)
-        gdr_triton.set_backward_head_groups(1)
+    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=KernelOptions(
+        recompute_states=recompute, backward_head_groups=4))
     errs = {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
     errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
     ERRORS[f"head_groups_{'recomputed' if recompute else 'kept'}"] = errs
@@ -362,11 +357,11 @@ def test_conv_layer_forms_paper_shape(dtype):
 def test_lean_op_side_streams_change_nothing():
     """The lean op at the layer's packed layout (B4 T4096, M=4 top-2 + shared, H=4, D=256,
     bf16) with its sequential kernels beside other work on side CUDA streams
-    (`gated_delta_rule.triton.OVERLAP`) gives bit-identical output and gradients to one stream:
+    (`KernelOptions.side_streams`) gives bit-identical output and gradients to one stream:
     each kernel reads and writes the same tensors, only the order across streams changes."""
     from megatron_mom import routing
     from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
-    from megatron_mom.ops.gated_delta_rule import triton as gdr
+    from megatron_mom.ops import KernelOptions
     gen = torch.Generator(device="cuda").manual_seed(8)
     B, T, M, H, D = 4, 4096, 4, 4, 256
     seq_id, num_seqs = routing.sequence_ids(B, T, None, "cuda")
@@ -382,17 +377,13 @@ def test_lean_op_side_streams_change_nothing():
                                                                           generator=gen)]
     dy = torch.randn(layout.num_rows, H, D, device="cuda", generator=gen).to(bf)
     runs = []
-    overlap = gdr.OVERLAP
-    try:
-        for side_streams in (False, True):
-            gdr.OVERLAP = side_streams
-            xs = [t.detach().clone().requires_grad_() for t in leaves]
-            o = conv_gated_delta_rule(xs[0], xs[1], (layout.token, layout.slot_row),
-                                      layout.cu_seqlens, *xs[2:], num_heads=H, chunk_size=64,
-                                      lean_backward=True, backend="triton")
-            runs.append([o] + list(torch.autograd.grad((o * dy).sum(), xs)))
-    finally:
-        gdr.OVERLAP = overlap
+    for side_streams in (False, True):
+        xs = [t.detach().clone().requires_grad_() for t in leaves]
+        o = conv_gated_delta_rule(xs[0], xs[1], (layout.token, layout.slot_row),
+                                  layout.cu_seqlens, *xs[2:], num_heads=H, chunk_size=64,
+                                  lean_backward=True, backend="triton",
+                                  options=KernelOptions(side_streams=side_streams))
+        runs.append([o] + list(torch.autograd.grad((o * dy).sum(), xs)))
     names = ["o", "q_tok", "kvba", "conv_q", "conv_k", "conv_v", "A_log", "dt_bias"]
     for name, a, b in zip(names, *runs):
         assert a.abs().sum() > 0, name

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mom.ops.gated_delta_rule import gated_delta_rule, resolve_backend
+from megatron_mom.ops.common import checker, compute_dtype, resolve_backend
+from megatron_mom.ops.gated_delta_rule import gated_delta_rule
+from megatron_mom.ops.options import KernelOptions
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
 
 
@@ -31,15 +33,12 @@ def kvba_columns(H: int, K: int, V: int):
 def beta_and_decay(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tuple[Tensor, Tensor]:
     """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32 (float64 for
     float64 inputs). b, a: [..., H]; A_log, dt_bias: [H]."""
-    ct = torch.float64 if b.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(b.dtype)
     return torch.sigmoid(b.to(ct)), -A_log.to(ct).exp() * F.softplus(a.to(ct) + dt_bias.to(ct))
 
 
 def _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H):
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"conv_gated_delta_rule: {msg}")
-
+    need = checker("conv_gated_delta_rule")
     need(q_tok.dim() == 2 and kvba.dim() == 2, f"q_tok must be [N, H*K] and kvba [L, C]; got "
          f"{tuple(q_tok.shape)}, {tuple(kvba.shape)}")
     need(conv_q.shape[0] % H == 0 and conv_v.shape[0] % H == 0,
@@ -63,23 +62,25 @@ def conv_gated_delta_rule(
     q_tok: Tensor, kvba: Tensor, gather: Tuple[Tensor, Tensor], cu_seqlens: Tensor,
     conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor, dt_bias: Tensor, *,
     num_heads: int, chunk_size: int = 64, lean_backward: bool = False, backend: str = "auto",
-    scale: Optional[float] = None,
+    scale: Optional[float] = None, options: Optional[KernelOptions] = None,
 ) -> Tensor:
     """q_tok [N, H*K] token rows; kvba [L, H*K + H*V + 2H] packed rows (k | v | b | a);
     gather = (x_row [L], slot_row [N, S]): the token of each packed row and its inverse
     (routing.PackedLayout.token, .slot_row); cu_seqlens [segments + 1] over the L rows;
     conv_q, conv_k [H*K, W], conv_v [H*V, W]; A_log, dt_bias [H]. Returns o [L, H, V] in
-    kvba's dtype."""
+    kvba's dtype. `options`: how the recurrence's Triton kernels run (`KernelOptions`)."""
     H = num_heads
     _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H)
     K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
     L = kvba.shape[0]
     if scale is None:
         scale = K ** -0.5
-    if lean_backward and resolve_backend(backend, kvba.device) == "triton":
+    if lean_backward and resolve_backend("conv_gated_delta_rule", backend,
+                                         kvba.device.type == "cuda") == "triton":
         from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
         return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
-                                          A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale)
+                                          A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
+                                          options=options)
     q, _ = short_conv(q_tok[None], conv_q, cu_seqlens=cu_seqlens, activation="silu",
                       gather=gather, backend=backend)
     k, v, b, a = short_conv_split(kvba[None], [conv_k, conv_v, None, None], kvba_columns(H, K, V),
@@ -88,7 +89,7 @@ def conv_gated_delta_rule(
     o, _ = gated_delta_rule(q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V),
                             g.view(1, L, H), beta.view(1, L, H), cu_seqlens=cu_seqlens,
                             use_qk_l2norm=True, chunk_size=chunk_size, backend=backend,
-                            scale=scale)
+                            scale=scale, options=options)
     return o.view(L, H, V)
 
 

@@ -5,13 +5,13 @@ inputs and one head's buffers.
 Forward: convolutions -> L2 norms -> chunked recurrence, for heads 0..H-2 at once keeping
 nothing they make, then for the last head keeping what its backward needs. Backward, one head
 at a time, the last first: (except for the last head) rerun that head's convolutions, L2 norms,
-`prepare` and state kernels; the recurrence's backward (`_backward_heads`, which reads the full
+`prepare` and state kernels; the recurrence's backward (`backward_heads`, which reads the full
 dO and writes the full dbeta and dg in place); then that head's convolution backward into its
 columns of the one d(kvba) and d(q_tok). So at most one head's q, k, v, states and gradients
 exist at a time, and only one head's normalised q, k, v are kept between forward and backward
 (the composition keeps them all, 3 x L x H x K values). The decay and beta gradients go through
 `beta_and_decay` once for all heads at the end. On CUDA the sequential state kernels run beside
-independent work on side streams (`gdr._beside`): a head's state forward beside its state
+independent work on side streams (`ops.common.beside`): a head's state forward beside its state
 backward, a head's convolution backward beside the next head's state kernels, and in the
 forward heads 0..H-2's recurrence beside the last head's.
 """
@@ -22,11 +22,12 @@ import functools
 import torch
 from torch import Tensor
 
+from megatron_mom.ops.common import Segments, as_int32, beside, checker
 from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, kvba_columns
 from megatron_mom.ops.gated_delta_rule import triton as gdr
-from megatron_mom.ops.mix.triton import sum_over_slots
+from megatron_mom.ops.mix import sum_over_slots
+from megatron_mom.ops.options import DEFAULT_OPTIONS
 from megatron_mom.ops.short_conv import triton as conv
-from megatron_mom.ops.utils import as_int32
 
 
 def _split_kvba(kvba: Tensor, H: int, K: int, V: int):
@@ -43,14 +44,8 @@ def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: sli
     h = heads.stop - heads.start
     q3, q_rstd = conv.conv_l2norm_forward(q_tok[:, ck], x_row, conv_q[ck], cu, N, K)
     k3, k_rstd = conv.conv_l2norm_forward(k_in[:, ck], None, conv_k[ck], cu, N, K)
-    v3 = conv._conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True)
+    v3 = conv.conv_forward(v_in[:, cv], None, conv_v[cv], cu, N, None, True)
     return q3.view(L, h, K), q_rstd, k3.view(L, h, K), k_rstd, v3.view(L, h, V)
-
-
-def _packed(L: int, K: int, V: int, cu: Tensor, chunk_size: int) -> gdr._Packed:
-    """Shapes of one head (meta tensors: _Packed reads only shapes when cu is given)."""
-    return gdr._Packed(torch.empty(1, L, 1, K, device="meta"),
-                       torch.empty(1, L, 1, V, device="meta"), cu, chunk_size)
 
 
 def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_row, slot_row, cu):
@@ -60,17 +55,17 @@ def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_ro
     (q_in, k_in, v_in), (w_q, w_k, w_v), (dq, dk, dv) = inputs, weights, grads
     (d_q, d_k, d_v), (part_q, part_k, part_v) = d_inputs, dw_parts
     L, N = dq.shape[0], cu.numel() - 1
-    conv._conv_backward(q_in, x_row, w_q, None, dq.view(L, -1), d_rows, cu, N, True, False, part_q)
-    sum_over_slots(d_rows, slot_row, out=d_q)
-    conv._conv_backward(k_in, None, w_k, None, dk.view(L, -1), d_k, cu, N, True, False, part_k)
-    conv._conv_backward(v_in, None, w_v, None, dv.view(L, -1), d_v, cu, N, True, False, part_v)
+    conv.conv_backward(q_in, x_row, w_q, None, dq.view(L, -1), d_rows, cu, N, True, False, part_q)
+    sum_over_slots(d_rows, slot_row, out=d_q, backend="triton")
+    conv.conv_backward(k_in, None, w_k, None, dk.view(L, -1), d_k, cu, N, True, False, part_k)
+    conv.conv_backward(v_in, None, w_v, None, dv.view(L, -1), d_v, cu, N, True, False, part_v)
 
 
 class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu,
-                H, chunk_size, scale):
+                H, chunk_size, scale, options):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
@@ -82,24 +77,28 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         # with it and frees them before the next head: no other head's buffers exist then,
         # so keeping them adds nothing to the backward's peak and saves one head's recompute.
         rest, last = slice(0, H - 1), slice(H - 1, H)
-        P = _packed(L, K, V, cu, chunk_size)
+        P = Segments(L, 1, K, V, cu, chunk_size)                                  # one head
         rest_bufs, join = (), lambda: None
         if H > 1:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
             Pr = P.with_heads(H - 1)
-            gam, w, u0, _, p_mat = gdr._prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale)
+            gam, w, u0, _, p_mat = gdr.prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale,
+                                               options)
             rest_bufs = (q3, k3, w, u0, gam, p_mat)
             # Its recurrence (sequential over chunks, too few programs to fill the GPU) runs
             # beside the last head's convolutions, `prepare` and recurrence.
-            with gdr._beside(kvba.device) as join:
-                gdr._state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                                   store_states=False, store_final=False, o=o[:, rest])
+            with beside(kvba.device, 0, options.side_streams) as join:
+                gdr.state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                                  store_states=False, store_final=False, o=o[:, rest],
+                                  options=options)
             del q3, k3, v3, gam, w, u0, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
-        gam, w, u0, t_mat, p_mat = gdr._prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale)
-        h, u = gdr._new_states(P, k3, u0)
-        gdr._state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                           store_states=True, store_final=False, o=o[:, last], h=h, u=u)
+        gam, w, u0, t_mat, p_mat = gdr.prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale,
+                                               options)
+        h, u = gdr.new_states(P, k3, u0)
+        gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                          store_states=True, store_final=False, o=o[:, last], h=h, u=u,
+                          options=options)
         join()
         del rest_bufs
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
@@ -109,6 +108,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         # A second backward through the graph (retain_graph) recomputes that head instead.
         ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), (gam, w, t_mat, p_mat, h, u))
         ctx.meta = (H, K, V, chunk_size, scale)
+        ctx.options = options
         return o                                                                   # [L, H, V]
 
     @staticmethod
@@ -124,7 +124,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             beta_g = beta_and_decay(*leaves)
         beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
-        P = _packed(L, K, V, cu, chunk_size)
+        P = Segments(L, 1, K, V, cu, chunk_size)                                  # one head
         dbeta = torch.empty(L, H, dtype=f32, device=dev)
         dg = torch.empty(L, H, dtype=f32, device=dev)
         d_kvba = torch.empty_like(kvba)
@@ -135,7 +135,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         rows = conv.conv_backward_programs(L, conv_q.shape[1])
         dw_parts = [torch.empty(rows, w.shape[0], w.shape[1], dtype=f32, device=dev)
                     for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
-        opts = (scale, True, False, kvba.dtype)
+        meta = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
         # A head's convolution backward (memory-bound, many programs) runs beside the next
         # head's sequential state kernels (latency-bound, few programs). Its gradients then
@@ -161,7 +161,7 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
 
             inputs = (q3, k3, v3, g[:, heads], beta[:, heads], do3[:, heads], None, None,
                       q_rstd.view(L, 1), k_rstd.view(L, 1))
-            gdr._backward_heads(P, inputs, states, opts, out, beside=pending)
+            gdr.backward_heads(P, inputs, states, meta, out, pending, options=ctx.options)
             del q3, k3, v3, inputs, states
             ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
             pending.append(functools.partial(
@@ -179,24 +179,27 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         db.copy_(d_b)
         da.copy_(d_a)
         return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log,
-                               dt_bias, *, H: int, chunk_size: int, scale: float) -> Tensor:
-    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype."""
+                               dt_bias, *, H: int, chunk_size: int, scale: float,
+                               options=None) -> Tensor:
+    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype. `options`
+    (KernelOptions): precision, storage, side streams and launch settings of the recurrence's
+    kernels; its backward runs one head at a time whatever they say."""
     K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
-    conv._check(kvba, [conv_q, conv_k, conv_v], cu_seqlens, "silu")
-    if q_tok.dtype != kvba.dtype:
-        raise ValueError(f"conv_gated_delta_rule: q_tok ({q_tok.dtype}) and kvba ({kvba.dtype}) "
-                         f"dtypes differ")
+    conv.check_inputs(kvba, [conv_q, conv_k, conv_v], cu_seqlens, "silu")
+    checker("conv_gated_delta_rule")(q_tok.dtype == kvba.dtype, f"q_tok ({q_tok.dtype}) and "
+                                     f"kvba ({kvba.dtype}) dtypes differ")
     gdr.check_dims(K, V, chunk_size, "conv_gated_delta_rule")
     chunk_size = gdr.effective_chunk_size(int(chunk_size), kvba.dtype, K)
     x_row, slot_row = (t.contiguous() for t in gather)
     return _LeanConvGatedDeltaRule.apply(
         q_tok if q_tok.stride(1) == 1 else q_tok.contiguous(), kvba.contiguous(),
         conv_q.contiguous(), conv_k.contiguous(), conv_v.contiguous(), A_log, dt_bias, x_row,
-        slot_row, as_int32(cu_seqlens), H, chunk_size, float(scale))
+        slot_row, as_int32(cu_seqlens), H, chunk_size, float(scale),
+        DEFAULT_OPTIONS if options is None else options)
 
 
 __all__ = ["lean_conv_gated_delta_rule"]

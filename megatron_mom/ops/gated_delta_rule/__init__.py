@@ -3,42 +3,18 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
 from torch import Tensor
 
+from megatron_mom.ops.common import FLOAT_DTYPES, checker, resolve_backend, triton_module
 from megatron_mom.ops.gated_delta_rule import reference
 from megatron_mom.ops.l2norm import l2norm
+from megatron_mom.ops.options import KernelOptions
 
 BACKENDS = ("auto", "triton", "torch", "recurrent")
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _triton_impl():
-    """The Triton backend, or None when it cannot run here (no Triton, no kernels yet)."""
-    try:
-        from megatron_mom.ops.gated_delta_rule import triton as impl  # noqa: F401
-    except ImportError:
-        return None
-    return impl
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map "auto" to a concrete backend: Triton for CUDA tensors when available, else torch."""
-    if backend not in BACKENDS:
-        raise ValueError(f"gated_delta_rule: backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and _triton_impl() is not None else "torch"
-    if backend == "triton" and _triton_impl() is None:
-        raise RuntimeError("gated_delta_rule: backend='triton' needs the `triton` package and "
-                           "megatron_mom's Triton kernels; use backend='torch' instead")
-    return backend
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"gated_delta_rule: {msg}")
-
+    need = checker("gated_delta_rule")
     need(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
          f"q, k, v must be [B, T, H, K|V]; got q {tuple(q.shape)}, k {tuple(k.shape)}, "
          f"v {tuple(v.shape)}")
@@ -48,7 +24,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
     need(g.shape == (B, T, H) and beta.shape == (B, T, H),
          f"g {tuple(g.shape)} and beta {tuple(beta.shape)} must be [B={B}, T={T}, H={H}]")
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        need(x.dtype in _FLOATS, f"{name} has unsupported dtype {x.dtype}; use one of "
+        need(x.dtype in FLOAT_DTYPES, f"{name} has unsupported dtype {x.dtype}; use one of "
              f"float32, float64, bfloat16, float16")
         need(x.device == v.device, f"{name} is on {x.device}, v on {v.device}")
     need(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
@@ -73,6 +49,7 @@ def gated_delta_rule(
     chunk_size: int = 64,
     backend: str = "auto",
     lean_backward: bool = False,
+    options: Optional[KernelOptions] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Gated delta rule over [B, T, H, *] inputs (or packed sequences with `cu_seqlens`).
 
@@ -85,16 +62,20 @@ def gated_delta_rule(
     lean_backward (Triton backend; the others ignore it): keep only the inputs for the
     backward, which reruns the forward kernels and runs head by head (less memory, more time;
     the same gradients bit for bit).
+    options: how the Triton kernels run (`KernelOptions`: precision, storage, memory of the
+    backward, side streams, launch settings; default `KernelOptions()`); the other backends
+    ignore them.
     """
     _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
     if scale is None:
         scale = k.shape[-1] ** -0.5
-    backend = resolve_backend(backend, v.device)
+    backend = resolve_backend("gated_delta_rule", backend, v.device.type == "cuda", BACKENDS)
     if backend == "triton":
-        return _triton_impl().chunk_gated_delta_rule(
+        return triton_module("gated_delta_rule").chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state,
             output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, lean_backward=lean_backward)
+            use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size, lean_backward=lean_backward,
+            options=options)
 
     if use_qk_l2norm:
         q, k = l2norm(q, backend="torch"), l2norm(k, backend="torch")
@@ -111,4 +92,4 @@ def gated_delta_rule(
     return o.to(v.dtype), (state if output_final_state else None)
 
 
-__all__ = ["gated_delta_rule", "resolve_backend", "BACKENDS"]
+__all__ = ["gated_delta_rule", "BACKENDS"]

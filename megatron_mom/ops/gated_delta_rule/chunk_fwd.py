@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_mom.ops.utils import sequence_of
+from megatron_mom.ops.common.search import sequence_of
 
 
 @triton.jit

@@ -15,10 +15,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulate in float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from megatron_mom.ops.common import compute_dtype
 
 
 def recurrent_gated_delta_rule(

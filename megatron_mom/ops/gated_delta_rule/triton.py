@@ -7,71 +7,33 @@ Kernels (chunk_fwd.py, chunk_bwd.py):
     backward  state_bwd_kernel (sequential, reverse) -> chunk_bwd_main_kernel ->
               chunk_bwd_wy_kernel (both chunk-parallel)
 By default the forward keeps what the backward needs (per-chunk entry states h, U, W, T); with
-`set_recompute_states(True)` it keeps only the inputs and the backward reruns the forward
-kernels first (less memory, one more forward's worth of time). The launch path reads no device
-value on the host: grids come from shapes (chunk-count upper bound T_total // C + N).
+`KernelOptions(recompute_states=True)` it keeps only the inputs and the backward reruns the
+forward kernels first (less memory, one more forward's worth of time). The launch path reads no
+device value on the host: grids come from shapes (chunk-count upper bound T_total // C + N).
+The stages (`prepare`, `state_forward`, `state_backward`, `chunk_backward`, `backward_heads`)
+are public for the ops built on them (`conv_gated_delta_rule`'s lean form).
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import traceback
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from triton.runtime.errors import OutOfResources
-
+from megatron_mom.ops.common import (TRITON_DTYPES, Segments, beside, checker, need_device,
+                                     need_triton_dtypes)
+from megatron_mom.ops.common.launch import launch
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
 from megatron_mom.ops.l2norm.triton import l2norm_bwd_into, l2norm_fwd
-from megatron_mom.ops.utils import (as_int32, chunk_offsets, dense_cu_seqlens, max_chunks,
-                                    search_steps)
+from megatron_mom.ops.options import DEFAULT_OPTIONS, KernelOptions
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 CHUNK_SIZES = (16, 32, 64)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Launch settings per kernel (chosen from register/shared-memory reports of sm_90 builds: no
-# spills, shared memory under the H100's 227 KB). The sequential kernels are keyed by the
-# largest K they serve. The benchmark may override entries.
-CONFIG: Dict[str, Dict] = {
-    "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
-    # K = 256: 32-wide V blocks read each chunk's q, k, W half as often as 16-wide ones
-    # (H100, MoM layer's 20 segments: all 4 heads 1.05 -> 0.77 ms with o, 0.79 -> 0.49 storing
-    # h; one head storing h 0.27 -> 0.23, with o 0.355 -> 0.37). The backward keeps 16: 32 was
-    # slower for one head (0.34 -> 0.43 ms) and 3% faster for four.
-    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 32, "num_warps": 4, "num_stages": 2}},
-    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
-    # float32 operands take twice the registers and shared memory (K > 128 runs 16-token
-    # chunks, see FP32_WIDE_CHUNK).
-    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
-                   256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
-    "chunk_bwd": {"BK": 64, "BV": 64},
-    # 4 warps measured faster than 8 on the H100 (two programs per SM; main spills ~64 B).
-    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1},
-    "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
-    # tl.dot precision for float32 operands on GPUs: "tf32", "tf32x3" or "ieee".
-    "precision": "tf32",
-    # Storage between the kernels. T: "input" keeps it in 16-bit inputs' dtype (the backward
-    # upcasts it; errors unchanged on the H100, docs/performance.md), "float32" in float32.
-    # The main backward kernel's part of dk: with dk_partial_fp32 off it goes into dk itself
-    # when dk is bfloat16 (one more rounding of a partial sum); float16 keeps float32 for range.
-    "t_dtype": "input",
-    "dk_partial_fp32": False,
-    # The backward runs over this many groups of heads one after another (the largest divisor
-    # of H not above it): its per-chunk buffers (dh, dU, dW, scratch, and with
-    # set_recompute_states(True) the recomputed h, U, W, T, P) take 1/groups of the memory.
-    "backward_head_groups": 1,
-}
-_RECOMPUTE_STATES = False
 # float32 inputs with K > 128 run 16-token chunks (same math): with 64-token chunks their
-# [C, K] float32 tiles spill registers on sm_90, and that build crashed (illegal address) on an
-# H100 with Triton 3.6.0; the 16-token build has no spills.
+# [C, K] float32 tiles spill registers on sm_90 (and that build crashed with an illegal address
+# on the H100 under Triton 3.6.0); the 16-token build has no spills.
 FP32_WIDE_CHUNK = 16
 
 
@@ -79,103 +41,17 @@ def effective_chunk_size(chunk_size: int, dtype: torch.dtype, K: int) -> int:
     return min(chunk_size, FP32_WIDE_CHUNK) if dtype == torch.float32 and K > 128 else chunk_size
 
 
-def set_recompute_states(enabled: bool) -> None:
-    """Trade speed for memory: keep only the inputs for the backward, which then reruns the
-    forward kernels (no per-chunk states, U or W saved between forward and backward)."""
-    global _RECOMPUTE_STATES
-    _RECOMPUTE_STATES = bool(enabled)
-
-
-def set_backward_head_groups(groups: int) -> None:
-    """Trade speed for memory in the backward: run it over `groups` groups of heads one after
-    another (see CONFIG["backward_head_groups"]); 1 runs all heads at once."""
-    if int(groups) < 1:
-        raise ValueError(f"set_backward_head_groups: groups must be >= 1, got {groups}")
-    CONFIG["backward_head_groups"] = int(groups)
-
-
-def _state_config(kernel: str, K: int, V: int, dtype: torch.dtype) -> Dict[str, int]:
-    by_k = CONFIG["state_fp32" if dtype == torch.float32 else kernel]
+def _state_config(options: KernelOptions, kernel: str, K: int, V: int,
+                  dtype: torch.dtype) -> Dict[str, int]:
+    by_k = options.launch["state_fp32" if dtype == torch.float32 else kernel]
     cfg = dict(by_k[min(bound for bound in by_k if bound >= K)])
     cfg["BV"] = min(V, cfg["BV"])
     return cfg
 
 
-def _launch_opts(kernel: str) -> Dict[str, int]:
-    cfg = CONFIG[kernel]
+def _launch_opts(options: KernelOptions, kernel: str) -> Dict[str, int]:
+    cfg = options.launch[kernel]
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-
-
-# Builds (kernel, tensor dtypes, compile-time arguments) whose pipelined form needs more shared
-# memory than this GPU has: they launch with num_stages=1 from then on.
-_ONE_STAGE = set()
-
-
-def _launch(kernel, grid, *args, num_stages: int, **kwargs):
-    """Launch; if the pipelined build needs more shared memory than this GPU has, fall back to
-    num_stages=1 (a compile-time check, no device sync), and remember that for the build: the
-    failed launch raises every time, and its traceback's frames hold the launch's tensors
-    until the garbage collector breaks their cycles (it kept ~350 MiB alive in the layer)."""
-    key = (kernel, tuple(a.dtype for a in args if isinstance(a, Tensor)),
-           tuple(sorted(kwargs.items())))
-    if num_stages > 1 and key not in _ONE_STAGE:
-        try:
-            kernel[grid](*args, num_stages=num_stages, **kwargs)
-            return
-        except OutOfResources as err:
-            traceback.clear_frames(err.__traceback__)
-            _ONE_STAGE.add(key)
-    kernel[grid](*args, num_stages=1, **kwargs)
-
-
-# Launch independent sequential kernels on a side stream (CUDA only); off: one stream.
-OVERLAP = True
-_SIDE_STREAMS: Dict[Tuple[torch.device, int], "torch.cuda.Stream"] = {}
-
-
-@contextlib.contextmanager
-def _beside(device: torch.device, slot: int = 0):
-    """Work enqueued inside the block goes to a side stream, after everything already enqueued
-    on the current one, and runs beside what the current stream gets next. Yields `join`, which
-    makes the current stream wait for that work: call it before reading the block's results or
-    freeing its inputs. Tensors the block uses must be made outside it (on the current stream),
-    so that the caching allocator keeps them in the current stream's pool. A plain block where
-    there is no CUDA stream (CPU, the Triton interpreter) or with OVERLAP off. `slot` picks
-    one of several side streams, for blocks meant to run beside each other too."""
-    if not (OVERLAP and device.type == "cuda"):
-        yield lambda: None
-        return
-    main = torch.cuda.current_stream(device)
-    side = _SIDE_STREAMS.get((device, slot))
-    if side is None:
-        side = _SIDE_STREAMS[(device, slot)] = torch.cuda.Stream(device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        yield lambda: main.wait_stream(side)
-
-
-class _Packed:
-    """Shapes and sequence bookkeeping shared by the forward and backward launches."""
-
-    def __init__(self, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], chunk_size: int):
-        B, T, self.H, self.K = k.shape
-        self.V = v.shape[-1]
-        self.C = chunk_size
-        self.TT = B * T
-        if cu_seqlens is None:
-            self.cu = dense_cu_seqlens(B, T, k.device)
-        else:
-            self.cu = as_int32(cu_seqlens)
-        self.N = self.cu.numel() - 1
-        self.NTU = max_chunks(self.TT, self.N, chunk_size)
-        self.offsets = chunk_offsets(self.cu, chunk_size)
-        self.steps = search_steps(self.N)
-
-    def with_heads(self, heads: int) -> "_Packed":
-        """The same sequences and chunk offsets for a launch over `heads` heads."""
-        packed = copy.copy(self)
-        packed.H = heads
-        return packed
 
 
 def _row_stride(x: Tensor, *more: Tensor) -> int:
@@ -193,7 +69,7 @@ def _row_stride(x: Tensor, *more: Tensor) -> int:
     return x.stride(0)
 
 
-def _state_heads(P: _Packed, *states: Optional[Tensor]) -> int:
+def _state_heads(P: Segments, *states: Optional[Tensor]) -> int:
     """Heads per sequence row of the [N, HN, K, V] initial/final states (head slices of full
     tensors in the backward by head groups)."""
     strides = {t.stride(0) // (P.K * P.V) for t in states if t is not None}
@@ -202,80 +78,84 @@ def _state_heads(P: _Packed, *states: Optional[Tensor]) -> int:
     return strides.pop() if strides else P.H
 
 
-def _prepare(P: _Packed, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float):
-    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] (f32 or k's dtype, see CONFIG),
+def prepare(P: Segments, q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float,
+            options: KernelOptions = DEFAULT_OPTIONS):
+    """gam [TT,H] f32, W [TT,H,K], U0 [TT,H,V], T [NTU,H,C,C] (options.t_dtype: f32 or k's dtype),
     P [NTU,H,C,C]. q, k, v, g, beta may be head slices of wider tensors."""
     gam = torch.empty(P.TT, P.H, dtype=torch.float32, device=k.device)
     w = torch.empty_like(k)
     u0 = torch.empty_like(v)
-    t_dtype = torch.float32 if CONFIG["t_dtype"] == "float32" else k.dtype
+    t_dtype = torch.float32 if options.t_dtype == "float32" else k.dtype
     t_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=t_dtype, device=k.device)
     p_mat = torch.empty(P.NTU, P.H, P.C, P.C, dtype=k.dtype, device=k.device)
-    cfg = CONFIG["prepare"]
+    cfg = options.launch["prepare"]
     t_work = torch.empty(P.NTU, P.H, P.C, 16, dtype=torch.float32, device=k.device)
     prepare_kernel[(P.NTU, P.H)](
         q, k, v, g, beta, gam, w, u0, t_mat, p_mat, t_work, P.cu, P.offsets, P.N, P.steps, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BK=min(cfg["BK"], P.K), BV=min(cfg["BV"], P.V),
-        PREC=CONFIG["precision"], SQK=_row_stride(q, k), SV=_row_stride(v),
-        SGB=_row_stride(g, beta), **_launch_opts("prepare"))
+        PREC=options.precision, SQK=_row_stride(q, k), SV=_row_stride(v),
+        SGB=_row_stride(g, beta), **_launch_opts(options, "prepare"))
     return gam, w, u0, t_mat, p_mat
 
 
-def _new_states(P: _Packed, k: Tensor, u0: Tensor) -> Tuple[Tensor, Tensor]:
-    """Empty per-chunk states h [NTU,H,K,V] and U like u0, for `_state_forward(store_states)`
+def new_states(P: Segments, k: Tensor, u0: Tensor) -> Tuple[Tensor, Tensor]:
+    """Empty per-chunk states h [NTU,H,K,V] and U like u0, for `state_forward(store_states)`
     (made ahead of it where it runs on a side stream)."""
     return torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=k.device), torch.empty_like(u0)
 
 
-def _state_forward(P: _Packed, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
-                   store_final, o=None, h=None, u=None):
+def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
+                  store_final, o=None, h=None, u=None,
+                  options: KernelOptions = DEFAULT_OPTIONS):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
     h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
     if store_states and h is None:
-        h, u = _new_states(P, k, u0)
+        h, u = new_states(P, k, u0)
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
-    cfg = _state_config("state_fwd", P.K, P.V, k.dtype)
+    cfg = _state_config(options, "state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     dummy = u0
-    _launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
+    launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
         q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if store_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
         ht if store_final else dummy, P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
-        STORE_STATES=store_states, STORE_FINAL=store_final, PREC=CONFIG["precision"],
+        STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
         SQK=_row_stride(q, k), SO=_row_stride(o) if store_o else P.H * P.V,
         HN=_state_heads(P, h0, ht), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, h, u, ht
 
 
-def _state_backward(P: _Packed, q, k, w, gam, p_mat, do, dht, scale, dh0):
+def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
+                   options: KernelOptions = DEFAULT_OPTIONS):
     """dh [NTU,H,K,V], dU [TT,H,V]; writes dL/d(initial state) into dh0 [N,H,K,V] f32 when
     given."""
     dev = k.device
     want_dh0 = dh0 is not None
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
     du = torch.empty(P.TT, P.H, P.V, dtype=do.dtype, device=dev)
-    cfg = _state_config("state_bwd", P.K, P.V, k.dtype)
+    cfg = _state_config(options, "state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
-    _launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
+    launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
         P.cu, P.offsets, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
-        PREC=CONFIG["precision"], SQK=_row_stride(q, k), SDO=_row_stride(do),
+        PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
         HN=_state_heads(P, dht, dh0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dh, du
 
 
-def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
-                    dq=None, dk=None, dv=None, dbeta=None, dg=None):
+def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
+                   dq=None, dk=None, dv=None, dbeta=None, dg=None,
+                   options: KernelOptions = DEFAULT_OPTIONS):
     """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg), written
     into the given tensors (head slices of the full gradients) or into new ones."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
-    cfg = CONFIG["chunk_bwd"]
+    cfg = options.launch["chunk_bwd"]
     BK, BV = min(cfg["BK"], P.K), min(cfg["BV"], P.V)
     # dq in q's dtype, also before the L2-norm backward (bf16: one more rounding, half the
     # traffic); float16 keeps float32 there for range. dk as asked: float32 under the fused L2
@@ -293,20 +173,22 @@ def _chunk_backward(P: _Packed, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     scratch_dw = torch.empty(P.TT, P.H, P.K, dtype=dw_dtype, device=dev)
     # Phase A's part of dk, which phase B adds to: in dk itself (each program re-reads only its
     # own rows) when dk is float32 (fused L2 norm, fp32 inputs) or bfloat16, else in fp32.
-    in_dk = dk.dtype == torch.float32 or (dk.dtype == torch.bfloat16 and not CONFIG["dk_partial_fp32"])
+    in_dk = dk.dtype == torch.float32 or (dk.dtype == torch.bfloat16 and not options.dk_partial_fp32)
     scratch_dk = dk if in_dk else torch.empty(P.TT, P.H, P.K, **f32)
     seq = (P.cu, P.offsets, P.N, P.steps)
-    prec = CONFIG["precision"]
+    prec = options.precision
     strides = dict(SQK=_row_stride(q, k), SGB=_row_stride(beta), SDQK=_row_stride(dq, dk),
                    SDB=_row_stride(dbeta, dg), SSK=_row_stride(scratch_dk))
     chunk_bwd_main_kernel[(P.NTU, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
         scratch_cc, scratch_dw, scratch_dk, *seq, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, SV=_row_stride(v),
-        SDO=_row_stride(do), SDV=_row_stride(dv), **strides, **_launch_opts("chunk_bwd_main"))
+        SDO=_row_stride(do), SDV=_row_stride(dv), **strides,
+        **_launch_opts(options, "chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
-        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **strides, **_launch_opts("chunk_bwd_wy"))
+        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **strides,
+        **_launch_opts(options, "chunk_bwd_wy"))
     return dq, dk
 
 
@@ -314,10 +196,10 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm, chunk_size, lean_backward):
+                use_qk_l2norm, chunk_size, options):
         B, T, H, K = k.shape
         V = v.shape[-1]
-        P = _Packed(k, v, cu_seqlens, chunk_size)
+        P = Segments.of(k, v, cu_seqlens, chunk_size)
         q3 = q.reshape(P.TT, H, K).contiguous()                  # [TT, H, K]
         k3 = k.reshape(P.TT, H, K).contiguous()
         v3 = v.reshape(P.TT, H, V).contiguous()                  # [TT, H, V]
@@ -329,16 +211,17 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             k3, k_rstd = l2norm_fwd(k3)
         h0 = None if initial_state is None else initial_state.to(torch.float32).contiguous()
 
-        gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-        keep = not (_RECOMPUTE_STATES or lean_backward)
-        o, h, u, ht = _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
-                                     store_states=keep, store_final=output_final_state)
+        gam, w, u0, t_mat, p_mat = prepare(P, q3, k3, v3, g2, b2, scale, options)
+        keep = not options.recompute_states
+        o, h, u, ht = state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
+                                    store_states=keep, store_final=output_final_state,
+                                    options=options)
         if keep:
             ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd, gam, w, t_mat, p_mat, h, u)
         else:
             ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd)
         ctx.packed = P
-        ctx.lean = lean_backward
+        ctx.options = options
         ctx.meta = (B, T, scale, use_qk_l2norm, keep, initial_state is not None,
                     q.dtype, g.dtype, beta.dtype,
                     None if initial_state is None else initial_state.dtype)
@@ -359,9 +242,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         dht = None if d_ht is None else d_ht.to(torch.float32).contiguous()
         inputs = (q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd)
         states = saved[8:] if kept else None
-        opts = (scale, use_l2, has_h0, q_dtype)
+        meta = (scale, use_l2, has_h0, q_dtype)
 
-        groups = P.H if ctx.lean else _head_groups(P.H)
+        groups = head_groups(P.H, ctx.options.backward_head_groups)
         Hg = P.H // groups
         Pg = P.with_heads(Hg)
         # Gradients in q's dtype (l2 norm: its backward writes them; else the kernels do),
@@ -386,8 +269,9 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
             part = lambda x: x if groups == 1 or x is None else x[:, heads]   # noqa: E731
             own = lambda x: x if groups == 1 else x[:, heads].contiguous()    # noqa: E731
-            _backward_heads(Pg, tuple(part(x) for x in inputs),
-                            None if states is None else tuple(own(x) for x in states), opts, out)
+            backward_heads(Pg, tuple(part(x) for x in inputs),
+                           None if states is None else tuple(own(x) for x in states), meta, out,
+                           options=ctx.options)
         dq, dk, dv, dbeta, dg = (full[name] for name in ("dq", "dk", "dv", "dbeta", "dg"))
         dh0 = full.get("dh0")
         shape_k = (B, T, P.H, P.K)
@@ -396,41 +280,46 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
                 None if dh0 is None else dh0.to(h0_dtype), None, None, None, None, None)
 
 
-def _head_groups(H: int) -> int:
-    """The largest divisor of H that is at most the configured number of head groups."""
-    want = max(1, min(int(CONFIG["backward_head_groups"]), H))
+def head_groups(H: int, groups: int) -> int:
+    """The number of head groups the backward runs: the largest divisor of H that is at most
+    `groups` (KernelOptions.backward_head_groups)."""
+    want = max(1, min(int(groups), H))
     return max(d for d in range(1, want + 1) if H % d == 0)
 
 
-def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
+def backward_heads(P: Segments, inputs, states, meta, out, pending=(),
+                   options: KernelOptions = DEFAULT_OPTIONS):
     """The backward over P.H heads from the (sliced) inputs and the forward's kept states or,
     when `states` is None, by rerunning the forward kernels. Writes into `out(name)`: the head
     slices of the full dq, dk, dv, dbeta, dg (and dh0), asked for only when written.
-    `beside`: a list of functions whose launches (independent of this call's, their tensors
+    `pending`: a list of functions whose launches (independent of this call's, their tensors
     made by the caller) run beside the sequential state kernels, which leave most of the GPU
-    idle; emptied once the current stream waits for them, so that their tensors can be freed."""
+    idle; emptied once the current stream waits for them, so that their tensors can be freed.
+    `meta`: (scale, whether q and k were L2-normalised, whether there is an initial state,
+    the dtype of q's gradient)."""
     q3, k3, v3, g2, b2, do3, h0, dht, q_rstd, k_rstd = inputs
-    scale, use_l2, has_h0, q_dtype = opts
-    join = join_beside = None
-    if beside:
-        with _beside(q3.device, 1) as join_beside:
-            for i in range(len(beside)):   # no loop variable: it would keep the last one alive
-                beside[i]()
+    scale, use_l2, has_h0, q_dtype = meta
+    streams = options.side_streams
+    join = join_pending = None
+    if pending:
+        with beside(q3.device, 1, streams) as join_pending:
+            for i in range(len(pending)):  # no loop variable: it would keep the last one alive
+                pending[i]()
     if states is not None:
         gam, w, t_mat, p_mat, h, u = states
     else:
-        gam, w, u0, t_mat, p_mat = _prepare(P, q3, k3, v3, g2, b2, scale)
-        h, u = _new_states(P, k3, u0)
+        gam, w, u0, t_mat, p_mat = prepare(P, q3, k3, v3, g2, b2, scale, options)
+        h, u = new_states(P, k3, u0)
         # The state backward below does not read the states: the two sequential kernels, each
         # too few programs to fill the GPU, run side by side.
-        with _beside(k3.device) as join:
-            _state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
-                           store_states=True, store_final=False, h=h, u=u)
-    dh, du = _state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
-                             out("dh0") if has_h0 else None)
-    if join_beside is not None:
-        join_beside()
-        beside.clear()
+        with beside(k3.device, 0, streams) as join:
+            state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
+                          store_states=True, store_final=False, h=h, u=u, options=options)
+    dh, du = state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
+                            out("dh0") if has_h0 else None, options)
+    if join_pending is not None:
+        join_pending()
+        pending.clear()
     if join is not None:
         join()
         del u0
@@ -438,14 +327,14 @@ def _backward_heads(P: _Packed, inputs, states, opts, out, beside=()):
     if use_l2:
         # The kernels' dq, dk are gradients of the normalised q, k: the group's own buffers
         # (dk in float32), which the L2 norm's backward turns into the full gradients' slices.
-        dq_n, dk_n = _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
-                                     torch.float32, **grads)
+        dq_n, dk_n = chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
+                                    torch.float32, **grads, options=options)
         del h, dh, u, du, states
         l2norm_bwd_into(out("dq"), q3, q_rstd, dq_n)
         l2norm_bwd_into(out("dk"), k3, k_rstd, dk_n)
     else:
-        _chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale, q_dtype,
-                        dq=out("dq"), dk=out("dk"), **grads)
+        chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale, q_dtype,
+                       dq=out("dq"), dk=out("dk"), **grads, options=options)
 
 
 def check_dims(K: int, V: int, chunk_size: int, op: str = "gated_delta_rule") -> None:
@@ -460,40 +349,57 @@ def check_dims(K: int, V: int, chunk_size: int, op: str = "gated_delta_rule") ->
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size):
-    def need(ok, msg):
-        if not ok:
-            raise ValueError(f"gated_delta_rule (triton): {msg}")
-
+    """What the Triton backend needs beyond the dispatcher's checks."""
+    where = "gated_delta_rule (triton)"
     check_dims(k.shape[-1], v.shape[-1], chunk_size)
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        need(x.dtype in _DTYPES, f"{name} has dtype {x.dtype}; the Triton kernels take float32, "
-             f"bfloat16 or float16 (use backend='torch' for float64)")
+    need_triton_dtypes(where, q=q, k=k, v=v, g=g, beta=beta)
     if initial_state is not None:
-        need(initial_state.dtype in _DTYPES + (torch.float64,),
-             f"initial_state has dtype {initial_state.dtype}")
-        need(initial_state.device == k.device, f"initial_state is on {initial_state.device}, "
-             f"k on {k.device}")
-    if cu_seqlens is not None:
-        need(cu_seqlens.device == k.device, f"cu_seqlens is on {cu_seqlens.device}, k on "
-             f"{k.device}; the kernels read it on the device")
+        checker(where)(initial_state.dtype in TRITON_DTYPES + (torch.float64,),
+                       f"initial_state has dtype {initial_state.dtype}")
+    need_device(where, k.device, initial_state=initial_state, cu_seqlens=cu_seqlens)
 
 
 def chunk_gated_delta_rule(
     q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, *, scale: float,
     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
     cu_seqlens: Optional[Tensor] = None, use_qk_l2norm: bool = False, chunk_size: int = 64,
-    lean_backward: bool = False,
+    lean_backward: bool = False, options: Optional[KernelOptions] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """q, k [B,T,H,K], v [B,T,H,V], g, beta [B,T,H] -> (o [B,T,H,V] in v's dtype,
     final state [N,H,K,V] float32 or None). Shapes are checked by the dispatcher.
-    lean_backward: this call keeps only its inputs and runs its backward head by head (as
-    set_recompute_states(True) with set_backward_head_groups(H), for this call alone)."""
+    `options` (default `KernelOptions()`): how the kernels run. lean_backward: this call keeps
+    only its inputs and runs its backward head by head (`options` with recompute_states=True
+    and backward_head_groups=H)."""
     _check(q, k, v, g, beta, initial_state, cu_seqlens, chunk_size)
+    options = DEFAULT_OPTIONS if options is None else options
+    if lean_backward:
+        options = options.replace(recompute_states=True, backward_head_groups=k.shape[2])
     chunk_size = effective_chunk_size(int(chunk_size), k.dtype, k.shape[-1])
     o, ht = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, float(scale), initial_state,
                                        bool(output_final_state), cu_seqlens, bool(use_qk_l2norm),
-                                       chunk_size, bool(lean_backward))
+                                       chunk_size, options)
     return o, (ht if output_final_state else None)
 
 
-__all__ = ["chunk_gated_delta_rule", "set_recompute_states", "set_backward_head_groups", "CONFIG"]
+# Process-wide switches this module does not have (execution choices travel with each call as
+# KernelOptions), each with what to use: a clear error instead of a bare AttributeError.
+_REMOVED = {
+    "CONFIG": "megatron_mom.ops.KernelOptions (launch settings: TUNED_LAUNCH and "
+              "KernelOptions.with_launch), passed as gated_delta_rule(..., options=...)",
+    "set_recompute_states": "gated_delta_rule(..., options=KernelOptions(recompute_states=True))",
+    "set_backward_head_groups": "gated_delta_rule(..., options=KernelOptions("
+                                "backward_head_groups=n))",
+    "OVERLAP": "KernelOptions(side_streams=False)",
+}
+
+
+def __getattr__(name):
+    if name in _REMOVED:
+        raise AttributeError(f"megatron_mom.ops.gated_delta_rule.triton.{name} was removed "
+                             f"(execution choices travel with the call): use {_REMOVED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["chunk_gated_delta_rule", "head_groups", "check_dims", "effective_chunk_size",
+           "prepare", "new_states", "state_forward", "state_backward", "chunk_backward",
+           "backward_heads"]

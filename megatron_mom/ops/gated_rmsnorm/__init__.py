@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from megatron_mom.ops.backend import triton_impl
+from megatron_mom.ops.common import triton_impl
 from megatron_mom.ops.gated_rmsnorm.reference import gated_rmsnorm_reference
 
 

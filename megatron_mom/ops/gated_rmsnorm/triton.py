@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from megatron_mom.ops.common import TRITON_DTYPES
+
 MAX_DIM = 16384
 
 
@@ -99,7 +100,7 @@ def gated_rmsnorm(y: Tensor, gate: Optional[Tensor], weight: Tensor, eps: float 
     """y, gate: [..., D]; weight: [D]. Returns rmsnorm(y) * weight * silu(gate) in y's dtype."""
     D = y.shape[-1]
     for name, t in (("y", y), ("gate", gate), ("weight", weight)):
-        if t is not None and t.dtype not in _DTYPES:
+        if t is not None and t.dtype not in TRITON_DTYPES:
             raise ValueError(f"gated_rmsnorm (triton): {name} has dtype {t.dtype}; use float32, "
                              f"bfloat16 or float16")
     if D > MAX_DIM:

@@ -1,10 +1,9 @@
 """Per-head L2 normalisation: z / sqrt(sum z^2 + eps) over the last dimension."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from megatron_mom.ops.backend import triton_impl
+from megatron_mom.ops.common import triton_impl
 from megatron_mom.ops.l2norm.reference import l2norm_reference
 
 

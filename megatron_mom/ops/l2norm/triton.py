@@ -12,7 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from megatron_mom.ops.common import TRITON_DTYPES
+
 ROWS_PER_PROGRAM = 16
 
 
@@ -104,7 +105,7 @@ class _L2Norm(torch.autograd.Function):
 
 def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """L2-normalise the last dimension of x (float32 accumulation); differentiable."""
-    if x.dtype not in _DTYPES:
+    if x.dtype not in TRITON_DTYPES:
         raise ValueError(f"l2norm (triton): x has dtype {x.dtype}; use float32, bfloat16 or float16")
     if x.shape[-1] > 65536:
         raise ValueError(f"l2norm (triton): last dimension {x.shape[-1]} is larger than 65536")

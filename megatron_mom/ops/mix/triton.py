@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from megatron_mom.ops.common import TRITON_DTYPES
+
 # (elements per tile, largest column block, warps). The forward tiles a 2D grid of (token
 # block, column block); the backward walks a token block's whole row in column blocks so that
 # d_w needs no cross-program reduction. 4096 elements: 32 per thread and tensor at 4 warps,
@@ -113,7 +114,7 @@ def mix(o: Tensor, slot_row: Tensor, weight: Tensor, out_dtype=None) -> Tensor:
     y [N, ...] in out_dtype (default weight's dtype)."""
     out_dtype = out_dtype or weight.dtype
     for name, dt in (("o", o.dtype), ("weight", weight.dtype), ("out_dtype", out_dtype)):
-        if dt not in _DTYPES:
+        if dt not in TRITON_DTYPES:
             raise ValueError(f"mix (triton): {name} has dtype {dt}; use float32, bfloat16 or "
                              f"float16 (float64 runs on backend='torch')")
     N = slot_row.shape[0]
@@ -127,7 +128,7 @@ def sum_over_slots(packed: Tensor, slot_row: Tensor, out: Tensor = None) -> Tens
     accumulation, in packed's dtype), written into `out` when given: [N, D] with unit column
     stride and any row stride, e.g. a column range of a wider gradient. One kernel reading
     each packed row once, where the torch path gathers a copy of them and sums it."""
-    if packed.dtype not in _DTYPES:
+    if packed.dtype not in TRITON_DTYPES:
         raise ValueError(f"sum_over_slots (triton): packed has dtype {packed.dtype}; use float32, "
                          f"bfloat16 or float16 (float64 runs on backend='torch')")
     N, S = slot_row.shape

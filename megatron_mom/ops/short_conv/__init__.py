@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.backend import triton_impl
+from megatron_mom.ops.common import triton_impl
 from megatron_mom.ops.short_conv.reference import short_conv_reference, short_conv_split_reference
 
 

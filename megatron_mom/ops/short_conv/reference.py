@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from megatron_mom.ops.common import compute_dtype
+
 
 def seq_positions(cu_seqlens: Tensor, total: int) -> Tuple[Tensor, Tensor]:
     """For each packed token: (index of its sequence, position inside that sequence)."""
@@ -31,7 +33,7 @@ def short_conv_reference(
     """
     B, T, C = x.shape
     W = weight.shape[-1]
-    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ct = compute_dtype(x.dtype)
     if cu_seqlens is None:
         cu_seqlens = torch.arange(0, (B + 1) * T, T, device=x.device)
     flat = x.reshape(B * T, C).to(ct)

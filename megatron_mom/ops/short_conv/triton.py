@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megatron_mom.ops.mix.triton import sum_over_slots
-from megatron_mom.ops.utils import as_int32, dense_cu_seqlens, search_steps, sequence_of_unrolled
+from megatron_mom.ops.common import (as_int32, checker, dense_cu_seqlens, need_device,
+                                     need_triton_dtypes, search_steps)
+from megatron_mom.ops.common.search import sequence_of_unrolled
+from megatron_mom.ops.mix import sum_over_slots
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_WIDTH = 8
 # (BT tokens, BC channels, warps) per program. The backward holds more live tiles (W taps, the
 # next tile's loads, W dw sums), hence its smaller tile; W > 4 doubles the warps for the same
@@ -36,9 +37,8 @@ NORM_CONFIG = {64: (64, 4), 128: (32, 4), 256: (16, 4)}
 BWD_CONFIG = (32, 32, 4)
 # The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
 # sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
-# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU). 16 (12 at the
-# MoM layer's 49152 rows): 89 -> 82 us per 256-channel head, 298 -> 287 us at 1024 channels on
-# the H100, against 8.
+# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU); timed in
+# docs/performance.md.
 BWD_MAX_TILES = 16
 BWD_MIN_PROGRAMS = 128
 
@@ -275,7 +275,7 @@ def _block_c(C: int, cap: int = 64) -> int:
     return min(cap, triton.next_power_of_2(C))
 
 
-def _launch(config, C: int, W: int):
+def _tiles(config, C: int, W: int):
     """(BT, BC, num_warps) of `config` for C channels and width W."""
     BT, BC, warps = config
     return BT, _block_c(C, BC), warps if W <= 4 else 2 * warps
@@ -286,13 +286,13 @@ def _bwd_tiles(TT: int) -> int:
     return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_CONFIG[0]) // BWD_MIN_PROGRAMS))
 
 
-def _conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
-                  init: Optional[Tensor], silu: bool) -> Tensor:
+def conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
+                 init: Optional[Tensor], silu: bool) -> Tensor:
     """y [TT, C] of input rows x2 [*, C] (any row stride): packed row r reads x2[r], or
     x2[x_row[r]] with a row index (then TT = x_row.numel())."""
     TT = x2.shape[0] if x_row is None else x_row.numel()
     C, W = x2.shape[1], weight.shape[1]
-    BT, BC, warps = _launch(FWD_CONFIG, C, W)
+    BT, BC, warps = _tiles(FWD_CONFIG, C, W)
     y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)          # [TT, C]
     if TT and C:
         _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
@@ -304,7 +304,7 @@ def _conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tenso
 
 def conv_l2norm_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
                         head_dim: int, eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
-    """silu(conv) of input rows x2 [*, C] (as `_conv_forward`, no initial state), each head's
+    """silu(conv) of input rows x2 [*, C] (as `conv_forward`, no initial state), each head's
     head_dim columns L2-normalised in the same kernel: (y [TT, C], rstd [TT, C // head_dim]
     float32), what `l2norm_fwd` gives for the convolution's output, with the norm taken before
     the output is rounded to x2's dtype."""
@@ -331,9 +331,9 @@ def conv_backward_programs(TT: int, W: int) -> int:
     return triton.cdiv(TT, (BT - (W - 1)) * _bwd_tiles(TT))           # a tile yields BT-(W-1) rows
 
 
-def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
-                   dy: Tensor, dx: Tensor, cu: Tensor, N: int, silu: bool, want_dinit: bool,
-                   dw_part: Optional[Tensor] = None):
+def conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
+                  dy: Tensor, dx: Tensor, cu: Tensor, N: int, silu: bool, want_dinit: bool,
+                  dw_part: Optional[Tensor] = None):
     """Writes the gradient of each packed row's input into dx [TT, C] (any row stride: it may
     be a column range of a wider gradient); dy [TT, C] contiguous. Returns (dw [C, W] in
     weight's dtype, d initial_state or None). With `dw_part` [conv_backward_programs(TT, W), C,
@@ -341,7 +341,7 @@ def _conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Op
     the caller) the per-program partial sums go there and dw is returned as None."""
     TT, C = dx.shape
     W = weight.shape[1]
-    BT, BC, warps = _launch(BWD_CONFIG, C, W)
+    BT, BC, warps = _tiles(BWD_CONFIG, C, W)
     tiles = _bwd_tiles(TT)
     programs = conv_backward_programs(TT, W)
     own_part = dw_part is None
@@ -383,17 +383,17 @@ class _ShortConv(torch.autograd.Function):
     def forward(ctx, x2, weight, cu, N, init, silu, x_row, slot_row):
         ctx.save_for_backward(x2, weight, cu, init, x_row, slot_row)
         ctx.meta = (N, silu)
-        return _conv_forward(x2, x_row, weight, cu, N, init, silu)
+        return conv_forward(x2, x_row, weight, cu, N, init, silu)
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, cu, init, x_row, slot_row = ctx.saved_tensors
         N, silu = ctx.meta
         dx = torch.empty(dy.shape, dtype=x2.dtype, device=x2.device)    # [TT, C], per packed row
-        dw, dinit = _conv_backward(x2, x_row, weight, init, dy.contiguous(), dx, cu, N, silu,
-                                   init is not None and ctx.needs_input_grad[4])
+        dw, dinit = conv_backward(x2, x_row, weight, init, dy.contiguous(), dx, cu, N, silu,
+                                  init is not None and ctx.needs_input_grad[4])
         if x_row is not None:
-            dx = sum_over_slots(dx, slot_row)                          # [rows of x2, C]
+            dx = sum_over_slots(dx, slot_row, backend="triton")        # [rows of x2, C]
         return dx, dw, None, None, dinit, None, None, None
 
 
@@ -408,7 +408,7 @@ class _ShortConvSplit(torch.autograd.Function):
         ctx.save_for_backward(x2, cu, *weights)
         ctx.meta = (N, silu, sizes)
         return tuple(x.clone(memory_format=torch.contiguous_format) if w is None
-                     else _conv_forward(x, None, w, cu, N, None, silu)
+                     else conv_forward(x, None, w, cu, N, None, silu)
                      for x, w in zip(_column_groups(x2, sizes), weights))
 
     @staticmethod
@@ -435,7 +435,7 @@ def _group_backward(x: Tensor, weight: Optional[Tensor], dy: Optional[Tensor], d
     if weight is None:
         dx.copy_(dy)
         return None
-    return _conv_backward(x, None, weight, None, dy.contiguous(), dx, cu, N, silu, False)[0]
+    return conv_backward(x, None, weight, None, dy.contiguous(), dx, cu, N, silu, False)[0]
 
 
 def _final_state(x2: Tensor, x_row: Optional[Tensor], cu: Tensor, N: int, W: int,
@@ -450,19 +450,17 @@ def _final_state(x2: Tensor, x_row: Optional[Tensor], cu: Tensor, N: int, W: int
     return final
 
 
-def _check(x: Tensor, weights, cu_seqlens: Optional[Tensor], activation: Optional[str]):
-    if activation not in ("silu", None):
-        raise ValueError(f"short_conv: activation must be 'silu' or None, got {activation!r}")
+def check_inputs(x: Tensor, weights, cu_seqlens: Optional[Tensor], activation: Optional[str]):
+    """What the Triton kernels need beyond the dispatcher's shape checks (also for the ops
+    built on them)."""
+    where = "short_conv (triton)"
+    need = checker(where)
+    need(activation in ("silu", None), f"activation must be 'silu' or None, got {activation!r}")
+    need_triton_dtypes(where, x=x, **{f"weights[{i}]": w for i, w in enumerate(weights)})
     for w in weights:
-        if x.dtype not in _DTYPES or w.dtype not in _DTYPES:
-            raise ValueError(f"short_conv (triton): x {x.dtype} and weight {w.dtype} must be "
-                             f"float32, bfloat16 or float16")
-        if not 1 <= w.shape[1] <= MAX_WIDTH:
-            raise ValueError(f"short_conv (triton): kernel width W={w.shape[1]} must be in "
-                             f"1..{MAX_WIDTH}")
-    if cu_seqlens is not None and cu_seqlens.device != x.device:
-        raise ValueError(f"short_conv (triton): cu_seqlens is on {cu_seqlens.device}, x on "
-                         f"{x.device}; the kernels read it on the device")
+        need(1 <= w.shape[1] <= MAX_WIDTH, f"kernel width W={w.shape[1]} must be in "
+             f"1..{MAX_WIDTH}")
+    need_device(where, x.device, cu_seqlens=cu_seqlens)
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -482,7 +480,7 @@ def short_conv(
     rows that the L packed rows read, y is [1, L, C]."""
     B, T, C = x.shape
     W = weight.shape[1]
-    _check(x, [weight], cu_seqlens, activation)
+    check_inputs(x, [weight], cu_seqlens, activation)
     x_row, slot_row = (None, None) if gather is None else (g.contiguous() for g in gather)
     TT = B * T if x_row is None else x_row.numel()
     cu = dense_cu_seqlens(B, TT // B, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
@@ -506,11 +504,12 @@ def short_conv_split(
     """x: [B, T, sum(sizes)] (B == 1 with cu_seqlens); weights[i]: [sizes[i], W_i] or None
     (checked by the dispatcher). Returns one contiguous [B, T, sizes[i]] per group."""
     B, T, _ = x.shape
-    _check(x, [w for w in weights if w is not None], cu_seqlens, activation)
+    check_inputs(x, [w for w in weights if w is not None], cu_seqlens, activation)
     cu = dense_cu_seqlens(B, T, x.device) if cu_seqlens is None else as_int32(cu_seqlens)
     ys = _ShortConvSplit.apply(_rows(x), cu, cu.numel() - 1, activation == "silu", tuple(sizes),
                                *(None if w is None else w.contiguous() for w in weights))
     return tuple(y.view(B, T, -1) for y in ys)
 
 
-__all__ = ["short_conv", "short_conv_split"]
+__all__ = ["short_conv", "short_conv_split", "check_inputs", "conv_forward", "conv_backward",
+           "conv_l2norm_forward", "conv_backward_programs"]

@@ -1,0 +1,44 @@
+"""Which implementation an op runs: its Triton kernels or its torch reference (the one backend
+dispatch of `megatron_mom.ops`)."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Callable, Optional, Sequence
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_module(op: str, required: bool = False) -> Optional[ModuleType]:
+    """`megatron_mom.ops.<op>.triton`, or None when it cannot be imported here (no Triton);
+    `required`: raise instead, saying which backend to use."""
+    try:
+        return importlib.import_module(f"megatron_mom.ops.{op}.triton")
+    except ImportError as err:
+        if required:
+            raise RuntimeError(f"{op}: backend='triton' needs the `triton` package and "
+                               f"megatron_mom's Triton kernels ({err}); use backend='torch' "
+                               f"instead") from err
+        return None
+
+
+def resolve_backend(op: str, backend: str, suits: bool,
+                    choices: Sequence[str] = BACKENDS) -> str:
+    """The backend one call of `op` runs: "auto" is "triton" where `suits` (the inputs fit the
+    kernels, e.g. CUDA tensors) and the Triton module imports, else "torch"; "triton" raises a
+    clear error where the module cannot be imported; the others (e.g. "torch") as given."""
+    if backend not in choices:
+        raise ValueError(f"{op}: backend must be one of {tuple(choices)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if suits and triton_module(op) is not None else "torch"
+    if backend == "triton":
+        triton_module(op, required=True)
+    return backend
+
+
+def triton_impl(op: str, name: str, backend: str, suits: bool) -> Optional[Callable]:
+    """The Triton function `name` of `op` when `resolve_backend` picks Triton, else None (the
+    caller runs its torch reference)."""
+    if resolve_backend(op, backend, suits) != "triton":
+        return None
+    return getattr(triton_module(op, required=True), name)

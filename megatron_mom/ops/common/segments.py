@@ -1,0 +1,77 @@
+"""Packed sequences ("segments") on the host side of the kernels.
+
+Packed sequences are described by `cu_seqlens` [N+1] (int32, on the device). Chunk-parallel
+kernels launch one program per chunk for an upper bound of the chunk count
+(T_total // C + N, known from shapes alone) and find their (sequence, chunk) on the device by a
+binary search over `chunk_offsets` [N+1], the running count of chunks per sequence
+(`ops.common.search`). Nothing here reads a device value on the host, so launches stay
+CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
+    """cu_seqlens [B+1] that describes B dense rows of `seqlen` tokens as packed sequences."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, device=device, dtype=torch.int32)
+
+
+def chunk_offsets(cu_seqlens: Tensor, chunk_size: int) -> Tensor:
+    """[N+1] int32: chunk_offsets[n] = number of chunks of sequences 0..n-1 (device-side)."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    counts = torch.div(lengths + chunk_size - 1, chunk_size, rounding_mode="floor")
+    out = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
+    out[1:] = counts.cumsum(0)
+    return out
+
+
+def max_chunks(total_tokens: int, num_seqs: int, chunk_size: int) -> int:
+    """Upper bound of sum_n ceil(L_n / C) over sequences whose lengths sum to total_tokens."""
+    return total_tokens // chunk_size + num_seqs
+
+
+def search_steps(num_seqs: int) -> int:
+    """Binary-search iterations that pin one of `num_seqs` sequences down."""
+    return max(1, math.ceil(math.log2(max(num_seqs, 1))) + 1)
+
+
+def as_int32(cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    if cu_seqlens is None:
+        return None
+    return cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
+
+
+class Segments:
+    """Shapes and chunk bookkeeping of packed sequences that the chunked kernels' launches
+    share: TT packed tokens of H heads (key size K, value size V) in N sequences given by
+    `cu` [N+1] int32, chunks of C tokens, NTU the chunk-count upper bound, `offsets` the
+    running chunk count per sequence, `steps` the binary search's iterations."""
+
+    def __init__(self, tokens: int, heads: int, K: int, V: int, cu_seqlens: Tensor,
+                 chunk_size: int):
+        self.TT, self.H, self.K, self.V, self.C = tokens, heads, K, V, chunk_size
+        self.cu = as_int32(cu_seqlens)
+        self.N = self.cu.numel() - 1
+        self.NTU = max_chunks(self.TT, self.N, chunk_size)
+        self.offsets = chunk_offsets(self.cu, chunk_size)
+        self.steps = search_steps(self.N)
+
+    @classmethod
+    def of(cls, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], chunk_size: int):
+        """The segments of k [B, T, H, K], v [B, T, H, V]: the sequences of `cu_seqlens`, or
+        B dense rows without it."""
+        B, T, H, K = k.shape
+        cu = dense_cu_seqlens(B, T, k.device) if cu_seqlens is None else cu_seqlens
+        return cls(B * T, H, K, v.shape[-1], cu, chunk_size)
+
+    def with_heads(self, heads: int) -> "Segments":
+        """The same sequences and chunk offsets for a launch over `heads` heads."""
+        segments = copy.copy(self)
+        segments.H = heads
+        return segments

@@ -1,0 +1,123 @@
+"""How the Triton kernels run: a frozen options object passed with each call, and the tuned
+launch table it reads by default.
+
+`KernelOptions` changes speed, memory and the rounding of intermediates, never the math: every
+setting gives the reference's results within the tolerances of tests/test_triton_kernels.py.
+Nothing here is process-wide: two calls with different options in one process do not affect
+each other.
+
+    from megatron_mom.ops import KernelOptions, gated_delta_rule
+    lean = KernelOptions(recompute_states=True, backward_head_groups=4)
+    o, _ = gated_delta_rule(q, k, v, g, beta, backend="triton", options=lean)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Optional
+
+from megatron_mom.ops.common.checks import checker
+
+PRECISIONS = ("tf32", "tf32x3", "ieee")
+T_DTYPES = ("input", "float32")
+
+
+def _frozen(table: Mapping) -> Mapping:
+    """A read-only copy of a nested mapping."""
+    return MappingProxyType({key: _frozen(val) if isinstance(val, Mapping) else val
+                             for key, val in table.items()})
+
+
+# Launch settings of the gated delta rule's kernels, chosen from register and shared-memory
+# reports of sm_90 builds (no spills, shared memory under the H100's 227 KB) and timed in
+# docs/performance.md. The sequential state kernels are keyed by the largest K they serve.
+TUNED_LAUNCH: Mapping[str, Any] = _frozen({
+    "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
+    # K = 256: 32-wide V blocks read each chunk's q, k and W half as often as 16-wide ones in
+    # the forward; the backward keeps 16 (one head at a time, the lean mode's case, is faster).
+    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 2}},
+    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    # float32 operands take twice the registers and shared memory (and K > 128 runs 16-token
+    # chunks: gated_delta_rule.triton.FP32_WIDE_CHUNK).
+    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
+                   256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
+    "chunk_bwd": {"BK": 64, "BV": 64},
+    # 4 warps: two programs share an SM (the main kernel spills ~64 B).
+    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1},
+    "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
+})
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Execution choices of the Triton kernels, for one call.
+
+    precision:            `tl.dot` input precision for float32 operands: "tf32", "tf32x3" or
+                          "ieee".
+    t_dtype:              storage of the chunk solve T between the kernels: "input" (the
+                          16-bit inputs' dtype; the backward upcasts it) or "float32".
+    dk_partial_fp32:      the main backward kernel's part of dk in a float32 buffer; off, it
+                          goes into dk itself when dk is bfloat16 (one more rounding of a
+                          partial sum; float16 keeps float32 for range).
+    recompute_states:     the forward keeps only its inputs and the backward reruns the forward
+                          kernels first (no per-chunk states, U or W between the two).
+    backward_head_groups: the backward runs over this many groups of heads one after another
+                          (the largest divisor of H not above it): its per-chunk buffers take
+                          1/groups of the memory.
+    side_streams:         on CUDA, sequential kernels run beside independent work on side
+                          CUDA streams; off: one stream.
+    launch:               launch settings per kernel (default the tuned `TUNED_LAUNCH`; see
+                          `with_launch`).
+    """
+
+    precision: str = "tf32"
+    t_dtype: str = "input"
+    dk_partial_fp32: bool = False
+    recompute_states: bool = False
+    backward_head_groups: int = 1
+    side_streams: bool = True
+    launch: Mapping[str, Any] = field(default_factory=lambda: TUNED_LAUNCH, hash=False, repr=False)
+
+    def __post_init__(self):
+        need = checker("KernelOptions")
+
+        need(self.precision in PRECISIONS,
+             f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        need(self.t_dtype in T_DTYPES, f"t_dtype must be one of {T_DTYPES}, got {self.t_dtype!r}")
+        for name in ("dk_partial_fp32", "recompute_states", "side_streams"):
+            need(isinstance(getattr(self, name), bool),
+                 f"{name} must be True or False, got {getattr(self, name)!r}")
+        groups = self.backward_head_groups
+        need(isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1,
+             f"backward_head_groups must be an integer >= 1, got {groups!r}")
+        need(isinstance(self.launch, Mapping) and set(self.launch) == set(TUNED_LAUNCH),
+             f"launch must map every kernel of TUNED_LAUNCH ({', '.join(TUNED_LAUNCH)}); "
+             f"build one with with_launch()")
+        object.__setattr__(self, "launch", _frozen(self.launch))
+
+    def replace(self, **changes) -> "KernelOptions":
+        return dataclasses.replace(self, **changes)
+
+    def with_launch(self, kernel: str, bound: Optional[int] = None, **settings) -> "KernelOptions":
+        """These options with `settings` changed in one launch entry (`bound`: the K bound of a
+        state kernel's entry), e.g. `with_launch("state_fwd", 256, BV=16)`."""
+        if kernel not in self.launch:
+            raise ValueError(f"KernelOptions.with_launch: unknown kernel {kernel!r}; use one of "
+                             f"{', '.join(self.launch)}")
+        table = {key: dict(val) for key, val in self.launch.items()}
+        if bound is None:
+            table[kernel].update(settings)
+        else:
+            if bound not in table[kernel]:
+                raise ValueError(f"KernelOptions.with_launch: {kernel!r} has entries for K "
+                                 f"<= {sorted(table[kernel])}, not {bound!r}")
+            table[kernel][bound] = {**table[kernel][bound], **settings}
+        return dataclasses.replace(self, launch=table)
+
+
+DEFAULT_OPTIONS = KernelOptions()
+
+__all__ = ["KernelOptions", "DEFAULT_OPTIONS", "TUNED_LAUNCH", "PRECISIONS", "T_DTYPES"]

@@ -1,0 +1,73 @@
+"""The pieces the ops share (megatron_mom.ops.common): one dispatch, one error form, one
+segment bookkeeping."""
+import pytest
+import torch
+
+from megatron_mom.ops.common import (Segments, checker, compute_dtype, dispatch, need_device,
+                                     need_triton_dtypes, resolve_backend)
+from megatron_mom.ops.mix import sum_over_slots
+
+
+def test_checker_and_dtype_checks_name_the_op_and_the_parameter():
+    checker("an_op")(True, "never shown")
+    with pytest.raises(ValueError, match=r"^an_op: x must be 1$"):
+        checker("an_op")(False, "x must be 1")
+    need_triton_dtypes("an_op", q=torch.ones(1), k=None)
+    with pytest.raises(ValueError, match=r"an_op: k has dtype torch.float64.*backend='torch'"):
+        need_triton_dtypes("an_op", q=torch.ones(1), k=torch.ones(1, dtype=torch.float64))
+    need_device("an_op", torch.device("cpu"), cu_seqlens=torch.ones(1), h0=None)
+    with pytest.raises(ValueError, match="an_op: cu_seqlens is on meta"):
+        need_device("an_op", torch.device("cpu"), cu_seqlens=torch.ones(1, device="meta"))
+    assert compute_dtype(torch.float64) == torch.float64
+    assert {compute_dtype(d) for d in (torch.float32, torch.bfloat16, torch.float16)} == {
+        torch.float32}
+
+
+def test_one_dispatch_for_every_op(monkeypatch):
+    """"auto" picks Triton only where the inputs suit it and the kernels import; "triton"
+    without them is a clear error; unknown backends are refused by name."""
+    assert resolve_backend("l2norm", "auto", suits=False) == "torch"
+    assert resolve_backend("l2norm", "torch", suits=True) == "torch"
+    with pytest.raises(ValueError, match=r"l2norm: backend must be one of \('auto', 'triton', "
+                                         r"'torch'\), got 'cuda'"):
+        resolve_backend("l2norm", "cuda", suits=True)
+    assert resolve_backend("gated_delta_rule", "recurrent", False,
+                           ("auto", "triton", "torch", "recurrent")) == "recurrent"
+
+    def no_triton(name):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(dispatch.importlib, "import_module", no_triton)
+    assert resolve_backend("mix", "auto", suits=True) == "torch"
+    assert dispatch.triton_impl("mix", "mix", "auto", suits=True) is None
+    with pytest.raises(RuntimeError, match="mix: backend='triton' needs the `triton` package.*"
+                                           "use backend='torch'"):
+        resolve_backend("mix", "triton", suits=True)
+
+
+def test_segments_count_chunks_per_sequence():
+    """Sequences of 5, 0, 70 and 16 tokens in 32-token chunks: 1, 0, 3 and 1 chunks."""
+    cu = torch.tensor([0, 5, 5, 75, 91])
+    seg = Segments(91, 2, 64, 32, cu, 32)
+    assert seg.cu.dtype == torch.int32 and seg.N == 4 and seg.NTU == 91 // 32 + 4
+    assert seg.offsets.tolist() == [0, 1, 1, 4, 5]
+    one = seg.with_heads(1)
+    assert (one.H, seg.H) == (1, 2) and one.offsets is seg.offsets
+    dense = Segments.of(torch.empty(3, 10, 2, 16), torch.empty(3, 10, 2, 8), None, 16)
+    assert dense.cu.tolist() == [0, 10, 20, 30] and (dense.TT, dense.K, dense.V) == (30, 16, 8)
+    assert dense.offsets.tolist() == [0, 1, 2, 3]
+
+
+def test_sum_over_slots_into_a_column_range():
+    """`out` (a column range of a wider tensor) receives the sums in place; the other columns
+    are untouched."""
+    gen = torch.Generator().manual_seed(0)
+    slot_row = torch.randperm(12, generator=gen).view(4, 3)
+    packed = torch.randn(12, 5, generator=gen)
+    wide = torch.zeros(4, 9)
+    got = sum_over_slots(packed, slot_row, out=wide[:, 2:7], backend="torch")
+    want = torch.stack([packed[slot_row[n]].sum(0) for n in range(4)])
+    torch.testing.assert_close(wide[:, 2:7], want)
+    assert got.data_ptr() == wide[:, 2:7].data_ptr() and not wide[:, :2].any()
+    with pytest.raises(ValueError, match="out"):
+        sum_over_slots(packed, slot_row, out=torch.zeros(4, 4))
