@@ -29,7 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
-from megatron_mom.ops.gated_delta_rule import resolve_backend
+from megatron_mom.ops.common import resolve_backend
 from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
                                                     kvba_columns)
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
@@ -57,6 +57,14 @@ def in_proj_sections(mom: MoMConfig, tp_size: int = 1) -> list[tuple[str, int]]:
     for e in range(mom.num_memory_weights):
         sections += [(f"k.{e}", H * K), (f"v.{e}", H * V), (f"b.{e}", H), (f"a.{e}", H)]
     return sections
+
+
+def check_kernel_sizes(mom: MoMConfig, device: torch.device) -> None:
+    """With backend "auto" a layer on a CUDA device runs the Triton kernels: refuse sizes they
+    cannot run when it is built, not at its first forward."""
+    if mom.backend == "auto" and device.type == "cuda" and \
+            resolve_backend("gated_delta_rule", "auto", suits=True) == "triton":
+        mom.check_triton_sizes("backend='auto' on a CUDA device")
 
 
 class MixtureOfMemories(MegatronModule):
@@ -110,9 +118,7 @@ class MixtureOfMemories(MegatronModule):
 
         W = mom.conv_size
         device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
-        if mom.backend == "auto" and torch.device(device).type == "cuda" and \
-                resolve_backend("auto", torch.device("cuda")) == "triton":
-            mom.check_triton_sizes("backend='auto' on a CUDA device")
+        check_kernel_sizes(mom, torch.device(device))
         new = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype,
                                                             device=device))
         self.conv_q, self.conv_k, self.conv_v = new(H * K, W), new(H * K, W), new(H * V, W)

@@ -184,3 +184,12 @@ def test_generate_flags_are_checked_before_loading(tmp_path, flags, message):
     args = dict(prompt=None, max_new_tokens=None, temperature=None, top_k=None, seed=0) | flags
     with pytest.raises(ConfigError, match=message):   # the checkpoint does not exist: flags first
         generate_command(str(tmp_path / "none"), **args)
+
+
+def test_auto_backend_on_cuda_refuses_sizes_the_kernels_cannot_run():
+    """The check the layer makes when it is built on a CUDA device (callable without one)."""
+    from megatron_mom.mixer import check_kernel_sizes
+    check_kernel_sizes(MoMConfig(head_dim=8, backend="auto"), torch.device("cpu"))   # torch runs it
+    check_kernel_sizes(MoMConfig(head_dim=64, backend="auto"), torch.device("cuda"))
+    with pytest.raises(ValueError, match="head_dim = 8 .*backend='auto' on a CUDA device"):
+        check_kernel_sizes(MoMConfig(head_dim=8, backend="auto"), torch.device("cuda"))
