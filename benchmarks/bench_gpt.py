@@ -110,6 +110,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         activation_func=torch.nn.functional.silu, normalization="RMSNorm", layernorm_epsilon=1e-6,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, **overrides,
+        hetereogenous_dist_checkpoint=kind == "hybrid",   # MoM and attention layers: own keys
         **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")
     gpt = GPTModel(config, layer_spec(kind, config, shape), vocab_size=shape["vocab"],

@@ -85,7 +85,7 @@ def test_hybrid_gpt_uses_sdpa_and_matches_unfused_attention(megatron_single):
     from megatron_mom import get_hybrid_block_spec
     from megatron_mom.attention import SDPAttention
     mom = MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=16, chunk_size=16)
-    config = _config(heads=4, groups=2)
+    config = _config(heads=4, groups=2, hetereogenous_dist_checkpoint=True)
     spec = get_hybrid_block_spec(config, "MA", mom, backend="local")
     assert spec.layer_specs[1].submodules.self_attention.submodules.core_attention is SDPAttention
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ def _config(dtype):
                              attention_dropout=0.0, normalization="RMSNorm", params_dtype=dtype,
                              bf16=dtype == torch.bfloat16, gradient_accumulation_fusion=False,
                              masked_softmax_fusion=False, bias_dropout_fusion=False,
-                             apply_rope_fusion=False, persist_layer_norm=False)
+                             apply_rope_fusion=False, persist_layer_norm=False,
+                             hetereogenous_dist_checkpoint=True)
 
 
 def test_sdpa_bf16_matches_unfused_float32(megatron_single):
