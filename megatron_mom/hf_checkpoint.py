@@ -372,7 +372,7 @@ def build_gpt(desc: GPTDescription, dtype: torch.dtype):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
     from megatron_mom import cpu
-    from megatron_mom.specs import get_hybrid_block_spec
+    from megatron_mom.specs import get_hybrid_block_spec, mixes_layer_kinds
     overrides = cpu.megatron_cpu_config_overrides()
     overrides.update(use_cpu_initialization=True, perform_initialization=False)
     config = TransformerConfig(
@@ -381,7 +381,8 @@ def build_gpt(desc: GPTDescription, dtype: torch.dtype):
         num_query_groups=desc.num_query_groups, normalization="RMSNorm",
         layernorm_epsilon=desc.norm_eps, add_bias_linear=False, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, hidden_dropout=0.0, attention_dropout=0.0,
-        init_method_std=desc.init_method_std, params_dtype=dtype, **overrides)
+        init_method_std=desc.init_method_std, params_dtype=dtype,
+        hetereogenous_dist_checkpoint=mixes_layer_kinds(desc.pattern), **overrides)
     spec = get_hybrid_block_spec(config, desc.pattern, desc.mom, backend="local")
     return GPTModel(config, spec, vocab_size=desc.vocab_size,
                     max_sequence_length=desc.max_position_embeddings,
@@ -436,7 +437,8 @@ def save_weights(state: StateDict, desc: GPTDescription, directory: Path, dtype:
     dist_checkpointing.save({"model": sharded, **(common or {})}, str(directory),
                             content_metadata=dict(MODEL_METADATA))
     dist.barrier()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:     # what megatron-mom's loader checks the folder against
+        from megatron_mom.train import checkpoint
         checkpoint.write_manifest(directory)
     dist.barrier()
 
@@ -580,7 +582,7 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
                                                                  "consumed_samples": 0},
                                            cfg, cfg.train.keep_checkpoints)
     if par.rank == 0:
-        shutil.rmtree(weights)
+        shutil.rmtree(weights, ignore_errors=True)   # a save may have swept it as a temporary
         (Path(cfg.output_dir) / checkpoint.CONFIG_FILE).write_text(dump_config(cfg))
     dist.barrier()
     launch = (f"torchrun --nproc-per-node {par.world_size} -m megatron_mom.cli.main"
@@ -650,7 +652,8 @@ def _run_config_for(hf_dir: str, out: str, config_path: Optional[str], overrides
              "model.tie_embeddings": desc.tie_embeddings,
              "model.init_method_std": desc.init_method_std,
              "train.precision": PRECISION[dtype]}
-    model.update({f"mom.{k}": v for k, v in dataclasses.asdict(desc.mom).items()})
+    from megatron_mom.config import settings_fields
+    model.update({f"mom.{f.name}": getattr(desc.mom, f.name) for f in settings_fields()})
     try:
         cfg = load_config(config_path, {**model, "output_dir": out, **overrides})
     except ConfigError as err:

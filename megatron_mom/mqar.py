@@ -202,15 +202,16 @@ def build_model(mixer: str, s: MQARSettings, device: torch.device):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
     from megatron_mom import cpu
-    from megatron_mom.specs import get_hybrid_block_spec
+    from megatron_mom.specs import get_hybrid_block_spec, mixes_layer_kinds
 
     overrides = cpu.megatron_cpu_config_overrides()
     overrides["use_cpu_initialization"] = device.type == "cpu"
+    pattern, mom = mixer_pattern_and_mom(mixer, s)
     config = TransformerConfig(
         num_layers=s.num_layers, hidden_size=s.hidden_size, ffn_hidden_size=2 * s.hidden_size,
         num_attention_heads=s.num_heads, hidden_dropout=0.0, attention_dropout=0.0,
-        normalization="RMSNorm", add_bias_linear=False, **overrides)
-    pattern, mom = mixer_pattern_and_mom(mixer, s)
+        normalization="RMSNorm", add_bias_linear=False,
+        hetereogenous_dist_checkpoint=mixes_layer_kinds(pattern), **overrides)
     spec = get_hybrid_block_spec(config, pattern, mom, backend="local")
     model = GPTModel(config, spec, vocab_size=s.vocab_size,
                      max_sequence_length=max(s.seq_lens), position_embedding_type="rope",

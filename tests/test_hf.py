@@ -281,7 +281,7 @@ def test_mom_only_models_need_no_rope_settings():
     from megatron_mom.hf import unexpressible
     assert unexpressible(_settings(rotary_base=1e6, position_embedding_type="none"),
                          _desc("MM")) == []
-    problems = unexpressible(_settings(), _desc("MM", mom=_desc().mom.replace(conv_size=0)))
+    problems = unexpressible(_settings(), _desc("MM", mom=_desc().mom.replace(conv_size=1)))
     assert "short convolutions" in problems[0]
 
 
