@@ -583,11 +583,12 @@ def state_dtype(state: StateDict) -> torch.dtype:
 
 def describe_for_log(desc: GPTDescription) -> str:
     mom = desc.mom
+    attention = (f", attention {desc.num_attention_heads} heads / {desc.num_query_groups} "
+                 f"groups" if "A" in desc.pattern else "")
     return (f"{desc.pattern} ({desc.num_layers} layers, hidden {desc.hidden_size}, ffn "
             f"{desc.ffn_hidden_size}, vocab {desc.vocab_size}, MoM {mom.num_memories} memories "
             f"top-{mom.topk}{' + shared' if mom.shared_memory else ''}, {mom.num_heads} heads x "
-            f"{mom.head_dim}, attention {desc.num_attention_heads} heads / "
-            f"{desc.num_query_groups} groups, {'tied' if desc.tie_embeddings else 'untied'} "
+            f"{mom.head_dim}{attention}, {'tied' if desc.tie_embeddings else 'untied'} "
             f"embeddings)")
 
 
