@@ -6,11 +6,29 @@ builds it as usual; the MoM layer spec carries a `MoMConfig` beside it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 BACKENDS = ("auto", "triton", "torch")
 GROUPED_PROJECTION = ("auto", "on", "off")
+# The chunk lengths every backend runs (the Triton kernels are built for these; the torch
+# path's C x C matrices would make a long chunk crawl on the CPU).
+CHUNK_SIZES = (16, 32, 64)
+# What the Triton kernels are built for (ops/gated_delta_rule/triton.py HEAD_DIMS,
+# ops/short_conv/triton.py MAX_WIDTH; tests/test_config.py keeps them equal). The torch
+# backend runs any size.
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+TRITON_MAX_CONV_SIZE = 8
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
 
 
 @dataclass(frozen=True)
@@ -23,14 +41,18 @@ class MoMConfig:
     num_heads:       H; heads are split across tensor-parallel ranks.
     head_dim:        K, the query/key size per head.
     expand_v:        V = K * expand_v, the value size per head.
-    conv_size:       width W of the causal short convolutions (0 or 1 turns them off).
+    conv_size:       width W of the causal short convolutions, >= 1 (1 mixes nothing over
+                     time: a learned per-channel scale before the SiLU; there is no "off").
     use_output_gate: gate the normalised output with silu(x W_g_out).
     norm_eps:        epsilon of the per-head output RMSNorm.
     aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
     z_loss_coeff:    router z-loss coefficient (0 disables it).
-    chunk_size:      chunk length of the chunked gated-delta-rule kernels.
+    chunk_size:      chunk length of the chunked gated-delta-rule kernels: 16, 32 or 64.
     backend:         kernels for the recurrence, short convolutions, mix and gated
                      RMSNorm: "auto" (Triton on CUDA tensors, else torch), "triton" or "torch".
+                     The Triton kernels take head_dim and value_dim in (16, 32, 64, 128,
+                     256) and conv_size <= 8 (checked here for "triton", when the layer is
+                     built on a CUDA device for "auto"); "torch" takes any.
     lean_backward:   the memory path (convolutions, L2 norms, recurrence) keeps its inputs
                      and one head's buffers for the backward, which recomputes the rest and the
                      recurrence's states one head at a time: the layer's peak memory at the
@@ -68,33 +90,52 @@ class MoMConfig:
             if not ok:
                 raise ValueError(f"MoMConfig: {msg}")
 
-        for name in ("num_memories", "topk", "num_heads", "head_dim", "chunk_size"):
+        for name in ("num_memories", "topk", "num_heads", "head_dim"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(_is_int(value) and value >= 1, f"{name} must be a positive integer, got {value!r}")
         need(self.topk <= self.num_memories,
              f"topk ({self.topk}) must be <= num_memories ({self.num_memories}); "
              f"lower topk or add memories")
-        need(isinstance(self.conv_size, int) and self.conv_size >= 0,
-             f"conv_size must be an integer >= 0 (0 or 1 disables the short convolution), "
-             f"got {self.conv_size!r}")
-        need(isinstance(self.expand_v, (int, float)) and self.expand_v > 0,
-             f"expand_v must be > 0, got {self.expand_v!r}")
+        need(_is_int(self.conv_size) and self.conv_size >= 1,
+             f"conv_size must be an integer >= 1, got {self.conv_size!r}: the short "
+             f"convolution cannot be turned off (conv_size 1 is a per-channel scale, no mixing "
+             f"over time)")
+        need(_is_int(self.chunk_size) and self.chunk_size in CHUNK_SIZES,
+             f"chunk_size must be one of {CHUNK_SIZES}, got {self.chunk_size!r}")
+        for name in ("shared_memory", "use_output_gate", "lean_backward"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be True or False, got {value!r}")
+        need(_is_finite_number(self.expand_v) and self.expand_v > 0,
+             f"expand_v must be a finite number > 0, got {self.expand_v!r}")
         v = self.head_dim * self.expand_v
         need(abs(v - round(v)) < 1e-9,
              f"head_dim * expand_v must be an integer (value head size), got {v}")
-        need(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
-        need(self.aux_loss_coeff >= 0, f"aux_loss_coeff must be >= 0, got {self.aux_loss_coeff!r}")
-        need(self.z_loss_coeff >= 0, f"z_loss_coeff must be >= 0, got {self.z_loss_coeff!r}")
-        need(self.chunk_size & (self.chunk_size - 1) == 0 and self.chunk_size >= 16,
-             f"chunk_size must be a power of two >= 16, got {self.chunk_size}")
+        need(_is_finite_number(self.norm_eps) and self.norm_eps > 0,
+             f"norm_eps must be a finite number > 0, got {self.norm_eps!r}")
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            value = getattr(self, name)
+            need(_is_finite_number(value) and value >= 0,
+                 f"{name} must be a finite number >= 0, got {value!r}")
         need(self.backend in BACKENDS,
              f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        need(isinstance(self.lean_backward, bool),
-             f"lean_backward must be True or False, got {self.lean_backward!r}")
         need(self.grouped_projection in GROUPED_PROJECTION,
              f"grouped_projection must be one of {GROUPED_PROJECTION}, "
              f"got {self.grouped_projection!r}")
+        if self.backend == "triton":
+            self.check_triton_sizes()
+
+    def check_triton_sizes(self, why: str = "backend='triton'") -> None:
+        """Raise a clear error when the Triton kernels cannot run these sizes (`why` says
+        what picked them)."""
+        for name, dim in (("head_dim", self.key_dim), ("value_dim = head_dim * expand_v",
+                                                       self.value_dim)):
+            if dim not in TRITON_HEAD_DIMS:
+                raise ValueError(f"MoMConfig: {name} = {dim} is not one the Triton kernels run "
+                                 f"({why}); use one of {TRITON_HEAD_DIMS}, or backend='torch'")
+        if self.conv_size > TRITON_MAX_CONV_SIZE:
+            raise ValueError(f"MoMConfig: conv_size = {self.conv_size} is wider than the Triton "
+                             f"kernels' {TRITON_MAX_CONV_SIZE} ({why}); use conv_size <= "
+                             f"{TRITON_MAX_CONV_SIZE}, or backend='torch'")
 
     @property
     def key_dim(self) -> int:

@@ -29,6 +29,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mom import parallel, routing
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
+from megatron_mom.ops.gated_delta_rule import resolve_backend
 from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
                                                     kvba_columns)
 from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
@@ -109,6 +110,9 @@ class MixtureOfMemories(MegatronModule):
 
         W = mom.conv_size
         device = torch.device("cpu") if config.use_cpu_initialization else torch.cuda.current_device()
+        if mom.backend == "auto" and torch.device(device).type == "cuda" and \
+                resolve_backend("auto", torch.device("cuda")) == "triton":
+            mom.check_triton_sizes("backend='auto' on a CUDA device")
         new = lambda *shape: torch.nn.Parameter(torch.empty(*shape, dtype=config.params_dtype,
                                                             device=device))
         self.conv_q, self.conv_k, self.conv_v = new(H * K, W), new(H * K, W), new(H * V, W)
@@ -164,6 +168,7 @@ class MixtureOfMemories(MegatronModule):
         `attention_mask` is not used: the mixer is causal by construction. With an
         `inference_context` (Megatron's static batching) the layer continues each sequence from
         its cached memory states and updates them (prefill of any length, then decode)."""
+        self._check_input(hidden_states)
         inference_context = inference_context or kwargs.get("inference_params")
         if inference_context is not None:
             return self._forward_inference(hidden_states, inference_context)
@@ -210,6 +215,16 @@ class MixtureOfMemories(MegatronModule):
         if cp > 1:
             z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
         return self.out_proj(z)
+
+    def _check_input(self, hidden_states: Tensor) -> None:
+        D = self.config.hidden_size
+        if not (isinstance(hidden_states, Tensor) and hidden_states.dim() == 3
+                and hidden_states.shape[0] > 0 and hidden_states.shape[1] > 0
+                and hidden_states.shape[2] == D):
+            got = (tuple(hidden_states.shape) if isinstance(hidden_states, Tensor)
+                   else type(hidden_states).__name__)
+            raise ValueError(f"MixtureOfMemories: hidden_states must be a non-empty "
+                             f"[sequence, batch, hidden_size={D}] tensor, got {got}")
 
     def _split_heads_by_cp_rank(self, proj: Tensor) -> Tensor:
         """[s, b, P] -> [s, b, cp, P / cp]: each section's heads in cp contiguous groups."""

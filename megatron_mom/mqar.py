@@ -21,12 +21,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from megatron_mom.train.config import ConfigError
+from megatron_mom.train.plot import not_drawn
 
 MIXERS = ("mom", "single", "attention")
 
@@ -74,6 +75,12 @@ PRESETS = {
                         train_steps=5000, batch_size=128, lr=1e-3, warmup_steps=100,
                         test_examples=1000, budget_minutes=4.0, max_minutes_per_model=2.0),
 }
+
+
+TINY_NOTE = ("mqar: note: the tiny preset only shows that everything runs; its models are too "
+             "small and trained too briefly to learn the task, so its accuracies are at chance "
+             "level and say nothing about the mixers. For meaningful numbers use --preset cpu "
+             "(minutes on a CPU) or --preset gpu.")
 
 
 def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
@@ -326,13 +333,16 @@ def plot(results: dict, s: MQARSettings, path: Path) -> bool:
     return True
 
 
-def _write_outputs(results: dict, s: MQARSettings, out: Path) -> str:
+def _write_outputs(results: dict, s: MQARSettings, out: Path) -> Tuple[str, str]:
+    """Writes the outputs; returns the table and what was written."""
     text = table(results, s)
     (out / "results.json").write_text(json.dumps(
         {"settings": dataclasses.asdict(s), "results": results}, indent=1))
     (out / "results.md").write_text(text + "\n")
-    plot(results, s, out / "mqar.png")
-    return text
+    png = out / "mqar.png"
+    drawn = plot(results, s, png)
+    written = f"written: {out / 'results.md'}, {out / 'results.json'}"
+    return text, (f"{written}, {png}" if drawn else f"{written}; {not_drawn(png)}")
 
 
 def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] = None,
@@ -342,6 +352,8 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
     Outputs are rewritten after every model, so a stopped run keeps what it finished."""
     from megatron_mom.train.build import init_process_groups
     s = settings_for(preset, overrides)
+    if preset == "tiny":
+        log(TINY_NOTE)
     mixers = list(mixers or MIXERS)
     for m in mixers:
         if m not in MIXERS:
@@ -370,7 +382,6 @@ def run(preset: str = "tiny", out: str = "runs/mqar", overrides: Optional[dict] 
                     log(f"    test L={L} N={N}: accuracy {acc:.3f}")
             results[mixer]["parameters"] = n_params
             _write_outputs(results, s, out_dir)
-    text = _write_outputs(results, s, out_dir)
-    log("\n" + text + f"\n\nwritten: {out_dir / 'results.md'}, {out_dir / 'mqar.png'}, "
-        f"{out_dir / 'results.json'}")
+    text, written = _write_outputs(results, s, out_dir)
+    log("\n" + text + "\n\n" + written + (f"\n{TINY_NOTE}" if preset == "tiny" else ""))
     return results

@@ -15,7 +15,6 @@ from typing import Optional
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType, LayerType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -30,6 +29,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from megatron_mom.attention import SDPAttention
 from megatron_mom.config import MoMConfig
 from megatron_mom.mixer import MixtureOfMemories, MoMSubmodules
 from megatron_mom.parallel import SequenceParallelNorm
@@ -113,7 +113,11 @@ def get_mom_layer_spec(mom: Optional[MoMConfig] = None, backend: str = "auto") -
 
 
 def get_attention_layer_spec(backend: str = "auto") -> ModuleSpec:
-    """A softmax-attention TransformerLayer that fits beside MoM layers (same norms and MLP)."""
+    """A softmax-attention TransformerLayer that fits beside MoM layers (same norms and MLP).
+
+    Its core attention is fused and memory-linear on both backends: Transformer Engine's, or
+    PyTorch SDPA (`megatron_mom.attention.SDPAttention`) on the local backend, in place of
+    Megatron's unfused `DotProductAttention`."""
     backend = resolve_spec_backend(backend)
     if backend == "te":
         te = _te()
@@ -123,7 +127,7 @@ def get_attention_layer_spec(backend: str = "auto") -> ModuleSpec:
         input_norm = IdentityOp
     else:
         attention = SelfAttentionSubmodules(
-            linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+            linear_qkv=ColumnParallelLinear, core_attention=SDPAttention,
             linear_proj=RowParallelLinear, q_layernorm=IdentityOp, k_layernorm=IdentityOp)
         input_norm = _norm(backend)
     return ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(

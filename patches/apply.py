@@ -14,6 +14,7 @@ Standard library only; exit status 0 when applied (or already applied), 1 otherw
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -43,6 +44,17 @@ def checkout_version(root: Path) -> str:
     return f"{parts['MAJOR']}.{parts['MINOR']}.{parts['PATCH']}{parts['PRE_RELEASE']}"
 
 
+def git_env(root: Path) -> dict:
+    """The environment for git at `root`: it must not find a repository above the checkout.
+    Inside another work tree, `git apply` takes paths from that tree's top level and silently
+    skips every file outside the current folder, so it would "apply" (or "revert") nothing and
+    succeed. With the ceiling at root's parent, git sees the checkout's own repository, or none
+    (then it patches plain files)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}
+    env["GIT_CEILING_DIRECTORIES"] = str(root.parent)
+    return env
+
+
 def run_apply(root: Path, patch: Path, *flags: str) -> bool:
     """`git apply` where git exists (works outside a git repo too), else `patch -p1`."""
     if shutil.which("git"):
@@ -51,7 +63,7 @@ def run_apply(root: Path, patch: Path, *flags: str) -> bool:
         flags = ["--dry-run" if f == "--check" else "-R" if f == "--reverse" else f
                  for f in flags]
         cmd = ["patch", "-p1", "--forward", "--silent", *flags, "-i", str(patch)]
-    return subprocess.run(cmd, cwd=root, capture_output=True).returncode == 0
+    return subprocess.run(cmd, cwd=root, env=git_env(root), capture_output=True).returncode == 0
 
 
 def main(argv=None) -> int:

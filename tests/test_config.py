@@ -12,16 +12,62 @@ from megatron_mom import MoMConfig
     (dict(num_memories=0), "num_memories must be a positive integer"),
     (dict(num_heads=2.5), "num_heads must be a positive integer"),
     (dict(head_dim=10, expand_v=0.35), "head_dim \\* expand_v must be an integer"),
-    (dict(expand_v=0), "expand_v must be > 0"),
+    (dict(expand_v=0), "expand_v must be a finite number > 0"),
     (dict(conv_size=-1), "conv_size must be"),
-    (dict(chunk_size=48), "chunk_size must be a power of two"),
-    (dict(aux_loss_coeff=-1.0), "aux_loss_coeff must be >= 0"),
+    (dict(conv_size=0), "conv_size must be an integer >= 1.*cannot be turned off"),
+    (dict(conv_size=True), "conv_size must be an integer >= 1"),
+    (dict(chunk_size=48), r"chunk_size must be one of \(16, 32, 64\)"),
+    (dict(chunk_size=128), r"chunk_size must be one of \(16, 32, 64\)"),
+    (dict(chunk_size=1 << 20), r"chunk_size must be one of \(16, 32, 64\)"),
+    (dict(aux_loss_coeff=-1.0), "aux_loss_coeff must be a finite number >= 0"),
+    (dict(aux_loss_coeff=float("nan")), "aux_loss_coeff must be a finite number >= 0"),
+    (dict(aux_loss_coeff=float("inf")), "aux_loss_coeff must be a finite number >= 0"),
+    (dict(z_loss_coeff=float("nan")), "z_loss_coeff must be a finite number >= 0"),
+    (dict(z_loss_coeff="0.1"), "z_loss_coeff must be a finite number >= 0"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a finite number > 0"),
+    (dict(norm_eps=float("inf")), "norm_eps must be a finite number > 0"),
+    (dict(expand_v=float("inf")), "expand_v must be a finite number > 0"),
+    (dict(shared_memory="no"), "shared_memory must be True or False, got 'no'"),
+    (dict(use_output_gate="false"), "use_output_gate must be True or False, got 'false'"),
+    (dict(lean_backward=1), "lean_backward must be True or False"),
+    (dict(backend="triton", head_dim=8), r"head_dim = 8 is not one the Triton kernels run "
+                                        r"\(backend='triton'\); use one of \(16, 32, 64, 128, 256\)"),
+    (dict(backend="triton", head_dim=16, expand_v=0.5), "value_dim = head_dim \\* expand_v = 8"),
+    (dict(backend="triton", head_dim=64, expand_v=1.5), "value_dim = head_dim \\* expand_v = 96"),
+    (dict(backend="triton", conv_size=9), "conv_size = 9 is wider than the Triton kernels' 8"),
     (dict(backend="cuda"), "backend must be one of"),
     (dict(grouped_projection=True), "grouped_projection must be one of"),
 ])
 def test_mom_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MoMConfig(**kwargs)
+
+
+def test_mom_config_accepts_what_the_torch_backend_runs():
+    # the Triton limits apply to the Triton backend only
+    MoMConfig(backend="torch", head_dim=8, expand_v=1.5, conv_size=12)
+    MoMConfig(backend="auto", head_dim=8)           # the layer checks "auto" on a CUDA device
+    MoMConfig(backend="triton", head_dim=16, expand_v=2, conv_size=8, chunk_size=16)
+
+
+def test_triton_limits_mirror_the_kernels():
+    pytest.importorskip("triton")
+    from megatron_mom import config
+    from megatron_mom.ops.gated_delta_rule import triton as gdr
+    from megatron_mom.ops.short_conv import triton as conv
+    assert config.TRITON_HEAD_DIMS == gdr.HEAD_DIMS
+    assert config.CHUNK_SIZES == gdr.CHUNK_SIZES
+    assert config.TRITON_MAX_CONV_SIZE == conv.MAX_WIDTH
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_conv_size_1_is_a_per_channel_scale(backend):
+    pytest.importorskip("triton")
+    from megatron_mom.ops.short_conv import short_conv
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 9, 8, generator=gen), torch.randn(8, 1, generator=gen)
+    y, _ = short_conv(x, w, cu_seqlens=torch.tensor([0, 4, 9]), backend=backend)
+    torch.testing.assert_close(y, torch.nn.functional.silu(x * w[:, 0]))
 
 
 def test_mom_config_is_frozen():
@@ -90,3 +136,51 @@ def test_specs_reject_bad_pattern_and_backend(megatron_single):
     if not have_te():
         with pytest.raises(ImportError, match="needs Transformer Engine"):
             get_mom_layer_spec(MoMConfig(), backend="te")
+
+
+def test_layer_rejects_bad_input_at_forward(megatron_single):
+    from test_mixer import build_layer
+    layer = build_layer(MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=8, chunk_size=16),
+                        hidden=24, dtype=torch.float32)
+    message = r"hidden_states must be a non-empty \[sequence, batch, hidden_size=24\] tensor"
+    for bad in (torch.empty(0, 2, 24), torch.empty(5, 0, 24), torch.randn(5, 24),
+                torch.randn(5, 2, 2, 24), torch.randn(5, 2, 23)):
+        with pytest.raises(ValueError, match=message):
+            layer(bad)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("train.lr=.inf", "train.lr must be a finite number, got inf"),
+    ("train.clip_grad=.nan", "train.clip_grad must be a finite number"),
+    ("train.weight_decay=inf", "train.weight_decay must be a finite number"),
+    ("generate.temperature=.nan", "generate.temperature must be a finite number"),
+    ("train.adam_beta2=1.0", "train.adam_beta2 must be >= 0 and < 1"),
+    ("train.adam_beta1=.nan", "train.adam_beta1 must be a finite number"),
+    ("model.dropout=1.5", "model.dropout must be >= 0 and < 1"),
+    ("mom.aux_loss_coeff=.nan", "mom: MoMConfig: aux_loss_coeff must be a finite number >= 0"),
+    ("mom.norm_eps=.inf", "mom: MoMConfig: norm_eps must be a finite number > 0"),
+    ("mom.conv_size=0", "mom: MoMConfig: conv_size must be an integer >= 1"),
+    ("mom.chunk_size=4096", r"mom: MoMConfig: chunk_size must be one of \(16, 32, 64\)"),
+    ("mom.shared_memory='no'", "mom.shared_memory must be a bool"),
+])
+def test_run_config_rejects_non_finite_and_out_of_range(override, message):
+    from megatron_mom.train.config import ConfigError, build_config, parse_override
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=dict([parse_override(override)]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (dict(max_new_tokens=-5), "--max-new-tokens must be >= 1, got -5"),
+    (dict(max_new_tokens=0), "--max-new-tokens must be >= 1, got 0"),
+    (dict(temperature=-1.0), "--temperature must be a finite number >= 0"),
+    (dict(temperature=float("nan")), "--temperature must be a finite number >= 0"),
+    (dict(top_k=-3), "--top-k must be >= 0"),
+])
+def test_generate_flags_are_checked_before_loading(tmp_path, flags, message):
+    # `megatron-mom generate` turns a ConfigError into its one-line error and exit code 2
+    from megatron_mom.train.config import ConfigError
+    from megatron_mom.train.generate import generate_command
+    args = dict(prompt=None, max_new_tokens=None, temperature=None, top_k=None, seed=0) | flags
+    with pytest.raises(ConfigError, match=message):   # the checkpoint does not exist: flags first
+        generate_command(str(tmp_path / "none"), **args)

@@ -48,7 +48,7 @@ def test_flags_become_a_mom_config():
      ["--mom-num-heads (6)", "--tensor-model-parallel-size (4)"]),
     (["--mom-num-heads", "4"], {"tensor_model_parallel_size": 2, "context_parallel_size": 4},
      ["--context-parallel-size"]),
-    (["--mom-chunk-size", "24"], {}, ["--mom-chunk-size must be a power of two"]),
+    (["--mom-chunk-size", "24"], {}, ["--mom-chunk-size must be one of (16, 32, 64), got 24"]),
     ([], {"num_experts": 8}, ["--num-experts is not supported"]),
 ])
 def test_bad_flags_are_refused_naming_the_flags(argv, megatron, needles):

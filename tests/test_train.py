@@ -1,9 +1,14 @@
 """The main job: config validation, training, bit-identical resume, atomic saves, sampling."""
 import json
 import os
+import pickle
+import random
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -132,7 +137,10 @@ def test_resume_gives_bit_identical_losses(straight_run, corpus, tmp_path):
     cfg = build_config(overrides=tiny_overrides(tmp_path, corpus))
     first = train(cfg, stop_after=4, show_progress=False, sample=False)
     assert first.losses == uninterrupted.losses[:4]
-    resumed = train(cfg, resume=True, show_progress=False, sample=False)
+    from megatron_mom.train.checkpoint import resume_config
+    again = resume_config(None, {"output_dir": str(tmp_path)})   # `train --resume`, no --steps
+    assert again == cfg                      # the saved config, train.steps 8 (not 300)
+    resumed = train(again, resume=True, show_progress=False, sample=False)
     assert resumed.first_step == 5
     assert resumed.losses == uninterrupted.losses[4:]    # exact float equality
     assert _losses(tmp_path / "metrics.jsonl") == _losses(out / "metrics.jsonl")
@@ -160,6 +168,7 @@ def test_crash_during_save_keeps_previous_checkpoint(megatron_single, corpus, tm
     root = tmp_path / "checkpoints"
     assert latest_checkpoint(root).name == "iter_0000004"
     assert (root / ".tmp_iter_0000008").is_dir()          # the interrupted save, never read
+    (root / ".tmp_latest.99999").write_text("iter_0000008\n")   # a pointer update cut short
     resumed = train(cfg, resume=True, show_progress=False, sample=False)
     assert resumed.first_step == 5 and len(resumed.losses) == 4
     assert latest_checkpoint(root).name == "iter_0000008"
@@ -244,8 +253,319 @@ def test_model_parallel_layouts_train(tmp_path, layout, banner):
     """Tensor (+ sequence) and pipeline parallelism through the CLI on two gloo processes."""
     done = _torchrun_train(tmp_path, *layout, "--set", "mom.num_heads=2")
     assert f"{banner} DP=1" in done.stdout
+    _resume_in_one_process_names_the_launch(tmp_path, banner)
     losses = _losses(tmp_path / "metrics.jsonl")
     assert losses[4] < losses[1] - 0.3, losses
     logged = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     aux = [r["mom_aux"] for r in logged if "mom_aux" in r]
     assert aux and all(0.009 < a < 0.02 for a in aux), aux   # coeff 0.01 x ~1, not a share
+
+
+
+def _resume_in_one_process_names_the_launch(out: Path, banner: str) -> None:
+    """A TP=2 or PP=2 checkpoint resumed by a plain one-process command: refused before
+    anything is built, with the launch that fits (and a layout change named as such)."""
+    from megatron_mom.cli.main import main
+    tp_pp = banner.split()                                      # ["TP=2", "PP=1"]
+    err = _cli_error(main, ["train", "--resume", "--output-dir", str(out)])
+    assert f"saved with {' '.join(tp_pp)}, which 1 process(es) cannot hold" in err, err
+    assert "torchrun --nproc-per-node 2 -m megatron_mom.cli.main train --resume" in err, err
+    err = _cli_error(main, ["train", "--resume", "--output-dir", str(out), "--tp", "1",
+                            "--pp", "1"])
+    key = "tensor" if tp_pp[0] == "TP=2" else "pipeline"
+    assert f"parallel.{key}_model_parallel_size: checkpoint 2, this run 1" in err, err
+
+
+def _cli_error(main, argv) -> str:
+    """Run the CLI in this process; it must refuse (exit status 2) before building anything."""
+    import io
+    from contextlib import redirect_stderr
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        status = main(argv)
+    assert status == 2, stderr.getvalue()
+    return stderr.getvalue()
+
+
+def _tiny_cli_args(out: Path, corpus: Path, **extra) -> list:
+    overrides = tiny_overrides(out, corpus, **extra)
+    return ["--no-progress"] + [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+
+
+# ------------------------------------------------------------------------- run directories
+def test_cli_refuses_binary_yaml_and_unusable_output_dirs(tmp_path, corpus):
+    from megatron_mom.cli.main import main
+    binary = tmp_path / "config.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    err = _cli_error(main, ["train", "--config", str(binary)])
+    assert f"{binary}: not a YAML text file" in err, err
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for out in (a_file, a_file / "run"):
+        err = _cli_error(main, ["train", *_tiny_cli_args(out, corpus, **{"train.steps": 1})])
+        assert f"output_dir {str(out)!r} cannot be created" in err, err
+        assert "--output-dir" in err
+
+
+@pytest.mark.slow
+def test_new_run_into_an_existing_run_needs_resume_or_overwrite(straight_run, corpus, tmp_path):
+    from megatron_mom.cli.main import main
+    from megatron_mom.train import train
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    metrics = (out / "metrics.jsonl").read_text()
+    args = _tiny_cli_args(out, corpus, **{"train.steps": 1, "train.eval_interval": 0})
+    err = _cli_error(main, ["train", *args])
+    assert f"output_dir {str(out)!r} already holds a run" in err, err
+    assert "continue it with --resume, replace it with --overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == metrics             # nothing touched
+    assert (out / "checkpoints" / "latest").read_text() == "iter_0000008\n"
+    err = _cli_error(main, ["train", "--resume", "--overwrite", *args])
+    assert "give one of them" in err
+    cfg = build_config(overrides=tiny_overrides(out, corpus, **{"train.steps": 1,
+                                                                "train.eval_interval": 0}))
+    train(cfg, overwrite=True, show_progress=False, sample=False)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter_0000001", "latest"]
+    assert list(_losses(out / "metrics.jsonl")) == [1]
+
+
+def _readme_train_commands() -> list:
+    """(number of processes, CLI arguments) of every `train` command in the README."""
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    blocks = text.split("```")[1::2]                       # the fenced code blocks
+    commands = []
+    for line in (x for block in blocks if block.startswith("bash") for x in block.splitlines()):
+        for part in line.split("#")[0].split("&&"):
+            words = shlex.split(part)
+            if "train" not in words or not words:
+                continue
+            if words[0].endswith("megatron-mom"):
+                commands.append((1, words[1:]))
+            elif "megatron_mom.cli.main" in words:
+                assert words[0] == ".venv/bin/torchrun", part      # the venv's, not the PATH's
+                procs = int(words[words.index("--nproc-per-node") + 1])
+                commands.append((procs, words[words.index("megatron_mom.cli.main") + 1:]))
+    return commands
+
+
+def test_readme_train_commands_work_as_written(tmp_path, monkeypatch):
+    """Each README `train` line gets through config validation and the batch layout of its
+    process count, and no two new runs share an output directory (the second would be
+    refused)."""
+    from megatron_mom.cli.main import main
+    from megatron_mom.train import loop
+    commands = _readme_train_commands()
+    assert len(commands) == 4 and max(n for n, _ in commands) == 8
+    monkeypatch.chdir(tmp_path)                  # no runs/ here: --resume finds no checkpoint
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    seen = []
+
+    def check_layout(cfg, **kwargs):
+        p = cfg.parallel
+        tp_pp = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+        assert procs % tp_pp == 0
+        loop._batch_layout(cfg, SimpleNamespace(dp=procs // tp_pp, dp_rank=0))
+        seen.append((cfg.output_dir, kwargs["resume"]))
+        return loop.TrainResult(output_dir=Path(cfg.output_dir), losses=[], first_step=1)
+
+    monkeypatch.setattr(loop, "train", check_layout)
+    for procs, argv in commands:
+        assert main(argv) == 0, argv
+    new_runs = [out for out, resume in seen if not resume]
+    assert len(new_runs) == len(set(new_runs)), seen
+
+
+@pytest.mark.slow
+def test_torchrun_config_error_is_printed_once(tmp_path):
+    """Every rank fails the same validation; only rank 0 prints it."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m",
+            "megatron_mom.cli.main", "train", "--no-progress", "--output-dir",
+            str(tmp_path / "run"), "--set", "train.global_batch_size=8"]   # micro 8 x DP 2
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode != 0
+    message = "megatron-mom train: error: train.global_batch_size (8) must be a multiple"
+    assert done.stderr.count(message) == 1, done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------- checkpoint trust
+class _RunsCode:
+    """Unpickling this creates the file `marker`: it stands for any code a pickle can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.slow
+def test_resume_never_runs_code_stored_in_a_checkpoint(megatron_single, corpus, tmp_path,
+                                                       monkeypatch):
+    """An object planted among the saved RNG states (read back from the shard files) is
+    refused on resume, and its code never runs."""
+    from megatron_mom.train import checkpoint, train
+    marker = tmp_path / "code-ran"
+    real_rng_state = checkpoint.rng_state
+    monkeypatch.setattr(checkpoint, "rng_state",
+                        lambda: {**real_rng_state(), "planted": _RunsCode(marker)})
+    cfg = build_config(overrides=tiny_overrides(
+        tmp_path / "run", corpus, **{"train.steps": 2, "train.save_interval": 2,
+                                     "train.eval_interval": 0}))
+    train(cfg, show_progress=False, sample=False)
+    monkeypatch.setattr(checkpoint, "rng_state", real_rng_state)
+    assert not marker.exists()
+    with pytest.raises(Exception) as err:
+        train(cfg, resume=True, show_progress=False, sample=False)
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert "refused to unpickle it" in str(err.value) and "rng" in str(err.value)
+
+
+def _plant_in_metadata(folder: Path, planted) -> None:
+    with open(folder / ".metadata", "rb") as f:
+        metadata = pickle.load(f)           # our own file, written by the straight run
+    metadata.planted = planted
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def _plant_in_common(folder: Path, planted) -> None:
+    import torch
+    common = torch.load(folder / "common.pt", weights_only=True)
+    common["planted"] = planted
+    torch.save(common, folder / "common.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant, refusal", [
+    (_plant_in_metadata, "is not a checkpoint-metadata class"),
+    (_plant_in_common, "refused to unpickle it")])
+def test_loading_never_runs_code_from_checkpoint_files(straight_run, tmp_path, monkeypatch,
+                                                       plant, refusal):
+    """Pickled code in torch's `.metadata` (read with a plain pickle.load by torch) or in
+    `common.pt` (even with TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1) is refused, not run; the
+    manifest is updated as an attacker would, so that the refusal is the unpickler's."""
+    from megatron_mom.train.generate import generate_command
+    folder = tmp_path / "iter_0000008"
+    shutil.copytree(straight_run[0] / "checkpoints" / "iter_0000008", folder)
+    marker = tmp_path / "code-ran"
+    plant(folder, _RunsCode(marker))
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        sizes = json.loads(manifest.read_text())
+        sizes.update({name: (folder / name).stat().st_size for name in sizes})
+        manifest.write_text(json.dumps(sizes))
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception) as err:
+        generate_command(str(folder), "The", 2, 0.0, 0, seed=0)
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert refusal in str(err.value), str(err.value)[:2000]
+
+
+def _truncate(folder: Path, name: str, keep_manifest: bool) -> None:
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[: len(data) // 2])
+    if not keep_manifest and (folder / "manifest.json").exists():
+        sizes = json.loads((folder / "manifest.json").read_text())
+        sizes[name] = len(data) // 2
+        (folder / "manifest.json").write_text(json.dumps(sizes))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: _truncate(f, "__0_0.distcp", True), "file __0_0.distcp has"),
+    (lambda f: _truncate(f, "__0_0.distcp", False), "reading the checkpoint failed (EOFError"),
+    (lambda f: _truncate(f, ".metadata", False), "pickle data was truncated"),
+    (lambda f: _truncate(f, "common.pt", False), "common.pt is damaged or truncated"),
+    (lambda f: (f / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda f: (f / "config.yaml").write_bytes(bytes(range(256))),
+     "config.yaml: not a YAML text file"),
+    (lambda f: (f.parent / "latest").write_bytes(b"\xff\x00../x"), "not a checkpoint folder"),
+])
+def test_damaged_checkpoints_give_clear_errors(straight_run, tmp_path, damage, message):
+    from megatron_mom.train.generate import generate_command
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[0] / "checkpoints", run / "checkpoints")
+    damage(run / "checkpoints" / "iter_0000008")
+    with pytest.raises((ConfigError, RuntimeError)) as err:
+        generate_command(str(run), "The", 2, 0.0, 0, seed=0)
+    assert message in str(err.value), str(err.value)[:2000]
+    assert type(err.value).__name__ in ("ConfigError", "CheckpointError")
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tmp_path):
+    from megatron_mom.cli.main import main
+    out = tmp_path / "run"
+    shutil.copytree(straight_run[0], out)
+    metrics = (out / "metrics.jsonl").read_text()
+    err = _cli_error(main, ["train", "--output-dir", str(out), "--resume", "--steps", "10",
+                            "--set", "mom.shared_memory=false", "--set", "model.num_layers=1",
+                            "--set", "model.pattern=M"])
+    assert "mom.shared_memory: checkpoint True, this run False" in err, err
+    assert "model.num_layers: checkpoint 2, this run 1" in err
+    assert "model.pattern: checkpoint 'MA', this run 'M'" in err
+    assert "train.steps" not in err.split("may change only")[0]      # steps may change
+    assert (out / "metrics.jsonl").read_text() == metrics
+    # Training-only keys may change; the saved train.steps stays unless given.
+    from megatron_mom.train.checkpoint import check_resume, resume_config, saved_config
+    found = out / "checkpoints" / "iter_0000008"
+    longer = resume_config(None, {"output_dir": str(out), "train.steps": 12,
+                                  "train.log_interval": 3, "mom.backend": "torch"})
+    check_resume(found, longer, world_size=1)
+    config_file = tmp_path / "other.yaml"
+    config_file.write_text(yaml.safe_dump(saved_config(found).to_dict()).replace(
+        "steps: 8", "steps: 300"))
+    assert resume_config(str(config_file), {"output_dir": str(out)}).train.steps == 8
+    with pytest.raises(ConfigError, match="train.lr: checkpoint 0.005, this run 0.001"):
+        check_resume(found, resume_config(None, {"output_dir": str(out), "train.lr": 1e-3}), 1)
+
+
+# ------------------------------------------------------------------------- fault injection
+def _fault_run(out: Path, settings: dict, kill_at: int, *flags) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
+    args = [sys.executable, str(ROOT / "tests" / "checkpoint_fault_run.py"),
+            json.dumps({**settings, "output_dir": str(out)}), str(kill_at), *flags]
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600,
+                          start_new_session=True)     # its own process group, for the kill
+
+
+@pytest.mark.slow
+def test_runs_killed_during_saves_resume_bit_identically(corpus, tmp_path):
+    """SIGKILL at seeded random file-system calls inside saves (tests/checkpoint_fault_run.py),
+    three times in a row on one run directory, each time continuing with --resume (or
+    --overwrite when no checkpoint was complete yet); the losses of all steps then equal an
+    uninterrupted run's, float for float, and no temporary file is left."""
+    from megatron_mom.train.checkpoint import latest_checkpoint
+    settings = tiny_overrides(tmp_path, corpus, **{"train.steps": 6, "train.save_interval": 2,
+                                                   "train.log_interval": 2,
+                                                   "train.eval_interval": 0})
+    reference = _fault_run(tmp_path / "reference", settings, -1)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    calls = json.loads(reference.stdout.strip().splitlines()[-1])["save_calls"]
+    assert sorted(calls) == ["2", "4", "6"] and min(calls.values()) > 10, calls
+    out, rng, flags, kills = tmp_path / "killed", random.Random(2024), [], []
+    for _ in range(3):
+        found = latest_checkpoint(out / "checkpoints") if out.exists() else None
+        next_save = str((int(found.name[5:]) if found else 0) + 2)
+        if next_save not in calls:
+            break                                   # killed after its last save was complete
+        kill_at = rng.randrange(calls[next_save])   # inside this run's first save
+        done = _fault_run(out, settings, kill_at, *flags)
+        assert done.returncode == -9, done.stderr[-3000:]
+        kills.append((next_save, kill_at))
+        resumable = latest_checkpoint(out / "checkpoints") is not None
+        flags = ["--resume"] if resumable else ["--overwrite"]
+    assert len(kills) >= 2, kills
+    done = _fault_run(out, settings, -1, *flags)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _losses(out / "metrics.jsonl") == _losses(tmp_path / "reference" / "metrics.jsonl"), \
+        kills
+    assert len(_losses(out / "metrics.jsonl")) == 6
+    assert latest_checkpoint(out / "checkpoints").name == "iter_0000006"
+    assert not list((out / "checkpoints").glob(".tmp_*")), kills

@@ -3,24 +3,40 @@
     megatron-mom train [--config FILE] [--resume] [--steps N] [--set key=value ...]
     torchrun --nproc-per-node 4 -m megatron_mom.cli.main train --tp 2 --pp 2 ...
     megatron-mom generate --checkpoint runs/tiny_hybrid --prompt "Return the"
-    megatron-mom mqar [--preset tiny|gpu] [--out runs/mqar]
+    megatron-mom mqar [--preset tiny|cpu|gpu] [--out runs/mqar]
     megatron-mom export --checkpoint runs/tiny_hybrid --out hf/tiny_hybrid
     megatron-mom import --hf hf/tiny_hybrid --out runs/imported [--tp 2 --pp 2 under torchrun]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
+
+# Megatron-Core's notices at import and configuration time that a megatron-mom command does
+# not act on (it runs without Transformer Engine and Apex by design, and sets no CUDA-graph
+# scope): silenced for the command only, not for programs that import megatron_mom.
+QUIET_WARNINGS = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"full scope is deprecated",
+)
 
 
 def _train_parser(sub):
     p = sub.add_parser("train", help="train a MoM hybrid GPT (the embedded tiny hybrid by "
                                      "default)")
-    p.add_argument("--config", help="YAML run config (default: the embedded tiny hybrid, "
-                                    "written out in examples/configs/tiny_hybrid.yaml)")
+    p.add_argument("--config", help="YAML run config with the keys to change (default: the "
+                                    "embedded tiny hybrid, written out with comments in the "
+                                    "source tree's examples/configs/tiny_hybrid.yaml; every "
+                                    "checkpoint holds its run's full config.yaml)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in the output directory")
+                   help="continue from the newest checkpoint in the output directory (with "
+                        "its config; train.steps stays the saved run's unless --steps)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the output directory (refused without it)")
     p.add_argument("--steps", type=int, help="train.steps")
     p.add_argument("--output-dir", help="where checkpoints, metrics.jsonl and loss.png go")
     p.add_argument("--tp", type=int, help="parallel.tensor_model_parallel_size")
@@ -54,7 +70,10 @@ def _generate_parser(sub):
 def _mqar_parser(sub):
     p = sub.add_parser("mqar", help="multi-query associative recall: MoM vs one memory vs "
                                     "attention")
-    p.add_argument("--preset", default="tiny", help="tiny (CPU, minutes) or gpu")
+    p.add_argument("--preset", default="tiny",
+                   help="tiny (default; seconds on a CPU: shows that it runs, its accuracies "
+                        "are at chance level), cpu (a few minutes on a CPU) or gpu (about 5 "
+                        "minutes on one GPU)")
     p.add_argument("--out", default="runs/mqar", help="output folder (table, plot, json)")
     p.add_argument("--mixers", help="comma-separated subset of: mom,single,attention")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -106,10 +125,12 @@ def _overrides(args) -> dict:
 
 def _run_train(args) -> int:
     from megatron_mom.train import load_config
+    from megatron_mom.train.checkpoint import resume_config
     from megatron_mom.train.loop import train
-    cfg = load_config(args.config, _overrides(args))
+    overrides = _overrides(args)
+    cfg = (resume_config if args.resume else load_config)(args.config, overrides)
     result = train(cfg, resume=args.resume, stop_after=args.stop_after,
-                   show_progress=not args.no_progress)
+                   show_progress=not args.no_progress, overwrite=args.overwrite)
     if result.losses and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: loss {result.losses[0]:.3f} (step {result.first_step}) -> "
               f"{result.losses[-1]:.3f} (step {result.first_step + len(result.losses) - 1}); "
@@ -168,13 +189,25 @@ def main(argv=None) -> int:
     run = {"train": _run_train, "generate": _run_generate, "mqar": _run_mqar,
            "export": _run_export, "import": _run_import}[args.command]
     from megatron_mom.train.config import ConfigError
+    from megatron_mom.train.safe_load import CheckpointError
     try:
-        return run(args)
-    except (ConfigError, FileNotFoundError, _conversion_error()) as err:
-        print(f"megatron-mom {args.command}: error: {err}", file=sys.stderr)
+        with _quiet_megatron_warnings():
+            return run(args)
+    except (ConfigError, CheckpointError, FileNotFoundError, _conversion_error()) as err:
+        # A config error arises alike on every rank (torchrun): rank 0 reports it once.
+        if not isinstance(err, ConfigError) or int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron-mom {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
         _shutdown()
+
+
+@contextlib.contextmanager
+def _quiet_megatron_warnings():
+    with warnings.catch_warnings():
+        for message in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        yield
 
 
 def _conversion_error():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -125,6 +126,7 @@ NON_NEGATIVE = {"model.dropout", "model.init_method_std", "train.lr", "train.min
                 "train.warmup_steps", "train.weight_decay", "train.clip_grad",
                 "train.eval_interval", "train.save_interval", "train.seed",
                 "generate.temperature", "generate.top_k"}
+UNIT_INTERVAL = {"model.dropout", "train.adam_beta1", "train.adam_beta2"}
 
 
 def _type_ok(value: Any, default: Any) -> bool:
@@ -182,12 +184,18 @@ def _check_values(cfg: RunConfig) -> None:
     for key, allowed in CHOICES.items():
         if value(key) not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value(key)!r}")
+    for key in sorted(POSITIVE | NON_NEGATIVE | UNIT_INTERVAL):
+        if isinstance(value(key), float) and not math.isfinite(value(key)):  # NaN passes < 0
+            raise ConfigError(f"{key} must be a finite number, got {value(key)!r}")
     for key in POSITIVE:
         if value(key) <= 0:
             raise ConfigError(f"{key} must be > 0, got {value(key)!r}")
     for key in NON_NEGATIVE:
         if value(key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {value(key)!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= value(key) < 1:
+            raise ConfigError(f"{key} must be >= 0 and < 1, got {value(key)!r}")
     m, t = cfg.model, cfg.train
     if len(m.pattern) != m.num_layers or set(m.pattern) - {"M", "A"}:
         raise ConfigError(f"model.pattern {m.pattern!r} must have one symbol per layer "
@@ -258,15 +266,26 @@ def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) ->
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass a YAML file such "
                               f"as examples/configs/tiny_hybrid.yaml or omit --config")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        data = read_yaml(p)
     try:
         return build_config(data, overrides)
     except ConfigError as err:
         where = f"{path}: " if path else ""
         raise ConfigError(f"{where}{err}") from None
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed content of a YAML file ({} when empty); ConfigError for binary or
+    malformed files."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8: "
+                          f"binary or damaged)") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

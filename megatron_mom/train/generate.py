@@ -10,13 +10,14 @@ Two ways to run the model, chosen by `decode`:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from megatron_mom.train import build, checkpoint
-from megatron_mom.train.config import build_config, RunConfig
+from megatron_mom.train.config import ConfigError, build_config, RunConfig
 
 
 @torch.no_grad()
@@ -91,9 +92,8 @@ def decode(tokenizer, ids) -> str:
 def load_for_generation(checkpoint_path: str):
     """(GPTModel with the checkpoint's weights, its RunConfig), built at TP = PP = 1 in this
     process whatever the run's layout (dist_checkpointing reshards)."""
-    import yaml
     path = checkpoint.resolve_checkpoint(checkpoint_path)
-    saved = yaml.safe_load((path / checkpoint.CONFIG_FILE).read_text())
+    saved = checkpoint.saved_config(path).to_dict()
     cfg = build_config(saved, {"parallel.tensor_model_parallel_size": 1,
                                "parallel.pipeline_model_parallel_size": 1,
                                "parallel.sequence_parallel": False,
@@ -104,9 +104,23 @@ def load_for_generation(checkpoint_path: str):
     return gpt, cfg, path
 
 
+def check_sampling(max_new_tokens: Optional[int], temperature: Optional[float],
+                   top_k: Optional[int]) -> None:
+    """Refuse sampling settings that make no sense (None: the run's own setting, checked with
+    its config), naming the `generate` flag."""
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature is not None and not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got "
+                          f"{temperature}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: all tokens), got {top_k}")
+
+
 def generate_command(checkpoint_path: str, prompt: Optional[str], max_new_tokens: Optional[int],
                      temperature: Optional[float], top_k: Optional[int], seed: int,
                      decode_mode: Optional[str] = None) -> str:
+    check_sampling(max_new_tokens, temperature, top_k)
     gpt, cfg, path = load_for_generation(checkpoint_path)
     g = cfg.generate
     pick = lambda given, default: default if given is None else given

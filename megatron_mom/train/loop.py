@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -180,6 +182,12 @@ class _MetricsFile:
                 f.write(json.dumps(record) + "\n")
 
 
+def _is_terminal() -> bool:
+    """Whether stdout is a terminal: the bar's carriage-return updates would clutter a log
+    file (the log lines every train.log_interval steps report progress there)."""
+    return sys.stdout.isatty()
+
+
 def _say(par, text: str, bar=None) -> None:
     if not par.is_logger:
         return
@@ -218,7 +226,7 @@ class _Run:
         self.say(_banner(self.cfg, self.par, self.trainables, self.layout))
         self.bar = tqdm(total=self.cfg.train.steps, initial=self.start, desc="train",
                         unit="step", dynamic_ncols=True, file=sys.stdout,
-                        disable=not (self.par.is_logger and show_progress))
+                        disable=not (self.par.is_logger and show_progress and _is_terminal()))
         self.last_log, self.last_log_step = time.time(), self.start
 
     def step_done(self, step: int, loss: float) -> None:
@@ -247,30 +255,86 @@ class _Run:
     def save(self, step: int, train_state: dict) -> Path:
         path = checkpoint.save_checkpoint(self.ckpt_root, step, self.trainables, train_state,
                                           self.cfg, self.cfg.train.keep_checkpoints)
+        png = self.out / "loss.png"
         if self.par.is_logger:
-            plot.loss_curve(self.out / "metrics.jsonl", self.out / "loss.png")
-        self.say(f"saved {path} and {self.out / 'loss.png'}")
+            drawn = plot.loss_curve(self.out / "metrics.jsonl", png)
+            self.say(f"saved {path} and {png}" if drawn else
+                     f"saved {path}; {plot.not_drawn(png)}")
         self.last_log = time.time()  # saving is not training time
         return path
 
 
-def _set_up(cfg: RunConfig) -> _Run:
+def _set_up(cfg: RunConfig, overwrite: bool) -> _Run:
     out = Path(cfg.output_dir)
     par = build.init_parallel(cfg)
+    layout = _batch_layout(cfg, par)
     if par.is_logger:
+        if overwrite:
+            _remove_run(out)
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_temporaries(out / "checkpoints")
+    dist.barrier()
     torch.manual_seed(cfg.train.seed)
     trainables = build.build_trainables(cfg, par)
-    layout = _batch_layout(cfg, par)
     train_set, valid_set = _prepare_data(cfg, par, out, layout)
     return _Run(cfg, par, trainables, layout, train_set, valid_set, out)
 
 
-def _resume(run: _Run) -> dict:
-    found = checkpoint.latest_checkpoint(run.ckpt_root)
-    if found is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run.ckpt_root}; train without "
-                                f"--resume first")
+RUN_FILES = ("checkpoints", "metrics.jsonl", "loss.png")   # what a run writes (data/ is a cache)
+
+
+def _existing_run(out: Path) -> list:
+    """The files of an earlier run in `out` that a new run would overwrite."""
+    ckpt = out / "checkpoints"
+    found = [p for p in (ckpt / checkpoint.LATEST, out / "metrics.jsonl") if p.exists()]
+    return found + (sorted(ckpt.glob("iter_*")) if ckpt.is_dir() else [])
+
+
+def _remove_run(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _check_output_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Optional[Path]:
+    """Before anything is built: the output directory is usable, a new run does not silently
+    replace an old one, and a resumed run matches its checkpoint. Returns the checkpoint to
+    resume from."""
+    out = Path(cfg.output_dir)
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in the output directory and --overwrite "
+                          "replaces it: give one of them")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"output_dir {str(out)!r} cannot be created ({err.strerror}); pass "
+                          f"a writable directory with --output-dir") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {str(out)!r} is not writable; pass a writable "
+                          f"directory with --output-dir")
+    if resume:
+        found = checkpoint.latest_checkpoint(out / "checkpoints")
+        if found is None:
+            raise ConfigError(f"--resume: no checkpoint in {out / 'checkpoints'}; train "
+                              f"without --resume first (add --overwrite to replace what is "
+                              f"in {out})")
+        world = dist.get_world_size() if dist.is_initialized() else \
+            int(os.environ.get("WORLD_SIZE", "1"))
+        checkpoint.check_resume(found, cfg, world)
+        return found
+    existing = _existing_run(out)
+    if existing and not overwrite:
+        raise ConfigError(f"output_dir {str(out)!r} already holds a run "
+                          f"({', '.join(str(p.relative_to(out)) for p in existing[:3])}); "
+                          f"continue it with --resume, replace it with --overwrite, or pass "
+                          f"another --output-dir")
+    return None
+
+
+def _resume(run: _Run, found: Path) -> dict:
     train_state = checkpoint.load_checkpoint(found, run.trainables)
     run.say(f"resumed from {found} (step {train_state['iteration']})")
     return train_state
@@ -281,12 +345,16 @@ def _due(step: int, interval: int, end: int) -> bool:
 
 
 def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None,
-          show_progress: bool = True, sample: bool = True) -> TrainResult:
+          show_progress: bool = True, sample: bool = True,
+          overwrite: bool = False) -> TrainResult:
     """Train per `cfg`. `resume`: continue from the newest checkpoint in the output
-    directory. `stop_after`: end (with a checkpoint) after this many steps in total, as if the
-    job had been stopped there; the schedule still follows `train.steps`."""
-    run = _set_up(cfg)
-    train_state = _resume(run) if resume else {"iteration": 0, "consumed_samples": 0}
+    directory (its config.yaml must agree with `cfg`, see checkpoint.MAY_CHANGE_ON_RESUME).
+    `overwrite`: replace an earlier run in the output directory (refused without it).
+    `stop_after`: end (with a checkpoint) after this many steps in total, as if the job had
+    been stopped there; the schedule still follows `train.steps`."""
+    found = _check_output_dir(cfg, resume, overwrite)
+    run = _set_up(cfg, overwrite)
+    train_state = _resume(run, found) if resume else {"iteration": 0, "consumed_samples": 0}
     run.start = train_state["iteration"]
     end = min(cfg.train.steps, stop_after if stop_after is not None else cfg.train.steps)
     _clear_router_stats()
@@ -294,6 +362,9 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
     iterator = data.micro_batches(run.train_set, run.layout, train_state["consumed_samples"],
                                   run.par.device)
     result = TrainResult(output_dir=run.out, losses=[], first_step=run.start + 1)
+    if run.start >= end:
+        run.say(f"nothing to train: the checkpoint is at step {run.start} and train.steps is "
+                f"{cfg.train.steps}; pass --steps N (N > {run.start}) to train on")
     for step in range(run.start + 1, end + 1):
         loss = train_step(run.trainables, iterator, cfg, run.layout.num_microbatches, run.par)
         if not math.isfinite(loss):

@@ -31,6 +31,12 @@ def _smooth(values, window: int):
     return out
 
 
+def not_drawn(png_path: Path) -> str:
+    """What to tell the user instead of a plot's path when matplotlib is missing."""
+    return (f"{png_path.name} not drawn: matplotlib is not installed (pip install matplotlib, "
+            f"or pip install 'megatron-mom[plot]')")
+
+
 def loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> bool:
     """Draw the curve; returns False (and draws nothing) without matplotlib."""
     try:

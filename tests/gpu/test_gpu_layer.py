@@ -164,3 +164,24 @@ def test_layer_training_step_cuda_graph(lean):
     from graph_capture import run_script
     run = run_script(_LAYER_CAPTURE.replace("LEAN", str(lean)), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_auto_backend_on_cuda_refuses_sizes_triton_cannot_run(megatron_single):
+    from megatron_mom import MoMConfig
+    with pytest.raises(ValueError, match="head_dim = 8 is not one the Triton kernels run "
+                                         "\\(backend='auto' on a CUDA device\\)"):
+        build(MoMConfig(num_heads=2, head_dim=8), 64, torch.float32)
+    build(MoMConfig(num_heads=2, head_dim=8, backend="torch"), 64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_one_batch_row_leaves_the_other_finite(megatron_single, dtype):
+    from megatron_mom import MoMConfig
+    layer = build(MoMConfig(num_heads=2, head_dim=64, backend="triton"), 256, dtype)
+    x = torch.randn(300, 2, 256, device="cuda", dtype=dtype)
+    x[299, 0, 0] = float("nan")
+    x.requires_grad_(True)
+    out, _ = layer(x)
+    assert torch.isfinite(out[:, 1]).all() and not torch.isfinite(out[299, 0]).all()
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad[:, 1]).all()

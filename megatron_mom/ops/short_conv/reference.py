@@ -43,8 +43,8 @@ def short_conv_reference(
         """x_{t-d} for every packed token t, taken from history where it precedes the sequence."""
         shifted = F.pad(flat, (0, 0, d, 0))[: B * T] if d else flat
         inside = (pos >= d)[:, None]
-        if init is None:
-            return shifted * inside
+        if init is None:  # a select, not a product: 0 * NaN would carry NaN across the boundary
+            return torch.where(inside, shifted, 0.0)
         hist = init[seq, :, (W - 1 + pos - d).clamp(min=0, max=max(W - 2, 0))]
         return torch.where(inside, shifted, hist)
 

@@ -195,7 +195,8 @@ def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N,
         dxs = tl.zeros([BT, BC], dtype=tl.float32)
         for d in tl.static_range(1, W):
             ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
-            dxs += ahead * tl.where(pos + d < length, w_taps[W - 1 - d], 0.0)  # same sequence only
+            # same sequence only, by a select: 0 * a NaN of the next sequence would be NaN
+            dxs += tl.where(pos + d < length, ahead * w_taps[W - 1 - d], 0.0)
         dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
         tl.store(dx + tok.to(tl.int64) * DX_STRIDE + cols, dxs.to(dx.dtype.element_ty),
                  mask=(tok < TT) & (rows < OUT) & cmask)
@@ -240,7 +241,9 @@ def _conv_init_grad_kernel(x, x_row, weight, init, dy, dinit, cu_seqlens, N, STE
         shift = pos - (j - (W - 1))                                  # tap index e = t - p
         w_e = tl.load(weight + cols * W + (W - 1 - shift),
                       mask=tmask & (shift <= W - 1) & cmask, other=0.0).to(tl.float32)
-        tl.store(out + j, tl.sum(w_e * dz, axis=0), mask=tl.reshape(cmask, [BC]))
+        feeds = tmask & (shift <= W - 1)                             # z_pos reads slot j
+        tl.store(out + j, tl.sum(tl.where(feeds, w_e * dz, 0.0), axis=0),
+                 mask=tl.reshape(cmask, [BC]))
 
 
 @triton.jit(do_not_specialize=["N", "x_stride"])

@@ -1,0 +1,327 @@
+"""End-to-end training step: a MoM GPT against the attention GPT it replaces (Megatron-Core).
+
+One full step per iteration: GPTModel forward + backward, Megatron DDP gradient finalisation and
+the Megatron optimizer (Adam, bf16 params with fp32 main weights). For each model kind and
+sequence length at a fixed number of tokens per step it reports ms/step, tokens/s, the ratio
+to the attention GPT, peak memory, and the step's GPU time split by kernel kind from the torch
+profiler (recurrence, convolution, GEMM, attention, elementwise/other, optimizer, host gap).
+
+Kinds:  attention  the same GPT with softmax attention (TE's when Transformer Engine imports,
+                   else PyTorch SDPA: megatron_mom.attention.SDPAttention)
+        mom        every layer MoM (paper: M=4, top-2, shared memory, 4 heads x 256)
+        hybrid     MoM with an attention layer after every 7 MoM layers ("MMMMMMMA" * 3)
+        mom1       one memory, no routing (M=1, top-1, no shared): the gated-DeltaNet equivalent
+        mom-lean   `mom` with lean_backward=True
+
+    python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
+    python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)
+Writes bench_gpt.json and bench_gpt.md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SHAPES = {  # layers, hidden, ffn (SwiGLU), attention heads, vocab; MoM heads x head_dim
+    "380m": dict(layers=24, hidden=1024, ffn=2048, heads=16, vocab=32768, mom_heads=4, head_dim=256),
+    "1.3b": dict(layers=24, hidden=2048, ffn=5632, heads=32, vocab=32768, mom_heads=4, head_dim=256),
+    "tiny": dict(layers=2, hidden=64, ffn=128, heads=4, vocab=256, mom_heads=2, head_dim=16),
+}
+KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean")
+HYBRID_PERIOD = "MMMMMMMA"
+
+# Kernel-name fragments of each kind, matched in this order (first match wins).
+KERNEL_KINDS = (
+    ("recurrence", ("state_fwd", "state_bwd", "chunk_bwd", "prepare_kernel", "chunk_fwd",
+                    "recurrent", "l2norm")),
+    ("convolution", ("_conv_", "conv_l2norm", "short_conv")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated", "softmax")),
+    ("optimizer", ("multi_tensor", "adam", "foreach", "l2norm_kernel", "clip")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "grouped_mm", "sm90_", "matmul",
+              "splitk")),
+    ("communication", ("nccl",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KERNEL_KINDS:
+        if any(k in low for k in keys):
+            return kind
+    return "elementwise"
+
+
+def mom_config(kind: str, shape: dict):
+    from megatron_mom import MoMConfig
+    mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=shape["mom_heads"],
+                    head_dim=shape["head_dim"], chunk_size=16 if shape["head_dim"] < 64 else 64,
+                    lean_backward=kind == "mom-lean")
+    if kind == "mom1":
+        mom = mom.replace(num_memories=1, topk=1, shared_memory=False)
+    return mom
+
+
+def layer_spec(kind: str, config, shape: dict):
+    from megatron_mom import get_hybrid_block_spec
+    layers = config.num_layers
+    if kind == "attention":
+        pattern = "A" * layers
+    elif kind == "hybrid":
+        pattern = (HYBRID_PERIOD * (layers // len(HYBRID_PERIOD) + 1))[:layers]
+        if "A" not in pattern:
+            pattern = pattern[:-1] + "A"
+    else:
+        pattern = "M" * layers
+    return get_hybrid_block_spec(config, pattern, mom_config(kind, shape), backend="auto")
+
+
+def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = False,
+          init_state: dict = None):
+    """(DDP model, Megatron optimizer, TransformerConfig, parameter count, device); the GPT's
+    weights from `init_state` (a GPTModel state dict) when given, before the optimizer copies
+    them."""
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+    from megatron_mom import cpu
+
+    if cuda_graph:  # Megatron's graphs need an RNG tracker whose state lives on the device
+        model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
+
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    overrides = cpu.megatron_cpu_config_overrides()
+    overrides["use_cpu_initialization"] = on_cpu
+    config = TransformerConfig(
+        num_layers=shape["layers"], hidden_size=shape["hidden"], ffn_hidden_size=shape["ffn"],
+        num_attention_heads=shape["heads"], gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, normalization="RMSNorm", layernorm_epsilon=1e-6,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, **overrides,
+        **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2) if cuda_graph else {}))
+    has_attention = kind in ("attention", "hybrid")
+    gpt = GPTModel(config, layer_spec(kind, config, shape), vocab_size=shape["vocab"],
+                   max_sequence_length=seq, share_embeddings_and_output_weights=False,
+                   position_embedding_type="rope" if has_attention else "none")
+    device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+    gpt = gpt.to(device)
+    if init_state is not None:
+        result = gpt.load_state_dict(init_state, strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"bench_gpt: init_state does not fit the model: missing {missing}, "
+                             f"unexpected {result.unexpected_keys}")
+    inner = Float16Module(config, gpt) if dtype == torch.bfloat16 else gpt
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False), inner)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=3e-4, weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95,
+        clip_grad=1.0, bf16=dtype == torch.bfloat16, params_dtype=dtype), [model])
+    config.finalize_model_grads_func = finalize_model_grads
+    return model, optimizer, config, sum(p.numel() for p in gpt.parameters()), device
+
+
+def train_step(model, optimizer, config, tokens, positions):
+    from megatron.core.distributed import finalize_model_grads
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
+    loss.backward()
+    finalize_model_grads([model])
+    optimizer.step()
+    if config.cuda_graph_impl == "local":  # what Megatron's schedules call after each step
+        from megatron.core.transformer.cuda_graphs import create_cudagraphs
+        create_cudagraphs()
+    return loss
+
+
+def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
+            profile_iters: int, on_cpu: bool, cuda_graph: bool = False,
+            host_profile: str = "") -> dict:
+    mbs = max(tokens_per_step // seq, 1)
+    model, optimizer, config, nparams, device = build(kind, shape, seq, on_cpu, cuda_graph)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    tokens = torch.randint(0, shape["vocab"], (mbs, seq), generator=gen).to(device)
+    positions = torch.arange(seq, device=device).expand(mbs, -1)
+    sync = (lambda: None) if on_cpu else torch.cuda.synchronize
+    for _ in range(warmup):
+        loss = train_step(model, optimizer, config, tokens, positions)
+    sync()
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        loss = train_step(model, optimizer, config, tokens, positions)
+    sync()
+    ms = (time.perf_counter() - t0) / iters * 1e3
+    if host_profile:
+        host_functions(lambda: train_step(model, optimizer, config, tokens, positions),
+                       f"{host_profile}_{kind}_{seq}.txt", sync)
+    row = dict(kind=kind + ("+graph" if cuda_graph else ""), seq=seq, mbs=mbs, params=nparams,
+               params_m=round(nparams / 1e6, 1), ms=round(ms, 2),
+               tokens_per_s=round(mbs * seq / ms * 1e3), loss=round(float(loss.detach()), 4))
+    if not on_cpu:
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        # CUDA graphs keep their tensors in private pools that the allocated count omits once
+        # captured: the reserved peak is the footprint to compare there.
+        row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+        row["activations_gib"] = round(activation_memory(model, tokens, positions) / 2**30, 2)
+    if profile_iters:
+        row.update(profile_split(lambda: train_step(model, optimizer, config, tokens, positions),
+                                 profile_iters, ms, on_cpu))
+    del model, optimizer
+    gc.collect()
+    if not on_cpu:
+        torch.cuda.empty_cache()
+    return row
+
+
+def host_functions(step, path: str, sync, n: int = 3):
+    """cProfile of n steps: where the host's time goes (Python, launches, syncs)."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    sync()
+    prof.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(60)
+    open(path, "w").write(out.getvalue())
+
+
+def activation_memory(model, tokens, positions) -> int:
+    """Bytes the forward keeps for the backward (allocated after forward minus before)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    loss = model(tokens, positions, None, labels=tokens).float().mean()
+    held = torch.cuda.memory_allocated() - before
+    loss.backward()
+    model.zero_grad_buffer()
+    return held
+
+
+def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
+    """GPU (or CPU) kernel time per step by kind, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    activity = ProfilerActivity.CPU if on_cpu else ProfilerActivity.CUDA
+    with profile(activities=[activity]) as prof:
+        for _ in range(n):
+            step()
+        if not on_cpu:
+            torch.cuda.synchronize()
+    split, top = {}, []
+    for e in prof.key_averages():
+        t = (e.self_device_time_total if not on_cpu else e.self_cpu_time_total) / n / 1e3
+        if t <= 0 or (not on_cpu and e.device_type.name != "CUDA"):
+            continue
+        kind = kernel_kind(e.key)
+        split[kind] = split.get(kind, 0.0) + t
+        top.append((round(t, 3), e.count // n, e.key[:100]))
+    busy = sum(split.values())
+    split = {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
+    top.sort(reverse=True)
+    return dict(gpu_ms=round(busy, 2), host_gap_ms=round(max(wall_ms - busy, 0.0), 2),
+                split=split, top=top[:40])
+
+
+def markdown(rows, header: str) -> str:
+    base = {r["seq"]: r for r in rows if r["kind"].startswith("attention")}
+    kinds = sorted({k for r in rows for k in r.get("split", {})})
+    lines = [header, "",
+             "| kind | seq x mbs | params | ms/step | tokens/s | vs attention | peak GiB | "
+             "activations GiB | GPU ms | host gap |" + "".join(f" {k} |" for k in kinds),
+             "|" + "---|" * (10 + len(kinds))]
+    for r in rows:
+        ref = base.get(r["seq"])
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        split = r.get("split", {})
+        lines.append(
+            f"| {r['kind']} | {r['seq']} x {r['mbs']} | {r['params_m']}M | {r['ms']} | "
+            f"{r['tokens_per_s']} | {ratio} | {r.get('peak_gib', '-')} | "
+            f"{r.get('activations_gib', '-')} | {r.get('gpu_ms', '-')} | "
+            f"{r.get('host_gap_ms', '-')} |" + "".join(f" {split.get(k, '-')} |" for k in kinds))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="380m")
+    p.add_argument("--layers", type=int, help="override the shape's number of layers")
+    p.add_argument("--kinds", default="attention,mom,hybrid,mom1",
+                   help=f"comma-separated, from {KINDS}")
+    p.add_argument("--seqs", default="4096,16384", help="comma-separated sequence lengths")
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per step (mbs = tokens/seq)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--profile-iters", type=int, default=2, help="0: no kernel split")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="Megatron's per-layer CUDA graphs (cuda_graph_impl='local')")
+    p.add_argument("--host-profile", action="store_true",
+                   help="write a cProfile of 3 steps per case to OUT/host_<kind>_<seq>.txt")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    a = p.parse_args(argv)
+    kinds = a.kinds.split(",")
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad:
+        p.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+    shape = dict(SHAPES[a.shape])
+    if a.layers:
+        shape["layers"] = a.layers
+
+    from megatron_mom.train.build import init_process_groups
+    par = init_process_groups(1, 1, seed=1234)
+    env = dict(device="cpu" if par.on_cpu else torch.cuda.get_device_name(),
+               torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    rows = []
+    for seq in (int(s) for s in a.seqs.split(",")):
+        for kind in kinds:
+            try:
+                row = measure(kind, shape, seq, a.tokens, a.iters, a.warmup, a.profile_iters,
+                              par.on_cpu, a.cuda_graph,
+                              os.path.join(a.out, "host") if a.host_profile else "")
+            except Exception as e:  # report it (OOM, a failed graph capture), measure the rest
+                traceback.print_exc()
+                row = dict(kind=kind, seq=seq, mbs=max(a.tokens // seq, 1), params_m="-",
+                           ms="failed", tokens_per_s=0, error=f"{type(e).__name__}: {e}"[:300])
+                gc.collect()
+                if not par.on_cpu:
+                    torch.cuda.empty_cache()
+            if a.cuda_graph:  # Megatron keeps graphs process-wide: the next model records anew
+                from megatron.core.transformer.cuda_graphs import delete_cuda_graphs
+                delete_cuda_graphs()
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "top"}), flush=True)
+            json.dump(dict(env=env, shape=shape, rows=rows), open(
+                os.path.join(a.out, "bench_gpt.json"), "w"), indent=1)
+    header = (f"bench_gpt: shape {a.shape} ({shape['layers']} layers, hidden {shape['hidden']}), "
+              f"{a.tokens} tokens/step, {env}")
+    md = markdown([r for r in rows if "error" not in r], header)
+    open(os.path.join(a.out, "bench_gpt.md"), "w").write(md)
+    print(md)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
