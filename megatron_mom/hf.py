@@ -140,8 +140,6 @@ def unexpressible(settings: MegatronSettings, desc: GPTDescription) -> List[str]
              f"{name('layernorm_epsilon')} ({s.layernorm_epsilon:g}) differs from "
              f"{name('mom.norm_eps')} ({desc.mom.norm_eps:g}): fla's MomConfig has one norm_eps "
              f"for the block norms and the MoM output norm; train with the two equal")
-        need(desc.mom.conv_size >= 2, f"{name('mom.conv_size')} is {desc.mom.conv_size}: fla's "
-             f"MoM layers always run short convolutions (use_short_conv) of width >= 2")
     if "A" in desc.pattern:
         _attention_problems(s, desc, name, need)
     else:
