@@ -512,7 +512,8 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     _, hf_state, _ = _read_hf(hf_dir, with_tensors=rank0)
     state = fla_to_megatron(hf_state, desc) if rank0 else {}
     dtype = build.params_dtype(cfg.train.precision)
-    weights = root / ".tmp_import_weights"
+    # Outside checkpoints/, whose .tmp_* entries training cleans up as crashed saves.
+    weights = Path(cfg.output_dir) / ".import_weights"
     save_weights({k: v.to(dtype) for k, v in state.items()}, desc, weights, dtype)
     par = build.init_parallel(cfg)
     trainables = build.build_trainables(cfg, par)
