@@ -498,6 +498,8 @@ def write_fla_folder(out: Path, state: StateDict, config: dict, max_shard_bytes:
     out = Path(out)
     if out.exists():
         raise ConversionError(f"{out} exists; give a new folder (nothing is overwritten)")
+    if tokenizer_dir:
+        tokenizer_files(tokenizer_dir)            # refused before anything is written
     tmp = out.with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -522,12 +524,18 @@ def write_fla_folder(out: Path, state: StateDict, config: dict, max_shard_bytes:
     return written
 
 
+def tokenizer_files(source: Path) -> List[str]:
+    """The Hugging Face tokenizer files in `source`; refuses a folder without any."""
+    found = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    if not found:
+        raise ConversionError(f"tokenizer folder {source} has none of {list(TOKENIZER_FILES)}")
+    return found
+
+
 def copy_tokenizer_files(source: Path, dest: Path) -> List[str]:
     """Copy the Hugging Face tokenizer files found in `source`; refuse a folder without any."""
     source = Path(source)
-    found = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    if not found:
-        raise ConversionError(f"tokenizer folder {source} has none of {list(TOKENIZER_FILES)}")
+    found = tokenizer_files(source)
     dest.mkdir(parents=True, exist_ok=True)
     for name in found:
         shutil.copyfile(source / name, dest / name)
@@ -588,7 +596,3 @@ def describe_for_log(desc: GPTDescription) -> str:
             f"top-{mom.topk}{' + shared' if mom.shared_memory else ''}, {mom.num_heads} heads x "
             f"{mom.head_dim}{attention}, {'tied' if desc.tie_embeddings else 'untied'} "
             f"embeddings)")
-
-
-def num_parameters(state: StateDict) -> int:
-    return sum(t.numel() for t in state.values())

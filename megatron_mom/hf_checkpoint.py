@@ -52,6 +52,7 @@ from megatron_mom.hf import (
     read_fla_folder,
     refuse,
     state_dtype,
+    tokenizer_files,
     unexpressible,
     write_fla_folder,
 )
@@ -299,6 +300,7 @@ def export(checkpoint_path: str, out: str, max_shard_size: str = "5GB",
     max_bytes = parse_size(max_shard_size)
     if tokenizer is not None:
         tokenizer_dir = Path(tokenizer)
+        tokenizer_files(tokenizer_dir)            # refused before the weights are read
     if Path(out).exists():
         raise ConversionError(f"{out} exists; give a new folder (nothing is overwritten)")
     build.init_process_groups(1, 1)

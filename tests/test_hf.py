@@ -232,6 +232,27 @@ def test_bfloat16_and_mixed_dtypes_are_kept(runs, tmp_path, megatron_single):
     assert all(torch.equal(back[k], mixed[k].float()) for k in mixed)
 
 
+@pytest.mark.slow
+def test_tokenizer_files_travel_with_the_model(runs, tmp_path, megatron_single):
+    from megatron_mom import hf_checkpoint
+    from megatron_mom.hf import ConversionError
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text('{"model": {}}')
+    (tokenizer / "tokenizer_config.json").write_text("{}")
+    (tokenizer / "notes.txt").write_text("not a tokenizer file")
+    hf_checkpoint.export(str(runs["mom"][0]), str(tmp_path / "hf"), tokenizer=str(tokenizer))
+    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"model": {}}'
+    assert not (tmp_path / "hf" / "notes.txt").exists()
+    text = hf_checkpoint.import_megatron_lm(str(tmp_path / "hf"), str(tmp_path / "lm"))
+    assert (tmp_path / "lm" / "tokenizer" / "tokenizer_config.json").is_file()
+    assert f"--tokenizer-model {tmp_path / 'lm' / 'tokenizer'}" in text
+    with pytest.raises(ConversionError, match="has none of"):
+        hf_checkpoint.export(str(runs["mom"][0]), str(tmp_path / "hf2"),
+                             tokenizer=str(tmp_path / "lm"))
+    assert not list(tmp_path.glob("*hf2"))                     # nothing written
+
+
 # ------------------------------------------------------------------ refusals
 def _settings(**changes):
     from megatron_mom.hf import MegatronSettings
