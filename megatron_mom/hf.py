@@ -140,8 +140,6 @@ def unexpressible(settings: MegatronSettings, desc: GPTDescription) -> List[str]
              f"{name('layernorm_epsilon')} ({s.layernorm_epsilon:g}) differs from "
              f"{name('mom.norm_eps')} ({desc.mom.norm_eps:g}): fla's MomConfig has one norm_eps "
              f"for the block norms and the MoM output norm; train with the two equal")
-        need(desc.mom.conv_size >= 2, f"{name('mom.conv_size')} is {desc.mom.conv_size}: fla's "
-             f"MoM layers always run short convolutions (use_short_conv) of width >= 2")
     if "A" in desc.pattern:
         _attention_problems(s, desc, name, need)
     else:
@@ -500,6 +498,8 @@ def write_fla_folder(out: Path, state: StateDict, config: dict, max_shard_bytes:
     out = Path(out)
     if out.exists():
         raise ConversionError(f"{out} exists; give a new folder (nothing is overwritten)")
+    if tokenizer_dir:
+        tokenizer_files(tokenizer_dir)            # refused before anything is written
     tmp = out.with_name(f".tmp_{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -524,12 +524,18 @@ def write_fla_folder(out: Path, state: StateDict, config: dict, max_shard_bytes:
     return written
 
 
+def tokenizer_files(source: Path) -> List[str]:
+    """The Hugging Face tokenizer files in `source`; refuses a folder without any."""
+    found = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+    if not found:
+        raise ConversionError(f"tokenizer folder {source} has none of {list(TOKENIZER_FILES)}")
+    return found
+
+
 def copy_tokenizer_files(source: Path, dest: Path) -> List[str]:
     """Copy the Hugging Face tokenizer files found in `source`; refuse a folder without any."""
     source = Path(source)
-    found = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    if not found:
-        raise ConversionError(f"tokenizer folder {source} has none of {list(TOKENIZER_FILES)}")
+    found = tokenizer_files(source)
     dest.mkdir(parents=True, exist_ok=True)
     for name in found:
         shutil.copyfile(source / name, dest / name)
@@ -583,13 +589,10 @@ def state_dtype(state: StateDict) -> torch.dtype:
 
 def describe_for_log(desc: GPTDescription) -> str:
     mom = desc.mom
+    attention = (f", attention {desc.num_attention_heads} heads / {desc.num_query_groups} "
+                 f"groups" if "A" in desc.pattern else "")
     return (f"{desc.pattern} ({desc.num_layers} layers, hidden {desc.hidden_size}, ffn "
             f"{desc.ffn_hidden_size}, vocab {desc.vocab_size}, MoM {mom.num_memories} memories "
             f"top-{mom.topk}{' + shared' if mom.shared_memory else ''}, {mom.num_heads} heads x "
-            f"{mom.head_dim}, attention {desc.num_attention_heads} heads / "
-            f"{desc.num_query_groups} groups, {'tied' if desc.tie_embeddings else 'untied'} "
+            f"{mom.head_dim}{attention}, {'tied' if desc.tie_embeddings else 'untied'} "
             f"embeddings)")
-
-
-def num_parameters(state: StateDict) -> int:
-    return sum(t.numel() for t in state.values())

@@ -15,9 +15,9 @@ Import writes one of two layouts:
   schedule, iteration 0) built at the chosen TP/PP, which `megatron-mom train --resume`
   continues. Run it under torchrun with TP * PP (* DP) processes, like training.
 
-Nothing here unpickles data it did not write itself beyond what is needed: safetensors for
-Hugging Face weights, `weights_only` loads for `common.pt`, and a restricted unpickler for
-torch's `.metadata` index of a distributed checkpoint.
+Nothing read here runs code: safetensors for Hugging Face weights, and for distributed
+checkpoints `megatron_mom.train.safe_load` (`weights_only` loads, a restricted unpickler for
+torch's `.metadata` index).
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import inspect
 import json
-import pickle
 import shutil
 import struct
 from pathlib import Path
@@ -53,6 +52,7 @@ from megatron_mom.hf import (
     read_fla_folder,
     refuse,
     state_dtype,
+    tokenizer_files,
     unexpressible,
     write_fla_folder,
 )
@@ -71,65 +71,12 @@ PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
 
 
 # ------------------------------------------------------------------ safe reading
-_METADATA_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only what a distributed checkpoint's `.metadata` index holds: torch's checkpoint
-    metadata dataclasses and enums, torch.Size, dtypes and layouts. Anything else (a callable
-    that would run) is refused."""
-
-    def find_class(self, module, name):
-        obj = super().find_class(module, name)
-        if module.startswith(_METADATA_MODULES) and inspect.isclass(obj):
-            return obj
-        if module == "torch" and (name == "Size" or isinstance(obj, torch.dtype)):
-            return obj
-        if (module, name) == ("torch.serialization", "_get_layout"):  # name -> torch.layout
-            return obj
-        if (module, name) == ("collections", "OrderedDict"):
-            return obj
-        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
-                                     f"checkpoint index never needs; refusing to load it")
-
-
-class _RestrictedPickle:
-    """Stands in for the `pickle` module where torch reads `.metadata`."""
-
-    def __getattr__(self, name):
-        return getattr(pickle, name)
-
-    @staticmethod
-    def load(file, **kwargs):
-        return _MetadataUnpickler(file).load()
-
-
-@contextlib.contextmanager
-def restricted_checkpoint_metadata():
-    """Read distributed-checkpoint indexes through `_MetadataUnpickler` (torch's reader calls
-    plain `pickle.load` on `.metadata`, which would run any code a crafted file names)."""
-    from torch.distributed.checkpoint import filesystem
-    original = getattr(filesystem, "pickle", None)
-    if original is not None:
-        filesystem.pickle = _RestrictedPickle()
-    try:
-        yield
-    finally:
-        if original is not None:
-            filesystem.pickle = original
-
-
 def load_common(ckpt_dir: Path) -> dict:
-    """`common.pt` of a distributed checkpoint, with `weights_only` (Megatron-Core registers
-    the few classes Megatron-LM stores there, argparse.Namespace among them)."""
+    """`common.pt` of a distributed checkpoint, tensors and plain data only (Megatron-Core
+    registers the few classes Megatron-LM stores there, argparse.Namespace among them)."""
     import megatron.core  # noqa: F401  (registers Megatron's safe globals)
-    path = Path(ckpt_dir) / "common.pt"
-    if not path.is_file():
-        raise ConversionError(f"{ckpt_dir} has no common.pt; not a distributed checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ConversionError(f"{path}: refused to unpickle ({err})") from None
+    from megatron_mom.train.safe_load import COMMON_FILE, load_plain
+    return load_plain(Path(ckpt_dir) / COMMON_FILE, str(Path(ckpt_dir) / COMMON_FILE))
 
 
 # ------------------------------------------------------------------ where and what
@@ -252,11 +199,9 @@ def describe_megatron_lm(args) -> Tuple[GPTDescription, MegatronSettings]:
 def _describe_checkpoint(ckpt_dir: Path, kind: str):
     """(description, settings, tokenizer folder or None, token ids for config.json)."""
     if kind == "megatron-mom":
-        import yaml
         from megatron_mom.train import checkpoint
-        from megatron_mom.train.config import build_config
-        saved = yaml.safe_load((ckpt_dir / checkpoint.CONFIG_FILE).read_text())
-        desc, settings = describe_run(build_config(saved))
+        checkpoint.verify_files(ckpt_dir)
+        desc, settings = describe_run(checkpoint.saved_config(ckpt_dir))
         # Megatron's byte-level tokenizer: ids 0-255 are bytes, end of document is 0.
         return desc, settings, None, {"eos_token_id": 0, "bos_token_id": None,
                                       "pad_token_id": None}
@@ -275,14 +220,18 @@ def _describe_checkpoint(ckpt_dir: Path, kind: str):
 # ------------------------------------------------------------------ reading tensors
 def read_model_tensors(ckpt_dir: Path) -> StateDict:
     """Every model tensor of a distributed checkpoint, whole (global shape, saved dtype), by
-    checkpoint key; optimizer states are skipped. Needs a process group (one process is
-    enough)."""
-    from megatron.core.dist_checkpointing.serialization import verify_checkpoint_and_load_strategy
-    with restricted_checkpoint_metadata():
-        strategy, _ = verify_checkpoint_and_load_strategy(str(ckpt_dir))
-        metadata = strategy.load_tensors_metadata(Path(ckpt_dir))
-        wanted = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
-        return dict(strategy.load(wanted, str(ckpt_dir)))
+    checkpoint key; optimizer states are skipped. Read through `safe_load.dist_load` (no code
+    runs from the files); needs a process group (one process is enough)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from megatron_mom.train.safe_load import METADATA_FILE, dist_load, read_metadata
+    index = read_metadata(Path(ckpt_dir) / METADATA_FILE).state_dict_metadata
+    template = {key: ShardedTensor.from_rank_offsets(
+                    key, torch.empty(tuple(meta.size), dtype=meta.properties.dtype), replica_id=0)
+                for key, meta in index.items()
+                if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.")}
+    loaded = dist_load(template, Path(ckpt_dir))
+    return {key: loaded[key] for key in template}
 
 
 def _unstack_layers(tensors: StateDict, num_layers: int) -> StateDict:
@@ -351,6 +300,7 @@ def export(checkpoint_path: str, out: str, max_shard_size: str = "5GB",
     max_bytes = parse_size(max_shard_size)
     if tokenizer is not None:
         tokenizer_dir = Path(tokenizer)
+        tokenizer_files(tokenizer_dir)            # refused before the weights are read
     if Path(out).exists():
         raise ConversionError(f"{out} exists; give a new folder (nothing is overwritten)")
     build.init_process_groups(1, 1)
@@ -569,11 +519,12 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     _, hf_state, _ = _read_hf(hf_dir, with_tensors=rank0)
     state = fla_to_megatron(hf_state, desc) if rank0 else {}
     dtype = build.params_dtype(cfg.train.precision)
-    weights = root / ".tmp_import_weights"
+    # Outside checkpoints/, whose .tmp_* entries training cleans up as crashed saves.
+    weights = Path(cfg.output_dir) / ".import_weights"
     save_weights({k: v.to(dtype) for k, v in state.items()}, desc, weights, dtype)
     par = build.init_parallel(cfg)
     trainables = build.build_trainables(cfg, par)
-    checkpoint.load_model_weights(weights, trainables.gpt)
+    _load_weights(weights, trainables.gpt)
     # The optimizer's float32 main copies were made from the random initial weights.
     trainables.optimizer.reload_model_params()
     _fresh_adam_states(trainables.optimizer)
@@ -590,6 +541,14 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
     return (f"imported {hf_dir}: {describe_for_log(desc)} -> {saved} (TP={par.tp} PP={par.pp}, "
             f"{cfg.train.precision}); continue with\n{launch} train --config "
             f"{Path(cfg.output_dir) / checkpoint.CONFIG_FILE} --resume")
+
+
+def _load_weights(directory: Path, gpt) -> None:
+    """The model-only checkpoint of `save_weights` into this rank's part of `gpt`."""
+    from megatron_mom.train.safe_load import dist_load
+    loaded = dist_load({"model": gpt.sharded_state_dict(metadata=dict(MODEL_METADATA))},
+                       directory)
+    gpt.load_state_dict(loaded["model"])
 
 
 def _fresh_adam_states(optimizer) -> None:
