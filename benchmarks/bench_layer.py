@@ -48,7 +48,7 @@ def setup_megatron():
     model_parallel_cuda_manual_seed(0)
 
 
-EXECUTION = None               # MoMExecution of our layers (--lean-backward, --recompute-states, ...)
+EXECUTION = None               # MoMExecution of our layers (--lean-backward, --head-groups, ...)
 
 
 def paper_mom():

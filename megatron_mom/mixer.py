@@ -1,14 +1,17 @@
 """MixtureOfMemories: the MoM sequence mixer in the `self_attention` slot of a TransformerLayer.
 
-Data flow for x [s, b, D] (equations in docs/method.md):
-    router(x) -> logits -> top-k memories and weights (+ load-balancing / z loss)
-    in_proj(x) -> q | gate | per memory (M routed + shared): k, v, b, a      (column-parallel)
-    pack each token into its k (+1 shared) memory segments, memory-major (routing.py)
-      (grouped projection: k, v, b, a only for the packed rows, one grouped GEMM by memory)
-    short conv + SiLU per segment (q read through the packing's row index, k | v | b | a
-      as column groups of one input) -> l2norm(q, k) -> gated delta rule per segment
-      (one op in training: ops.conv_gated_delta_rule)
-    mix back y = sum_j w_j o_j (+ o_shared) -> gated RMSNorm -> out_proj        (row-parallel)
+The forward's steps for x [s, b, D] (equations in docs/method.md):
+    route    router(x) -> logits -> top-k memories and weights (+ load-balancing / z loss)
+    layout   pack each token into its k (+1 shared) memory segments, memory-major (packing.py)
+    project  in_proj(x) -> q | gate of every token, k | v | b | a of every packed row
+             (column-parallel; dense: every memory for every token, then the packed rows
+             selected; grouped: only the packed rows, one grouped GEMM by memory)
+    memories short conv + SiLU per segment (q read through the layout's row index) ->
+             l2norm(q, k) -> gated delta rule per segment (ops.conv_gated_delta_rule)
+    mix      y = sum_j w_j o_j (+ o_shared), back in token order
+    output   gated RMSNorm -> out_proj                                           (row-parallel)
+Under context parallelism the steps run on the whole sequence for 1/cp of the heads
+(`parallel.ContextParallel`).
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from megatron.core import parallel_state
@@ -26,37 +28,25 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_mom import parallel, routing
+from megatron_mom import inference, metrics, packing, parallel
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
 from megatron_mom.ops.common import resolve_backend
 from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
                                                     kvba_columns)
-from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
-from megatron_mom import inference, metrics
+from megatron_mom.projection import GroupedProjection, GroupedRows, in_proj_sections
+from megatron_mom.router import MoMRouter, Routing, attach_loss, route, router_losses
 
 
 @dataclass
 class MoMSubmodules:
-    """Projections of a MoM mixer: column-parallel in, row-parallel out."""
+    """Projections of a MoM mixer: column-parallel in, row-parallel out. An in_proj with the
+    grouped form (`projection.GroupedProjection`, as the specs build it) lets the layer project
+    only the routed rows in training (MoMExecution.grouped_projection); any other
+    column-parallel linear runs the dense projection."""
 
     in_proj: Union[ModuleSpec, type] = IdentityOp
     out_proj: Union[ModuleSpec, type] = IdentityOp
-
-
-def in_proj_sections(mom: MoMConfig, tp_size: int = 1) -> list[tuple[str, int]]:
-    """(name, rows) of each section of the input projection, per rank.
-
-    Order: q, gate (when used), then for each memory e (routed 0..M-1, shared last):
-    k.e, v.e, b.e, a.e. Each section holds this rank's heads, so a rank's weight is the
-    concatenation of its slices of every section."""
-    H, K, V = mom.num_heads // tp_size, mom.key_dim, mom.value_dim
-    sections = [("q", H * K)]
-    if mom.use_output_gate:
-        sections.append(("gate", H * V))
-    for e in range(mom.num_memory_weights):
-        sections += [(f"k.{e}", H * K), (f"v.{e}", H * V), (f"b.{e}", H), (f"a.{e}", H)]
-    return sections
 
 
 def check_kernel_sizes(mom: MoMConfig, device: torch.device) -> None:
@@ -105,6 +95,7 @@ class MixtureOfMemories(MegatronModule):
         K, V = mom.key_dim, mom.value_dim
         self.sections = in_proj_sections(mom, self.tp_size)     # rows of this rank's weight
         in_dim = sum(rows for _, rows in self.sections) * self.tp_size
+        self.cp = parallel.ContextParallel(self.cp_group, self.sections)
 
         self.router = MoMRouter(config, mom)
         self.in_proj = build_module(
@@ -178,50 +169,40 @@ class MixtureOfMemories(MegatronModule):
         inference_context = inference_context or kwargs.get("inference_params")
         if inference_context is not None:
             return self._forward_inference(hidden_states, inference_context)
-        mom, sp, cp = self.mom, self.config.sequence_parallel, self.cp_size
+        routed, s, b = self._route(hidden_states)
+        layout = self._layout(routed.memory, s, b, _document_bounds(packed_seq_params, b,
+                                                                   self.cp_size))
+        q_tok, gate, kvba = self._project(hidden_states, layout)
+        o = self._memories(q_tok, kvba, layout)                           # [L, H, V]
+        y = packing.mix(o, layout, routed.weight, out_dtype=o.dtype,
+                        backend=self.mom.execution.backend)               # [N, H, V]
+        return self._output(y, gate, s, b)
 
+    def _route(self, hidden_states: Tensor):
+        """Every token of the whole sequence (gathered under SP and CP) routed: (Routing whose
+        weights carry the router losses into the backward, s, b). Tokens are time-major,
+        n = t * b + i, so [s, b, ...] -> [s * b, ...] is a view."""
+        mom = self.mom
         logits_local = self.router(hidden_states)                          # [s_local, b, M]
-        grouped = self._grouped_projection_applies(hidden_states)
-        if grouped:  # context_parallel_size 1
-            x = self._in_proj_input(hidden_states)                         # [s, b, D]
-        else:
-            proj, _ = self.in_proj(hidden_states)                          # [s_cp, b, P]
-        logits = parallel.full_sequence(logits_local, self.tp_group, sp)   # [s_cp, b, M]
-        s_cp = logits.shape[0]
-        if cp > 1:
-            parallel.check_cp_sequence(s_cp, cp)
-            logits = parallel.cp_gather_sequence(logits, self.cp_group)    # [s, b, M]
-            proj = parallel.cp_sequence_to_heads(self._split_heads_by_cp_rank(proj),
-                                                 self.cp_group)            # [s, b, P / cp]
+        logits = parallel.full_sequence(logits_local, self.tp_group, self.config.sequence_parallel)
+        logits = self.cp.gather_logits(logits)                             # [s, b, M]
         s, b, _ = logits.shape
-        cu_docs = None if packed_seq_params is None else (
-            packed_seq_params.cu_seqlens_q_padded
-            if packed_seq_params.cu_seqlens_q_padded is not None else packed_seq_params.cu_seqlens_q)
-        if cu_docs is not None and (b != 1 or cp > 1):
-            raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
-                             f"context_parallel_size 1, got batch {b}, context parallel {cp}")
-
-        # Time-major token order, n = time * b + batch: [s, b, ...] -> [s * b, ...] is a view.
-        plan = route(logits.reshape(s * b, -1), mom)
+        routed = route(logits.reshape(s * b, -1), mom)
         losses = router_losses(logits_local.reshape(-1, mom.num_memories),
-                               plan.tokens_per_memory, b * s, mom)
-        weight = attach_loss(plan.weight, losses.total if losses else None)
+                               routed.tokens_per_memory, b * s, mom)
         if losses is not None and self.training:
             metrics.record_router(self.layer_number, self.config, losses,
                                   reduce_group=self._router_reduce_group())
-            self.router.count(plan.tokens_per_memory)
+            self.router.count(routed.tokens_per_memory)
+        weight = attach_loss(routed.weight, losses.total if losses else None)
+        return Routing(routed.memory, weight, routed.tokens_per_memory), s, b
 
-        if grouped:
-            q_tok, gate, memory_rows = self._project_grouped(x.reshape(s * b, -1))
-        else:
-            q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
-            memory_rows = lambda layout: routing.select(mem, layout)
-        seq_id, num_seqs = routing.sequence_ids(b, s, cu_docs, logits.device)
-        y = self._memories(q_tok, memory_rows, plan.memory, weight, seq_id, num_seqs)
-        z = self._read_out(y, gate, b, s)                                  # [s, b, H*V]
-        if cp > 1:
-            z = parallel.cp_heads_to_sequence(z, self.cp_group).reshape(s_cp, b, -1)
-        return self.out_proj(z)
+    def _layout(self, memory: Tensor, s: int, b: int,
+                cu_docs: Optional[Tensor]) -> packing.PackedLayout:
+        """The packed (token, memory) rows of the routed tokens: one segment per (memory,
+        sequence), each batch row (or packed document) its own sequence."""
+        seq_id, num_seqs = packing.sequence_ids(b, s, cu_docs, memory.device)
+        return packing.pack(memory, seq_id, num_seqs, self.mom.num_memory_weights)
 
     def _check_input(self, hidden_states: Tensor) -> None:
         D = self.config.hidden_size
@@ -233,17 +214,21 @@ class MixtureOfMemories(MegatronModule):
             raise ValueError(f"MixtureOfMemories: hidden_states must be a non-empty "
                              f"[sequence, batch, hidden_size={D}] tensor, got {got}")
 
-    def _split_heads_by_cp_rank(self, proj: Tensor) -> Tensor:
-        """[s, b, P] -> [s, b, cp, P / cp]: each section's heads in cp contiguous groups."""
-        s, b, _ = proj.shape
-        parts = proj.split([rows for _, rows in self.sections], dim=-1)
-        return torch.cat([p.reshape(s, b, self.cp_size, -1) for p in parts], dim=-1)
-
-    def _heads_of_this_cp_rank(self, param: Tensor) -> Tensor:
-        """Rows of a per-head parameter [H_tp * d, ...] that this CP rank computes with."""
-        if self.cp_size == 1:
-            return param
-        return param.view(self.cp_size, -1, *param.shape[1:])[self.cp_rank]
+    def _project(self, hidden_states: Tensor, layout: packing.PackedLayout):
+        """q [N, H*K] and output gate [N, H, V] (or None) of every token, k | v | b | a
+        [L, H*(K+V+2)] of every packed row, each from its own memory's projection."""
+        mom, H, V = self.mom, self.num_heads, self.mom.value_dim
+        if self._grouped_projection_applies(hidden_states):              # context_parallel 1
+            head_rows = H * mom.key_dim + (H * V if mom.use_output_gate else 0)
+            rows = GroupedRows(layout, head_rows, mom.num_memory_weights, self.tp_group,
+                               self.config.sequence_parallel)
+            q_gate, kvba = self.in_proj(hidden_states, rows=rows)
+            q_tok, gate, _ = self._split_projection(q_gate)
+            return q_tok, gate, kvba
+        proj, _ = self.in_proj(hidden_states)                              # [s_local, b, P]
+        proj = self.cp.projection_to_heads(proj)                           # [s, b, P / cp]
+        q_tok, gate, mem = self._split_projection(proj.reshape(-1, proj.shape[-1]))
+        return q_tok, gate, packing.select(mem, layout)
 
     def _router_reduce_group(self):
         """The ranks whose router-loss shares add up to the loss (they routed other tokens)."""
@@ -253,21 +238,25 @@ class MixtureOfMemories(MegatronModule):
         return self.tp_group if sp else None
 
     def _split_projection(self, proj: Tensor):
-        """[N, P] -> q [N, H*K], output gate [N, H, V] (or None), per-memory [N, E, H*(K+V+2)]."""
+        """[N, P] -> q [N, H*K], output gate [N, H, V] (or None), per-memory [N, E, H*(K+V+2)]
+        (None when P holds only q | gate)."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         N = proj.shape[0]
         # One split: its backward is one cat, where slices would each zero-fill a full-size
         # gradient and autograd would add those up.
         sizes = [H * K] + ([H * V] if mom.use_output_gate else [])
-        parts = proj.split(sizes + [proj.shape[1] - sum(sizes)], dim=-1)
+        rest = proj.shape[1] - sum(sizes)
+        parts = proj.split(sizes + ([rest] if rest else []), dim=-1)
         gate = parts[1].view(N, H, V) if mom.use_output_gate else None
-        return parts[0], gate, parts[-1].view(N, mom.num_memory_weights, -1)
+        mem = parts[-1].view(N, mom.num_memory_weights, -1) if rest else None
+        return parts[0], gate, mem
 
     def _grouped_projection_applies(self, x: Tensor) -> bool:
         """Whether this training step projects the memories' k, v, b, a per routed row
-        (`_project_grouped`) instead of through `in_proj` for every memory (the reference)."""
+        (in_proj's grouped form) instead of for every memory (the dense reference)."""
         mode = self.mom.execution.grouped_projection
-        if mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None):
+        if (mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None)
+                or not isinstance(self.in_proj, GroupedProjection)):
             return False
         w, bias = getattr(self.in_proj, "weight", None), getattr(self.in_proj, "bias", None)
         if not isinstance(w, Tensor) or w.dim() != 2 or (bias is not None and bias.numel()):
@@ -286,86 +275,45 @@ class MixtureOfMemories(MegatronModule):
         return (x.is_cuda and x.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
 
-    def _in_proj_input(self, hidden_states: Tensor) -> Tensor:
-        """What ColumnParallelLinear does to its input, for the grouped path that uses
-        `in_proj.weight` directly: gather the sequence under SP (reduce-scatter in backward),
-        else copy to the TP group (all-reduce in backward). Runs in_proj's forward pre-hooks
-        first: Megatron DDP's overlapped parameter all-gather waits for a module's weights in
-        one, and in_proj's forward is skipped here."""
-        args = (hidden_states,)
-        for hook_id, hook in self.in_proj._forward_pre_hooks.items():
-            if hook_id in self.in_proj._forward_pre_hooks_with_kwargs:
-                hook(self.in_proj, args, {})
-            else:
-                hook(self.in_proj, args)
-        return parallel.full_sequence(hidden_states, self.tp_group, self.config.sequence_parallel)
-
-    def _project_grouped(self, x_tok: Tensor):
-        """x [N, D] -> q [N, H*K], gate [N, H, V] (or None) by one dense GEMM, and
-        `memory_rows(layout)`: the k | v | b | a of each packed row by one grouped GEMM over
-        the memory-major rows, each memory with its own weight (every token's S memories,
-        not all E). Same parameters as the dense path: row slices of `in_proj.weight`."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        N, D = x_tok.shape
-        E = mom.num_memory_weights
-        head = H * K + (H * V if mom.use_output_gate else 0)
-        weight = self.in_proj.weight
-        # One split (backward: one cat into the weight's gradient), no per-slice zero fills.
-        w_head, w_mem = weight.split([head, weight.shape[0] - head])
-        qg = F.linear(x_tok, w_head)                                       # [N, head]
-        if mom.use_output_gate:
-            q_tok, gate = qg.split([H * K, H * V], dim=-1)
-            gate = gate.view(N, H, V)
-        else:
-            q_tok, gate = qg, None
-        w_mem = w_mem.view(E, -1, D)                                       # [E, C, D], a view
-        return q_tok, gate, lambda layout: routing.grouped_linear(x_tok, layout, w_mem)
-
-    def _memories(self, q_tok, memory_rows, memory, weight, seq_id, num_seqs, cache=None):
-        """Run every (sequence, memory) segment and mix the read-outs back per token.
-
-        `memory_rows(layout)` gives each packed row's k | v | b | a from its own memory's
-        projection, [L, H*(K+V+2)]. With a decoding `cache` ([num_seqs, E, ...] rows),
-        segments start from the cached states and the cache receives their final states.
-        Returns y [N, H, V]."""
+    def _memories(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout,
+                  cache=None) -> Tensor:
+        """Every (sequence, memory) segment's read-out o [L, H, V] from q's token rows and each
+        packed row's k | v | b | a. With a decoding `cache` ([num_seqs, E, ...] rows), segments
+        start from the cached states and the cache receives their final states."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         run = mom.execution
-        layout = routing.pack(memory, seq_id, num_seqs, mom.num_memory_weights)
         L, cu = layout.num_rows, layout.cu_seqlens
         if cache is None:
             # Training: q's convolution reads q's token rows through the layout's row index (no
             # packed [L, H*K] copy); k | v | b | a are column groups of the packed rows.
-            local = self._heads_of_this_cp_rank
-            o = conv_gated_delta_rule(
-                q_tok, memory_rows(layout), (layout.token, layout.slot_row), cu,
+            local = self.cp.local_heads
+            return conv_gated_delta_rule(
+                q_tok, kvba, (layout.token, layout.slot_row), cu,
                 local(self.conv_q), local(self.conv_k), local(self.conv_v), local(self.A_log),
                 local(self.dt_bias), num_heads=H, chunk_size=mom.chunk_size,
-                lean_backward=run.lean_backward, backend=run.backend,
-                options=run.kernels)                                           # [L, H, V]
-        else:
-            q, k, v, b, a = self._convolve_cached(q_tok, memory_rows(layout), layout, cache,
-                                                  num_seqs)
-            beta, g = self._beta_and_decay(b, a)
-            o, state = gated_delta_rule(
-                q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
-                beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
-                chunk_size=mom.chunk_size, backend=run.backend, options=run.kernels,
-                initial_state=inference.to_segments(cache.state), output_final_state=True)
-            cache.state.copy_(inference.from_segments(state, num_seqs))
-            o = o.squeeze(0)
-        return routing.mix(o, layout, weight, out_dtype=o.dtype, backend=run.backend)
+                lean_backward=run.lean_backward, backend=run.backend, options=run.kernels)
+        num_seqs = cache.state.shape[0]
+        q, k, v, b, a = self._convolve_cached(q_tok, kvba, layout, cache, num_seqs)
+        beta, g = self._beta_and_decay(b, a)
+        o, state = gated_delta_rule(
+            q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
+            beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
+            chunk_size=mom.chunk_size, backend=run.backend, options=run.kernels,
+            initial_state=inference.to_segments(cache.state), output_final_state=True)
+        cache.state.copy_(inference.from_segments(state, num_seqs))
+        return o.squeeze(0)
 
-    def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: routing.PackedLayout, cache,
+    def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout, cache,
                          num_seqs: int):
         """Decoding (prefill or a chunk): the training path's convolutions, each segment continuing
         from its cached history, which then receives the segment's last W-1 inputs."""
         mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        q = routing.spread(q_tok, layout)                                  # [L, H*K]
+        q = packing.spread(q_tok, layout)                                  # [L, H*K]
         k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
 
         def conv(x, w, hist):
             y, final = short_conv(
-                x[None], self._heads_of_this_cp_rank(w), cu_seqlens=layout.cu_seqlens,
+                x[None], self.cp.local_heads(w), cu_seqlens=layout.cu_seqlens,
                 activation="silu", backend=mom.execution.backend,
                 initial_state=inference.to_segments(hist), output_final_state=True)
             hist.copy_(inference.from_segments(final, num_seqs))
@@ -376,15 +324,20 @@ class MixtureOfMemories(MegatronModule):
 
     def _beta_and_decay(self, b: Tensor, a: Tensor):
         """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
-        local = self._heads_of_this_cp_rank
+        local = self.cp.local_heads
         return beta_and_decay(b, a, local(self.A_log), local(self.dt_bias))
 
-    def _read_out(self, y: Tensor, gate: Optional[Tensor], b: int, s: int) -> Tensor:
-        """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V] for
-        out_proj, as a view."""
+    def _read_out(self, y: Tensor, gate: Optional[Tensor], s: int, b: int) -> Tensor:
+        """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V], as a
+        view."""
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps, backend=self.mom.execution.backend)
         return z.reshape(s, b, -1)
+
+    def _output(self, y: Tensor, gate: Optional[Tensor], s: int, b: int):
+        """The read-out normalised, back on this rank's tokens under context parallelism, and
+        projected by out_proj (row-parallel): (out [s_local, b, D], bias)."""
+        return self.out_proj(self.cp.heads_to_sequence(self._read_out(y, gate, s, b)))
 
     # ------------------------------------------------------------------ decoding
     def _forward_inference(self, hidden_states: Tensor, ctx):
@@ -395,16 +348,17 @@ class MixtureOfMemories(MegatronModule):
         s, b, _ = hidden_states.shape
         cache = inference.layer_cache(ctx, self.layer_number, b, self._new_cache)
         logits = self.router(hidden_states).reshape(s * b, -1)             # time-major tokens
+        routed = route(logits, mom)
         proj, _ = self.in_proj(hidden_states)
         q_tok, gate, mem = self._split_projection(proj.reshape(s * b, -1))
-        plan = route(logits, mom)
         if s == 1:
-            y = self._decode_step(q_tok, mem, plan, cache)
+            y = self._decode_step(q_tok, mem, routed, cache)
         else:
-            seq_id, _ = routing.sequence_ids(b, s, None, proj.device)
-            y = self._memories(q_tok, lambda layout: routing.select(mem, layout),
-                               plan.memory, plan.weight, seq_id, b, cache)
-        return self.out_proj(self._read_out(y, gate, b, s))
+            layout = self._layout(routed.memory, s, b, None)
+            o = self._memories(q_tok, packing.select(mem, layout), layout, cache)
+            y = packing.mix(o, layout, routed.weight, out_dtype=o.dtype,
+                            backend=mom.execution.backend)
+        return self.out_proj(self._read_out(y, gate, s, b))
 
     def _new_cache(self, batch: int) -> "inference.MoMCache":
         return inference.MoMCache.empty(
@@ -475,3 +429,15 @@ class MixtureOfMemories(MegatronModule):
         key = f"{prefix}in_proj.weight"
         sharded[key] = parallel.split_sharded_tensor(sharded[key], self.sections)
         return sharded
+
+
+def _document_bounds(packed_seq_params, b: int, cp: int) -> Optional[Tensor]:
+    """cu_seqlens of packed documents (THD: each document its own sequence), or None."""
+    if packed_seq_params is None:
+        return None
+    cu = packed_seq_params.cu_seqlens_q_padded
+    cu = packed_seq_params.cu_seqlens_q if cu is None else cu
+    if b != 1 or cp > 1:
+        raise ValueError("MixtureOfMemories: packed sequences (THD) need batch 1 and "
+                         f"context_parallel_size 1, got batch {b}, context parallel {cp}")
+    return cu

@@ -184,3 +184,52 @@ def cp_heads_to_sequence(y: Tensor, cp_group) -> Tensor:
     send = _to_rank_order(y, cp).view(cp, s_local, *y.shape[1:])  # [cp (dest), s_local, b, d]
     recv = mappings.all_to_all(cp_group, send.contiguous())       # [cp (source), s_local, b, d]
     return recv.permute(1, 2, 0, 3)
+
+
+class ContextParallel:
+    """The MoM layer's context-parallel steps, in the order the layer takes them (identities
+    at context_parallel_size 1). Each CP rank holds 1/cp of every sequence; the memories need
+    whole sequences, so the layer gathers the router logits (every rank routes every token),
+    trades the projection's sequence split for a head split (each rank runs 1/cp of its TP
+    rank's heads over the whole sequence) and trades back after the read-out.
+
+    `sections`: (name, rows) of the TP rank's input projection; every section is a whole
+    number of heads, split into cp contiguous head groups."""
+
+    def __init__(self, cp_group, sections: list[tuple[str, int]]):
+        self.group = cp_group
+        self.size = cp_group.size() if cp_group is not None else 1
+        self.rank = cp_group.rank() if cp_group is not None else 0
+        self.sections = sections
+
+    def gather_logits(self, logits: Tensor) -> Tensor:
+        """[s_local, b, M] -> [s, b, M] in sequence order (backward: each rank's own part of
+        the summed gradient)."""
+        if self.size == 1:
+            return logits
+        check_cp_sequence(logits.shape[0], self.size)
+        return cp_gather_sequence(logits, self.group)
+
+    def projection_to_heads(self, proj: Tensor) -> Tensor:
+        """[s_local, b, P] (this rank's tokens, all of the TP rank's heads) -> [s, b, P / cp]
+        (the whole sequence, this rank's head group of every section)."""
+        if self.size == 1:
+            return proj
+        s, b, _ = proj.shape
+        parts = proj.split([rows for _, rows in self.sections], dim=-1)
+        by_rank = torch.cat([p.reshape(s, b, self.size, -1) for p in parts], dim=-1)
+        return cp_sequence_to_heads(by_rank, self.group)
+
+    def heads_to_sequence(self, z: Tensor) -> Tensor:
+        """[s, b, d] (this rank's heads) -> [s_local, b, cp * d] (this rank's tokens, the TP
+        rank's heads, in head-group order)."""
+        if self.size == 1:
+            return z
+        return cp_heads_to_sequence(z, self.group).reshape(z.shape[0] // self.size,
+                                                           z.shape[1], -1)
+
+    def local_heads(self, param: Tensor) -> Tensor:
+        """Rows of a per-head parameter [H_tp * d, ...] that this rank computes with."""
+        if self.size == 1:
+            return param
+        return param.view(self.size, -1, *param.shape[1:])[self.rank]

@@ -34,6 +34,7 @@ from megatron_mom.attention import SDPAttention
 from megatron_mom.config import MoMConfig
 from megatron_mom.mixer import MixtureOfMemories, MoMSubmodules
 from megatron_mom.parallel import SequenceParallelNorm
+from megatron_mom.projection import GroupedColumnParallelLinear, with_grouped_form
 
 SPEC_BACKENDS = ("auto", "local", "te")
 LAYER_SYMBOLS = {"M": "MoM", "A": "softmax attention"}
@@ -89,10 +90,11 @@ def get_mom_module_spec(mom: MoMConfig, backend: str = "auto") -> ModuleSpec:
         raise TypeError(f"mom must be a MoMConfig, got {type(mom).__name__}")
     if backend == "te":
         te = _te()
-        projections = MoMSubmodules(in_proj=te.TEColumnParallelLinear,
+        projections = MoMSubmodules(in_proj=with_grouped_form(te.TEColumnParallelLinear),
                                     out_proj=te.TERowParallelLinear)
     else:
-        projections = MoMSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)
+        projections = MoMSubmodules(in_proj=GroupedColumnParallelLinear,
+                                    out_proj=RowParallelLinear)
     return ModuleSpec(module=MixtureOfMemories, params={"mom": mom}, submodules=projections)
 
 

@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from megatron_mom import routing
+from megatron_mom import packing
 from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
 
 pytest.importorskip("triton")
@@ -23,7 +23,7 @@ def make_case(N=40, S=2, E=3, seqs=2, H=2, K=32, V=32, W=4, seed=0):
     """Random memory rows for N time-major tokens of `seqs` sequences, S memories each."""
     gen = torch.Generator().manual_seed(seed)
     memory = torch.stack([torch.randperm(E, generator=gen)[:S] for _ in range(N)])
-    layout = routing.pack(memory, torch.arange(N) % seqs, seqs, E)
+    layout = packing.pack(memory, torch.arange(N) % seqs, seqs, E)
     L = layout.num_rows
     leaves = dict(
         q_tok=torch.randn(N, H * K, generator=gen),

@@ -181,3 +181,24 @@ def test_grouped_projection_falls_back_where_it_does_not_apply(megatron_single):
     assert not build_layer(mom.replace(num_heads=2), 32, torch.float64)._grouped_projection_applies(
         x.double())
     assert build_layer(mom.replace(num_heads=2), 32, torch.float32)._grouped_projection_applies(x)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_projection_runs_in_projs_hooks(megatron_single, mode):
+    """The grouped projection is in_proj's own forward (`rows=` selects it): in_proj's forward
+    pre- and post-hooks run once per step, as for the dense projection (Megatron DDP waits
+    for the overlapped parameter all-gather in a pre-hook)."""
+    from megatron_mom.projection import GroupedProjection
+    mom = MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=8, chunk_size=16,
+                    grouped_projection=mode)
+    layer = build_layer(mom, 32, torch.float32)
+    assert isinstance(layer.in_proj, GroupedProjection)
+    calls = []
+    layer.in_proj.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    layer.in_proj.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(sorted(kwargs)), with_kwargs=True)
+    layer.in_proj.register_forward_hook(lambda m, args, out: calls.append("post"))
+    x = torch.randn(5, 1, 32)
+    assert layer._grouped_projection_applies(x) == (mode == "on")
+    layer(x)
+    assert calls == ["pre", ["rows"] if mode == "on" else [], "post"]

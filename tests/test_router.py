@@ -70,18 +70,18 @@ def test_aux_loss_gradient_reaches_router_weight(megatron_single):
 
 def test_packed_moves_match_plain_indexing_and_gradcheck():
     """spread / select / mix against plain indexing with autograd, and torch.autograd.gradcheck."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     g = torch.Generator().manual_seed(0)
     N, S, E = 11, 3, 5
     memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
     seq_id = torch.tensor([0] * 4 + [1] * 7)
-    layout = routing.pack(memory, seq_id, 2, E)
+    layout = packing.pack(memory, seq_id, 2, E)
     assert torch.equal(torch.sort(layout.slot_row.flatten()).values, torch.arange(N * S))
     x = torch.randn(N, 4, dtype=torch.float64, requires_grad=True)
     xm = torch.randn(N, E, 4, dtype=torch.float64, requires_grad=True)
     o = torch.randn(N * S, 2, 3, dtype=torch.float64, requires_grad=True)
     w = torch.rand(N, S, dtype=torch.float64, requires_grad=True)
-    ours = (routing.spread(x, layout), routing.select(xm, layout), routing.mix(o, layout, w))
+    ours = (packing.spread(x, layout), packing.select(xm, layout), packing.mix(o, layout, w))
     plain = (x[layout.token], xm[layout.token, layout.memory],
              (o[layout.slot_row] * w[..., None, None]).sum(1))
     for a, b in zip(ours, plain):
@@ -93,23 +93,23 @@ def test_packed_moves_match_plain_indexing_and_gradcheck():
             assert (u is None) == (v is None)
             if u is not None:
                 torch.testing.assert_close(u, v)
-    assert torch.autograd.gradcheck(lambda x: routing.spread(x, layout), (x,))
-    assert torch.autograd.gradcheck(lambda xm: routing.select(xm, layout), (xm,))
-    assert torch.autograd.gradcheck(lambda o, w: routing.mix(o, layout, w), (o, w))
+    assert torch.autograd.gradcheck(lambda x: packing.spread(x, layout), (x,))
+    assert torch.autograd.gradcheck(lambda xm: packing.select(xm, layout), (xm,))
+    assert torch.autograd.gradcheck(lambda o, w: packing.mix(o, layout, w), (o, w))
 
 
 def test_packed_moves_in_bf16():
     """bf16 rows with float32 mixing weights (the layer's case): the mix accumulates in float32
     and rounds once; its gradients are the float32 products rounded to the operands' dtypes.
     Also select from a strided [N, E, C] slice (the projection) and with E == S."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     g = torch.Generator().manual_seed(2)
     N, S, E = 9, 3, 4
     memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
-    layout = routing.pack(memory, torch.tensor([0] * 5 + [1] * 4), 2, E)
+    layout = packing.pack(memory, torch.tensor([0] * 5 + [1] * 4), 2, E)
     o = torch.randn(N * S, 2, 3, generator=g).bfloat16().requires_grad_(True)
     w = torch.rand(N, S, generator=g, requires_grad=True)
-    y = routing.mix(o, layout, w, out_dtype=torch.bfloat16)
+    y = packing.mix(o, layout, w, out_dtype=torch.bfloat16)
     o32 = o.detach().float().requires_grad_(True)
     ref = (o32[layout.slot_row] * w[..., None, None]).sum(1)
     assert y.dtype == torch.bfloat16
@@ -122,8 +122,8 @@ def test_packed_moves_in_bf16():
 
     proj = torch.randn(N, 5 + E * 6, dtype=torch.float64, requires_grad=True)
     xm = proj[:, 5:].view(N, E, 6)                                  # row stride 5 + E * 6
-    for lay in (layout, routing.pack(torch.arange(E).repeat(N, 1), torch.zeros(N, dtype=torch.long), 1, E)):
-        out = routing.select(xm, lay)
+    for lay in (layout, packing.pack(torch.arange(E).repeat(N, 1), torch.zeros(N, dtype=torch.long), 1, E)):
+        out = packing.select(xm, lay)
         torch.testing.assert_close(out, xm[lay.token, lay.memory])
         r = torch.randn_like(out)
         (ga,) = torch.autograd.grad(out, proj, r)
@@ -132,17 +132,17 @@ def test_packed_moves_in_bf16():
 
 
 def test_grouped_linear_matches_per_row_products():
-    """routing.grouped_linear (torch._grouped_mm, float32: no CPU float64) against each packed
+    """packing.grouped_linear (torch._grouped_mm, float32: no CPU float64) against each packed
     row's own product, with gradients; memory 2 receives no row (an empty group)."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     g = torch.Generator().manual_seed(3)
     N, S, E, D, C = 10, 2, 4, 8, 12
     memory = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:S]]
                           for _ in range(N)])
-    layout = routing.pack(memory, torch.zeros(N, dtype=torch.long), 1, E)
+    layout = packing.pack(memory, torch.zeros(N, dtype=torch.long), 1, E)
     x = torch.randn(N, D, generator=g, requires_grad=True)
     w = torch.randn(E, C, D, generator=g, requires_grad=True)
-    y = routing.grouped_linear(x, layout, w)
+    y = packing.grouped_linear(x, layout, w)
     ref = torch.einsum("ld,lcd->lc", x[layout.token], w[layout.memory])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     r = torch.randn_like(ref)
@@ -155,17 +155,17 @@ def test_grouped_linear_matches_per_row_products():
 def test_pack_time_major_matches_sequence_major():
     """The layer's time-major tokens (n = t * b + i) pack into the same segments, rows and
     boundaries as the same tokens in sequence-major order (n = i * s + t)."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     g = torch.Generator().manual_seed(1)
     b, s, S, E = 3, 7, 3, 5
     memory_sm = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(b * s)])
     seq_sm = torch.arange(b).repeat_interleave(s)                  # the former sequence_ids
-    sm = routing.pack(memory_sm, seq_sm, b, E)
+    sm = packing.pack(memory_sm, seq_sm, b, E)
     # token (i, t): sequence-major index i * s + t, time-major index t * b + i
     tm_to_sm = torch.arange(b * s).view(b, s).t().reshape(-1)       # [s * b]
-    seq_tm, num_seqs = routing.sequence_ids(b, s, None, "cpu")
+    seq_tm, num_seqs = packing.sequence_ids(b, s, None, "cpu")
     assert num_seqs == b and torch.equal(seq_tm, seq_sm[tm_to_sm])
-    tm = routing.pack(memory_sm[tm_to_sm], seq_tm, b, E)
+    tm = packing.pack(memory_sm[tm_to_sm], seq_tm, b, E)
     assert torch.equal(tm_to_sm[tm.token], sm.token)
     assert torch.equal(tm.memory, sm.memory)
     assert torch.equal(tm.cu_seqlens, sm.cu_seqlens)

@@ -441,16 +441,16 @@ def routed_layout(batch, seqlen, S_routed=2, M=4, seed=0):
     """A packed layout as the layer builds it: time-major tokens of `batch` sequences, each
     token in S_routed of memories 0..M-2 plus the shared memory M; memory M-1 gets no token,
     and memory 2 only one token of sequence 0 (a segment shorter than the kernel)."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     gen = torch.Generator().manual_seed(seed)
-    seq_id, num_seqs = routing.sequence_ids(batch, seqlen, None, "cpu")
+    seq_id, num_seqs = packing.sequence_ids(batch, seqlen, None, "cpu")
     N = batch * seqlen
     routed = torch.stack([torch.randperm(M - 1, generator=gen)[:S_routed] for _ in range(N)])
     first = seq_id == 0
     routed[first] = torch.tensor([0, 1])
     routed[batch * 3] = torch.tensor([2, 0])                           # token t=3 of sequence 0
     memory = torch.cat([routed, torch.full((N, 1), M)], dim=1)         # [N, S]
-    return routing.pack(memory, seq_id, num_seqs, M + 1)
+    return packing.pack(memory, seq_id, num_seqs, M + 1)
 
 
 @pytest.mark.parametrize("W", [4, 1])
@@ -461,7 +461,7 @@ def test_short_conv_gather_matches_reference(multi_tile_backward, W, with_init):
     over each token's S rows), of w and of the initial state."""
     if W == 1 and with_init:
         pytest.skip("W = 1 keeps no state")
-    from megatron_mom import routing
+    from megatron_mom import packing
     layout = routed_layout(batch=3, seqlen=14)
     cu = layout.cu_seqlens
     N, C = layout.slot_row.shape[0], 24
@@ -480,7 +480,7 @@ def test_short_conv_gather_matches_reference(multi_tile_backward, W, with_init):
             y, final = short_conv(x_tok[None], leaves[1], gather=(layout.token, layout.slot_row),
                                   backend="triton", **kw)
         else:
-            y, final = short_conv(routing.spread(x_tok, layout)[None], leaves[1], backend="torch",
+            y, final = short_conv(packing.spread(x_tok, layout)[None], leaves[1], backend="torch",
                                   **kw)
         grads = torch.autograd.grad((y * dy.to(dtype)).sum(), leaves)
         results[backend] = [y, final] + list(grads)
@@ -522,13 +522,13 @@ def test_conv_l2norm_forward_matches_reference(gather, head_dim):
 def test_short_conv_gather_torch_backend_and_one_sequence():
     """The reference path takes the gather too (same numbers as the spread copy), and without
     cu_seqlens the L packed rows are one sequence on both backends."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     layout = routed_layout(batch=2, seqlen=6)
     x = torch.randn(1, layout.slot_row.shape[0], 8, requires_grad=True)
     w = torch.randn(8, 4, requires_grad=True)
     gather = (layout.token, layout.slot_row)
     for cu in (layout.cu_seqlens, None):
-        ref, _ = short_conv(routing.spread(x[0], layout)[None], w, cu_seqlens=cu, backend="torch")
+        ref, _ = short_conv(packing.spread(x[0], layout)[None], w, cu_seqlens=cu, backend="torch")
         g_ref = torch.autograd.grad(ref.square().sum(), [x, w])
         for backend in ("torch", "triton"):
             y, _ = short_conv(x, w, cu_seqlens=cu, gather=gather, backend=backend)

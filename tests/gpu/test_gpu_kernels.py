@@ -309,15 +309,15 @@ def test_conv_layer_forms_paper_shape(dtype):
     the [N, 2048] q | gate projection) through the packing index, and k | v | b | a as column
     groups of the [L, 2056] memory rows (row stride 2056: the compile-time-stride loads).
     Outputs and every gradient against the float64 reference (spread / split + short_conv)."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     from megatron_mom.ops.short_conv import short_conv_split
     gen = torch.Generator(device="cuda").manual_seed(6)
     B, T, M, C = 4, 4096, 4, 1024
-    seq_id, num_seqs = routing.sequence_ids(B, T, None, "cuda")
+    seq_id, num_seqs = packing.sequence_ids(B, T, None, "cuda")
     N = B * T
     routed = torch.rand(N, M, device="cuda", generator=gen).topk(2, dim=1).indices.sort(1).values
     memory = torch.cat([routed, torch.full((N, 1), M, device="cuda")], dim=1)
-    layout = routing.pack(memory, seq_id, num_seqs, M + 1)
+    layout = packing.pack(memory, seq_id, num_seqs, M + 1)
     cu, L = layout.cu_seqlens, layout.num_rows
     qg = torch.randn(N, 2 * C, device="cuda", generator=gen).to(dtype)
     kvba = torch.randn(L, 2 * C + 8, device="cuda", generator=gen).to(dtype)
@@ -336,7 +336,7 @@ def test_conv_layer_forms_paper_shape(dtype):
             q, _ = short_conv(qg_[None, :, :C], wq_, cu_seqlens=cu,
                               gather=(layout.token, layout.slot_row), backend="triton")
         else:
-            q, _ = short_conv(routing.spread(qg_[:, :C], layout)[None], wq_, cu_seqlens=cu,
+            q, _ = short_conv(packing.spread(qg_[:, :C], layout)[None], wq_, cu_seqlens=cu,
                               backend="torch")
         k, v, b, a = short_conv_split(kvba_[None], [wk_, wv_, None, None], sizes, cu_seqlens=cu,
                                       backend=backend)
@@ -359,16 +359,16 @@ def test_lean_op_side_streams_change_nothing():
     bf16) with its sequential kernels beside other work on side CUDA streams
     (`KernelOptions.side_streams`) gives bit-identical output and gradients to one stream:
     each kernel reads and writes the same tensors, only the order across streams changes."""
-    from megatron_mom import routing
+    from megatron_mom import packing
     from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
     from megatron_mom.ops import KernelOptions
     gen = torch.Generator(device="cuda").manual_seed(8)
     B, T, M, H, D = 4, 4096, 4, 4, 256
-    seq_id, num_seqs = routing.sequence_ids(B, T, None, "cuda")
+    seq_id, num_seqs = packing.sequence_ids(B, T, None, "cuda")
     N = B * T
     routed = torch.rand(N, M, device="cuda", generator=gen).topk(2, dim=1).indices.sort(1).values
     memory = torch.cat([routed, torch.full((N, 1), M, device="cuda")], dim=1)
-    layout = routing.pack(memory, seq_id, num_seqs, M + 1)
+    layout = packing.pack(memory, seq_id, num_seqs, M + 1)
     bf = torch.bfloat16
     leaves = [torch.randn(N, H * D, device="cuda", generator=gen).to(bf),
               torch.randn(layout.num_rows, 2 * H * D + 2 * H, device="cuda", generator=gen).to(bf)]

@@ -119,6 +119,44 @@ def test_grouped_projection_matches_dense_bf16(megatron_single, blocked):
         assert ref[2]["in_proj.weight"][head + blocked * C: head + (blocked + 1) * C].abs().max() == 0
 
 
+
+def test_grouped_projection_with_transformer_engine_in_proj(megatron_single):
+    """The TE spec's in_proj (TEColumnParallelLinear with the grouped form) runs the grouped
+    projection as its own forward, its pre-hooks included, and matches the TE spec's dense
+    projection on the same weights (bf16)."""
+    pytest.importorskip("transformer_engine.pytorch")
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.spec_utils import build_module
+    from megatron_mom import MoMConfig
+    from megatron_mom.projection import GroupedProjection
+    from megatron_mom.specs import get_mom_module_spec
+    hidden = 512
+    mom = MoMConfig(num_memories=4, topk=2, num_heads=4, head_dim=128)
+    config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
+                               params_dtype=torch.bfloat16, bf16=True,
+                               gradient_accumulation_fusion=False)
+
+    def te_layer(mode):
+        return build_module(get_mom_module_spec(mom.replace(grouped_projection=mode),
+                                                backend="te"),
+                            config=config, layer_number=1).cuda()
+
+    torch.manual_seed(3)
+    dense, grouped = te_layer("off"), te_layer("on")
+    grouped.load_state_dict(dense.state_dict(), strict=False)   # TE keeps extra fp8 state
+    assert isinstance(grouped.in_proj, GroupedProjection)
+    x = torch.randn(512, 2, hidden, device="cuda").to(torch.bfloat16)
+    assert grouped._grouped_projection_applies(x)
+    calls = []
+    grouped.in_proj.register_forward_pre_hook(lambda m, args: calls.append(1))
+    dy = torch.randn(512, 2, hidden, device="cuda")
+    ref, got = run(dense, x, dy), run(grouped, x, dy)
+    assert calls == [1]
+    assert rel(got[0], ref[0]) < 2e-2 and rel(got[1], ref[1]) < 2e-2
+    errs = {n: rel(got[2][n], ref[2][n]) for n in ref[2]}
+    assert max(errs.values()) < 2e-2, errs
+
+
 _LAYER_CAPTURE = """
 import torch
 from graph_capture import capture_and_replay

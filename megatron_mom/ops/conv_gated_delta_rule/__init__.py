@@ -66,7 +66,7 @@ def conv_gated_delta_rule(
 ) -> Tensor:
     """q_tok [N, H*K] token rows; kvba [L, H*K + H*V + 2H] packed rows (k | v | b | a);
     gather = (x_row [L], slot_row [N, S]): the token of each packed row and its inverse
-    (routing.PackedLayout.token, .slot_row); cu_seqlens [segments + 1] over the L rows;
+    (packing.PackedLayout.token, .slot_row); cu_seqlens [segments + 1] over the L rows;
     conv_q, conv_k [H*K, W], conv_v [H*V, W]; A_log, dt_bias [H]. Returns o [L, H, V] in
     kvba's dtype. `options`: how the recurrence's Triton kernels run (`KernelOptions`)."""
     H = num_heads

@@ -27,7 +27,7 @@ def short_conv(
 
     `gather` = (x_row [L], slot_row [T, S]), L = T * S: convolve the L packed rows
     x[0, x_row[r]] (x is [1, T, C], y is [1, L, C]) without building that copy. slot_row must be
-    x_row's inverse, each x row's S packed rows (routing.PackedLayout.token and .slot_row): the
+    x_row's inverse, each x row's S packed rows (packing.PackedLayout.token and .slot_row): the
     gradient of x is then the sum over those S rows, by a gather (no scatter-add). Same result
     as `short_conv(x[:, x_row], ...)`; the Triton backward keeps x and the index, not the copy."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[-1]:
