@@ -35,7 +35,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mom import mqar
-from megatron_mom.mqar_sweep import SWEEP_MIXERS, environment
+from megatron_mom.mqar_sweep import SWEEP_MIXERS, environment, preset_with_overrides
 from megatron_mom.train.config import ConfigError
 
 # Installed third-party packages and generated or vendored parts; the library's own tests
@@ -80,17 +80,7 @@ PRESETS = {
 
 
 def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown text_compare preset {preset!r}; choose one of "
-                          f"{', '.join(PRESETS)}")
-    s = dataclasses.replace(PRESETS[preset])
-    fields = {f.name for f in dataclasses.fields(TextSettings)}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise ConfigError(f"unknown text_compare setting {key!r}; valid: {', '.join(fields)}")
-        current = getattr(s, key)
-        setattr(s, key, [str(v) for v in (value if isinstance(value, list) else [value])]
-                if isinstance(current, list) else type(current)(value))
+    s = preset_with_overrides(PRESETS, preset, overrides, "text_compare")
     for mixer in s.mixers:
         if mixer not in SWEEP_MIXERS:
             raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(SWEEP_MIXERS)}")
