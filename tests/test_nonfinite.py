@@ -2,10 +2,9 @@
 sequences finite, forward and backward (torch references, and the Triton kernels through the
 interpreter on the CPU). float32, small shapes.
 
-What the chunked recurrence cannot promise is documented in docs/kernels.md: inside the chunk
-that holds it, a non-finite k, v, g or beta also reaches the earlier positions of that chunk
-(its products are dense tile products, where 0 * NaN = NaN); earlier chunks, and every other
-sequence, stay finite. The token-by-token backend keeps it out of every earlier position."""
+Inside its own sequence a non-finite k, v, g or beta reaches its own position and every later
+one (the state carries it), never an earlier one, on every backend: the chunked forms zero such
+a row for their dense products and mark the outputs from it on (docs/kernels.md)."""
 from __future__ import annotations
 
 import pytest
@@ -72,29 +71,46 @@ def gdr_case(backend, which, nan_at, H=1, K=16, V=16):
              v=torch.randn(1, T, H, V, generator=gen),
              g=F.logsigmoid(torch.randn(1, T, H, generator=gen) + 2.0),
              beta=torch.rand(1, T, H, generator=gen))
-    x[which][0, nan_at] = float("nan")
+    if nan_at is not None:
+        x[which][0, nan_at] = float("nan")
     for t in x.values():
         t.requires_grad_()
-    o, _ = gated_delta_rule(*x.values(), cu_seqlens=CU, chunk_size=16, backend=backend)
-    o.sum().backward()
-    return o, {name: t.grad for name, t in x.items()}
+    o, state = gated_delta_rule(*x.values(), cu_seqlens=CU, chunk_size=16, backend=backend,
+                                output_final_state=True)
+    (o.sum() + state.sum()).backward()
+    return o, state, {name: t.grad for name, t in x.items()}
 
 
 @pytest.mark.parametrize("backend", ["recurrent", "torch", "triton"])
-@pytest.mark.parametrize("which", ["k", "v"])
-def test_gated_delta_rule_nan_stays_in_its_sequence(backend, which):
-    o, grads = gdr_case(backend, which, nan_at=19)
+@pytest.mark.parametrize("which", ["k", "v", "g", "beta"])
+@pytest.mark.parametrize("nan_at", [9, 19])         # inside the first chunk; last of the second
+def test_gated_delta_rule_nan_stays_in_its_sequence(backend, which, nan_at):
+    clean, _, _ = gdr_case(backend, which, None)
+    o, state, grads = gdr_case(backend, which, nan_at)
     ok = finite_rows(o)
-    assert ok[SEQ1].all() and not ok[19], ok
-    # earlier chunks always; earlier positions of its own chunk only token by token
-    assert ok[:16].all() and (backend != "recurrent" or ok[:19].all()), ok
+    assert ok[SEQ1].all() and not ok[nan_at:20].any(), ok
+    # earlier positions, also those of its own chunk: finite and what they are without it
+    assert ok[:nan_at].all(), ok
+    torch.testing.assert_close(o[:, :nan_at], clean[:, :nan_at], rtol=1e-5, atol=1e-6)
+    assert not torch.isfinite(state[0]).any() and torch.isfinite(state[1]).all()
     for name, d in grads.items():
         assert finite_rows(d)[SEQ1].all(), name
     # a NaN at the start of the second sequence: the first is untouched, gradients included
-    o, grads = gdr_case(backend, which, nan_at=20)
-    assert finite_rows(o)[SEQ0].all()
+    o, state, grads = gdr_case(backend, which, nan_at=20)
+    assert finite_rows(o)[SEQ0].all() and torch.isfinite(state[0]).all()
     for name, d in grads.items():
         assert finite_rows(d)[SEQ0].all(), name
+
+
+@pytest.mark.parametrize("backend", ["recurrent", "torch", "triton"])
+def test_gated_delta_rule_nan_in_q_reaches_only_its_own_output(backend):
+    clean, _, _ = gdr_case(backend, "q", None)
+    o, state, _ = gdr_case(backend, "q", 9)
+    ok = finite_rows(o)
+    assert not ok[9] and ok[:9].all() and ok[10:].all(), ok
+    torch.testing.assert_close(o[0, ok], clean[0, ok],
+                               rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(state).all()
 
 
 def test_layer_nan_in_one_batch_row_leaves_the_other_finite(megatron_single):

@@ -388,3 +388,39 @@ def test_lean_op_side_streams_change_nothing():
     for name, a, b in zip(names, *runs):
         assert a.abs().sum() > 0, name
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("which", ["k", "v", "g", "beta"])
+def test_nan_reaches_no_earlier_position_bf16(which):
+    """The compiled kernels (not only the interpreter) keep a NaN out of the earlier rows of
+    its chunk and out of the other sequences, and leave the earlier rows as they were."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, 200, 456], dtype=torch.int32, device="cuda")
+    T, H, D = 456, 4, 128
+
+    def case(nan_at):
+        x = dict(q=torch.randn(1, T, H, D, device="cuda", generator=gen),
+                 k=F.normalize(torch.randn(1, T, H, D, device="cuda", generator=gen), dim=-1),
+                 v=torch.randn(1, T, H, D, device="cuda", generator=gen),
+                 g=F.logsigmoid(torch.randn(1, T, H, device="cuda", generator=gen) + 2.0),
+                 beta=torch.rand(1, T, H, device="cuda", generator=gen))
+        x = {n: t.bfloat16() if n in ("q", "k", "v") else t for n, t in x.items()}
+        if nan_at is not None:
+            x[which][0, nan_at] = float("nan")
+        for t in x.values():
+            t.requires_grad_()
+        o, state = gated_delta_rule(*x.values(), cu_seqlens=cu, backend="triton",
+                                    output_final_state=True)
+        (o.float().sum() + state.sum()).backward()
+        return o, state, {n: t.grad for n, t in x.items()}
+
+    gen.manual_seed(0)
+    clean, _, _ = case(None)
+    gen.manual_seed(0)
+    o, state, grads = case(150)                      # the middle of the third 64-token chunk
+    ok = torch.isfinite(o[0].float()).flatten(1).all(-1)
+    assert ok[:150].all() and not ok[150:200].any() and ok[200:].all()
+    torch.testing.assert_close(o[:, :150].float(), clean[:, :150].float(), rtol=1e-3, atol=1e-3)
+    assert not torch.isfinite(state[0]).any() and torch.isfinite(state[1]).all()
+    for name, d in grads.items():
+        assert torch.isfinite(d[0, 200:]).all(), name

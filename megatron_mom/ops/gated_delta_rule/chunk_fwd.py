@@ -24,6 +24,15 @@ import triton.language as tl
 from megatron_mom.ops.common.search import sequence_of
 
 
+NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def finite(x):
+    """Elementwise: x is neither NaN nor +-Inf."""
+    return (x == x) & (tl.abs(x) < float("inf"))
+
+
 @triton.jit
 def chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C: tl.constexpr):
     """(first token, token ids [C] int64, valid-row mask [C], last valid row) of chunk `pid`."""
@@ -108,10 +117,17 @@ def prepare_kernel(
     tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
     rows = tl.arange(0, C)
 
+    # Rows whose k, v, g or beta hold a non-finite value are zeroed for every product here
+    # (in a dense tile product a masked-out 0 times NaN is NaN, which would reach the earlier
+    # rows) and marked: from the first marked row on, the stored gam is NaN, so the outputs
+    # from that row on and the chunk's exit state come out NaN in state_fwd_kernel while the
+    # earlier rows are exactly what they are for any finite input there.
     g_c = tl.load(g + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
-    gam = tl.cumsum(g_c, axis=0)                                   # [C]; constant past the end
-    tl.store(gam_out + tok * H + h, gam, mask=valid)
     b_c = tl.load(beta + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
+    bad = ~(finite(g_c) & finite(b_c))                             # [C]
+    g_c = tl.where(finite(g_c), g_c, 0.0)
+    b_c = tl.where(finite(b_c), b_c, 0.0)
+    gam = tl.cumsum(g_c, axis=0)                                   # [C]; constant past the end
 
     chunk_id = pid.to(tl.int64) * H + h
     causal = rows[:, None] >= rows[None, :]
@@ -123,6 +139,8 @@ def prepare_kernel(
         cols = kb * BK + tl.arange(0, BK)
         offs = (tok * SQK + h * K)[:, None] + cols[None, :]
         k_t = tl.load(k + offs, mask=valid[:, None], other=0.0)
+        bad |= tl.max(tl.where(finite(k_t), 0, 1), axis=1) > 0
+        k_t = tl.where(finite(k_t), k_t, 0.0)
         k_tt = tl.trans(k_t)
         qk += tl.dot(tl.load(q + offs, mask=valid[:, None], other=0.0), k_tt, input_precision=PREC)
         kk += tl.dot(k_t, k_tt, input_precision=PREC)
@@ -143,6 +161,7 @@ def prepare_kernel(
         cols = kb * BK + tl.arange(0, BK)
         k_t = tl.load(k + (tok * SQK + h * K)[:, None] + cols[None, :], mask=valid[:, None],
                       other=0.0).to(tl.float32)
+        k_t = tl.where(finite(k_t), k_t, 0.0)
         w_t = tl.dot(t_op, (k_t * kscale[:, None]).to(dt), input_precision=PREC)
         tl.store(w_out + (tok * H + h)[:, None] * K + cols[None, :], w_t.to(w_out.dtype.element_ty),
                  mask=valid[:, None])
@@ -150,9 +169,14 @@ def prepare_kernel(
         cols = vb * BV + tl.arange(0, BV)
         v_t = tl.load(v + (tok * SV + h * V)[:, None] + cols[None, :], mask=valid[:, None],
                       other=0.0).to(tl.float32)
+        bad |= tl.max(tl.where(finite(v_t), 0, 1), axis=1) > 0
+        v_t = tl.where(finite(v_t), v_t, 0.0)
         u_t = tl.dot(t_op, (v_t * b_c[:, None]).to(dt), input_precision=PREC)
         tl.store(u_out + (tok * H + h)[:, None] * V + cols[None, :], u_t.to(u_out.dtype.element_ty),
                  mask=valid[:, None])
+    poisoned = tl.cumsum(bad.to(tl.int32), axis=0) > 0
+    tl.store(gam_out + tok * H + h, tl.where(poisoned, tl.full([C], NAN, tl.float32), gam),
+             mask=valid)
 
 
 @triton.jit(do_not_specialize=["scale"])

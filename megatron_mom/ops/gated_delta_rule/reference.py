@@ -64,6 +64,12 @@ def chunk_gated_delta_rule(
         x = x.transpose(1, 2)
         return x.reshape(B, H, NT, C, *x.shape[3:])
 
+    # A token whose k, v, g or beta is non-finite is zeroed for the products (dense products
+    # would carry 0 * NaN = NaN to the earlier rows of its chunk) and its output and every
+    # later one, and the final state, are NaN, as in the token-by-token form.
+    ok = (k.isfinite().all(-1) & v.isfinite().all(-1) & g.isfinite() & beta.isfinite())  # [B, T, H]
+    poisoned = (~ok).cumsum(1) > 0
+    k, v, g, beta = (x.where(ok if x.dim() == 3 else ok[..., None], 0) for x in (k, v, g, beta))
     # Zero padding is inert: g = 0 keeps the state, beta = 0 writes nothing.
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
     gam = g.cumsum(-1)                                              # [B, H, NT, C]
@@ -91,6 +97,9 @@ def chunk_gated_delta_rule(
         outs.append((q_decay[:, :, n] @ S + QK[:, :, n] @ U) * scale)
         S = S * gam_last[:, :, n, None, None].exp() + k_decay[:, :, n].transpose(-1, -2) @ U
     o = torch.stack(outs, dim=2).reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
+    if T:
+        o = o.masked_fill(poisoned[..., None], float("nan"))
+        S = S.masked_fill(poisoned[:, -1, :, None, None], float("nan"))
     return o, S
 
 
