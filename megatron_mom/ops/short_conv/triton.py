@@ -249,14 +249,45 @@ def _conv_fwd_stream_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, TILES,
         for r in tl.static_range(R):
             t = base + r
             seq, end, pos = _next_row(cu_seqlens, t, seq, end, pos, TT)
-            taps = _taps(cur[r].to(tl.float32),
-                         _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
+            if pos >= W - 1:                       # the window is all inside the sequence
+                taps = _taps(cur[r].to(tl.float32), xw, W)
+            else:
+                taps = _taps(cur[r].to(tl.float32),
+                             _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
             z = _z(taps, w, W)
             if SILU:
                 z = z / (1.0 + tl.exp(-z))
             tl.store(y + t.to(tl.int64) * C + cols, z.to(y.dtype.element_ty),
                      mask=cmask & (cols * 0 + t < TT))
             xw = _shifted(taps, W)
+
+
+@triton.jit
+def _bwd_row(taps, g, w, dw, opened, pos, t, b, stop, W: tl.constexpr, SILU: tl.constexpr,
+             EDGE: tl.constexpr):
+    """One row t of the backward: (taps, dw + dz_t x_{t-e}, dx rows t .. t-(W-1) with dz_t's
+    terms added). EDGE: the row may be past the run (no dw), past the rows read (no dz) or
+    within W-1 of its sequence's start (dz_t reaches back only to the start): selects."""
+    dz = g
+    if SILU:
+        z = _z(taps, w, W)
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    if EDGE:
+        dz = tl.where(t < stop, dz, 0.0)    # past the rows read: nothing (not 0 * NaN)
+        mine = tl.where(t < b, dz, 0.0)
+    else:
+        mine = dz
+    acc = ()
+    for e in tl.static_range(W):
+        acc = acc + (dw[e] + mine * taps[e],)
+    rows = (w[W - 1] * dz,)
+    for d in tl.static_range(1, W):
+        if EDGE:
+            rows = rows + (opened[d - 1] + tl.where(pos >= d, w[W - 1 - d] * dz, 0.0),)
+        else:
+            rows = rows + (opened[d - 1] + w[W - 1 - d] * dz,)
+    return taps, acc, rows
 
 
 @triton.jit(do_not_specialize=["TT", "N", "TILES"])
@@ -300,23 +331,15 @@ def _conv_bwd_stream_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens,
         for r in tl.static_range(R):
             t = base + r
             seq, end, pos = _next_row(cu_seqlens, t, seq, end, pos, TT)
-            taps = _taps(cur_x[r].to(tl.float32),
-                         _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
-            dz = cur_g[r].to(tl.float32)
-            if SILU:
-                z = _z(taps, w, W)
-                sig = 1.0 / (1.0 + tl.exp(-z))
-                dz = dz * sig * (1.0 + z * (1.0 - sig))
-            dz = tl.where(t < stop, dz, 0.0)        # past the rows read: nothing (not 0 * NaN)
-            mine = tl.where(t < b, dz, 0.0)
-            acc = ()
-            for e in tl.static_range(W):
-                acc = acc + (dw[e] + mine * taps[e],)
-            dw = acc
-            # dx rows t, t-1, .., t-(W-1); dz_t reaches back only inside its sequence
-            rows = (w[W - 1] * dz,)
-            for d in tl.static_range(1, W):
-                rows = rows + (opened[d - 1] + tl.where(pos >= d, w[W - 1 - d] * dz, 0.0),)
+            xt, g = cur_x[r].to(tl.float32), cur_g[r].to(tl.float32)
+            # A row of the run whose window and open dx rows are all in its sequence (nearly
+            # every row) needs none of the selects.
+            if (pos >= W - 1) & (t < b):
+                taps, dw, rows = _bwd_row(_taps(xt, xw, W), g, w, dw, opened, pos, t, b, stop,
+                                          W, SILU, False)
+            else:
+                taps = _taps(xt, _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
+                taps, dw, rows = _bwd_row(taps, g, w, dw, opened, pos, t, b, stop, W, SILU, True)
             s = t - (W - 1)                                           # finished: store it
             tl.store(dx + s.to(tl.int64) * DX_STRIDE + cols, rows[W - 1].to(dx.dtype.element_ty),
                      mask=cmask & (cols * 0 + s >= a) & (cols * 0 + s < b))
