@@ -223,7 +223,7 @@ def _shifted(taps, W: tl.constexpr):
 def _z(taps, w, W: tl.constexpr):
     z = w[W - 1] * taps[0]
     for e in tl.static_range(1, W):
-        z += w[W - 1 - e] * taps[e]
+        z = tl.fma(w[W - 1 - e], taps[e], z)
     return z
 
 
@@ -278,15 +278,17 @@ def _bwd_row(taps, g, w, dw, opened, pos, t, b, stop, W: tl.constexpr, SILU: tl.
         mine = tl.where(t < b, dz, 0.0)
     else:
         mine = dz
+    # explicit fma: the compiler merges the two paths' common tails, and an add merged apart
+    # from its product is no longer contracted into an fma
     acc = ()
     for e in tl.static_range(W):
-        acc = acc + (dw[e] + mine * taps[e],)
+        acc = acc + (tl.fma(mine, taps[e], dw[e]),)
     rows = (w[W - 1] * dz,)
     for d in tl.static_range(1, W):
         if EDGE:
-            rows = rows + (opened[d - 1] + tl.where(pos >= d, w[W - 1 - d] * dz, 0.0),)
+            rows = rows + (tl.fma(w[W - 1 - d], tl.where(pos >= d, dz, 0.0), opened[d - 1]),)
         else:
-            rows = rows + (opened[d - 1] + w[W - 1 - d] * dz,)
+            rows = rows + (tl.fma(w[W - 1 - d], dz, opened[d - 1]),)
     return taps, acc, rows
 
 
