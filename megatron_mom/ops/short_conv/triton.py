@@ -26,21 +26,30 @@ from megatron_mom.ops.common.search import sequence_of_unrolled
 from megatron_mom.ops.mix import sum_over_slots
 
 MAX_WIDTH = 8
-# (BT tokens, BC channels, warps) per program. The backward holds more live tiles (W taps, the
-# next tile's loads, W dw sums), hence its smaller tile; W > 4 doubles the warps for the same
-# tile. Chosen from the register counts of an offline sm_90 build (Triton 3.6 and 3.9): no
-# spills up to W = 8, and 168 registers for the W = 4 backward, so three programs share an SM.
-FWD_CONFIG = (64, 64, 4)
-# With the L2 norm (`conv_l2norm_forward`) a tile spans one head's columns: (BT, warps) by the
-# largest head dim served, so the tile stays at 4096 elements.
-NORM_CONFIG = {64: (64, 4), 128: (32, 4), 256: (16, 4)}
-BWD_CONFIG = (32, 32, 4)
-# The backward walks up to BWD_MAX_TILES consecutive tiles per program so that its dw partial
-# sums (one [C, W] row per program, summed on the device afterwards) stay few, as long as each
-# channel block still gets BWD_MIN_PROGRAMS programs (enough to fill the GPU); timed in
-# docs/performance.md.
-BWD_MAX_TILES = 16
+# The forward and backward stream over rows: a program owns a run of consecutive packed rows
+# and a block of BC channels, and visits its rows in order, R rows per step (loaded one step
+# ahead, so R rows of every input are in flight while the previous R are computed). The last
+# W-1 inputs, and in the backward the W-1 unfinished dx rows, wait in registers, so every
+# input row is read once and every output row written once, each row a contiguous load or
+# store along the channels; the run's first W-1 inputs (and in the backward the W-1 rows after
+# it) are read again by the neighbouring program. No gather, shuffle or shared memory. The
+# tensors are 1-D over channels: E = BC / (32 warps) channels a thread, so E = 4 gives 8-byte
+# bf16 loads and stores.
+# (R rows per step, BC channels, warps). Registers (offline sm_90 builds, Triton 3.9, W = 4,
+# no spills): see docs/kernels.md; W > 4 doubles the warps for the same block.
+FWD_CONFIG = (16, 512, 4)
+BWD_CONFIG = (8, 512, 4)
+# A program walks up to *_MAX_TILES steps of R rows, as long as each channel block still gets
+# *_MIN_PROGRAMS programs (enough to fill the GPU). The backward writes one dw partial sum
+# [C, W] per program (summed on the device afterwards), so its runs are longer.
+FWD_MAX_TILES = 16
+FWD_MIN_PROGRAMS = 256
+BWD_MAX_TILES = 32
 BWD_MIN_PROGRAMS = 128
+# With the L2 norm (`conv_l2norm_forward`) a tile [BT rows, one head's columns] is reduced
+# along its rows: (BT, warps) by the largest head dim served, so the tile stays at 4096
+# elements. Its loads are issued before the sequence search (they do not depend on it).
+NORM_CONFIG = {64: (64, 4), 128: (32, 4), 256: (16, 4)}
 
 
 # Each load of x below has two compile-time forms. With GATHER it first reads the row index
@@ -50,15 +59,18 @@ BWD_MIN_PROGRAMS = 128
 @triton.jit
 def _tap(x, x_row, init, seq, tok, pos, shift, cols, tmask, cmask, x_stride,
          C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr, GATHER: tl.constexpr):
-    """x_{t - shift} [BT, BC] fp32 for each token t, from its own sequence or its initial state."""
+    """x_{t - shift} [BT, BC] fp32 for each token t, from its own sequence or its initial state.
+    The row is read whatever sequence it is in (its load does not wait for the search) and
+    dropped by a select where it lies before the sequence: a NaN there stays there."""
     inside = pos >= shift
+    here = tmask & (tok >= shift)
     if GATHER:
-        row = tl.load(x_row + (tok - shift), mask=tmask & inside, other=0).to(tl.int64)
-        val = tl.load(x + row * x_stride + cols, mask=tmask & inside & cmask, other=0.0)
+        row = tl.load(x_row + (tok - shift), mask=here, other=0).to(tl.int64)
+        val = tl.load(x + row * x_stride + cols, mask=here & cmask, other=0.0)
     else:
-        val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=tmask & inside & cmask,
+        val = tl.load(x + (tok - shift).to(tl.int64) * x_stride + cols, mask=here & cmask,
                       other=0.0)
-    val = val.to(tl.float32)
+    val = tl.where(inside, val.to(tl.float32), 0.0)
     if HAS_INIT:
         slot = W - 1 + pos - shift                                   # >= 0 when not inside
         val += tl.load(init + seq.to(tl.int64) * C * (W - 1) + slot + cols * (W - 1),
@@ -112,98 +124,232 @@ def _conv_fwd_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, x_stride: tl.
 
 
 @triton.jit
-def _bwd_loads(x, x_row, init, dy, cu_seqlens, tok, limit, cols, cmask, N, x_stride,
-               STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
-               GATHER: tl.constexpr):
-    """Everything one backward tile reads (rows at or past `limit` read nothing): (pos, length,
-    W taps x_{t-e} [BT, BC], W-1 history taps (HAS_INIT), dy [BT, BC]). Kept in the input
-    dtype, unlike `_tap`, as they wait in registers for a whole tile."""
-    tmask = tok < limit
-    seq, bos, length = _locate(cu_seqlens, tok, N, STEPS)
-    pos = tok - bos
-    taps = ()
-    for e in tl.static_range(W):
-        if GATHER:
-            row = tl.load(x_row + (tok - e), mask=tmask & (pos >= e), other=0).to(tl.int64)
-            tap = tl.load(x + row * x_stride + cols, mask=tmask & (pos >= e) & cmask, other=0.0)
+def _next_row(cu_seqlens, t, seq, end, pos, TT):
+    """(sequence, its end, position in it) of row t from those of row t-1 (rows in order):
+    past a sequence's end, the next non-empty sequence starts at t."""
+    if (t >= end) & (t < TT):
+        seq += 1
+        while tl.load(cu_seqlens + seq + 1) <= t:                   # empty sequences
+            seq += 1
+        end = tl.load(cu_seqlens + seq + 1)
+        pos = pos * 0
+    else:
+        pos += 1
+    return seq, end, pos
+
+
+@triton.jit
+def _run_start(cu_seqlens, a, N, STEPS: tl.constexpr):
+    """(sequence, end, position - 1) of row a, as `_next_row` takes them for row a - 1."""
+    seq = sequence_of_unrolled(cu_seqlens, a, N, STEPS)
+    return seq, tl.load(cu_seqlens + seq + 1), a - tl.load(cu_seqlens + seq) - 1
+
+
+@triton.jit
+def _row(x, x_row, t, limit, cols, cmask, x_stride, GATHER: tl.constexpr):
+    """Input row t [BC] in x's dtype (zeros at or past `limit`, or before row 0)."""
+    ok = (t >= 0) & (t < limit)
+    if GATHER:
+        r = tl.load(x_row + t, mask=ok, other=0).to(tl.int64)
+    else:
+        r = t.to(tl.int64)
+    tv = cols * 0 + t          # masks of [BC] (the interpreter rejects a scalar & a block)
+    return tl.load(x + r * x_stride + cols, mask=cmask & (tv >= 0) & (tv < limit), other=0.0)
+
+
+@triton.jit
+def _load_rows(x, x_row, first, limit, cols, cmask, x_stride, GATHER: tl.constexpr, R: tl.constexpr):
+    """R input rows first.. first+R-1 (a tuple of [BC])."""
+    out = ()
+    for r in tl.static_range(R):
+        out = out + (_row(x, x_row, first + r, limit, cols, cmask, x_stride, GATHER),)
+    return out
+
+
+@triton.jit
+def _with_history(xw, init, seq, pos, cols, cmask, C: tl.constexpr, W: tl.constexpr,
+                  HAS_INIT: tl.constexpr):
+    """The window xw (x_{t-1}, ..., x_{t-W+1}) of a row at position `pos` of sequence `seq`:
+    entries before the sequence's start replaced (a select: a NaN of the previous sequence
+    stays there) by its initial state or zeros."""
+    out = ()
+    for e in tl.static_range(1, W):
+        if HAS_INIT:
+            hist = tl.load(init + seq.to(tl.int64) * C * (W - 1) + cols * (W - 1) + (W - 1 + pos - e),
+                           mask=cmask & (cols * 0 + pos < e), other=0.0).to(tl.float32)
         else:
-            tap = tl.load(x + (tok - e).to(tl.int64) * x_stride + cols,
-                          mask=tmask & (pos >= e) & cmask, other=0.0)
-        taps = taps + (tap,)
-    hist = ()
-    if HAS_INIT:
-        for e in tl.static_range(1, W):                              # x_{t-e} before the start
-            hist = hist + (tl.load(init + seq.to(tl.int64) * C * (W - 1) + (W - 1 + pos - e) + cols * (W - 1),
-                                   mask=tmask & (pos < e) & cmask, other=0.0),)
-    g = tl.load(dy + tok.to(tl.int64) * C + cols, mask=tmask & cmask, other=0.0)
-    return pos, length, taps, hist, g
+            hist = 0.0
+        out = out + (tl.where(pos >= e, xw[e - 1], hist),)
+    return out
+
+
+@triton.jit
+def _window(x, x_row, a, cols, cmask, x_stride, W: tl.constexpr, GATHER: tl.constexpr, TT):
+    """x_{a-1}, ..., x_{a-W+1} [BC] fp32: the inputs before a run (whatever their sequence)."""
+    out = ()
+    for e in tl.static_range(1, W):
+        out = out + (_row(x, x_row, a - e, TT, cols, cmask, x_stride, GATHER).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _weights(weight, cols, cmask, W: tl.constexpr):
+    """w[:, i] [BC] fp32 for i = 0..W-1."""
+    out = ()
+    for i in tl.static_range(W):
+        out = out + (tl.load(weight + cols * W + i, mask=cmask, other=0.0).to(tl.float32),)
+    return out
+
+
+@triton.jit
+def _taps(xt, xw, W: tl.constexpr):
+    """(x_t, x_{t-1}, ..., x_{t-W+1}) from x_t and the window."""
+    out = (xt,)
+    for e in tl.static_range(1, W):
+        out = out + (xw[e - 1],)
+    return out
+
+
+@triton.jit
+def _shifted(taps, W: tl.constexpr):
+    """The window of the next row: the first W-1 taps."""
+    out = ()
+    for e in tl.static_range(W - 1):
+        out = out + (taps[e],)
+    return out
+
+
+@triton.jit
+def _z(taps, w, W: tl.constexpr):
+    z = w[W - 1] * taps[0]
+    for e in tl.static_range(1, W):
+        z = tl.fma(w[W - 1 - e], taps[e], z)
+    return z
 
 
 @triton.jit(do_not_specialize=["TT", "N", "TILES"])
-def _conv_bwd_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N,
-                     x_stride: tl.constexpr, TILES,
-                     STEPS: tl.constexpr, C: tl.constexpr, W: tl.constexpr, HAS_INIT: tl.constexpr,
-                     SILU: tl.constexpr, GATHER: tl.constexpr, DX_STRIDE: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr, PART_C: tl.constexpr):
-    """dx_t = sum_d w[c, W-1-d] dz_{t+d} (same sequence) for TILES consecutive token tiles;
-    dw_part[program] = this program's share of dw [C, W] (its rows PART_C channels apart: a
-    column range of a wider buffer, as for heads of one weight). dx rows lie DX_STRIDE apart (C for a
-    dx of its own), x rows x_stride apart: as compile-time constants they tell the compiler how
-    loads and stores align (a runtime 2056, the memory rows' stride, is not known to be a
-    multiple of 16 and compiled to 2-byte loads).
-
-    Each z and sigmoid is computed once: a tile computes dz at its BT rows and reads the shifted
-    dz_{t+d} back from its own registers (a warp-local gather), so only its first
-    OUT = BT - (W-1) rows get dx; the next tile starts at row OUT and redoes the last W-1.
-    A tile's loads are issued while the previous tile computes, to hide their latency."""
-    OUT: tl.constexpr = BT - (W - 1)
-    rows = tl.arange(0, BT)[:, None]                                 # [BT, 1]
-    cols = tl.program_id(1) * BC + tl.arange(0, BC)[None, :]        # [1, BC]
+def _conv_fwd_stream_kernel(x, x_row, weight, init, y, cu_seqlens, TT, N, TILES,
+                            x_stride: tl.constexpr, STEPS: tl.constexpr, C: tl.constexpr,
+                            W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+                            GATHER: tl.constexpr, R: tl.constexpr, BC: tl.constexpr):
+    """y rows a .. a + TILES*R - 1 (a = program 0's run) of channel block program 1: each input
+    row read once (the W-1 before the run read again), kept for the next W-1 rows."""
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)                  # [BC]
     cmask = cols < C
-    w_taps = ()                                                      # W x [1, BC]: w[:, i]
-    for i in tl.static_range(W):
-        w_taps = w_taps + (tl.load(weight + cols * W + i, mask=cmask, other=0.0).to(tl.float32),)
-    dw_acc = ()                                                      # W x [BT, BC]: dz_t x_{t-e}
+    a = tl.program_id(0) * TILES * R
+    w = _weights(weight, cols, cmask, W)
+    seq, end, pos = _run_start(cu_seqlens, a, N, STEPS)
+    xw = _window(x, x_row, a, cols, cmask, x_stride, W, GATHER, TT)
+    nxt = _load_rows(x, x_row, a, TT, cols, cmask, x_stride, GATHER, R)
+    for step in range(TILES):
+        base = a + step * R
+        cur = nxt
+        nxt = _load_rows(x, x_row, base + R, tl.where(step + 1 < TILES, TT, 0), cols, cmask, x_stride,
+                    GATHER, R)
+        for r in tl.static_range(R):
+            t = base + r
+            seq, end, pos = _next_row(cu_seqlens, t, seq, end, pos, TT)
+            if pos >= W - 1:                       # the window is all inside the sequence
+                taps = _taps(cur[r].to(tl.float32), xw, W)
+            else:
+                taps = _taps(cur[r].to(tl.float32),
+                             _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
+            z = _z(taps, w, W)
+            if SILU:
+                z = z / (1.0 + tl.exp(-z))
+            tl.store(y + t.to(tl.int64) * C + cols, z.to(y.dtype.element_ty),
+                     mask=cmask & (cols * 0 + t < TT))
+            xw = _shifted(taps, W)
+
+
+@triton.jit
+def _bwd_row(taps, g, w, dw, opened, pos, t, b, stop, W: tl.constexpr, SILU: tl.constexpr,
+             EDGE: tl.constexpr):
+    """One row t of the backward: (taps, dw + dz_t x_{t-e}, dx rows t .. t-(W-1) with dz_t's
+    terms added). EDGE: the row may be past the run (no dw), past the rows read (no dz) or
+    within W-1 of its sequence's start (dz_t reaches back only to the start): selects."""
+    dz = g
+    if SILU:
+        z = _z(taps, w, W)
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        dz = dz * sig * (1.0 + z * (1.0 - sig))
+    if EDGE:
+        dz = tl.where(t < stop, dz, 0.0)    # past the rows read: nothing (not 0 * NaN)
+        mine = tl.where(t < b, dz, 0.0)
+    else:
+        mine = dz
+    # explicit fma: the compiler merges the two paths' common tails, and an add merged apart
+    # from its product is no longer contracted into an fma
+    acc = ()
     for e in tl.static_range(W):
-        dw_acc = dw_acc + (tl.zeros([BT, BC], dtype=tl.float32),)
-    first = tl.program_id(0) * TILES * OUT
-    loads = _bwd_loads(x, x_row, init, dy, cu_seqlens, first + rows, TT, cols, cmask, N, x_stride,
-                       STEPS, C, W, HAS_INIT, GATHER)
-    for tile in range(TILES):
-        tok = first + tile * OUT + rows
-        pos, length, taps, hist, dz = loads
-        limit = tl.where(tile + 1 < TILES, TT, 0)                   # the last tile prefetches nothing
-        loads = _bwd_loads(x, x_row, init, dy, cu_seqlens, tok + OUT, limit, cols, cmask, N,
-                           x_stride, STEPS, C, W, HAS_INIT, GATHER)
-        xs = ()                                                      # W x [BT, BC]: x_{t-e}
-        z = tl.zeros([BT, BC], dtype=tl.float32)
-        for e in tl.static_range(W):
-            xe = taps[e].to(tl.float32)
-            if HAS_INIT and e > 0:
-                xe += hist[e - 1].to(tl.float32)
-            xs = xs + (xe,)
-            z += w_taps[W - 1 - e] * xe
-        dz = dz.to(tl.float32)
-        if SILU:
-            sig = 1.0 / (1.0 + tl.exp(-z))
-            dz = dz * sig * (1.0 + z * (1.0 - sig))
-        owned = tl.where(rows < OUT, dz, 0.0)                        # rows past OUT are the next tile's
-        acc = ()
-        for e in tl.static_range(W):
-            acc = acc + (dw_acc[e] + owned * xs[e],)
-        dw_acc = acc
-        dxs = tl.zeros([BT, BC], dtype=tl.float32)
-        for d in tl.static_range(1, W):
-            ahead = tl.gather(dz, tl.broadcast_to(tl.minimum(rows + d, BT - 1), [BT, BC]), axis=0)
-            # same sequence only, by a select: 0 * a NaN of the next sequence would be NaN
-            dxs += tl.where(pos + d < length, ahead * w_taps[W - 1 - d], 0.0)
-        dxs += w_taps[W - 1] * dz                                    # after the shifts: one layout
-        tl.store(dx + tok.to(tl.int64) * DX_STRIDE + cols, dxs.to(dx.dtype.element_ty),
-                 mask=(tok < TT) & (rows < OUT) & cmask)
-    part = dw_part + (tl.program_id(0).to(tl.int64) * PART_C + tl.program_id(1) * BC
-                      + tl.arange(0, BC)) * W
+        acc = acc + (tl.fma(mine, taps[e], dw[e]),)
+    rows = (w[W - 1] * dz,)
+    for d in tl.static_range(1, W):
+        if EDGE:
+            rows = rows + (tl.fma(w[W - 1 - d], tl.where(pos >= d, dz, 0.0), opened[d - 1]),)
+        else:
+            rows = rows + (tl.fma(w[W - 1 - d], dz, opened[d - 1]),)
+    return taps, acc, rows
+
+
+@triton.jit(do_not_specialize=["TT", "N", "TILES"])
+def _conv_bwd_stream_kernel(x, x_row, weight, init, dy, dx, dw_part, cu_seqlens, TT, N, TILES,
+                            x_stride: tl.constexpr, STEPS: tl.constexpr, C: tl.constexpr,
+                            W: tl.constexpr, HAS_INIT: tl.constexpr, SILU: tl.constexpr,
+                            GATHER: tl.constexpr, DX_STRIDE: tl.constexpr, R: tl.constexpr,
+                            BC: tl.constexpr, PART_C: tl.constexpr):
+    """dx and this program's dw partial sum for the run of RUN = TILES*R rows a .. b-1.
+
+    Row t: z_t from x_t and the window, dz_t = dy_t silu'(z_t); dz_t adds w[W-1-d] dz_t to
+    dx_{t-d} (d = 0..W-1, same sequence: d <= pos_t) and dz_t x_{t-e} to dw[W-1-e] (t < b).
+    dx_{t-(W-1)} then has all its terms and is stored; the W-1 rows still open wait in
+    registers. The walk goes on W-1 rows past b (dz only, for the last rows' dx). dw_part
+    rows are PART_C channels apart (a column range of a wider buffer, as for heads of one
+    weight); dx rows DX_STRIDE apart, x rows x_stride apart: compile-time constants, so the
+    compiler knows how the rows align (a runtime 2056, the memory rows' stride, compiled to
+    2-byte accesses)."""
+    RUN = TILES * R
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)                  # [BC]
+    cmask = cols < C
+    a = tl.program_id(0) * RUN
+    b = tl.minimum(a + RUN, TT)
+    stop = tl.minimum(b + W - 1, TT)                                  # rows read: a .. stop-1
+    w = _weights(weight, cols, cmask, W)
+    seq, end, pos = _run_start(cu_seqlens, a, N, STEPS)
+    xw = _window(x, x_row, a, cols, cmask, x_stride, W, GATHER, TT)
+    opened = ()                                                       # dx_{t-1}, .., dx_{t-W+1}
+    dw = ()                                                           # sum dz_t x_{t-e}
     for e in tl.static_range(W):
-        tl.store(part + (W - 1 - e), tl.sum(dw_acc[e], axis=0), mask=tl.reshape(cmask, [BC]))
+        dw = dw + (tl.zeros([BC], dtype=tl.float32),)
+        if e > 0:
+            opened = opened + (tl.zeros([BC], dtype=tl.float32),)
+    nxt_x = _load_rows(x, x_row, a, stop, cols, cmask, x_stride, GATHER, R)
+    nxt_g = _load_rows(dy, dy, a, stop, cols, cmask, C, False, R)
+    for step in range(TILES + (W - 1 + R - 1) // R):
+        base = a + step * R
+        cur_x, cur_g = nxt_x, nxt_g
+        nxt_x = _load_rows(x, x_row, base + R, stop, cols, cmask, x_stride, GATHER, R)
+        nxt_g = _load_rows(dy, dy, base + R, stop, cols, cmask, C, False, R)
+        for r in tl.static_range(R):
+            t = base + r
+            seq, end, pos = _next_row(cu_seqlens, t, seq, end, pos, TT)
+            xt, g = cur_x[r].to(tl.float32), cur_g[r].to(tl.float32)
+            # A row of the run whose window and open dx rows are all in its sequence (nearly
+            # every row) needs none of the selects.
+            if (pos >= W - 1) & (t < b):
+                taps, dw, rows = _bwd_row(_taps(xt, xw, W), g, w, dw, opened, pos, t, b, stop,
+                                          W, SILU, False)
+            else:
+                taps = _taps(xt, _with_history(xw, init, seq, pos, cols, cmask, C, W, HAS_INIT), W)
+                taps, dw, rows = _bwd_row(taps, g, w, dw, opened, pos, t, b, stop, W, SILU, True)
+            s = t - (W - 1)                                           # finished: store it
+            tl.store(dx + s.to(tl.int64) * DX_STRIDE + cols, rows[W - 1].to(dx.dtype.element_ty),
+                     mask=cmask & (cols * 0 + s >= a) & (cols * 0 + s < b))
+            opened = _shifted(rows, W)
+            xw = _shifted(taps, W)
+    part = dw_part + (tl.program_id(0).to(tl.int64) * PART_C + cols) * W
+    for e in tl.static_range(W):
+        tl.store(part + (W - 1 - e), dw[e], mask=cmask)
 
 
 @triton.jit
@@ -276,14 +422,19 @@ def _block_c(C: int, cap: int = 64) -> int:
 
 
 def _tiles(config, C: int, W: int):
-    """(BT, BC, num_warps) of `config` for C channels and width W."""
-    BT, BC, warps = config
-    return BT, _block_c(C, BC), warps if W <= 4 else 2 * warps
+    """(R rows a step, BC channels, num_warps) of `config` for C channels and width W."""
+    R, BC, warps = config
+    return R, min(BC, triton.next_power_of_2(C)), warps if W <= 4 else 2 * warps
 
 
-def _bwd_tiles(TT: int) -> int:
-    """Token tiles per backward program (from shapes only)."""
-    return max(1, min(BWD_MAX_TILES, triton.cdiv(TT, BWD_CONFIG[0]) // BWD_MIN_PROGRAMS))
+def _steps(TT: int, R: int, max_tiles: int, min_programs: int) -> int:
+    """Steps of R rows per program (from shapes only): runs up to max_tiles steps long while
+    each channel block keeps min_programs programs."""
+    return max(1, min(max_tiles, triton.cdiv(TT, R) // min_programs))
+
+
+def _bwd_steps(TT: int) -> int:
+    return _steps(TT, BWD_CONFIG[0], BWD_MAX_TILES, BWD_MIN_PROGRAMS)
 
 
 def conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor, N: int,
@@ -292,13 +443,14 @@ def conv_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu: Tensor
     x2[x_row[r]] with a row index (then TT = x_row.numel())."""
     TT = x2.shape[0] if x_row is None else x_row.numel()
     C, W = x2.shape[1], weight.shape[1]
-    BT, BC, warps = _tiles(FWD_CONFIG, C, W)
+    R, BC, warps = _tiles(FWD_CONFIG, C, W)
+    tiles = _steps(TT, R, FWD_MAX_TILES, FWD_MIN_PROGRAMS)
     y = torch.empty(TT, C, dtype=x2.dtype, device=x2.device)          # [TT, C]
     if TT and C:
-        _conv_fwd_kernel[(triton.cdiv(TT, BT), triton.cdiv(C, BC))](
-            x2, _or_x(x_row, x2), weight, _or_x(init, x2), y, cu, TT, N, x2.stride(0),
+        _conv_fwd_stream_kernel[(triton.cdiv(TT, R * tiles), triton.cdiv(C, BC))](
+            x2, _or_x(x_row, x2), weight, _or_x(init, x2), y, cu, TT, N, tiles, x2.stride(0),
             STEPS=search_steps(N), C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-            GATHER=x_row is not None, BT=BT, BC=BC, num_warps=warps)
+            GATHER=x_row is not None, R=R, BC=BC, num_warps=warps)
     return y
 
 
@@ -326,9 +478,9 @@ def conv_l2norm_forward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, cu:
 
 
 def conv_backward_programs(TT: int, W: int) -> int:
-    """Programs along the tokens of a backward over TT rows: the rows of its dw partials."""
-    BT = BWD_CONFIG[0]
-    return triton.cdiv(TT, (BT - (W - 1)) * _bwd_tiles(TT))           # a tile yields BT-(W-1) rows
+    """Programs along the rows of a backward over TT rows: the rows of its dw partials (W:
+    the kernel width, which the row runs do not depend on)."""
+    return triton.cdiv(TT, BWD_CONFIG[0] * _bwd_steps(TT))
 
 
 def conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Optional[Tensor],
@@ -341,8 +493,8 @@ def conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Opt
     the caller) the per-program partial sums go there and dw is returned as None."""
     TT, C = dx.shape
     W = weight.shape[1]
-    BT, BC, warps = _tiles(BWD_CONFIG, C, W)
-    tiles = _bwd_tiles(TT)
+    R, BC, warps = _tiles(BWD_CONFIG, C, W)
+    tiles = _bwd_steps(TT)
     programs = conv_backward_programs(TT, W)
     own_part = dw_part is None
     if own_part:
@@ -355,10 +507,10 @@ def conv_backward(x2: Tensor, x_row: Optional[Tensor], weight: Tensor, init: Opt
                          f"contiguous channel rows")
     steps = search_steps(N)
     if TT and C:
-        _conv_bwd_kernel[(programs, triton.cdiv(C, BC))](
-            x2, _or_x(x_row, x2), weight, _or_x(init, x2), dy, dx, dw_part, cu, TT, N,
-            x2.stride(0), tiles, STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
-            GATHER=x_row is not None, DX_STRIDE=dx.stride(0), BT=BT, BC=BC,
+        _conv_bwd_stream_kernel[(programs, triton.cdiv(C, BC))](
+            x2, _or_x(x_row, x2), weight, _or_x(init, x2), dy, dx, dw_part, cu, TT, N, tiles,
+            x2.stride(0), STEPS=steps, C=C, W=W, HAS_INIT=init is not None, SILU=silu,
+            GATHER=x_row is not None, DX_STRIDE=dx.stride(0), R=R, BC=BC,
             PART_C=dw_part.stride(0) // W, num_warps=warps)
     dinit = None
     if want_dinit:
