@@ -77,11 +77,17 @@ class Segments:
         return segments
 
     def pieces(self, piece_chunks: int) -> "Pieces":
-        """These sequences cut into pieces of `piece_chunks` chunks (made once per length)."""
+        """These sequences cut into pieces of `piece_chunks` chunks, made once per length and
+        CUDA stream (shared with `with_heads` copies): a table made by launches on a side
+        stream (`ops.common.beside`) is read only by that stream's launches, so no stream
+        reads one before it is written, nor after its memory is reused."""
+        stream = (torch.cuda.current_stream(self.cu.device).cuda_stream if self.cu.is_cuda
+                  else None)
         cache = self.__dict__.setdefault("_pieces", {})
-        if piece_chunks not in cache:
-            cache[piece_chunks] = Pieces(self, piece_chunks)
-        return cache[piece_chunks]
+        key = (piece_chunks, stream)
+        if key not in cache:
+            cache[key] = Pieces(self, piece_chunks)
+        return cache[key]
 
 
 class Pieces:
