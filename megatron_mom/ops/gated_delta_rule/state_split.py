@@ -32,17 +32,46 @@ from megatron_mom.ops.gated_delta_rule.chunk_fwd import load_decay
 
 @triton.jit
 def piece_start(vb, K: tl.constexpr, BV: tl.constexpr):
-    """(columns of [A_p | B_p] of block vb, their value columns (negative in the A part),
-    the block's start: identity columns of the A part, zeros in the B part) [K, BV]."""
+    """(columns of [A_p | B_p] in block vb, the block's start [K, BV]: identity columns in
+    the A part, zeros in the B part)."""
     cols = vb * BV + tl.arange(0, BV)
     eye = tl.arange(0, K)[:, None] == cols[None, :]
-    return cols, cols - K, tl.where(eye, 1.0, 0.0)
+    return cols, tl.where(eye, 1.0, 0.0)
 
 
 @triton.jit
 def store_transfer(ab, s, p, h, cols, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
     rows = (p.to(tl.int64) * H + h) * K + tl.arange(0, K)
     tl.store(ab + rows[:, None] * (K + V) + cols[None, :], s)
+
+
+@triton.jit
+def fwd_transfer(s, k, w, u0, gam, bos, eos, h, vcols,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 PREC: tl.constexpr, SQK: tl.constexpr, HAS_U0: tl.constexpr):
+    """`state_fwd_kernel`'s recurrence over the chunks of tokens [bos, eos) from s [K, BV]:
+    U = U0 - W S (U0 = 0 without HAS_U0), S' = e^Gam S + Kt^T U."""
+    rows = tl.arange(0, C)
+    kcols = tl.arange(0, K)
+    dt = w.dtype.element_ty
+    for c in range(tl.cdiv(eos - bos, C)):
+        t0 = bos + c * C
+        tok = (t0 + rows).to(tl.int64)
+        valid = tok < eos
+        last = tl.minimum(eos - t0, C) - 1
+        g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
+        w_s = tl.dot(tl.load(w + (tok * H + h)[:, None] * K + kcols[None, :],
+                             mask=valid[:, None], other=0.0), s.to(dt), input_precision=PREC)
+        if HAS_U0:
+            u_new = tl.load(u0 + (tok * H + h)[:, None] * V + vcols[None, :],
+                            mask=valid[:, None], other=0.0).to(tl.float32) - w_s
+        else:
+            u_new = -w_s
+        u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
+        s = s * tl.exp(g_last)
+        s += tl.dot(tl.trans(tl.load(k + (tok * SQK + h * K)[:, None] + kcols[None, :],
+                                     mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
+    return s
 
 
 @triton.jit
@@ -53,9 +82,10 @@ def piece_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     PREC: tl.constexpr, SQK: tl.constexpr,
 ):
-    """One program per (column block of [A_p | B_p], head, piece): the state recurrence of
-    `state_fwd_kernel` (U = U0 - W S, S' = e^Gam S + Kt^T U) over the piece's chunks, from
-    identity columns with U0 = 0 (A part) or from zero (B part); no o, no per-chunk stores."""
+    """One program per (column block of [A_p | B_p], head, piece): the state recurrence over
+    the piece's chunks from identity columns with U0 = 0 (A part) or from zero (B part); no
+    o, no per-chunk stores. The two parts are two compiled loops, so the A part neither
+    loads U0 nor subtracts zeros."""
     vb = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2)
@@ -63,27 +93,51 @@ def piece_fwd_kernel(
     eos = tl.load(piece_cu + p + 1)
     if eos <= bos:                                                  # past the real pieces
         return
+    cols, s = piece_start(vb, K, BV)
+    if vb * BV < K:
+        s = fwd_transfer(s, k, w, u0, gam, bos, eos, h, cols - K, H, K, V, C, PREC, SQK, False)
+    else:
+        s = fwd_transfer(s, k, w, u0, gam, bos, eos, h, cols - K, H, K, V, C, PREC, SQK, True)
+    store_transfer(ab, s, p, h, cols, H, K, V)
+
+
+@triton.jit
+def bwd_transfer(ds, q, k, w, gam, p_mat, do, bos, eos, first_chunk, h, vcols, scale,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+                 PREC: tl.constexpr, SQK: tl.constexpr, SDO: tl.constexpr,
+                 HAS_DO: tl.constexpr):
+    """`state_bwd_kernel`'s recurrence over the chunks of [bos, eos), last to first, from
+    ds [K, BV]: dU = Kt dS' + P^T dO, dS = e^Gam dS' + Q^T (scale e^gam dO) - W^T dU
+    (without HAS_DO: dO = 0, so neither P nor q is read)."""
     rows = tl.arange(0, C)
     kcols = tl.arange(0, K)
-    cols, vcols, s = piece_start(vb, K, BV)
-    in_b = (vcols >= 0)[None, :]
     dt = w.dtype.element_ty
-    for c in range(tl.cdiv(eos - bos, C)):
+    cc_offs = rows[:, None] * C + rows[None, :]
+    num_chunks = tl.cdiv(eos - bos, C)
+    for i in range(num_chunks):
+        c = num_chunks - 1 - i
         t0 = bos + c * C
         tok = (t0 + rows).to(tl.int64)
         valid = tok < eos
         last = tl.minimum(eos - t0, C) - 1
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
-        s_d = s.to(dt)
-        u_new = tl.load(u0 + (tok * H + h)[:, None] * V + vcols[None, :],
-                        mask=valid[:, None] & in_b, other=0.0).to(tl.float32)
-        u_new -= tl.dot(tl.load(w + (tok * H + h)[:, None] * K + kcols[None, :],
-                                mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
-        u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
-        s = s * tl.exp(g_last)
-        s += tl.dot(tl.trans(tl.load(k + (tok * SQK + h * K)[:, None] + kcols[None, :],
-                                     mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
-    store_transfer(ab, s, p, h, cols, H, K, V)
+        koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
+        du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds.to(dt),
+                    input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
+        ds = ds * tl.exp(g_last)
+        if HAS_DO:
+            chunk_id = (first_chunk + c).to(tl.int64) * H + h
+            do_t = tl.load(do + (tok * SDO + h * V)[:, None] + vcols[None, :],
+                           mask=valid[:, None], other=0.0)
+            du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt),
+                         input_precision=PREC)
+            do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
+            ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q,
+                         input_precision=PREC)
+        ds -= tl.dot(tl.trans(tl.load(w + (tok * H + h)[:, None] * K + kcols[None, :],
+                                      mask=valid[:, None], other=0.0)), du.to(dt),
+                     input_precision=PREC)
+    return ds
 
 
 @triton.jit(do_not_specialize=["scale"])
@@ -95,9 +149,8 @@ def piece_bwd_kernel(
     PREC: tl.constexpr, SQK: tl.constexpr, SDO: tl.constexpr,
 ):
     """One program per (column block of [A_p^T | D_p], head, piece), chunks last to first:
-    the recurrence of `state_bwd_kernel` (dU = Kt dS' + P^T dO,
-    dS = e^Gam dS' + Q^T (scale e^gam dO) - W^T dU) from identity columns with dO = 0
-    (A part) or from zero (D part); no dh, dU stores."""
+    the gradient recurrence from identity columns with dO = 0 (A part: two dots per chunk)
+    or from zero (D part: four); no dh, dU stores."""
     vb = tl.program_id(0)
     h = tl.program_id(1)
     p = tl.program_id(2)
@@ -106,36 +159,13 @@ def piece_bwd_kernel(
     if eos <= bos:
         return
     first_chunk = tl.load(piece_chunk + p)
-    rows = tl.arange(0, C)
-    kcols = tl.arange(0, K)
-    cols, vcols, ds = piece_start(vb, K, BV)
-    in_b = (vcols >= 0)[None, :]
-    dt = w.dtype.element_ty
-    cc_offs = rows[:, None] * C + rows[None, :]
-    num_chunks = tl.cdiv(eos - bos, C)
-    for i in range(num_chunks):
-        c = num_chunks - 1 - i
-        t0 = bos + c * C
-        tok = (t0 + rows).to(tl.int64)
-        valid = tok < eos
-        last = tl.minimum(eos - t0, C) - 1
-        chunk_id = (first_chunk + c).to(tl.int64) * H + h
-        g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
-        ds_d = ds.to(dt)
-        koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
-        do_t = tl.load(do + (tok * SDO + h * V)[:, None] + vcols[None, :],
-                       mask=valid[:, None] & in_b, other=0.0)
-        du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
-                    input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
-        du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt),
-                     input_precision=PREC)
-        do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
-        ds = ds * tl.exp(g_last)
-        ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q,
-                     input_precision=PREC)
-        ds -= tl.dot(tl.trans(tl.load(w + (tok * H + h)[:, None] * K + kcols[None, :],
-                                      mask=valid[:, None], other=0.0)), du.to(dt),
-                     input_precision=PREC)
+    cols, ds = piece_start(vb, K, BV)
+    if vb * BV < K:
+        ds = bwd_transfer(ds, q, k, w, gam, p_mat, do, bos, eos, first_chunk, h, cols - K,
+                          scale, H, K, V, C, PREC, SQK, SDO, False)
+    else:
+        ds = bwd_transfer(ds, q, k, w, gam, p_mat, do, bos, eos, first_chunk, h, cols - K,
+                          scale, H, K, V, C, PREC, SQK, SDO, True)
     store_transfer(ab, ds, p, h, cols, H, K, V)
 
 
