@@ -226,3 +226,14 @@ def test_split_keeps_a_nan_in_its_own_sequence():
 def test_split_options_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         KernelOptions(**kwargs)
+
+
+def test_documented_example_runs():
+    """The example of docs/kernels.md's "Chunk-parallel state passing" runs as written."""
+    import os
+    import re
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "kernels.md")
+    text = open(path).read()
+    section = text[text.index("### Chunk-parallel state passing"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "docs/kernels.md", "exec"), {})

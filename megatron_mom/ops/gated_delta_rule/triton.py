@@ -134,6 +134,7 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
                PREC=options.precision, SQK=_row_stride(q, k), num_warps=cfg["num_warps"],
                num_stages=cfg["num_stages"])
         h0 = _scan_pieces(P, pieces, ab, h0, ht, HN, reverse=False, options=options)
+        del ab                                   # its memory is free for pass 3 (stream order)
         cu, starts, grid_n, HN, store_final = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
         if not (store_o or store_states):
             return o, h, u, ht
@@ -172,6 +173,7 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
                SQK=_row_stride(q, k), SDO=_row_stride(do), num_warps=cfg["num_warps"],
                num_stages=cfg["num_stages"])
         dht = _scan_pieces(P, pieces, ab, dht, dh0, HN, reverse=True, options=options)
+        del ab
         cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
     launch(state_bwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
