@@ -8,7 +8,8 @@ states, final state) and backward (`state_backward`: dh, dU, initial-state gradi
 Shapes: B4 T4096 H4 D256 with MoM-like segments (each row: a shared segment of T tokens and
 four memories' ragged segments, every token routed to 2 of 4), B1 T16384 H4 D256,
 B1 T65536 H4 D256 (one sequence each, and with MoM-like segments), B1 T32768 H16 D128.
-Each row: the unsplit grid's programs, whether "auto" splits there, median times
+Each row: the unsplit grid's programs, whether "auto" splits there and the speedup its cost
+model predicts (`split_gain`), median times
 (`triton.testing.do_bench`), the speedup, and the split's largest relative difference from the
 unsplit results (o, final state, dh, dU, initial-state gradient). Prints a markdown table and
 writes bench_state_split.{md,json} to --out (default $OUT when set). --tiny: small shapes for
@@ -133,6 +134,7 @@ def bench_shape(name, shape, pieces, quick, device):
             "shape": name, "N": P.N, "tokens": P.TT, "programs": P.V // BV * P.H * P.N,
             "piece_chunks": L, "pieces": P.pieces(L).NPU,
             "auto_splits": gdr.split_pieces(P, KernelOptions(state_piece_chunks=L), BV) == L,
+            "model_gain": gdr.split_gain(P, L, BV, KernelOptions().launch["state_split"]),
             "fwd_unsplit_ms": base["fwd"], "fwd_split_ms": timing["fwd"],
             "bwd_unsplit_ms": base["bwd"], "bwd_split_ms": timing["bwd"],
             "max_rel_diff": largest_difference(P, got, reference)})
@@ -145,13 +147,14 @@ def bench_shape(name, shape, pieces, quick, device):
 
 def markdown(rows, header):
     lines = [header, "",
-             "| shape | N | programs | L (chunks) | pieces | auto | fwd unsplit | fwd split | "
-             "fwd x | bwd unsplit | bwd split | bwd x | max rel diff |",
+             "| shape | N | programs | L (chunks) | pieces | auto (model x) | fwd unsplit | "
+             "fwd split | fwd x | bwd unsplit | bwd split | bwd x | max rel diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['N']} | {r['programs']} | {r['piece_chunks']} | {r['pieces']} "
-            f"| {'split' if r['auto_splits'] else '-'} | {r['fwd_unsplit_ms']:.3f} | "
+            f"| {'split' if r['auto_splits'] else '-'} ({r['model_gain']:.2f}) | "
+            f"{r['fwd_unsplit_ms']:.3f} | "
             f"{r['fwd_split_ms']:.3f} | {r['fwd_unsplit_ms'] / r['fwd_split_ms']:.2f} | "
             f"{r['bwd_unsplit_ms']:.3f} | {r['bwd_split_ms']:.3f} | "
             f"{r['bwd_unsplit_ms'] / r['bwd_split_ms']:.2f} | {r['max_rel_diff']:.1e} |")

@@ -186,21 +186,28 @@ def shapes(TT, N, H, K, V, C=64) -> Segments:
 
 
 def test_split_rule_is_a_function_of_shapes():
-    """"auto" splits the MoM layer's long, few-program launches (B1 T16384: 5 segments, 160
-    programs) and the plain op at B1 T32768 H16 D128 (32 programs), not B4 T4096's 20
-    segments (640 programs) nor short sequences; "on" and "off" force it."""
+    """"auto" splits long sequences on few programs (B1 T16384 H4 D256: 32 programs; B1
+    T32768 H16 D128), not B4 T4096 H16 D128 (128 programs of 64 chunks: the pieces' extra
+    work would cost more than their shorter chains save) nor MoM's 20 segments at B4 T4096;
+    with more programs at full rate per GPU (`slots`) the model splits MoM at T65536 too;
+    "on" and "off" force it."""
     auto = KernelOptions()
     L = auto.state_piece_chunks
-    assert gdr_triton.split_pieces(shapes(16384, 5, 4, 256, 256), auto, 32) == L
-    assert gdr_triton.split_pieces(shapes(32768, 1, 16, 128, 128), auto, 64) == L
-    assert gdr_triton.split_pieces(shapes(16384, 20, 4, 256, 256), auto, 32) == 0
-    assert gdr_triton.split_pieces(shapes(2048, 1, 1, 128, 128), auto, 64) == 0
-    assert gdr_triton.split_pieces(shapes(2048, 1, 1, 128, 128),
-                                   auto.replace(state_split="on"), 64) == L
-    assert gdr_triton.split_pieces(shapes(16384, 5, 4, 256, 256),
-                                   auto.replace(state_split="off"), 32) == 0
-    wide = auto.with_launch("state_split", max_programs=1024)
-    assert gdr_triton.split_pieces(shapes(16384, 20, 4, 256, 256), wide, 32) == L
+    split = lambda P, BV, options=auto: gdr_triton.split_pieces(P, options, BV)  # noqa: E731
+    assert split(shapes(16384, 1, 4, 256, 256), 32) == L
+    assert split(shapes(32768, 1, 16, 128, 128), 64) == L
+    assert split(shapes(16384, 4, 16, 128, 128), 64) == 0
+    assert split(shapes(49152, 20, 4, 256, 256), 32) == 0
+    mom_64k = shapes(196608, 5, 4, 256, 256)
+    assert split(mom_64k, 32) == 0
+    assert split(mom_64k, 32, auto.with_launch("state_split", slots=1056)) == L
+    assert split(shapes(2048, 4, 1, 128, 128), 64, auto.replace(state_split="on")) == L
+    assert split(shapes(32768, 1, 16, 128, 128), 64, auto.replace(state_split="off")) == 0
+    # the model itself: B1 T32768 H16 D128, L = 16: 512 chunks on 32 programs (one wave)
+    # against 16 x (8 waves of 2112 transfer programs + 4 of 1056) + 32 scan steps
+    rule = auto.launch["state_split"]
+    gain = gdr_triton.split_gain(shapes(32768, 1, 16, 128, 128), 16, 64, rule)
+    assert gain == pytest.approx(512 / (16 * (8 + 4) + 32))
 
 
 def test_split_keeps_a_nan_in_its_own_sequence():

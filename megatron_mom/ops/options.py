@@ -49,11 +49,13 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # 4 warps: two programs share an SM (the main kernel spills ~64 B).
     "chunk_bwd_main": {"num_warps": 4, "num_stages": 1},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
-    # Chunk-parallel state passing (KernelOptions.state_split = "auto"): engaged when the
-    # unsplit state kernel has at most `max_programs` programs (V blocks x heads x sequences)
-    # and the longest possible chain (T_total / C chunks) spans at least `min_pieces` pieces.
-    # Not yet tuned on a GPU (benchmarks/bench_state_split.py).
-    "state_split": {"max_programs": 256, "min_pieces": 4},
+    # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
+    # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
+    # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
+    # SMs x 2 here), `scan_step` the cost of one scan step in chunk steps; split when the
+    # model predicts at least `gain` x. Not yet tuned on a GPU
+    # (benchmarks/bench_state_split.py prints the model's choice beside the timings).
+    "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25},
     # The pass that combines the pieces' transfers in order (A_p [K, BK] tiles times the
     # state's [BK, BV] tiles, fp32); its per-piece passes take the state kernels' settings.
     "state_scan": {"BK": 32, "BV": 32, "num_warps": 4, "num_stages": 1},

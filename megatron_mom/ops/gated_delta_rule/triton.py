@@ -23,6 +23,7 @@ from torch import Tensor
 from megatron_mom.ops.common import (TRITON_DTYPES, Segments, beside, checker, need_device,
                                      need_triton_dtypes)
 from megatron_mom.ops.common.launch import launch
+from megatron_mom.ops.common.segments import max_chunks
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
@@ -186,18 +187,32 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
 
 def split_pieces(P: Segments, options: KernelOptions, BV: int) -> int:
     """Chunks per piece when the state kernels of this launch run over pieces (0: over whole
-    sequences). "auto" is a pure function of shapes (launch["state_split"]): split when the
-    unsplit grid (V blocks x heads x sequences) is small and the longest possible chain,
-    T_total / C chunks, spans several pieces."""
+    sequences); "auto" asks `split_gain`."""
     if options.state_split == "off":
         return 0
     L = options.state_piece_chunks
     if options.state_split == "on":
         return L
     rule = options.launch["state_split"]
-    programs = P.V // BV * P.H * P.N
-    longest_chain = P.TT // P.C
-    return L if programs <= rule["max_programs"] and longest_chain >= rule["min_pieces"] * L else 0
+    return L if split_gain(P, L, BV, rule) >= rule["gain"] else 0
+
+
+def split_gain(P: Segments, L: int, BV: int, rule) -> float:
+    """Predicted speedup of the split state kernels, a pure function of shapes: time in chunk
+    steps, a launch of n programs taking ceil(n / slots) waves of its chain. Unsplit:
+    V/BV x H x N programs; split: the transfers ((K+V)/BV' x H x NPU programs) and the pass
+    over pieces (V/BV x H x NPU), chains of L chunks, plus one scan step per piece. The chain
+    is the mean sequence's, T_total / N: exact for dense rows, and for packed ones a lower
+    bound of the longest, so a few long segments among many short ones (the MoM layer's
+    shared memory beside its routed ones) do not split work that is already spread out."""
+    waves = lambda programs: -(-programs // rule["slots"])          # noqa: E731
+    chain = max(1, -(-P.TT // (P.N * P.C)))
+    pieces = max_chunks(P.TT, P.N, L * P.C)
+    unsplit = chain * waves(P.V // BV * P.H * P.N)
+    transfers = (P.K + P.V) // min(BV, P.K) * P.H * pieces
+    split = (L * (waves(transfers) + waves(P.V // BV * P.H * pieces))
+             + -(-chain // L) * rule["scan_step"])
+    return unsplit / split
 
 
 def _scan_pieces(P: Segments, pieces, ab, s_in, s_out, HN, *, reverse, options):
