@@ -82,8 +82,8 @@ class KernelOptions:
                           CUDA streams; off: one stream.
     state_split:          the sequential state kernels over pieces of `state_piece_chunks`
                           chunks, computed in parallel and then combined ("on"), over whole
-                          sequences ("off"), or by a rule on the launch's shapes ("auto":
-                          few programs and long possible chains; launch["state_split"]).
+                          sequences ("off"), or by a cost model on the launch's shapes
+                          ("auto": few programs, long chains; launch["state_split"]).
                           The same math, other rounding (docs/kernels.md).
     state_piece_chunks:   chunks per piece of the split state kernels.
     launch:               launch settings per kernel (default the tuned `TUNED_LAUNCH`; see
