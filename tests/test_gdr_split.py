@@ -203,6 +203,8 @@ def test_split_rule_is_a_function_of_shapes():
     assert split(mom_64k, 32, auto.with_launch("state_split", slots=1056)) == L
     assert split(shapes(2048, 4, 1, 128, 128), 64, auto.replace(state_split="on")) == L
     assert split(shapes(32768, 1, 16, 128, 128), 64, auto.replace(state_split="off")) == 0
+    # a launch over a group of heads decides as the call (bit-identical head groups)
+    assert split(shapes(16384, 4, 16, 128, 128).with_heads(1), 64) == 0
     # the model itself: B1 T32768 H16 D128, L = 16: 512 chunks on 32 programs (one wave)
     # against 16 x (8 waves of 2112 transfer programs + 4 of 1056) + 32 scan steps
     rule = auto.launch["state_split"]

@@ -61,6 +61,9 @@ class Segments:
         self.NTU = max_chunks(self.TT, self.N, chunk_size)
         self.offsets = chunk_offsets(self.cu, chunk_size)
         self.steps = search_steps(self.N)
+        # The call's heads; `with_heads` copies keep it, so choices made from shapes (the
+        # split state kernels' rule) are the same for every group of heads.
+        self.call_heads = heads
 
     @classmethod
     def of(cls, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], chunk_size: int):

@@ -204,13 +204,17 @@ def split_gain(P: Segments, L: int, BV: int, rule) -> float:
     over pieces (V/BV x H x NPU), chains of L chunks, plus one scan step per piece. The chain
     is the mean sequence's, T_total / N: exact for dense rows, and for packed ones a lower
     bound of the longest, so a few long segments among many short ones (the MoM layer's
-    shared memory beside its routed ones) do not split work that is already spread out."""
+    shared memory beside its routed ones) do not split work that is already spread out.
+    Heads: the call's (`Segments.call_heads`), not the launch's, so the backward by head
+    groups and the lean backward decide as the whole call does and keep its gradients bit
+    for bit."""
     waves = lambda programs: -(-programs // rule["slots"])          # noqa: E731
+    H = P.call_heads
     chain = max(1, -(-P.TT // (P.N * P.C)))
     pieces = max_chunks(P.TT, P.N, L * P.C)
-    unsplit = chain * waves(P.V // BV * P.H * P.N)
-    transfers = (P.K + P.V) // min(BV, P.K) * P.H * pieces
-    split = (L * (waves(transfers) + waves(P.V // BV * P.H * pieces))
+    unsplit = chain * waves(P.V // BV * H * P.N)
+    transfers = (P.K + P.V) // min(BV, P.K) * H * pieces
+    split = (L * (waves(transfers) + waves(P.V // BV * H * pieces))
              + -(-chain // L) * rule["scan_step"])
     return unsplit / split
 
