@@ -21,6 +21,7 @@ from megatron_mom.ops.common.checks import checker
 
 PRECISIONS = ("tf32", "tf32x3", "ieee")
 T_DTYPES = ("input", "float32")
+STATE_SPLITS = ("auto", "on", "off")
 
 
 def _frozen(table: Mapping) -> Mapping:
@@ -48,6 +49,16 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # 4 warps: two programs share an SM (the main kernel spills ~64 B).
     "chunk_bwd_main": {"num_warps": 4, "num_stages": 1},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
+    # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
+    # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
+    # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
+    # SMs x 2 here), `scan_step` the cost of one scan step in chunk steps; split when the
+    # model predicts at least `gain` x. Not yet tuned on a GPU
+    # (benchmarks/bench_state_split.py prints the model's choice beside the timings).
+    "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25},
+    # The pass that combines the pieces' transfers in order (A_p [K, BK] tiles times the
+    # state's [BK, BV] tiles, fp32); its per-piece passes take the state kernels' settings.
+    "state_scan": {"BK": 32, "BV": 32, "num_warps": 4, "num_stages": 1},
 })
 
 
@@ -69,6 +80,12 @@ class KernelOptions:
                           1/groups of the memory.
     side_streams:         on CUDA, sequential kernels run beside independent work on side
                           CUDA streams; off: one stream.
+    state_split:          the sequential state kernels over pieces of `state_piece_chunks`
+                          chunks, computed in parallel and then combined ("on"), over whole
+                          sequences ("off"), or by a cost model on the launch's shapes
+                          ("auto": few programs, long chains; launch["state_split"]).
+                          The same math, other rounding (docs/kernels.md).
+    state_piece_chunks:   chunks per piece of the split state kernels.
     launch:               launch settings per kernel (default the tuned `TUNED_LAUNCH`; see
                           `with_launch`).
     """
@@ -79,6 +96,8 @@ class KernelOptions:
     recompute_states: bool = False
     backward_head_groups: int = 1
     side_streams: bool = True
+    state_split: str = "auto"
+    state_piece_chunks: int = 16
     launch: Mapping[str, Any] = field(default_factory=lambda: TUNED_LAUNCH, hash=False, repr=False)
 
     def __post_init__(self):
@@ -90,6 +109,11 @@ class KernelOptions:
         for name in ("dk_partial_fp32", "recompute_states", "side_streams"):
             need(isinstance(getattr(self, name), bool),
                  f"{name} must be True or False, got {getattr(self, name)!r}")
+        need(self.state_split in STATE_SPLITS,
+             f"state_split must be one of {STATE_SPLITS}, got {self.state_split!r}")
+        pieces = self.state_piece_chunks
+        need(isinstance(pieces, int) and not isinstance(pieces, bool) and pieces >= 1,
+             f"state_piece_chunks must be an integer >= 1, got {pieces!r}")
         groups = self.backward_head_groups
         need(isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1,
              f"backward_head_groups must be an integer >= 1, got {groups!r}")
@@ -120,4 +144,5 @@ class KernelOptions:
 
 DEFAULT_OPTIONS = KernelOptions()
 
-__all__ = ["KernelOptions", "DEFAULT_OPTIONS", "TUNED_LAUNCH", "PRECISIONS", "T_DTYPES"]
+__all__ = ["KernelOptions", "DEFAULT_OPTIONS", "TUNED_LAUNCH", "PRECISIONS", "T_DTYPES",
+           "STATE_SPLITS"]

@@ -61,6 +61,9 @@ class Segments:
         self.NTU = max_chunks(self.TT, self.N, chunk_size)
         self.offsets = chunk_offsets(self.cu, chunk_size)
         self.steps = search_steps(self.N)
+        # The call's heads; `with_heads` copies keep it, so choices made from shapes (the
+        # split state kernels' rule) are the same for every group of heads.
+        self.call_heads = heads
 
     @classmethod
     def of(cls, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], chunk_size: int):
@@ -75,3 +78,58 @@ class Segments:
         segments = copy.copy(self)
         segments.H = heads
         return segments
+
+    def pieces(self, piece_chunks: int) -> "Pieces":
+        """These sequences cut into pieces of `piece_chunks` chunks, made once per length and
+        CUDA stream (shared with `with_heads` copies): a table made by launches on a side
+        stream (`ops.common.beside`) is read only by that stream's launches, so no stream
+        reads one before it is written, nor after its memory is reused."""
+        stream = (torch.cuda.current_stream(self.cu.device).cuda_stream if self.cu.is_cuda
+                  else None)
+        cache = self.__dict__.setdefault("_pieces", {})
+        key = (piece_chunks, stream)
+        if key not in cache:
+            cache[key] = Pieces(self, piece_chunks)
+        return cache[key]
+
+
+class Pieces:
+    """Consecutive runs of up to L chunks ("pieces") of the packed sequences, for the
+    chunk-parallel state kernels (docs/kernels.md, "Chunk-parallel state passing"): sequence n
+    of `segments` is cut every L * C tokens from its start, so pieces hold whole chunks and the
+    last piece of a sequence may be shorter; empty sequences have none.
+
+    NPU: piece-count upper bound T_total // (L C) + N (from shapes, like Segments.NTU);
+    offsets [N+1] int32: running piece count per sequence; cu [NPU+1] int32: first token of
+    each piece (pieces past the real count are empty, at the end of the tokens); first_chunk
+    [NPU+1] int32: global chunk id of each piece's first chunk. All computed on the device:
+    no host read, so launches over pieces stay CUDA-graph capturable."""
+
+    def __init__(self, segments: Segments, piece_chunks: int):
+        if piece_chunks < 1:
+            raise ValueError(f"Pieces: piece_chunks must be >= 1, got {piece_chunks}")
+        span = piece_chunks * segments.C
+        self.L = piece_chunks
+        self.N = segments.N
+        self.NPU = max_chunks(segments.TT, segments.N, span)
+        self.offsets = chunk_offsets(segments.cu, span)
+        self.steps = search_steps(self.N)
+        self.cu, self.first_chunk = _piece_bounds(segments.cu, segments.offsets, self.offsets,
+                                                  self.NPU, piece_chunks, segments.C)
+
+
+def _piece_bounds(cu: Tensor, chunk_offs: Tensor, piece_offs: Tensor, num_pieces: int,
+                  piece_chunks: int, chunk_size: int):
+    """(first token [NPU+1], first chunk [NPU+1]) of every piece, by a search of each piece
+    index in the running piece counts; indices past the real count clamp to the end."""
+    n_seq = cu.numel() - 1
+    index = torch.arange(num_pieces, device=cu.device, dtype=torch.int32)
+    # The sequence holding piece p: the last n with offsets[n] <= p (skips empty sequences).
+    seq = torch.searchsorted(piece_offs[1:], index, right=True).clamp_(max=max(n_seq - 1, 0))
+    local = index - piece_offs[seq]
+    seq_end = cu[seq + 1]
+    start = torch.minimum(cu[seq] + local * (piece_chunks * chunk_size), seq_end)
+    chunk = torch.minimum(chunk_offs[seq] + local * piece_chunks, chunk_offs[seq + 1])
+    starts = torch.cat([start, cu[n_seq:]]).to(torch.int32)
+    chunks = torch.cat([chunk, chunk_offs[n_seq:]]).to(torch.int32)
+    return starts, chunks

@@ -23,9 +23,12 @@ from torch import Tensor
 from megatron_mom.ops.common import (TRITON_DTYPES, Segments, beside, checker, need_device,
                                      need_triton_dtypes)
 from megatron_mom.ops.common.launch import launch
+from megatron_mom.ops.common.segments import max_chunks
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
+from megatron_mom.ops.gated_delta_rule.state_split import (piece_bwd_kernel, piece_fwd_kernel,
+                                                           piece_scan_kernel)
 from megatron_mom.ops.l2norm.triton import l2norm_bwd_into, l2norm_fwd
 from megatron_mom.ops.options import DEFAULT_OPTIONS, KernelOptions
 
@@ -108,7 +111,8 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
                   store_final, o=None, h=None, u=None,
                   options: KernelOptions = DEFAULT_OPTIONS):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
-    h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32."""
+    h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32.
+    Over whole sequences, or over pieces of them as `split_pieces` decides."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
@@ -118,34 +122,118 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     cfg = _state_config(options, "state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     dummy = u0
-    launch(state_fwd_kernel, (P.V // BV, P.H, P.N),
+    HN = _state_heads(P, h0, ht)
+    cu, starts, grid_n = P.cu, P.offsets, P.N
+    L = split_pieces(P, options, BV)
+    if L:
+        # The pieces' entry states from their transfers, then the kernel below over pieces.
+        pieces = P.pieces(L)
+        ab = torch.empty(pieces.NPU, P.H, P.K, P.K + P.V, dtype=torch.float32, device=dev)
+        BVp = min(BV, P.K)
+        launch(piece_fwd_kernel, ((P.K + P.V) // BVp, P.H, pieces.NPU),
+               k, w, u0, gam, ab, pieces.cu, H=P.H, K=P.K, V=P.V, C=P.C, BV=BVp,
+               PREC=options.precision, SQK=_row_stride(q, k), num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"])
+        h0 = _scan_pieces(P, pieces, ab, h0, ht, HN, reverse=False, options=options)
+        del ab                                   # its memory is free for pass 3 (stream order)
+        cu, starts, grid_n, HN, store_final = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
+        if not (store_o or store_states):
+            return o, h, u, ht
+    launch(state_fwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if store_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
-        ht if store_final else dummy, P.cu, P.offsets, scale,
+        ht if store_final else dummy, cu, starts, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
         SQK=_row_stride(q, k), SO=_row_stride(o) if store_o else P.H * P.V,
-        HN=_state_heads(P, h0, ht), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, h, u, ht
 
 
 def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
                    options: KernelOptions = DEFAULT_OPTIONS):
     """dh [NTU,H,K,V], dU [TT,H,V]; writes dL/d(initial state) into dh0 [N,H,K,V] f32 when
-    given."""
+    given. Over whole sequences, or over pieces of them as `split_pieces` decides."""
     dev = k.device
     want_dh0 = dh0 is not None
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
     du = torch.empty(P.TT, P.H, P.V, dtype=do.dtype, device=dev)
     cfg = _state_config(options, "state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
-    launch(state_bwd_kernel, (P.V // BV, P.H, P.N),
+    HN = _state_heads(P, dht, dh0)
+    cu, starts, grid_n = P.cu, P.offsets, P.N
+    L = split_pieces(P, options, BV)
+    if L:
+        # The pieces' exit gradients from their transfers, then the kernel below over pieces.
+        pieces = P.pieces(L)
+        ab = torch.empty(pieces.NPU, P.H, P.K, P.K + P.V, dtype=torch.float32, device=dev)
+        BVp = min(BV, P.K)
+        launch(piece_bwd_kernel, ((P.K + P.V) // BVp, P.H, pieces.NPU),
+               q, k, w, gam, p_mat, do, ab, pieces.cu, pieces.first_chunk, scale,
+               H=P.H, K=P.K, V=P.V, C=P.C, BV=BVp, PREC=options.precision,
+               SQK=_row_stride(q, k), SDO=_row_stride(do), num_warps=cfg["num_warps"],
+               num_stages=cfg["num_stages"])
+        dht = _scan_pieces(P, pieces, ab, dht, dh0, HN, reverse=True, options=options)
+        del ab
+        cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
+    launch(state_bwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
-        P.cu, P.offsets, scale,
+        cu, starts, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
         PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
-        HN=_state_heads(P, dht, dh0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dh, du
+
+
+def split_pieces(P: Segments, options: KernelOptions, BV: int) -> int:
+    """Chunks per piece when the state kernels of this launch run over pieces (0: over whole
+    sequences); "auto" asks `split_gain`."""
+    if options.state_split == "off":
+        return 0
+    L = options.state_piece_chunks
+    if options.state_split == "on":
+        return L
+    rule = options.launch["state_split"]
+    return L if split_gain(P, L, BV, rule) >= rule["gain"] else 0
+
+
+def split_gain(P: Segments, L: int, BV: int, rule) -> float:
+    """Predicted speedup of the split state kernels, a pure function of shapes: time in chunk
+    steps, a launch of n programs taking ceil(n / slots) waves of its chain. Unsplit:
+    V/BV x H x N programs; split: the transfers ((K+V)/BV' x H x NPU programs) and the pass
+    over pieces (V/BV x H x NPU), chains of L chunks, plus one scan step per piece. The chain
+    is the mean sequence's, T_total / N: exact for dense rows, and for packed ones a lower
+    bound of the longest, so a few long segments among many short ones (the MoM layer's
+    shared memory beside its routed ones) do not split work that is already spread out.
+    Heads: the call's (`Segments.call_heads`), not the launch's, so the backward by head
+    groups and the lean backward decide as the whole call does and keep its gradients bit
+    for bit."""
+    waves = lambda programs: -(-programs // rule["slots"])          # noqa: E731
+    H = P.call_heads
+    chain = max(1, -(-P.TT // (P.N * P.C)))
+    pieces = max_chunks(P.TT, P.N, L * P.C)
+    unsplit = chain * waves(P.V // BV * H * P.N)
+    transfers = (P.K + P.V) // min(BV, P.K) * H * pieces
+    split = (L * (waves(transfers) + waves(P.V // BV * H * pieces))
+             + -(-chain // L) * rule["scan_step"])
+    return unsplit / split
+
+
+def _scan_pieces(P: Segments, pieces, ab, s_in, s_out, HN, *, reverse, options):
+    """Pass 2: every piece's start state (forward; in reverse, its exit gradient) [NPU,H,K,V]
+    f32 from the transfers `ab`, starting at s_in (or zero); the last one into s_out."""
+    s_piece = torch.empty(pieces.NPU, P.H, P.K, P.V, dtype=torch.float32, device=ab.device)
+    cfg = options.launch["state_scan"]
+    BV = min(cfg["BV"], P.V)
+    # The products of the fp32 transfers with fp32 states take fp32-accurate dots (tf32x3 for
+    # tf32): this pass is tiny, and its roundings would otherwise add to the state's.
+    prec = "ieee" if options.precision == "ieee" else "tf32x3"
+    launch(piece_scan_kernel, (P.V // BV, P.H, P.N),
+           ab, s_in if s_in is not None else ab, s_piece, s_out if s_out is not None else ab,
+           pieces.offsets, H=P.H, K=P.K, V=P.V, BK=min(cfg["BK"], P.K), BV=BV,
+           HAS_IN=s_in is not None, STORE_OUT=s_out is not None, REVERSE=reverse, PREC=prec,
+           HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return s_piece
 
 
 def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
