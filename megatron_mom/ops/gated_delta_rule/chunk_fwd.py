@@ -24,9 +24,6 @@ import triton.language as tl
 from megatron_mom.ops.common.search import sequence_of
 
 
-NAN = tl.constexpr(float("nan"))
-
-
 @triton.jit
 def finite(x):
     """Elementwise: x is neither NaN nor +-Inf."""
@@ -175,7 +172,7 @@ def prepare_kernel(
         tl.store(u_out + (tok * H + h)[:, None] * V + cols[None, :], u_t.to(u_out.dtype.element_ty),
                  mask=valid[:, None])
     poisoned = tl.cumsum(bad.to(tl.int32), axis=0) > 0
-    tl.store(gam_out + tok * H + h, tl.where(poisoned, tl.full([C], NAN, tl.float32), gam),
+    tl.store(gam_out + tok * H + h, tl.where(poisoned, tl.full([C], float("nan"), tl.float32), gam),
              mask=valid)
 
 
