@@ -181,7 +181,7 @@ def mixer_pattern_and_mom(mixer: str, s: MQARSettings):
 def mom_layer_parameters(mom, hidden_size: int) -> int:
     """Parameters of one MixtureOfMemories layer (router, projections, convolutions, decay
     parameters and the output norm) at tensor-parallel size 1."""
-    from megatron_mom.mixer import in_proj_sections
+    from megatron_mom.layer.mixer import in_proj_sections
     H, K, V, W = mom.num_heads, mom.key_dim, mom.value_dim, mom.conv_size
     in_rows = sum(rows for _, rows in in_proj_sections(mom))
     return ((mom.num_memories + in_rows) * hidden_size + H * V * hidden_size
@@ -201,8 +201,8 @@ def parameter_matched_single(single, mom, hidden_size: int):
 def build_model(mixer: str, s: MQARSettings, device: torch.device):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
-    from megatron_mom.specs import get_hybrid_block_spec, mixes_layer_kinds
+    from megatron_mom.testing import cpu
+    from megatron_mom.layer.specs import get_hybrid_block_spec, mixes_layer_kinds
 
     overrides = cpu.megatron_cpu_config_overrides()
     overrides["use_cpu_initialization"] = device.type == "cpu"
@@ -280,7 +280,7 @@ def fit_steps_to_budget(s: MQARSettings, mixers, device, log=print) -> dict:
 
 def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict:
     """Fresh random batches; each batch draws one N from the pairs that fit seq_len."""
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     metrics.set_router_loss_scale(device=device)   # one micro-batch, no loss scaling
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
                             betas=(0.9, 0.98))

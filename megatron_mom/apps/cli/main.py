@@ -156,13 +156,13 @@ def _run_generate(args) -> int:
 
 
 def _run_export(args) -> int:
-    from megatron_mom import hf_checkpoint
+    from megatron_mom.apps import hf_checkpoint
     print(hf_checkpoint.export(args.checkpoint, args.out, args.max_shard_size, args.tokenizer))
     return 0
 
 
 def _run_import(args) -> int:
-    from megatron_mom import hf_checkpoint
+    from megatron_mom.apps import hf_checkpoint
     from megatron_mom.train.config import parse_override
     if args.format == "megatron-lm":
         text = hf_checkpoint.import_megatron_lm(args.hf, args.out, args.transformer_impl)
@@ -180,8 +180,8 @@ def _run_import(args) -> int:
 
 def _run_mqar(args) -> int:
     from megatron_mom.train.config import ConfigError, parse_override
-    from megatron_mom import mqar
-    from megatron_mom import mqar_sweep
+    from megatron_mom.apps import mqar
+    from megatron_mom.apps import mqar_sweep
     overrides = dict(parse_override(text) for text in args.set)
     mixers = args.mixers.split(",") if args.mixers else None
     if args.budget_minutes is not None:
@@ -233,7 +233,7 @@ def _quiet_megatron_warnings():
 
 
 def _conversion_error():
-    from megatron_mom.hf import ConversionError
+    from megatron_mom.apps.hf import ConversionError
     return ConversionError
 
 

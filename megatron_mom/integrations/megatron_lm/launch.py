@@ -84,7 +84,7 @@ def _wrap(module, name, wrapper):
 
 def enable_cpu_training() -> None:
     """megatron_mom.cpu.enable() plus the redirections Megatron-LM's training loop needs."""
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     if not cpu.enable():
         return
     try:

@@ -6,7 +6,7 @@ whose config carries `mom_aux_loss`, which `presets.PatternLayer` sets.)
 """
 from __future__ import annotations
 
-from megatron_mom import metrics
+from megatron_mom.layer import metrics
 
 
 def aux_loss_scale() -> float:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
-from megatron_mom import packing, parallel
+from megatron_mom.layer import packing, parallel
 from megatron_mom.config import MoMConfig
 
 

@@ -13,7 +13,7 @@ import torch
 
 from megatron.core.transformer.moe import moe_utils
 
-from megatron_mom.router import MoMRouter
+from megatron_mom.layer.router import MoMRouter
 
 LOAD_BALANCING_LOSS = "mom_load_balancing_loss"
 Z_LOSS = "mom_z_loss"

@@ -36,7 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_mom import mqar
+from megatron_mom.apps import mqar
 from megatron_mom.train.config import ConfigError
 
 SWEEP_MIXERS = ("attention", "single", "single-state", "single-params", "mom", "mom-noshared",
@@ -316,7 +316,7 @@ def run_job(job: Job) -> dict:
 
 
 def _build(job: Job, s: SweepSettings, dev):
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     ms = model_settings(s, job.width, job.lr, job.steps)
     _seed_everything(job.seed)
     model = mqar.build_model(job.mixer, ms, dev)

@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_mom.hf import (
+from megatron_mom.apps.hf import (
     CONFIG_FILE,
     DTYPE_NAMES,
     INDEX_FILE,
@@ -154,8 +154,8 @@ MEGATRON_LM_FLAGS = {
 def describe_megatron_lm(args) -> Tuple[GPTDescription, MegatronSettings]:
     """The model Megatron-LM's `pretrain_gpt.py` built from `args` (its parsed flags) with the
     megatron-mom presets."""
-    from megatron_mom.megatron_lm.args import mom_config_from_args
-    from megatron_mom.megatron_lm.presets import default_pattern
+    from megatron_mom.integrations.megatron_lm.args import mom_config_from_args
+    from megatron_mom.integrations.megatron_lm.presets import default_pattern
     spec = getattr(args, "spec", None)
     if not spec or spec[0] != PRESETS_MODULE:
         raise ConversionError(f"this Megatron-LM checkpoint was not trained with the megatron-mom "
@@ -268,7 +268,7 @@ def _local_norm_names(tensors: StateDict) -> StateDict:
 def _join_in_proj(tensors: StateDict, desc: GPTDescription) -> StateDict:
     """Our layers checkpoint their packed input projection per section (q, gate, k.0, ...):
     put each MoM layer's sections back together in `in_proj_sections` order."""
-    from megatron_mom.mixer import in_proj_sections
+    from megatron_mom.layer.mixer import in_proj_sections
     out = dict(tensors)
     for i, symbol in enumerate(desc.pattern):
         if symbol != "M":
@@ -321,8 +321,8 @@ def build_gpt(desc: GPTDescription, dtype: torch.dtype):
     """A TP = 1, PP = 1 GPTModel (local spec, on the CPU, not initialised) for `desc`."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
-    from megatron_mom.specs import get_hybrid_block_spec, mixes_layer_kinds
+    from megatron_mom.testing import cpu
+    from megatron_mom.layer.specs import get_hybrid_block_spec, mixes_layer_kinds
     overrides = cpu.megatron_cpu_config_overrides()
     overrides.update(use_cpu_initialization=True, perform_initialization=False)
     config = TransformerConfig(
@@ -438,7 +438,7 @@ def megatron_lm_args(desc: GPTDescription, te: bool, token_ids: Optional[dict] =
     (what `check_checkpoint_args` compares and `describe_megatron_lm` reads back), plus the
     Hugging Face token ids (`hf_token_ids`, which only `export` reads)."""
     import argparse
-    from megatron_mom.megatron_lm.args import FLAGS
+    from megatron_mom.integrations.megatron_lm.args import FLAGS
     args = argparse.Namespace(
         num_layers=desc.num_layers, hidden_size=desc.hidden_size,
         ffn_hidden_size=desc.ffn_hidden_size, num_attention_heads=desc.num_attention_heads,

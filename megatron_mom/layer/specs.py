@@ -30,11 +30,11 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_mom.attention import SDPAttention
+from megatron_mom.layer.attention import SDPAttention
 from megatron_mom.config import MoMConfig
-from megatron_mom.mixer import MixtureOfMemories, MoMSubmodules
-from megatron_mom.parallel import SequenceParallelNorm
-from megatron_mom.projection import GroupedColumnParallelLinear, with_grouped_form
+from megatron_mom.layer.mixer import MixtureOfMemories, MoMSubmodules
+from megatron_mom.layer.parallel import SequenceParallelNorm
+from megatron_mom.layer.projection import GroupedColumnParallelLinear, with_grouped_form
 
 SPEC_BACKENDS = ("auto", "local", "te")
 LAYER_SYMBOLS = {"M": "MoM", "A": "softmax attention"}

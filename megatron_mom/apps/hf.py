@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from megatron_mom.config import MoMConfig
-from megatron_mom.convert import from_official_mom, to_official_mom
+from megatron_mom.apps.convert import from_official_mom, to_official_mom
 
 StateDict = Dict[str, Tensor]
 

@@ -34,8 +34,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from megatron_mom import mqar
-from megatron_mom.mqar_sweep import SWEEP_MIXERS, environment, preset_with_overrides
+from megatron_mom.apps import mqar
+from megatron_mom.apps.mqar_sweep import SWEEP_MIXERS, environment, preset_with_overrides
 from megatron_mom.train.config import ConfigError
 
 # Installed third-party packages and generated or vendored parts; the library's own tests
@@ -157,7 +157,7 @@ def model_settings(s: TextSettings, steps: int) -> mqar.MQARSettings:
 
 def _build(mixer: str, s: TextSettings, steps: int, seed: int, device):
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     ms = model_settings(s, steps)

@@ -33,9 +33,9 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from megatron_mom import specs
+from megatron_mom.layer import specs
 from megatron_mom.config import MoMConfig
-from megatron_mom.megatron_lm import args as mom_args
+from megatron_mom.integrations.megatron_lm import args as mom_args
 
 HYBRID_PERIOD = "MMMMMMMA"  # paper: one softmax-attention layer after every 7 MoM layers
 

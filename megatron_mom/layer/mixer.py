@@ -28,14 +28,14 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from megatron_mom import inference, metrics, packing, parallel
+from megatron_mom.layer import inference, metrics, packing, parallel
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
 from megatron_mom.ops.common import resolve_backend
 from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
                                                     kvba_columns)
-from megatron_mom.projection import GroupedProjection, GroupedRows, in_proj_sections
-from megatron_mom.router import MoMRouter, Routing, attach_loss, route, router_losses
+from megatron_mom.layer.projection import GroupedProjection, GroupedRows, in_proj_sections
+from megatron_mom.layer.router import MoMRouter, Routing, attach_loss, route, router_losses
 
 
 @dataclass

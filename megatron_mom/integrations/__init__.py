@@ -1,0 +1,1 @@
+"""Integrations with outside training stacks (Megatron-LM's pretrain_gpt.py)."""

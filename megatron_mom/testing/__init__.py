@@ -1,0 +1,1 @@
+"""Test support: the CPU shim that lets Megatron-Core run without CUDA."""
