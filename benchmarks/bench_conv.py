@@ -40,7 +40,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_mom import packing  # noqa: E402
+from megatron_mom.layer import packing  # noqa: E402
 from megatron_mom.ops.short_conv import triton as conv  # noqa: E402
 from megatron_mom.ops.short_conv.reference import short_conv_reference  # noqa: E402
 

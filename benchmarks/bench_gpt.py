@@ -7,7 +7,7 @@ to the attention GPT, peak memory, and the step's GPU time split by kernel kind 
 profiler (recurrence, convolution, GEMM, attention, elementwise/other, optimizer, host gap).
 
 Kinds:  attention  the same GPT with softmax attention (TE's when Transformer Engine imports,
-                   else PyTorch SDPA: megatron_mom.attention.SDPAttention)
+                   else PyTorch SDPA: megatron_mom.layer.attention.SDPAttention)
         mom        every layer MoM (paper: M=4, top-2, shared memory, 4 heads x 256)
         hybrid     MoM with an attention layer after every 7 MoM layers ("MMMMMMMA" * 3)
         mom1       one memory, no routing (M=1, top-1, no shared): the gated-DeltaNet equivalent
@@ -96,7 +96,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
     from megatron.core.transformer import TransformerConfig
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
 
     if cuda_graph:  # Megatron's graphs need an RNG tracker whose state lives on the device
         model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)

@@ -60,7 +60,7 @@ def paper_mom():
 def our_layer(mom):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.layer.specs import get_mom_module_spec
     config = TransformerConfig(num_layers=1, hidden_size=HIDDEN, num_attention_heads=16,
                                params_dtype=torch.bfloat16, bf16=True,
                                gradient_accumulation_fusion=False)

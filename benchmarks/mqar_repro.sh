@@ -16,7 +16,7 @@ for seed in 0 1 2; do
   for variant in torch-tf32 torch-fp32 triton-tf32; do
     backend=${variant%-*}
     tf32=$([ "${variant#*-}" = tf32 ] && echo true || echo false)
-    "$py" -m megatron_mom.cli.main mqar --preset gpu --mixers single \
+    "$py" -m megatron_mom.apps.cli.main mqar --preset gpu --mixers single \
       --set budget_minutes=0 --set max_minutes_per_model=7 --set train_steps=3140 \
       --set mom_backend="$backend" --set tf32="$tf32" --set seed="$seed" \
       --out "$out/$variant-s$seed" > "$out/$variant-s$seed.log" 2>&1 &

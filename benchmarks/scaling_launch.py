@@ -1,4 +1,4 @@
-"""Run Megatron-LM's pretrain_gpt.py as megatron_mom.megatron_lm.launch does, and report each
+"""Run Megatron-LM's pretrain_gpt.py as megatron_mom.integrations.megatron_lm.launch does, and report each
 rank's peak GPU memory while it trains (used by benchmarks/scaling_run.sh):
 
     torchrun ... benchmarks/scaling_launch.py /path/to/Megatron-LM/pretrain_gpt.py ARGS
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from megatron_mom.megatron_lm import launch
+from megatron_mom.integrations.megatron_lm import launch
 
 RANK = int(os.environ.get("RANK", "0"))
 _calls = 0

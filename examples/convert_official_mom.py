@@ -35,7 +35,7 @@ def load_official(path: str, prefix: str) -> dict:
 
 def random_official(mom, hidden: int, prefix: str) -> dict:
     """Random weights under the official names, shaped as the official layer shapes them."""
-    from megatron_mom.convert import official_keys
+    from megatron_mom.apps.convert import official_keys
     H, K, V, W, M = mom.num_heads, mom.key_dim, mom.value_dim, mom.conv_size, mom.num_memories
     shapes = {"q_proj.weight": (H * K, hidden), "g_proj.weight": (H * V, hidden),
               "gate.weight": (M, hidden), "A_log": (H,), "dt_bias": (H,),
@@ -58,7 +58,8 @@ def build_layer(mom, hidden: int):
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu, get_mom_module_spec
+    from megatron_mom.testing import cpu
+    from megatron_mom import get_mom_module_spec
     from megatron.core.transformer.spec_utils import build_module
 
     on_cpu = cpu.enable()
@@ -76,7 +77,7 @@ def build_layer(mom, hidden: int):
 
 def main(argv=None) -> int:
     from megatron_mom import MoMConfig
-    from megatron_mom.convert import from_official_mom, to_official_mom
+    from megatron_mom.apps.convert import from_official_mom, to_official_mom
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)

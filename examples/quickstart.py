@@ -12,8 +12,9 @@ def main():
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_mom import MoMConfig, cpu, get_hybrid_block_spec
-    from megatron_mom.inference import generate
+    from megatron_mom import MoMConfig, get_hybrid_block_spec
+    from megatron_mom.testing import cpu
+    from megatron_mom.train.decoding import generate
 
     on_cpu = cpu.enable()                     # no-op on a GPU machine
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

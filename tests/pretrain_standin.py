@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 
 def parse():
-    from megatron_mom.megatron_lm.args import add_mom_args
+    from megatron_mom.integrations.megatron_lm.args import add_mom_args
     p = argparse.ArgumentParser(allow_abbrev=False)
     for flag, typ, default in [
         ("num-layers", int, 2), ("hidden-size", int, 64), ("ffn-hidden-size", int, None),
@@ -44,7 +44,7 @@ def parse():
     for flag in ("swiglu", "disable-bias-linear", "untie-embeddings-and-output-weights",
                  "sequence-parallel", "bf16"):
         p.add_argument(f"--{flag}", action="store_true")
-    p.add_argument("--spec", nargs=2, default=["megatron_mom.megatron_lm.presets", "mom"])
+    p.add_argument("--spec", nargs=2, default=["megatron_mom.integrations.megatron_lm.presets", "mom"])
     add_mom_args(p)
     args, ignored = p.parse_known_args()
     if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:
@@ -61,7 +61,7 @@ def gpt(args):
     import importlib
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
@@ -108,7 +108,7 @@ SAVE_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": 
 def main():
     from megatron.core import dist_checkpointing, parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
 
     args, ignored = parse()
     cuda = torch.cuda.is_available()

@@ -7,7 +7,7 @@ from megatron_mom import MoMConfig
 
 def _config(heads=4, groups=4, **overrides):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     return TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=heads,
                              num_query_groups=groups, hidden_dropout=0.0, attention_dropout=0.0,
                              params_dtype=torch.float64, **cpu.megatron_cpu_config_overrides(),
@@ -25,7 +25,7 @@ def _qkv(s, b, heads, groups, hn, seed):
 def test_sdpa_matches_dot_product_attention(megatron_single, heads, groups, layer_scaling):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron_mom.attention import SDPAttention
+    from megatron_mom.layer.attention import SDPAttention
     config = _config(heads, groups, apply_query_key_layer_scaling=layer_scaling)
     s, b, hn = 24, 2, 8
     causal = torch.ones(1, 1, s, s, dtype=torch.bool).triu(1)   # Megatron: True = masked out
@@ -52,7 +52,7 @@ def test_sdpa_matches_dot_product_attention(megatron_single, heads, groups, laye
 
 def test_sdpa_padding_mask_and_decoding_alignment(megatron_single):
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron_mom.attention import SDPAttention
+    from megatron_mom.layer.attention import SDPAttention
     config = _config()
     s, b, hn = 10, 1, 8
     q, k, v = (t.detach() for t in _qkv(s, b, 4, 4, hn, seed=2))
@@ -69,7 +69,7 @@ def test_sdpa_padding_mask_and_decoding_alignment(megatron_single):
 def test_sdpa_refuses_what_it_cannot_do(megatron_single):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron_mom.attention import SDPAttention
+    from megatron_mom.layer.attention import SDPAttention
     with pytest.raises(ValueError, match="window_size"):
         SDPAttention(_config(window_size=(8, 0)), 1, AttnMaskType.causal)
     q, k, v = (t.detach() for t in _qkv(6, 1, 4, 4, 8, seed=3))
@@ -83,7 +83,7 @@ def test_hybrid_gpt_uses_sdpa_and_matches_unfused_attention(megatron_single):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron_mom import get_hybrid_block_spec
-    from megatron_mom.attention import SDPAttention
+    from megatron_mom.layer.attention import SDPAttention
     mom = MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=16, chunk_size=16)
     config = _config(heads=4, groups=2, hetereogenous_dist_checkpoint=True)
     spec = get_hybrid_block_spec(config, "MA", mom, backend="local")

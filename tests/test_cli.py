@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mom import mqar
-from megatron_mom.cli.main import QUIET_WARNINGS, main
+from megatron_mom.apps import mqar
+from megatron_mom.apps.cli.main import QUIET_WARNINGS, main
 from test_train import DOCS, tiny_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def test_train_log_without_matplotlib_or_terminal(tmp_path):
     argv = ["train", "--output-dir", str(out)] + [
         arg for key, value in values.items() if key != "output_dir"
         for arg in ("--set", f"{key}={value}")]
-    code = NO_MATPLOTLIB + f"from megatron_mom.cli.main import main; sys.exit(main({argv!r}))"
+    code = NO_MATPLOTLIB + f"from megatron_mom.apps.cli.main import main; sys.exit(main({argv!r}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=ROOT, timeout=600)                # stdout is a pipe, not a tty
     assert result.returncode == 0, result.stderr[-3000:]

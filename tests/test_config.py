@@ -100,14 +100,14 @@ class FakeGroup:
 
 def _config(**kw):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     kw = {"num_layers": 1, **kw}
     return TransformerConfig(hidden_size=16, num_attention_heads=2,
                              **cpu.megatron_cpu_config_overrides(), **kw)
 
 
 def test_layer_rejects_heads_not_divisible_by_tp(megatron_single):
-    from megatron_mom.mixer import MixtureOfMemories, MoMSubmodules
+    from megatron_mom.layer.mixer import MixtureOfMemories, MoMSubmodules
     pgs = types.SimpleNamespace(tp=FakeGroup(3), cp=FakeGroup(1))
     with pytest.raises(ValueError, match="num_heads \\(4\\) must be divisible by the tensor-parallel"):
         MixtureOfMemories(_config(), MoMSubmodules(), mom=MoMConfig(num_heads=4),
@@ -115,7 +115,7 @@ def test_layer_rejects_heads_not_divisible_by_tp(megatron_single):
 
 
 def test_layer_rejects_bad_dtype_and_mom(megatron_single):
-    from megatron_mom.mixer import MixtureOfMemories, MoMSubmodules
+    from megatron_mom.layer.mixer import MixtureOfMemories, MoMSubmodules
     with pytest.raises(ValueError, match="unsupported params_dtype"):
         MixtureOfMemories(_config(params_dtype=torch.int32), MoMSubmodules(),
                           mom=MoMConfig(num_heads=2, head_dim=8))
@@ -125,7 +125,7 @@ def test_layer_rejects_bad_dtype_and_mom(megatron_single):
 
 def test_specs_reject_bad_pattern_and_backend(megatron_single):
     from megatron_mom import get_hybrid_block_spec, get_mom_layer_spec
-    from megatron_mom.specs import have_te
+    from megatron_mom.layer.specs import have_te
     config = _config(num_layers=4)
     with pytest.raises(ValueError, match="unknown layer symbols \\['X'\\]"):
         get_hybrid_block_spec(config, "MMXA", MoMConfig(), backend="local")
@@ -188,7 +188,7 @@ def test_generate_flags_are_checked_before_loading(tmp_path, flags, message):
 
 def test_auto_backend_on_cuda_refuses_sizes_the_kernels_cannot_run():
     """The check the layer makes when it is built on a CUDA device (callable without one)."""
-    from megatron_mom.mixer import check_kernel_sizes
+    from megatron_mom.layer.mixer import check_kernel_sizes
     check_kernel_sizes(MoMConfig(head_dim=8, backend="auto"), torch.device("cpu"))   # torch runs it
     check_kernel_sizes(MoMConfig(head_dim=64, backend="auto"), torch.device("cuda"))
     with pytest.raises(ValueError, match="head_dim = 8 .*backend='auto' on a CUDA device"):

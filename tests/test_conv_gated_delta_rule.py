@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from megatron_mom import packing
+from megatron_mom.layer import packing
 from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
 
 pytest.importorskip("triton")

@@ -31,7 +31,7 @@ def test_prefill_then_decode_matches_full_forward(megatron_single, prompt):
     x = torch.randn(14, 3, HIDDEN, generator=g, dtype=torch.float64)
     x[..., 0] = 1.0
     p["gate.weight"][2, 0] = -100.0      # memory 2 is never routed
-    from megatron_mom.convert import from_official_mom
+    from megatron_mom.apps.convert import from_official_mom
     layer.load_state_dict(from_official_mom(p, mom))
     with torch.no_grad():
         full, _ = layer(x)
@@ -60,7 +60,7 @@ def test_hybrid_gpt_generation_matches_full_forward(megatron_single):
     """Greedy generation through MoM and attention layers: each decoded token's logits equal
     the full forward's logits at that position (teacher forcing on the generated text)."""
     from megatron_mom import get_hybrid_block_spec
-    from megatron_mom.inference import generate
+    from megatron_mom.train.decoding import generate
     from test_gpt import gpt
     mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16)
     model = gpt(lambda c: get_hybrid_block_spec(c, "MAMM", mom, backend="local"),

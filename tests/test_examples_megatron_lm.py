@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_mom.megatron_lm.args import add_mom_args, mom_config_from_args
+from megatron_mom.integrations.megatron_lm.args import add_mom_args, mom_config_from_args
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "megatron-lm"
 PAPER = {  # name: (hidden, MLP ratio, tokens, preset)
@@ -41,7 +41,7 @@ def test_paper_configs(name):
     argv = bash(f'source {EXAMPLES}/configs/{name}.sh; printf "%s\\0" "${{MODEL_ARGS[@]}}" '
                 f'"${{TRAIN_ARGS[@]}}"')
     a = parse(argv)
-    assert a.spec == ["megatron_mom.megatron_lm.presets", preset]
+    assert a.spec == ["megatron_mom.integrations.megatron_lm.presets", preset]
     assert (a.num_layers, a.hidden_size, a.seq_length) == (24, hidden, 2048)
     assert a.ffn_hidden_size == math.ceil(hidden * ratio * 2 / 3 / 256) * 256  # SwiGLU ratio
     mom = mom_config_from_args(a)

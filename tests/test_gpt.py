@@ -10,7 +10,7 @@ MOM = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16)
 def gpt(spec_fn, num_layers=4, **overrides):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     config = TransformerConfig(num_layers=num_layers, hidden_size=48, num_attention_heads=4,
                                ffn_hidden_size=96, hidden_dropout=0.0, attention_dropout=0.0,
                                normalization="RMSNorm", **cpu.megatron_cpu_config_overrides(),
@@ -38,7 +38,7 @@ def train_steps(model, steps=6):
 @pytest.mark.parametrize("kind", ["layer_spec", "hybrid_block"])
 def test_gpt_trains(megatron_single, kind):
     from megatron_mom import get_hybrid_block_spec, get_mom_layer_spec
-    from megatron_mom.mixer import MixtureOfMemories
+    from megatron_mom.layer.mixer import MixtureOfMemories
     spec_fn = {"layer_spec": lambda c: get_mom_layer_spec(MOM, backend="local"),
                "hybrid_block": lambda c: get_hybrid_block_spec(c, "MMAM", MOM, backend="local")}
     model = gpt(spec_fn[kind], hetereogenous_dist_checkpoint=kind == "hybrid_block")
@@ -52,8 +52,9 @@ def test_gpt_trains(megatron_single, kind):
 
 def test_hybrid_pattern_is_sliced_per_pipeline_stage(megatron_single):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu, get_hybrid_block_spec
-    from megatron_mom.specs import local_layer_ids
+    from megatron_mom.testing import cpu
+    from megatron_mom import get_hybrid_block_spec
+    from megatron_mom.layer.specs import local_layer_ids
     config = TransformerConfig(num_layers=8, hidden_size=16, num_attention_heads=2,
                                pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
                                hetereogenous_dist_checkpoint=True,
@@ -71,8 +72,9 @@ def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single
     was."""
     import dataclasses
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu, get_hybrid_block_spec
-    from megatron_mom.specs import mixes_layer_kinds
+    from megatron_mom.testing import cpu
+    from megatron_mom import get_hybrid_block_spec
+    from megatron_mom.layer.specs import mixes_layer_kinds
     config = TransformerConfig(num_layers=4, hidden_size=16, num_attention_heads=2,
                                **cpu.megatron_cpu_config_overrides())
     before = dict(vars(config))

@@ -44,7 +44,7 @@ def cli(*args, nproc=1):
     if nproc > 1:
         launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
-    done = subprocess.run([*launch, "-m", "megatron_mom.cli.main", *map(str, args)],
+    done = subprocess.run([*launch, "-m", "megatron_mom.apps.cli.main", *map(str, args)],
                           capture_output=True, text=True, env=_env(), timeout=600)
     return done
 
@@ -55,7 +55,7 @@ def ok(done):
 
 
 def read_folder(folder):
-    from megatron_mom.hf import read_fla_folder
+    from megatron_mom.apps.hf import read_fla_folder
     return read_fla_folder(Path(folder))
 
 
@@ -79,7 +79,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, corpus):
     """{name: (run directory, exported folder)} for the tiny MoM and hybrid models."""
-    from megatron_mom import hf_checkpoint
+    from megatron_mom.apps import hf_checkpoint
     from megatron_mom.train.config import build_config
     from megatron_mom.train.loop import train
     out = {}
@@ -97,7 +97,7 @@ def runs(tmp_path_factory, corpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_is_fla_format(runs, name):
-    from megatron_mom.hf import check_fla_state, describe_fla
+    from megatron_mom.apps.hf import check_fla_state, describe_fla
     config, state = read_folder(runs[name][1])
     assert config["model_type"] == "mom" and config["architectures"] == ["MomForCausalLM"]
     assert config["num_hidden_layers"] == 2 and config["intermediate_size"] == 96
@@ -158,7 +158,7 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
     at TP=2 exports; the export imports as a release checkpoint that the stand-in loads at TP=2
     and saves again (lr 0: unchanged), which exports to the same tensors."""
     from megatron_mom.train.build import free_port
-    flags = ["--spec", "megatron_mom.megatron_lm.presets", "mom", "--num-layers", "2",
+    flags = ["--spec", "megatron_mom.integrations.megatron_lm.presets", "mom", "--num-layers", "2",
              "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
              "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2",
              "--tensor-model-parallel-size", "2", "--normalization", "RMSNorm",
@@ -170,7 +170,7 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
     def standin(*extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-               "-m", "megatron_mom.megatron_lm.launch",   # the CPU redirections
+               "-m", "megatron_mom.integrations.megatron_lm.launch",   # the CPU redirections
                str(ROOT / "tests" / "pretrain_standin.py"), *flags, *extra]
         return ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600))
 
@@ -192,11 +192,11 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
 def test_transformer_engine_names_and_sharded_folders_round_trip(runs, tmp_path):
     """Import for Transformer Engine layer names, export from them; a folder sharded into
     several safetensors files with an index reads back the same."""
-    from megatron_mom.hf import INDEX_FILE
+    from megatron_mom.apps.hf import INDEX_FILE
     folder = runs["hybrid"][1]
     ok(cli("import", "--hf", folder, "--out", tmp_path / "te", "--format", "megatron-lm",
            "--transformer-impl", "transformer_engine"))
-    from megatron_mom.hf_checkpoint import read_model_tensors
+    from megatron_mom.apps.hf_checkpoint import read_model_tensors
     from megatron_mom.train.build import init_process_groups
     init_process_groups(1, 1)
     keys = set(read_model_tensors(tmp_path / "te" / "release"))
@@ -215,8 +215,8 @@ def test_bfloat16_and_mixed_dtypes_are_kept(runs, tmp_path, megatron_single):
     """bfloat16 weights stay bfloat16 through a Megatron checkpoint and back, bit for bit; a
     folder mixing float32 norms with bfloat16 weights (as fla's float32 RMSNorms can leave it)
     is imported in float32, which holds both exactly."""
-    from megatron_mom import hf_checkpoint
-    from megatron_mom.hf import read_fla_folder, write_fla_folder
+    from megatron_mom.apps import hf_checkpoint
+    from megatron_mom.apps.hf import read_fla_folder, write_fla_folder
     config, state = read_fla_folder(runs["hybrid"][1])
     bf16 = {k: v.to(torch.bfloat16) for k, v in state.items()}
     write_fla_folder(tmp_path / "bf16", bf16, {**config, "torch_dtype": "bfloat16"}, 10 ** 9)
@@ -234,8 +234,8 @@ def test_bfloat16_and_mixed_dtypes_are_kept(runs, tmp_path, megatron_single):
 
 @pytest.mark.slow
 def test_tokenizer_files_travel_with_the_model(runs, tmp_path, megatron_single):
-    from megatron_mom import hf_checkpoint
-    from megatron_mom.hf import ConversionError
+    from megatron_mom.apps import hf_checkpoint
+    from megatron_mom.apps.hf import ConversionError
     tokenizer = tmp_path / "tokenizer"
     tokenizer.mkdir()
     (tokenizer / "tokenizer.json").write_text('{"model": {}}')
@@ -255,13 +255,13 @@ def test_tokenizer_files_travel_with_the_model(runs, tmp_path, megatron_single):
 
 # ------------------------------------------------------------------ refusals
 def _settings(**changes):
-    from megatron_mom.hf import MegatronSettings
+    from megatron_mom.apps.hf import MegatronSettings
     return MegatronSettings(**changes)
 
 
 def _desc(pattern="MA", **changes):
     from megatron_mom import MoMConfig
-    from megatron_mom.hf import GPTDescription
+    from megatron_mom.apps.hf import GPTDescription
     values = dict(pattern=pattern, hidden_size=64, ffn_hidden_size=96, vocab_size=512,
                   num_attention_heads=4, num_query_groups=2, max_position_embeddings=32,
                   norm_eps=1e-5, tie_embeddings=True,
@@ -286,7 +286,7 @@ def _desc(pattern="MA", **changes):
     ({"mtp_num_layers": 1}, "multi-token"),
 ])
 def test_what_fla_cannot_express_is_refused_by_name(changes, needle):
-    from megatron_mom.hf import ConversionError, refuse, unexpressible
+    from megatron_mom.apps.hf import ConversionError, refuse, unexpressible
     assert unexpressible(_settings(), _desc()) == []                # GQA is expressible
     problems = unexpressible(_settings(names={"rotary_base": "--rotary-base"}, **changes),
                              _desc())
@@ -298,14 +298,14 @@ def test_what_fla_cannot_express_is_refused_by_name(changes, needle):
 
 
 def test_mom_only_models_need_no_rope_settings():
-    from megatron_mom.hf import unexpressible
+    from megatron_mom.apps.hf import unexpressible
     assert unexpressible(_settings(rotary_base=1e6, position_embedding_type="none"),
                          _desc("MM")) == []
     assert unexpressible(_settings(), _desc("MM", mom=_desc().mom.replace(conv_size=1))) == []
 
 
 def _fla_config(**changes):
-    from megatron_mom.hf import fla_config
+    from megatron_mom.apps.hf import fla_config
     config = fla_config(_desc(), torch.float32)
     config.update(changes)
     return config
@@ -324,20 +324,20 @@ def _fla_config(**changes):
     ({"topk": 9}, "topk"),
 ])
 def test_fla_configs_we_cannot_hold_are_refused(changes, needle):
-    from megatron_mom.hf import ConversionError, describe_fla
+    from megatron_mom.apps.hf import ConversionError, describe_fla
     assert describe_fla(_fla_config()) == _desc()
     with pytest.raises(ConversionError, match=needle):
         describe_fla(_fla_config(**changes))
 
 
 def test_fla_default_intermediate_size_rule():
-    from megatron_mom.hf import describe_fla
+    from megatron_mom.apps.hf import describe_fla
     config = _fla_config(intermediate_size=None, hidden_ratio=4, hidden_size=2048)
     assert describe_fla(config).ffn_hidden_size == 5632   # 2/3 * 4 * 2048 rounded up to 256
 
 
 def _random_fla_state(desc, seed=0):
-    from megatron_mom.hf import _non_mom_shapes
+    from megatron_mom.apps.hf import _non_mom_shapes
     from naive_mom import official_params
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(*s, generator=g) for k, s in _non_mom_shapes(desc).items()}
@@ -350,7 +350,7 @@ def _random_fla_state(desc, seed=0):
 
 
 def test_every_tensor_is_accounted_for_both_ways():
-    from megatron_mom.hf import ConversionError, fla_to_megatron, megatron_to_fla
+    from megatron_mom.apps.hf import ConversionError, fla_to_megatron, megatron_to_fla
     desc = _desc("MAM", num_query_groups=2)
     state = _random_fla_state(desc)
     ours = fla_to_megatron(state, desc)
@@ -373,7 +373,7 @@ def test_every_tensor_is_accounted_for_both_ways():
 
 def test_gqa_rows_follow_megatrons_query_groups():
     """Megatron packs [q heads of group g, k_g, v_g] per group: check one row of each."""
-    from megatron_mom.hf import fla_to_megatron
+    from megatron_mom.apps.hf import fla_to_megatron
     desc = _desc("A", num_query_groups=2)
     state = _random_fla_state(desc)
     qkv = fla_to_megatron(state, desc)["decoder.layers.0.self_attention.linear_qkv.weight"]
@@ -385,7 +385,7 @@ def test_gqa_rows_follow_megatrons_query_groups():
 
 
 def test_folders_refuse_pickles_and_inconsistent_indexes(tmp_path):
-    from megatron_mom.hf import ConversionError, read_fla_folder, write_fla_folder, fla_config
+    from megatron_mom.apps.hf import ConversionError, read_fla_folder, write_fla_folder, fla_config
     desc = _desc("MA")
     state = _random_fla_state(desc)
     write_fla_folder(tmp_path / "hf", state, fla_config(desc, torch.float32), 50_000)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_mom import MoMConfig
-from megatron_mom.megatron_lm import args as mom_args
+from megatron_mom.integrations.megatron_lm import args as mom_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--mom-num-memories", "3", "--mom-topk", "2", "--mom-num-heads", "2",
@@ -65,7 +65,7 @@ def test_flags_missing_means_unpatched_script():
 
 
 def test_default_patterns():
-    from megatron_mom.megatron_lm.presets import default_pattern
+    from megatron_mom.integrations.megatron_lm.presets import default_pattern
     assert default_pattern("mom", 3) == "MMM"
     hybrid = default_pattern("hybrid", 24)
     assert [i + 1 for i, c in enumerate(hybrid) if c == "A"] == [8, 16, 24]
@@ -76,7 +76,7 @@ def test_default_patterns():
 
 def _config(num_layers=4, **kw):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     return TransformerConfig(num_layers=num_layers, hidden_size=32, num_attention_heads=4,
                              ffn_hidden_size=64, hidden_dropout=0.0, attention_dropout=0.0,
                              normalization="RMSNorm", **cpu.megatron_cpu_config_overrides(), **kw)
@@ -85,7 +85,7 @@ def _config(num_layers=4, **kw):
 @pytest.fixture
 def megatron_lm_args(monkeypatch):
     """Stand in for megatron.training.get_args() / core_transformer_config_from_args."""
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     state = {}
 
     def use(argv, config):
@@ -110,7 +110,7 @@ def _mixers(model):
 
 def test_object_form_builds_the_hybrid_gpt_and_trains(megatron_single, megatron_lm_args, capsys):
     """Megatron-LM <= 0.18 hand the imported object to TransformerBlock as is."""
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     config = _config()
     args = megatron_lm_args(SMALL + ["--mom-layer-pattern", "MMAM"], config)
     model = _gpt(config, presets.hybrid)
@@ -136,7 +136,7 @@ def test_object_form_builds_the_hybrid_gpt_and_trains(megatron_single, megatron_
 
 
 def test_object_form_pure_mom_uses_flags(megatron_single, megatron_lm_args):
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     config = _config(num_layers=2)
     megatron_lm_args(SMALL + ["--mom-num-memories", "5", "--mom-topk", "3"], config)
     model = _gpt(config, presets.mom)
@@ -148,7 +148,7 @@ def test_object_form_pure_mom_uses_flags(megatron_single, megatron_lm_args):
 
 
 def test_object_form_refuses_bad_flags_when_building(megatron_single, megatron_lm_args):
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     config = _config()
     megatron_lm_args(SMALL + ["--mom-layer-pattern", "MMXM"], config)
     with pytest.raises(ValueError, match="unknown layer symbols"):
@@ -156,7 +156,7 @@ def test_object_form_refuses_bad_flags_when_building(megatron_single, megatron_l
 
 
 def test_context_parallel_hybrid_without_te_is_refused(megatron_single, megatron_lm_args):
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     config = _config()
     args = megatron_lm_args(SMALL + ["--mom-layer-pattern", "MMAM"], config)
     args.context_parallel_size = 2
@@ -170,7 +170,7 @@ def test_callable_form(megatron_single, megatron_lm_args):
     """Megatron-LM 0.19 calls the preset with its GPTModelConfig and the virtual stage."""
     import inspect
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-    from megatron_mom.megatron_lm import presets
+    from megatron_mom.integrations.megatron_lm import presets
     config = _config(num_layers=8)
     megatron_lm_args(SMALL, config)
     assert "vp_stage" in inspect.signature(presets.hybrid).parameters
@@ -182,7 +182,7 @@ def test_callable_form(megatron_single, megatron_lm_args):
 
 def test_pattern_layer_index_follows_pipeline_stages():
     """Global layer of a stage-local layer number: what PatternLayer looks up in the pattern."""
-    from megatron_mom.megatron_lm.presets import global_layer_index
+    from megatron_mom.integrations.megatron_lm.presets import global_layer_index
     config = _config(num_layers=8, pipeline_model_parallel_size=2,
                      virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
     # 8 layers, PP=2 x VPP=2: stage 0 holds [0, 1] and [4, 5], stage 1 [2, 3] and [6, 7].
@@ -192,7 +192,7 @@ def test_pattern_layer_index_follows_pipeline_stages():
 
 
 def test_object_form_refuses_uneven_virtual_stages(megatron_single):
-    from megatron_mom.megatron_lm.presets import block_spec
+    from megatron_mom.integrations.megatron_lm.presets import block_spec
     config = _config(num_layers=6, pipeline_model_parallel_size=2,
                      virtual_pipeline_model_parallel_size=2, pipeline_dtype=torch.float32,
                      account_for_embedding_in_pipeline_split=True,
@@ -204,7 +204,7 @@ def test_object_form_refuses_uneven_virtual_stages(megatron_single):
 
 
 def test_training_log_counts_only_mom_layers():
-    from megatron_mom.megatron_lm.hooks import _mom_layer_flags, _track_names
+    from megatron_mom.integrations.megatron_lm.hooks import _mom_layer_flags, _track_names
     args = parse(["--mom-layer-pattern", "MMAM", "--mom-z-loss-coeff", "0.001"],
                  mtp_num_layers=1)
     assert _mom_layer_flags(args) == [1, 1, 0, 1, 0]
@@ -213,7 +213,7 @@ def test_training_log_counts_only_mom_layers():
 
 
 def test_launcher_adds_only_missing_cpu_flags():
-    from megatron_mom.megatron_lm.launch import cpu_argv
+    from megatron_mom.integrations.megatron_lm.launch import cpu_argv
     argv, added = cpu_argv(["--num-layers", "2", "--transformer-impl", "local",
                             "--distributed-backend", "gloo"])
     assert argv[:6] == ["--num-layers", "2", "--transformer-impl", "local",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from megatron_mom import MoMConfig
-from megatron_mom.convert import from_official_mom, to_official_mom
+from megatron_mom.apps.convert import from_official_mom, to_official_mom
 from naive_mom import naive_mom, official_params
 
 HIDDEN = 24
@@ -11,8 +11,8 @@ HIDDEN = 24
 
 def build_layer(mom, hidden=HIDDEN, dtype=torch.float64, **config_overrides):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.testing import cpu
+    from megatron_mom.layer.specs import get_mom_module_spec
     from megatron.core.transformer.spec_utils import build_module
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
                                params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
@@ -190,7 +190,7 @@ def test_projection_runs_in_projs_hooks(megatron_single, mode):
     """The grouped projection is in_proj's own forward (`rows=` selects it): in_proj's forward
     pre- and post-hooks run once per step, as for the dense projection (Megatron DDP waits
     for the overlapped parameter all-gather in a pre-hook)."""
-    from megatron_mom.projection import GroupedProjection
+    from megatron_mom.layer.projection import GroupedProjection
     mom = MoMConfig(num_memories=2, topk=1, num_heads=2, head_dim=8, chunk_size=16,
                     grouped_projection=mode)
     layer = build_layer(mom, 32, torch.float32)

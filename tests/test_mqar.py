@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from megatron_mom import mqar
+from megatron_mom.apps import mqar
 from megatron_mom.train.config import ConfigError
 
 
@@ -74,7 +74,7 @@ def test_tiny_mqar_run_writes_table_and_plot(megatron_single, tmp_path):
 
 
 # ------------------------------------------------------------------ the Zoology-style sweep
-from megatron_mom import mqar_sweep  # noqa: E402
+from megatron_mom.apps import mqar_sweep  # noqa: E402
 
 
 def test_mixer_variants(megatron_single):

@@ -104,8 +104,8 @@ def test_two_calls_with_other_options_do_not_affect_each_other():
 def _layer(mom, hidden=16):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
-    from megatron_mom import cpu
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.testing import cpu
+    from megatron_mom.layer.specs import get_mom_module_spec
     config = TransformerConfig(num_layers=2, hidden_size=hidden, num_attention_heads=2,
                                params_dtype=torch.float64, **cpu.megatron_cpu_config_overrides())
     return build_module(get_mom_module_spec(mom, backend="local"), config=config, layer_number=1)
@@ -115,7 +115,7 @@ def test_memory_load_is_counted_by_each_layer(megatron_single):
     """metrics.memory_load(model) reads the fraction of routed tokens per memory from the
     model's own layers (the top-k choices counted by hand here) and clears it; a second layer
     in the same process counts only its own tokens."""
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8, chunk_size=16)
     first, second = _layer(mom), _layer(mom)
     x = torch.randn(11, 2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ from megatron_mom import MoMConfig
 
 
 def test_route_picks_topk_and_renormalises(megatron_single):
-    from megatron_mom.router import route
+    from megatron_mom.layer.router import route
     mom = MoMConfig(num_memories=5, topk=2)
     logits = torch.randn(40, 5, dtype=torch.float64)
     plan = route(logits, mom)
@@ -24,7 +24,7 @@ def test_route_picks_topk_and_renormalises(megatron_single):
 
 
 def test_losses_match_hand_computation(megatron_single):
-    from megatron_mom.router import route, router_losses
+    from megatron_mom.layer.router import route, router_losses
     mom = MoMConfig(num_memories=4, topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
     logits = torch.randn(30, 4, dtype=torch.float64)
     plan = route(logits, mom)
@@ -46,9 +46,9 @@ def test_losses_match_hand_computation(megatron_single):
 def test_aux_loss_gradient_reaches_router_weight(megatron_single):
     """With the mixing path cut off, the router weight's gradient is exactly the aux loss's."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from megatron_mom.router import MoMRouter, attach_loss, route, router_losses
+    from megatron_mom.layer.router import MoMRouter, attach_loss, route, router_losses
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom import cpu
+    from megatron_mom.testing import cpu
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
     mom = MoMConfig(num_memories=4, topk=2, aux_loss_coeff=0.1)
     config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1,
@@ -70,7 +70,7 @@ def test_aux_loss_gradient_reaches_router_weight(megatron_single):
 
 def test_packed_moves_match_plain_indexing_and_gradcheck():
     """spread / select / mix against plain indexing with autograd, and torch.autograd.gradcheck."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     g = torch.Generator().manual_seed(0)
     N, S, E = 11, 3, 5
     memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
@@ -102,7 +102,7 @@ def test_packed_moves_in_bf16():
     """bf16 rows with float32 mixing weights (the layer's case): the mix accumulates in float32
     and rounds once; its gradients are the float32 products rounded to the operands' dtypes.
     Also select from a strided [N, E, C] slice (the projection) and with E == S."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     g = torch.Generator().manual_seed(2)
     N, S, E = 9, 3, 4
     memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
@@ -134,7 +134,7 @@ def test_packed_moves_in_bf16():
 def test_grouped_linear_matches_per_row_products():
     """packing.grouped_linear (torch._grouped_mm, float32: no CPU float64) against each packed
     row's own product, with gradients; memory 2 receives no row (an empty group)."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     g = torch.Generator().manual_seed(3)
     N, S, E, D, C = 10, 2, 4, 8, 12
     memory = torch.stack([torch.tensor([0, 1, 3])[torch.randperm(3, generator=g)[:S]]
@@ -155,7 +155,7 @@ def test_grouped_linear_matches_per_row_products():
 def test_pack_time_major_matches_sequence_major():
     """The layer's time-major tokens (n = t * b + i) pack into the same segments, rows and
     boundaries as the same tokens in sequence-major order (n = i * s + t)."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     g = torch.Generator().manual_seed(1)
     b, s, S, E = 3, 7, 3, 5
     memory_sm = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(b * s)])
@@ -175,7 +175,7 @@ def test_pack_time_major_matches_sequence_major():
 def test_router_loss_scale_follows_megatrons_rule(megatron_single):
     """loss_scale * cp / micro-batches, into whatever buffer shape an earlier call left."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from megatron_mom.metrics import set_router_loss_scale
+    from megatron_mom.layer.metrics import set_router_loss_scale
     MoEAuxLossAutoScaler.main_loss_backward_scale = torch.ones(1)   # a [1] buffer, as Megatron's
     set_router_loss_scale(torch.tensor([8.0]), num_microbatches=4, cp_size=2)
     assert MoEAuxLossAutoScaler.main_loss_backward_scale.item() == 4.0
@@ -190,7 +190,7 @@ def test_router_loss_scale_follows_megatrons_rule(megatron_single):
 def test_gating_linear_keeps_x_in_its_dtype_and_matches_float32_autograd():
     """bf16 x: logits and both gradients equal autograd through x.float() (same float32 math),
     and nothing of x's size is saved in float32 for the backward."""
-    from megatron_mom.router import _GatingLinear
+    from megatron_mom.layer.router import _GatingLinear
     x = torch.randn(3, 5, 64, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     d = torch.randn(3, 5, 4)

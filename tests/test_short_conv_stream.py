@@ -71,7 +71,7 @@ def test_run_longer_than_all_rows(monkeypatch):
 def test_gather_and_split_forms(short_runs):
     """The layer's two forms with short runs: rows through the layout's index (dx summed over
     each token's slots) and column groups of one strided input with their own weights."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     gen = torch.Generator().manual_seed(1)
     seq_id, num_seqs = packing.sequence_ids(2, 11, None, "cpu")
     memory = torch.stack([torch.randperm(3, generator=gen)[:2] for _ in range(22)])

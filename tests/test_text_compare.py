@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_mom import text_compare
+from megatron_mom.apps import text_compare
 from megatron_mom.train.config import ConfigError
 
 

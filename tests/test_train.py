@@ -86,7 +86,7 @@ def test_yaml_float_forms_and_overrides(tmp_path):
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"train": {"stepz": 3}}))
     assert main(["train", "--config", str(bad)]) == 2
@@ -196,7 +196,7 @@ def test_console_command_trains_on_bundled_corpus_and_generates(tmp_path):
     """The README path: the `megatron-mom` CLI in a fresh process, the shipped corpus."""
     overrides = tiny_overrides(tmp_path / "run", Path("unused"), **{"data.corpus": "bundled",
                                                                    "train.steps": 3})
-    args = [sys.executable, "-m", "megatron_mom.cli.main", "train", "--no-progress"]
+    args = [sys.executable, "-m", "megatron_mom.apps.cli.main", "train", "--no-progress"]
     args += [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
@@ -205,7 +205,7 @@ def test_console_command_trains_on_bundled_corpus_and_generates(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step     3/3 | loss" in done.stdout and "mom_aux" in done.stdout
     assert "--- sample (prompt 'Return the') ---" in done.stdout
-    gen = subprocess.run([sys.executable, "-m", "megatron_mom.cli.main", "generate",
+    gen = subprocess.run([sys.executable, "-m", "megatron_mom.apps.cli.main", "generate",
                           "--checkpoint", str(tmp_path / "run"), "--prompt", "Hello",
                           "--max-new-tokens", "8"], capture_output=True, text=True, env=env,
                          timeout=300)
@@ -223,7 +223,7 @@ def _torchrun_train(out: Path, *extra) -> subprocess.CompletedProcess:
                 "train.warmup_steps": 1, "train.eval_interval": 0, "train.save_interval": 2,
                 "train.log_interval": 2, "data.corpus": "bundled"}
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_mom.cli.main", "train", "--no-progress",
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_mom.apps.cli.main", "train", "--no-progress",
             "--steps", "4", "--output-dir", str(out), *extra]
     args += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
@@ -265,11 +265,11 @@ def test_model_parallel_layouts_train(tmp_path, layout, banner):
 def _resume_in_one_process_names_the_launch(out: Path, banner: str) -> None:
     """A TP=2 or PP=2 checkpoint resumed by a plain one-process command: refused before
     anything is built, with the launch that fits (and a layout change named as such)."""
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     tp_pp = banner.split()                                      # ["TP=2", "PP=1"]
     err = _cli_error(main, ["train", "--resume", "--output-dir", str(out)])
     assert f"saved with {' '.join(tp_pp)}, which 1 process(es) cannot hold" in err, err
-    assert "torchrun --nproc-per-node 2 -m megatron_mom.cli.main train --resume" in err, err
+    assert "torchrun --nproc-per-node 2 -m megatron_mom.apps.cli.main train --resume" in err, err
     err = _cli_error(main, ["train", "--resume", "--output-dir", str(out), "--tp", "1",
                             "--pp", "1"])
     key = "tensor" if tp_pp[0] == "TP=2" else "pipeline"
@@ -294,7 +294,7 @@ def _tiny_cli_args(out: Path, corpus: Path, **extra) -> list:
 
 # ------------------------------------------------------------------------- run directories
 def test_cli_refuses_binary_yaml_and_unusable_output_dirs(tmp_path, corpus):
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     binary = tmp_path / "config.yaml"
     binary.write_bytes(bytes(range(256)) * 4)
     err = _cli_error(main, ["train", "--config", str(binary)])
@@ -309,7 +309,7 @@ def test_cli_refuses_binary_yaml_and_unusable_output_dirs(tmp_path, corpus):
 
 @pytest.mark.slow
 def test_new_run_into_an_existing_run_needs_resume_or_overwrite(straight_run, corpus, tmp_path):
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     from megatron_mom.train import train
     out = tmp_path / "run"
     shutil.copytree(straight_run[0], out)
@@ -341,10 +341,10 @@ def _readme_train_commands() -> list:
                 continue
             if words[0].endswith("megatron-mom"):
                 commands.append((1, words[1:]))
-            elif "megatron_mom.cli.main" in words:
+            elif "megatron_mom.apps.cli.main" in words:
                 assert words[0] == ".venv/bin/torchrun", part      # the venv's, not the PATH's
                 procs = int(words[words.index("--nproc-per-node") + 1])
-                commands.append((procs, words[words.index("megatron_mom.cli.main") + 1:]))
+                commands.append((procs, words[words.index("megatron_mom.apps.cli.main") + 1:]))
     return commands
 
 
@@ -352,7 +352,7 @@ def test_readme_train_commands_work_as_written(tmp_path, monkeypatch):
     """Each README `train` line gets through config validation and the batch layout of its
     process count, and no two new runs share an output directory (the second would be
     refused)."""
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     from megatron_mom.train import loop
     commands = _readme_train_commands()
     assert len(commands) == 4 and max(n for n, _ in commands) == 8
@@ -383,7 +383,7 @@ def test_torchrun_config_error_is_printed_once(tmp_path):
     env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m",
-            "megatron_mom.cli.main", "train", "--no-progress", "--output-dir",
+            "megatron_mom.apps.cli.main", "train", "--no-progress", "--output-dir",
             str(tmp_path / "run"), "--set", "train.global_batch_size=8"]   # micro 8 x DP 2
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode != 0
@@ -498,7 +498,7 @@ def test_damaged_checkpoints_give_clear_errors(straight_run, tmp_path, damage, m
 
 @pytest.mark.slow
 def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tmp_path):
-    from megatron_mom.cli.main import main
+    from megatron_mom.apps.cli.main import main
     out = tmp_path / "run"
     shutil.copytree(straight_run[0], out)
     metrics = (out / "metrics.jsonl").read_text()

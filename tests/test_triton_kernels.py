@@ -441,7 +441,7 @@ def routed_layout(batch, seqlen, S_routed=2, M=4, seed=0):
     """A packed layout as the layer builds it: time-major tokens of `batch` sequences, each
     token in S_routed of memories 0..M-2 plus the shared memory M; memory M-1 gets no token,
     and memory 2 only one token of sequence 0 (a segment shorter than the kernel)."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     gen = torch.Generator().manual_seed(seed)
     seq_id, num_seqs = packing.sequence_ids(batch, seqlen, None, "cpu")
     N = batch * seqlen
@@ -461,7 +461,7 @@ def test_short_conv_gather_matches_reference(multi_tile_backward, W, with_init):
     over each token's S rows), of w and of the initial state."""
     if W == 1 and with_init:
         pytest.skip("W = 1 keeps no state")
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     layout = routed_layout(batch=3, seqlen=14)
     cu = layout.cu_seqlens
     N, C = layout.slot_row.shape[0], 24
@@ -522,7 +522,7 @@ def test_conv_l2norm_forward_matches_reference(gather, head_dim):
 def test_short_conv_gather_torch_backend_and_one_sequence():
     """The reference path takes the gather too (same numbers as the spread copy), and without
     cu_seqlens the L packed rows are one sequence on both backends."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     layout = routed_layout(batch=2, seqlen=6)
     x = torch.randn(1, layout.slot_row.shape[0], 8, requires_grad=True)
     w = torch.randn(8, 4, requires_grad=True)

@@ -13,4 +13,4 @@ LOG=$RUN_DIR/logs/train-$(date +%Y%m%d-%H%M%S).log
 echo "train.sh: $NPROC_PER_NODE processes, TP=$TP PP=$PP CP=$CP SP=$SP, log $LOG"
 # The launcher runs the script as python would; without CUDA it first sets up CPU training.
 torchrun --standalone --nproc-per-node "$NPROC_PER_NODE" \
-  -m megatron_mom.megatron_lm.launch "$PRETRAIN" "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"
+  -m megatron_mom.integrations.megatron_lm.launch "$PRETRAIN" "${ARGS[@]}" "$@" 2>&1 | tee "$LOG"

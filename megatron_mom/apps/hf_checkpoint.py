@@ -1,5 +1,5 @@
 """`megatron-mom export` and `megatron-mom import`: Megatron distributed checkpoints <->
-Hugging Face `MomForCausalLM` folders (the tensor mapping is `megatron_mom.hf`).
+Hugging Face `MomForCausalLM` folders (the tensor mapping is `megatron_mom.apps.hf`).
 
 Export reads any model-parallel layout: the checkpoint's tensors are read whole (global shapes)
 straight from its files, so no model is built and the TP/PP it was saved with does not matter;
@@ -66,7 +66,7 @@ MODEL_METADATA = {"non_homogeneous_layers": True, "singleton_local_shards": Fals
 # Transformer Engine fuses the pre-attention and pre-MLP norms into the next linear layer.
 TE_NORM_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
                  "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
-PRESETS_MODULE = "megatron_mom.megatron_lm.presets"
+PRESETS_MODULE = "megatron_mom.integrations.megatron_lm.presets"
 PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -156,8 +156,10 @@ def describe_megatron_lm(args) -> Tuple[GPTDescription, MegatronSettings]:
     megatron-mom presets."""
     from megatron_mom.integrations.megatron_lm.args import mom_config_from_args
     from megatron_mom.integrations.megatron_lm.presets import default_pattern
+    from megatron_mom._moved import new_name
     spec = getattr(args, "spec", None)
-    if not spec or spec[0] != PRESETS_MODULE:
+    # checkpoints trained before the move name the presets by their old path
+    if not spec or (new_name(spec[0]) or spec[0]) != PRESETS_MODULE:
         raise ConversionError(f"this Megatron-LM checkpoint was not trained with the megatron-mom "
                               f"presets (--spec {PRESETS_MODULE} mom|hybrid); its --spec is "
                               f"{spec!r}")
@@ -536,7 +538,7 @@ def import_run(hf_dir: str, out: str, config_path: Optional[str] = None,
         shutil.rmtree(weights, ignore_errors=True)   # a save may have swept it as a temporary
         (Path(cfg.output_dir) / checkpoint.CONFIG_FILE).write_text(dump_config(cfg))
     dist.barrier()
-    launch = (f"torchrun --nproc-per-node {par.world_size} -m megatron_mom.cli.main"
+    launch = (f"torchrun --nproc-per-node {par.world_size} -m megatron_mom.apps.cli.main"
               if par.world_size > 1 else "megatron-mom")
     return (f"imported {hf_dir}: {describe_for_log(desc)} -> {saved} (TP={par.tp} PP={par.pp}, "
             f"{cfg.train.precision}); continue with\n{launch} train --config "

@@ -13,7 +13,7 @@ random batches and tested on a fixed test set per (L, N):
     attention  softmax attention
 Outputs in the output folder: results.json, results.md (the table) and mqar.png.
 The Zoology-style sweep over widths, learning rates and seeds (`--preset zoology`) is in
-`megatron_mom/mqar_sweep.py`; it adds the mixers of `EXTRA_MIXERS` below.
+`megatron_mom/apps/mqar_sweep.py`; it adds the mixers of `EXTRA_MIXERS` below.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Small byte-level LMs, one per mixer, on real text: validation loss curves (issue 21).
 
-    python -m megatron_mom.text_compare --out DIR [--preset h200|cpu] [--minutes-per-model 3]
+    python -m megatron_mom.apps.text_compare --out DIR [--preset h200|cpu] [--minutes-per-model 3]
                                         [--set key=value ...]
 
 Corpus: the Python standard library's own source files, its tests included, read from the
@@ -10,7 +10,7 @@ License Agreement (megatron_mom/data/LICENSE-PSF.txt); nothing of it is written 
 outputs. Files are split by a hash of their path: `val_fraction` of them are validation,
 never trained on. The preset refuses fewer than `min_train_tokens` training bytes.
 
-Every mixer of the MQAR sweep (megatron_mom/mqar_sweep.py) at one width: the same model
+Every mixer of the MQAR sweep (megatron_mom/apps/mqar_sweep.py) at one width: the same model
 apart from the mixer, the same training windows in the same order (per seed), the same
 number of steps (fitted to `minutes_per_model` from a timing of the slowest mixer), the same
 validation windows, evaluated every `eval_every` steps. Outputs in DIR, rewritten after every
@@ -330,7 +330,7 @@ def run(preset: str = "h200", out: str = "runs/text_compare", overrides: Optiona
 
 def main(argv=None) -> int:
     from megatron_mom.train.config import parse_override
-    p = argparse.ArgumentParser(prog="python -m megatron_mom.text_compare",
+    p = argparse.ArgumentParser(prog="python -m megatron_mom.apps.text_compare",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="h200", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", default="runs/text_compare")

@@ -1,4 +1,4 @@
-"""Decoding state of MoM layers and greedy/sampled generation with Megatron's static context.
+"""Decoding state of MoM layers (model-level generation: megatron_mom.train.decoding).
 
 Per layer and sequence a MoM layer keeps E = M (+1 shared) recurrent states [H, K, V] and, per
 memory, the last W-1 inputs of its q, k and v short convolutions (its routed subsequence's
@@ -64,39 +64,3 @@ def to_segments(x: Tensor) -> Tensor:
 def from_segments(x: Tensor, batch: int) -> Tensor:
     """Inverse of `to_segments`."""
     return x.view(-1, batch, *x.shape[1:]).transpose(0, 1)
-
-
-@torch.no_grad()
-def generate(model, prompt: Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, generator: torch.Generator | None = None) -> Tensor:
-    """Decode from a GPTModel with MoM (and attention) layers using Megatron's static context.
-
-    prompt: [B, T0] token ids (one length for the whole batch). Returns [B, T0 + new] ids.
-    temperature 0 is greedy; otherwise sample from the top_k (0: all) tokens."""
-    from megatron.core.inference.contexts import StaticInferenceContext
-    model.eval()
-    B, T0 = prompt.shape
-    ctx = StaticInferenceContext(max_batch_size=B, max_sequence_length=T0 + max_new_tokens)
-    tokens = prompt
-    step_input = prompt
-    for _ in range(max_new_tokens):
-        offset = ctx.sequence_len_offset
-        pos = torch.arange(offset, offset + step_input.shape[1], device=prompt.device)
-        logits = model(step_input, pos[None].expand(B, -1), None, inference_context=ctx,
-                       runtime_gather_output=True)
-        ctx.sequence_len_offset += step_input.shape[1]
-        nxt = sample(logits[:, -1].float(), temperature, top_k, generator)
-        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-        step_input = nxt[:, None]
-        ctx.enable_decode_mode()
-    return tokens
-
-
-def sample(logits: Tensor, temperature: float, top_k: int, generator=None) -> Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]

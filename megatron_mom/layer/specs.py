@@ -119,7 +119,7 @@ def get_attention_layer_spec(backend: str = "auto") -> ModuleSpec:
     """A softmax-attention TransformerLayer that fits beside MoM layers (same norms and MLP).
 
     Its core attention is fused and memory-linear on both backends: Transformer Engine's, or
-    PyTorch SDPA (`megatron_mom.attention.SDPAttention`) on the local backend, in place of
+    PyTorch SDPA (`megatron_mom.layer.attention.SDPAttention`) on the local backend, in place of
     Megatron's unfused `DotProductAttention`."""
     backend = resolve_spec_backend(backend)
     if backend == "te":
@@ -173,7 +173,7 @@ def check_checkpoint_keys(config, pattern: str) -> None:
         raise ValueError(
             f"pattern {pattern!r} mixes MoM and attention layers, which hold different "
             f"parameters: build the TransformerConfig with hetereogenous_dist_checkpoint=True "
-            f"(per-layer checkpoint keys; megatron_mom.specs.mixes_layer_kinds(pattern) says "
+            f"(per-layer checkpoint keys; megatron_mom.layer.specs.mixes_layer_kinds(pattern) says "
             f"when it is needed)")
 
 

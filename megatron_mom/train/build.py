@@ -2,7 +2,7 @@
 
 Everything here is Megatron-Core: `GPTModel` with our hybrid block spec, `Float16Module` for
 bf16/fp16, `DistributedDataParallel`, `get_megatron_optimizer` and `OptimizerParamScheduler`.
-On a machine without a GPU the CPU redirections of `megatron_mom.cpu` are switched on and the
+On a machine without a GPU the CPU redirections of `megatron_mom.testing.cpu` are switched on and the
 process group uses gloo; under torchrun on GPUs it uses NCCL.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megatron_mom import cpu
+from megatron_mom.testing import cpu
 from megatron_mom.train.config import ConfigError, RunConfig
 
 VOCAB_SIZE = 512  # Megatron's byte-level tokenizer: 256 bytes + special ids, padded
@@ -94,7 +94,7 @@ def params_dtype(precision: str) -> torch.dtype:
 
 def transformer_config(cfg: RunConfig, on_cpu: bool):
     from megatron.core.transformer import TransformerConfig
-    from megatron_mom.specs import mixes_layer_kinds
+    from megatron_mom.layer.specs import mixes_layer_kinds
 
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dtype = params_dtype(t.precision)
@@ -119,7 +119,7 @@ def build_gpt(cfg: RunConfig, config, device: torch.device):
     """The bare GPTModel of this pipeline stage (no DDP / fp16 wrappers)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron_mom.specs import get_hybrid_block_spec
+    from megatron_mom.layer.specs import get_hybrid_block_spec
 
     spec = get_hybrid_block_spec(config, cfg.model.pattern, cfg.mom_config(),
                                  backend=cfg.model.spec_backend)

@@ -357,7 +357,7 @@ def _layout_hint(saved: RunConfig) -> str:
     flags += " --distributed-optimizer" if p.use_distributed_optimizer else ""
     n = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     return (f"resume with the saved layout on a multiple of {n} process(es) (TP x PP), e.g. "
-            f".venv/bin/torchrun --nproc-per-node {n} -m megatron_mom.cli.main train --resume "
+            f".venv/bin/torchrun --nproc-per-node {n} -m megatron_mom.apps.cli.main train --resume "
             f"--output-dir {saved.output_dir} {flags}")
 
 

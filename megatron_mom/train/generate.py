@@ -3,7 +3,7 @@
 Two ways to run the model, chosen by `decode`:
 - "full": `next_token_logits` runs a full forward pass over the whole (growing) sequence for
   every new token (the last `seq_length` tokens). Simple, and the reference.
-- "recurrent": `megatron_mom.inference.generate` prefills once through Megatron's static
+- "recurrent": `megatron_mom.train.decoding.generate` prefills once through Megatron's static
   inference context, then feeds one token at a time; MoM layers keep their recurrent states
   (constant memory per token), attention layers their KV cache. Greedy output equals "full"
   (tested) as long as the text fits in `seq_length`.
@@ -31,7 +31,7 @@ def next_token_logits(model, tokens: torch.Tensor) -> torch.Tensor:
 def pick_token(logits: torch.Tensor, temperature: float, top_k: int,
                generator: torch.Generator) -> torch.Tensor:
     """Greedy at temperature 0, else sampling from the top_k (0: all) most likely tokens."""
-    from megatron_mom.inference import sample as sample_token
+    from megatron_mom.train.decoding import sample as sample_token
     return sample_token(logits, temperature, top_k, generator)
 
 
@@ -51,7 +51,7 @@ def _full_forward_decode(model, tokens, max_new_tokens, temperature, top_k, cont
 
 def _recurrent_decode(model, tokens, max_new_tokens, temperature, top_k, generator,
                       eod) -> torch.Tensor:
-    from megatron_mom.inference import generate
+    from megatron_mom.train.decoding import generate
     out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
                    generator=generator)
     new = out[0, tokens.shape[1]:]

@@ -51,7 +51,7 @@ def _forward_step(data_iterator, model):
 
 
 def _set_router_loss_scale(trainables, num_microbatches: int) -> None:
-    from megatron_mom import metrics  # context parallelism is not offered here: cp_size 1
+    from megatron_mom.layer import metrics  # context parallelism is not offered here: cp_size 1
     metrics.set_router_loss_scale(trainables.optimizer.get_loss_scale(), num_microbatches)
 
 
@@ -128,7 +128,7 @@ def _router_stats(cfg: RunConfig, par, model, steps: int, num_microbatches: int)
     """(MoM router loss - load balancing plus z-loss - per MoM layer and micro-batch,
     {layer: fraction of routed tokens per memory}), gathered from every rank; every rank
     must call this together."""
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     L, M = cfg.model.num_layers, cfg.mom.num_memories
     lb = torch.zeros(L, dtype=torch.float64)
     for values in metrics.router_loss_values(clear=True).values():  # load balancing (+ z)
@@ -387,7 +387,7 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
 
 
 def _clear_router_stats(model) -> None:
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     metrics.router_loss_values(clear=True)
     metrics.memory_load(model, clear=True)
 

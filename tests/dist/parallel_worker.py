@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from megatron_mom import MoMConfig, cpu  # noqa: E402
+from megatron_mom import MoMConfig
+from megatron_mom.testing import cpu  # noqa: E402
 
 F64 = torch.float64
 DEVICE = "cpu"
@@ -60,8 +61,8 @@ def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
-    from megatron_mom.convert import from_official_mom, to_official_mom
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.apps.convert import from_official_mom, to_official_mom
+    from megatron_mom.layer.specs import get_mom_module_spec
     tp = 2 if mode.startswith("tp2") else 1
     cp = 2 if mode == "cp2" else 1
     sp = mode == "tp2_sp"
@@ -240,7 +241,7 @@ def train_step(ps, config, chunks, cp):
     """Forward/backward of MICROBATCHES copies of one batch through Megatron's schedule.
     Returns (loss per token, per-layer MoM load-balancing loss summed over stages)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_mom import metrics
+    from megatron_mom.layer import metrics
     metrics.set_router_loss_scale()
     metrics.router_loss_values(clear=True)
     ids, labels = batch()

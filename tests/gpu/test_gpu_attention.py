@@ -26,7 +26,7 @@ def _config(dtype):
 def test_sdpa_bf16_matches_unfused_float32(megatron_single):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron_mom.attention import SDPAttention
+    from megatron_mom.layer.attention import SDPAttention
     s, b, heads, groups, hn = 1024, 2, 8, 2, 32   # hn = hidden / heads
     q, k, v = (torch.randn(s, b, n, hn, device="cuda") for n in (heads, groups, groups))
     ref = DotProductAttention(_config(torch.float32), 1, AttnMaskType.causal, "self").cuda()

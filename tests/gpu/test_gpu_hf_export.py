@@ -30,7 +30,7 @@ def _fla():
 
 
 def _train_and_export(tmp_path, pattern, tie):
-    from megatron_mom import hf_checkpoint
+    from megatron_mom.apps import hf_checkpoint
     from megatron_mom.train.config import build_config
     from megatron_mom.train.loop import train
     cfg = build_config({}, {**TINY, "model.num_layers": len(pattern), "model.pattern": pattern,
@@ -41,7 +41,7 @@ def _train_and_export(tmp_path, pattern, tie):
 
 
 def _load_fla(folder):
-    from megatron_mom.hf import read_fla_folder
+    from megatron_mom.apps.hf import read_fla_folder
     auto = _fla()
     model, info = auto.from_pretrained(str(folder), dtype=torch.float32,
                                        output_loading_info=True)

@@ -277,7 +277,7 @@ def test_mix_cuda_graph_capture():
 def test_router_gating_bf16_reads():
     """The router GEMMs that read bf16 x directly (float32 accumulation, hi/lo split of the
     logit gradient for the weight gradient) against float64, at the paper's token count."""
-    from megatron_mom.router import _GatingLinear, _reads_bf16, _split_weight_grad
+    from megatron_mom.layer.router import _GatingLinear, _reads_bf16, _split_weight_grad
     torch.manual_seed(0)
     x = torch.randn(16384, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (0.02 * torch.randn(4, 2048, device="cuda")).to(torch.bfloat16).requires_grad_()
@@ -309,7 +309,7 @@ def test_conv_layer_forms_paper_shape(dtype):
     the [N, 2048] q | gate projection) through the packing index, and k | v | b | a as column
     groups of the [L, 2056] memory rows (row stride 2056: the compile-time-stride loads).
     Outputs and every gradient against the float64 reference (spread / split + short_conv)."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     from megatron_mom.ops.short_conv import short_conv_split
     gen = torch.Generator(device="cuda").manual_seed(6)
     B, T, M, C = 4, 4096, 4, 1024
@@ -359,7 +359,7 @@ def test_lean_op_side_streams_change_nothing():
     bf16) with its sequential kernels beside other work on side CUDA streams
     (`KernelOptions.side_streams`) gives bit-identical output and gradients to one stream:
     each kernel reads and writes the same tensors, only the order across streams changes."""
-    from megatron_mom import packing
+    from megatron_mom.layer import packing
     from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
     from megatron_mom.ops import KernelOptions
     gen = torch.Generator(device="cuda").manual_seed(8)

@@ -19,7 +19,7 @@ def rel(a, b):
 def build(mom, hidden, dtype):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.layer.specs import get_mom_module_spec
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
                                params_dtype=dtype, gradient_accumulation_fusion=False)
     return build_module(get_mom_module_spec(mom, backend="local"), config=config,
@@ -128,8 +128,8 @@ def test_grouped_projection_with_transformer_engine_in_proj(megatron_single):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
     from megatron_mom import MoMConfig
-    from megatron_mom.projection import GroupedProjection
-    from megatron_mom.specs import get_mom_module_spec
+    from megatron_mom.layer.projection import GroupedProjection
+    from megatron_mom.layer.specs import get_mom_module_spec
     hidden = 512
     mom = MoMConfig(num_memories=4, topk=2, num_heads=4, head_dim=128)
     config = TransformerConfig(num_layers=1, hidden_size=hidden, num_attention_heads=4,
@@ -165,7 +165,7 @@ from megatron_mom.train.build import init_process_groups
 init_process_groups(tp=1, pp=1, seed=1234)
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import build_module
-from megatron_mom.specs import get_mom_module_spec
+from megatron_mom.layer.specs import get_mom_module_spec
 mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=4, head_dim=128,
                 lean_backward=LEAN)
 config = TransformerConfig(num_layers=1, hidden_size=512, num_attention_heads=4,

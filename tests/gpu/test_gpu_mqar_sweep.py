@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 
 def test_zoology_sweep_on_the_gpu(tmp_path):
-    from megatron_mom import mqar_sweep
+    from megatron_mom.apps import mqar_sweep
     overrides = {"mixers": ["attention", "single-state", "mom"], "widths": [64],
                  "seq_lens": [64, 256], "lrs": [1e-3, 3e-3], "seeds": 2, "train_steps": 0,
                  "budget_minutes": 2.0, "min_steps": 20, "max_steps": 40, "workers": 3,

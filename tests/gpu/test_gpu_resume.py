@@ -26,7 +26,7 @@ def _train(out: Path, backend: str, *extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT)
-    args = [sys.executable, "-m", "megatron_mom.cli.main", "train", "--no-progress",
+    args = [sys.executable, "-m", "megatron_mom.apps.cli.main", "train", "--no-progress",
             "--steps", "4", "--output-dir", str(out), "--set", f"model.spec_backend={backend}",
             *extra]
     args += [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]

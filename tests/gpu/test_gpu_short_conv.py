@@ -11,7 +11,7 @@ import torch
 
 pytestmark = pytest.mark.gpu
 
-from megatron_mom import packing  # noqa: E402
+from megatron_mom.layer import packing  # noqa: E402
 from megatron_mom.ops.short_conv import triton as conv  # noqa: E402
 from megatron_mom.ops.short_conv.reference import short_conv_reference  # noqa: E402
 

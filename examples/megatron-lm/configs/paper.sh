@@ -19,7 +19,7 @@ paper_model() {
   [[ $kind == hybrid ]] && position=(--position-embedding-type rope --rotary-base 10000)
   NAME=$kind-$size
   MODEL_ARGS=(
-    --spec megatron_mom.megatron_lm.presets "$kind"
+    --spec megatron_mom.integrations.megatron_lm.presets "$kind"
     --num-layers 24 --hidden-size "$hidden" --ffn-hidden-size "$ffn" --swiglu
     --num-attention-heads "$heads"   # Megatron-LM requires it; only attention layers use it
     --normalization RMSNorm --norm-epsilon 1e-6 --disable-bias-linear

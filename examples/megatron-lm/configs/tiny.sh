@@ -3,7 +3,7 @@
 NAME=${NAME:-tiny}
 MOCK_VOCAB_SIZE=1024
 MODEL_ARGS=(
-  --spec megatron_mom.megatron_lm.presets hybrid --mom-layer-pattern MMAM
+  --spec megatron_mom.integrations.megatron_lm.presets hybrid --mom-layer-pattern MMAM
   --num-layers 4 --hidden-size 64 --ffn-hidden-size 128 --swiglu --num-attention-heads 4
   --normalization RMSNorm --disable-bias-linear --untie-embeddings-and-output-weights
   --position-embedding-type rope --seq-length 64 --max-position-embeddings 64

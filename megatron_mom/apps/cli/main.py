@@ -1,7 +1,7 @@
 """`megatron-mom`: train, generate, mqar.
 
     megatron-mom train [--config FILE] [--resume] [--steps N] [--set key=value ...]
-    torchrun --nproc-per-node 4 -m megatron_mom.cli.main train --tp 2 --pp 2 ...
+    torchrun --nproc-per-node 4 -m megatron_mom.apps.cli.main train --tp 2 --pp 2 ...
     megatron-mom generate --checkpoint runs/tiny_hybrid --prompt "Return the"
     megatron-mom mqar [--preset tiny|cpu|gpu] [--out runs/mqar]
     megatron-mom mqar --preset zoology --budget-minutes 8 --out runs/mqar_zoology
@@ -82,7 +82,7 @@ def _mqar_parser(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a preset field, e.g. --set train_steps=200")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    # The Zoology-style sweep (megatron_mom/mqar_sweep.py): presets zoology, zoology-cpu.
+    # The Zoology-style sweep (megatron_mom/apps/mqar_sweep.py): presets zoology, zoology-cpu.
     p.add_argument("--budget-minutes", type=float,
                    help="wall-time budget (budget_minutes); the zoology presets fit their "
                         "step count to it and stop there")
@@ -243,5 +243,5 @@ def _shutdown() -> None:
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":  # torchrun -m megatron_mom.cli.main; dist_checkpointing needs this
+if __name__ == "__main__":  # torchrun -m megatron_mom.apps.cli.main; dist_checkpointing needs this
     sys.exit(main())

@@ -101,7 +101,7 @@ def mom_config_from_args(args) -> MoMConfig:
             "megatron-mom: the --mom-* flags are not registered with Megatron-LM's parser; "
             "apply the megatron-mom patch to this Megatron-LM checkout "
             "(python patches/apply.py /path/to/Megatron-LM) or pass "
-            "megatron_mom.megatron_lm.args.add_mom_args as extra_args_provider")
+            "megatron_mom.integrations.megatron_lm.args.add_mom_args as extra_args_provider")
     values = {field: getattr(args, f"mom_{field}") for field in FLAGS.values()}
     try:
         return from_settings(values)

@@ -1,9 +1,9 @@
 """Run a Megatron-LM training script, on machines without CUDA too:
 
-    [torchrun ...] python -m megatron_mom.megatron_lm.launch /path/to/Megatron-LM/pretrain_gpt.py ARGS
+    [torchrun ...] python -m megatron_mom.integrations.megatron_lm.launch /path/to/Megatron-LM/pretrain_gpt.py ARGS
 
 With CUDA available this only runs the script (as `python SCRIPT ARGS` would). Without CUDA it
-first turns on megatron_mom.cpu's redirections of Megatron-Core's CUDA assumptions, plus the
+first turns on megatron_mom.testing.cpu's redirections of Megatron-Core's CUDA assumptions, plus the
 few that Megatron-LM's `megatron.training` adds (below, each naming the code it works around),
 and adds the flags a CPU run needs when they are missing (gloo, no CUDA fusions), saying so.
 Nothing in the Megatron-LM checkout changes.
@@ -83,7 +83,7 @@ def _wrap(module, name, wrapper):
 
 
 def enable_cpu_training() -> None:
-    """megatron_mom.cpu.enable() plus the redirections Megatron-LM's training loop needs."""
+    """megatron_mom.testing.cpu.enable() plus the redirections Megatron-LM's training loop needs."""
     from megatron_mom.testing import cpu
     if not cpu.enable():
         return
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0 if argv else 2)
     script, script_args = os.path.abspath(argv[0]), argv[1:]
     if not os.path.isfile(script):
-        sys.exit(f"megatron_mom.megatron_lm.launch: no such script: {script}")
+        sys.exit(f"megatron_mom.integrations.megatron_lm.launch: no such script: {script}")
     # The script imports its neighbours (gpt_builders, model_provider) and its checkout's
     # `megatron` package, exactly as `python SCRIPT` would.
     sys.path.insert(0, os.path.dirname(script))

@@ -1,10 +1,10 @@
 """`--spec` presets for Megatron-LM's `pretrain_gpt.py`:
 
-    --spec megatron_mom.megatron_lm.presets mom      # every layer MoM
-    --spec megatron_mom.megatron_lm.presets hybrid   # one softmax-attention layer after every 7 MoM
+    --spec megatron_mom.integrations.megatron_lm.presets mom      # every layer MoM
+    --spec megatron_mom.integrations.megatron_lm.presets hybrid   # one softmax-attention layer after every 7 MoM
 
 `mom` and `hybrid` differ only in their default layer pattern; `--mom-layer-pattern` overrides
-it for either. MoM hyperparameters come from the `--mom-*` flags (megatron_mom.megatron_lm.args).
+it for either. MoM hyperparameters come from the `--mom-*` flags (megatron_mom.integrations.megatron_lm.args).
 
 Each preset is one object that serves both forms of `--spec`:
 - Megatron-LM 0.14-0.18 import the object and hand it to `TransformerBlock` as is. The object
@@ -109,7 +109,7 @@ class MoMPreset(TransformerBlockSubmodules):
         self._built = None
 
     def __repr__(self):
-        return f"megatron_mom.megatron_lm.presets.{self.kind}"
+        return f"megatron_mom.integrations.megatron_lm.presets.{self.kind}"
 
     def __eq__(self, other):
         return self is other
@@ -211,7 +211,7 @@ def _megatron_args():
     try:
         from megatron.training import get_args
     except ImportError as err:
-        raise ImportError("megatron_mom.megatron_lm.presets are for Megatron-LM's training "
+        raise ImportError("megatron_mom.integrations.megatron_lm.presets are for Megatron-LM's training "
                           "scripts (megatron.training); from Python, use "
                           "megatron_mom.get_hybrid_block_spec") from err
     return get_args()
