@@ -22,7 +22,7 @@ GROUPED_PROJECTION = ("auto", "on", "off")
 # path's C x C matrices would make a long chunk crawl on the CPU).
 CHUNK_SIZES = (16, 32, 64)
 # What the Triton kernels are built for (ops/gated_delta_rule/triton.py HEAD_DIMS,
-# ops/short_conv/triton.py MAX_WIDTH; tests/test_config.py keeps them equal). The torch
+# ops/short_conv/triton.py MAX_WIDTH; tests/layer/test_config.py keeps them equal). The torch
 # backend runs any size.
 TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 TRITON_MAX_CONV_SIZE = 8

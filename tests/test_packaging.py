@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# top-level folders and files that are not source (tests/dist is)
+# top-level folders and files that are not source (build output; tests/ is source)
 NOT_SOURCE = {".git", "runs", ".venv", "build", "dist", ".pytest_cache", ".whl", ".device"}
 MUST_SHIP = ["LICENSE", "README.md", "MANIFEST.in", "tests/conftest.py", "tests/naive_mom.py",
-             "tests/dist/parallel_worker.py", "tests/gpu/test_gpu_layer.py",
+             "tests/parallel/parallel_worker.py", "tests/gpu/test_gpu_layer.py",
              "examples/configs/tiny_hybrid.yaml", "examples/quickstart.py", "docs/training.md",
              "patches/apply.py", "patches/megatron-lm-core_v0.16.1.patch",
              "megatron_mom/data/stdlib_docstrings.jsonl.gz", "megatron_mom/data/LICENSE-PSF.txt"]

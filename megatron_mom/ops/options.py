@@ -2,7 +2,7 @@
 launch table it reads by default.
 
 `KernelOptions` changes speed, memory and the rounding of intermediates, never the math: every
-setting gives the reference's results within the tolerances of tests/test_triton_kernels.py.
+setting gives the reference's results within the tolerances of tests/ops/test_triton_kernels.py.
 Nothing here is process-wide: two calls with different options in one process do not affect
 each other.
 

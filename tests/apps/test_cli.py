@@ -10,7 +10,7 @@ from megatron_mom.apps import mqar
 from megatron_mom.apps.cli.main import QUIET_WARNINGS, main
 from test_train import DOCS, tiny_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NO_MATPLOTLIB = "import sys; sys.modules['matplotlib'] = None; "   # import matplotlib fails
 
 

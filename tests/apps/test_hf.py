@@ -6,7 +6,7 @@ and checked three ways: the folder is exactly fla's format for the config; an in
 float64 per-token model written from fla's definition (tests/naive_mom.py) computes our model's
 logits from the exported weights; importing at TP=2 or PP=2 (two gloo processes) and exporting
 again gives back every tensor bit for bit, and `megatron-mom train --resume` continues the
-imported run. A Megatron-LM-layout checkpoint (tests/pretrain_standin.py, layers stacked, args in
+imported run. A Megatron-LM-layout checkpoint (tests/integrations/megatron_lm/pretrain_standin.py, layers stacked, args in
 common.pt) goes the same way through `import --format megatron-lm`.
 """
 import json
@@ -20,7 +20,7 @@ import torch
 
 from naive_mom import naive_gpt
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = {"model.hidden_size": 64, "model.ffn_hidden_size": 96, "model.num_attention_heads": 4,
         "model.seq_length": 32, "mom.num_heads": 2, "mom.head_dim": 16, "mom.chunk_size": 16,
         "mom.norm_eps": 1e-5, "train.steps": 3, "train.micro_batch_size": 2,
@@ -171,7 +171,7 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "megatron_mom.integrations.megatron_lm.launch",   # the CPU redirections
-               str(ROOT / "tests" / "pretrain_standin.py"), *flags, *extra]
+               str(ROOT / "tests" / "integrations" / "megatron_lm" / "pretrain_standin.py"), *flags, *extra]
         return ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600))
 
     standin("--train-iters", "2", "--save", tmp_path / "lm")

@@ -2,7 +2,7 @@
 
 Each phase re-initialises Megatron's parallel state on the same two gloo processes, so one
 launch covers every layout. Results (max relative errors, losses) go to OUT/results_<name>.json;
-tests/test_parallel.py asserts on them.
+tests/parallel/test_parallel.py asserts on them.
 
   layer: the MoM mixer alone in float64, TP=2, TP=2+SP, CP=2 (dense and packed documents)
          against the same mixer at TP=1: outputs, input gradients and parameter gradients

@@ -1,6 +1,6 @@
 """TP, SP, CP, PP (+ virtual PP) against the single-process result, on two gloo processes.
 
-One `torchrun --nproc_per_node 2 tests/dist/parallel_worker.py` launch runs every layout
+One `torchrun --nproc_per_node 2 tests/parallel/parallel_worker.py` launch runs every layout
 (see that file); this test asserts on what it measured. Tolerances:
 - the MoM layer alone in float64: relative error <= 1e-12 (outputs, input and parameter
   gradients): only summation order differs; its grouped projection in float32 (no CPU
@@ -25,9 +25,10 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     from megatron_mom.train.build import free_port
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.join(HERE, "dist", "parallel_worker.py"),
+           "--master_port", str(free_port()), os.path.join(HERE, "parallel_worker.py"),
            "--out", str(out), "layer", "gpt"]
-    env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    tests_root = os.path.dirname(HERE)   # naive_mom.py
+    env = dict(os.environ, PYTHONPATH=tests_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
     return {name: json.load(open(out / f"results_{name}.json")) for name in ("layer", "gpt")}

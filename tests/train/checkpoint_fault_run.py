@@ -1,7 +1,7 @@
 """A tiny training run in its own process that can be killed with SIGKILL inside a checkpoint
-save (the fault-injection test in tests/test_train.py).
+save (the fault-injection test in tests/train/test_train.py).
 
-    python tests/checkpoint_fault_run.py SETTINGS_JSON KILL_AT [--resume | --overwrite]
+    python tests/train/checkpoint_fault_run.py SETTINGS_JSON KILL_AT [--resume | --overwrite]
 
 SETTINGS_JSON: the run's config overrides. While a save runs, every file-system call of this
 process (open, os.open, mkdir, fsync, rename, replace, unlink, rmdir, rmtree, torch.save) is

@@ -16,7 +16,7 @@ import yaml
 from megatron_mom.train.build import free_port
 from megatron_mom.train.config import ConfigError, RunConfig, build_config, load_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ["The quick brown fox jumps over the lazy dog. " * 3,
         "Return the number of items in the container, or raise an error. " * 2,
         "This module provides functions for working with files and paths. " * 2]
@@ -529,7 +529,7 @@ def _fault_run(out: Path, settings: dict, kill_at: int, *flags) -> subprocess.Co
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    args = [sys.executable, str(ROOT / "tests" / "checkpoint_fault_run.py"),
+    args = [sys.executable, str(ROOT / "tests" / "train" / "checkpoint_fault_run.py"),
             json.dumps({**settings, "output_dir": str(out)}), str(kill_at), *flags]
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600,
                           start_new_session=True)     # its own process group, for the kill
@@ -537,7 +537,7 @@ def _fault_run(out: Path, settings: dict, kill_at: int, *flags) -> subprocess.Co
 
 @pytest.mark.slow
 def test_runs_killed_during_saves_resume_bit_identically(corpus, tmp_path):
-    """SIGKILL at seeded random file-system calls inside saves (tests/checkpoint_fault_run.py),
+    """SIGKILL at seeded random file-system calls inside saves (tests/train/checkpoint_fault_run.py),
     three times in a row on one run directory, each time continuing with --resume (or
     --overwrite when no checkpoint was complete yet); the losses of all steps then equal an
     uninterrupted run's, float for float, and no temporary file is left."""

@@ -1,7 +1,7 @@
 """A stand-in for Megatron-LM's pretrain_gpt.py, built on Megatron-Core alone, for CI (where no
 Megatron-LM checkout exists) to run examples/megatron-lm/train.sbatch for real:
 
-    PRETRAIN=tests/pretrain_standin.py sbatch ... examples/megatron-lm/train.sbatch
+    PRETRAIN=tests/integrations/megatron_lm/pretrain_standin.py sbatch ... examples/megatron-lm/train.sbatch
 
 It reads the pretrain_gpt.py flags that shape the model, the parallel layout, the batch and the
 checkpoints (others, e.g. fusion switches and tokenizer settings, are listed once and ignored),

@@ -1,7 +1,7 @@
 """A private one-host Slurm cluster (munged + slurmctld + slurmd on loopback) for tests.
 
-    python tests/slurm_cluster.py start /tmp/slurm   # prints `export SLURM_CONF=...`
-    python tests/slurm_cluster.py stop /tmp/slurm
+    python tests/integrations/megatron_lm/slurm_cluster.py start /tmp/slurm   # prints `export SLURM_CONF=...`
+    python tests/integrations/megatron_lm/slurm_cluster.py stop /tmp/slurm
 
 Installs Debian's slurm-wlm and munge with apt-get when they are missing (CI machines start
 bare; needs root). Everything the daemons write (config, sockets, pid files, state, logs) lives

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_mom.integrations.megatron_lm.args import add_mom_args, mom_config_from_args
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "megatron-lm"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "megatron-lm"
 PAPER = {  # name: (hidden, MLP ratio, tokens, preset)
     "mom-380m": (1024, 3, 15e9, "mom"), "hybrid-380m": (1024, 3, 15e9, "hybrid"),
     "mom-1.3b": (2048, 4, 100e9, "mom"), "hybrid-1.3b": (2048, 4, 100e9, "hybrid"),

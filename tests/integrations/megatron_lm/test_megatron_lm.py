@@ -1,6 +1,6 @@
 """Megatron-LM integration without a Megatron-LM checkout: --mom-* flags, the --spec presets in
 both forms, the training-log hook, the CPU launcher's flags and the patch script's refusals.
-(tests/test_megatron_lm_checkout.py runs the real pretrain_gpt.py when MEGATRON_LM_PATH is set.)
+(tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs the real pretrain_gpt.py when MEGATRON_LM_PATH is set.)
 """
 import argparse
 import subprocess
@@ -14,7 +14,7 @@ import torch
 from megatron_mom import MoMConfig
 from megatron_mom.integrations.megatron_lm import args as mom_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["--mom-num-memories", "3", "--mom-topk", "2", "--mom-num-heads", "2",
          "--mom-head-dim", "16", "--mom-chunk-size", "16"]
 

@@ -1,6 +1,6 @@
 """patches/apply.py on a stand-in Megatron-LM checkout (no Megatron-LM needed): the files hold
 exactly the lines the patch expects (its hunks' pre-images), so the real patch applies.
-tests/test_megatron_lm_checkout.py runs it against a real checkout when one is given."""
+tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs it against a real checkout when one is given."""
 import filecmp
 import shutil
 import subprocess
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 PATCH = ROOT / "patches/megatron-lm-core_v0.16.1.patch"
 PATCHED_FILES = ["pretrain_gpt.py", "megatron/training/training.py",
                  "megatron/core/pipeline_parallel/schedules.py"]

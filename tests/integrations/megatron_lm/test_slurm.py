@@ -2,7 +2,7 @@
 with apt-get when missing), `sbatch --wait` of a 2-process CPU job (TP=2 + sequence parallel)
 of the tiny hybrid model, then a second job that resumes from its checkpoint.
 
-CI has no Megatron-LM checkout, so the job's PRETRAIN is tests/pretrain_standin.py, which reads
+CI has no Megatron-LM checkout, so the job's PRETRAIN is tests/integrations/megatron_lm/pretrain_standin.py, which reads
 the same flags as pretrain_gpt.py; everything else (args.sh, srun, torchrun rendezvous from
 SLURM_* variables, the launcher, the presets, log and checkpoint paths) is the real thing.
 """
@@ -18,7 +18,7 @@ import pytest
 
 import slurm_cluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
 
 
@@ -41,7 +41,7 @@ def sbatch(slurm, tmp_path, train_iters):
     env = {**os.environ, **slurm,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",  # this venv's torchrun
            "PYTHONPATH": str(ROOT),
-           "PRETRAIN": str(ROOT / "tests" / "pretrain_standin.py"),
+           "PRETRAIN": str(ROOT / "tests" / "integrations" / "megatron_lm" / "pretrain_standin.py"),
            "CONFIG": "tiny", "TP": "2", "NPROC_PER_NODE": "2", "TRAIN_ITERS": str(train_iters),
            "RUN_DIR": str(tmp_path / "run"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / f"slurm-{train_iters}.out"

@@ -241,7 +241,7 @@ def test_documented_example_runs():
     """The example of docs/kernels.md's "Chunk-parallel state passing" runs as written."""
     import os
     import re
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "kernels.md")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "..", "docs", "kernels.md")
     text = open(path).read()
     section = text[text.index("### Chunk-parallel state passing"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
