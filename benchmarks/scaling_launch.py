@@ -1,5 +1,5 @@
-"""Run Megatron-LM's pretrain_gpt.py as megatron_mom.integrations.megatron_lm.launch does, and report each
-rank's peak GPU memory while it trains (used by benchmarks/scaling_run.sh):
+"""Run Megatron-LM's pretrain_gpt.py as megatron_mom.integrations.megatron_lm.launch does, and
+report each rank's peak GPU memory while it trains (used by benchmarks/scaling_run.sh):
 
     torchrun ... benchmarks/scaling_launch.py /path/to/Megatron-LM/pretrain_gpt.py ARGS
 

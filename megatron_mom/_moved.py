@@ -28,7 +28,8 @@ MOVED = {
 # Names an old module offered that now live in another module of a higher floor: the layer's
 # decode cache stayed in layer/inference.py, model-level decoding went to train/decoding.py.
 # The old path then answers with a module of its own that forwards to both.
-MERGED = {"inference": ("layer.inference", {"generate": "train.decoding", "sample": "train.decoding"})}
+MERGED = {"inference": ("layer.inference",
+                        {"generate": "train.decoding", "sample": "train.decoding"})}
 
 
 def new_name(old: str) -> str | None:
@@ -94,7 +95,8 @@ class OldPathFinder(importlib.abc.MetaPathFinder):
         target_spec = importlib.util.find_spec(new)   # imports new's parents, not new itself
         if target_spec is None:
             return None
-        return importlib.machinery.ModuleSpec(fullname, _OldPathLoader(new), origin=target_spec.origin)
+        return importlib.machinery.ModuleSpec(fullname, _OldPathLoader(new),
+                                              origin=target_spec.origin)
 
 
 def install() -> None:

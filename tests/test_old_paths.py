@@ -77,8 +77,8 @@ def test_objects_pickled_by_old_path_load():
     from megatron_mom.layer.projection import in_proj_sections
     # a pickle written before the move names the function by its old module (protocol 0:
     # names as newline-ended text, so the bytes can be edited)
-    old_pickle = pickle.dumps(in_proj_sections, protocol=0).replace(b"megatron_mom.layer.projection",
-                                                        b"megatron_mom.projection")
+    old_pickle = pickle.dumps(in_proj_sections, protocol=0).replace(
+        b"megatron_mom.layer.projection", b"megatron_mom.projection")
     assert b"megatron_mom.projection" in old_pickle
     assert pickle.loads(old_pickle) is in_proj_sections
 

@@ -1,1 +1,2 @@
-"""Applications built on the layer: the megatron-mom CLI, MQAR, text comparison, HF export/import."""
+"""Applications built on the layer: the megatron-mom CLI, MQAR, text comparison, conversion
+(official MoM weights, Hugging Face export/import)."""

@@ -6,7 +6,7 @@ Megatron GPT built with our specs hold the same network:
     fla (MomForCausalLM)                     Megatron (GPTModel, TP = 1 names)
     model.embeddings.weight                  embedding.word_embeddings.weight
     model.layers.i.attn_norm.weight          decoder.layers.i.input_layernorm.weight
-    model.layers.i.attn.*  (MoM layer)       decoder.layers.i.self_attention.*  (megatron_mom.apps.convert)
+    model.layers.i.attn.*  (MoM layer)       decoder.layers.i.self_attention.*  (apps/convert.py)
     model.layers.i.attn.{q,k,v}_proj.weight  decoder.layers.i.self_attention.linear_qkv.weight
     model.layers.i.attn.o_proj.weight        decoder.layers.i.self_attention.linear_proj.weight
     model.layers.i.mlp_norm.weight           decoder.layers.i.pre_mlp_layernorm.weight
@@ -19,7 +19,8 @@ Megatron GPT built with our specs hold the same network:
 model cannot express are refused by name when a description is made. Every conversion accounts
 for every tensor: each one is used exactly once, none is invented, and dtypes are kept.
 Megatron checkpoint input/output (any TP/PP, Megatron-LM's layout too) is in
-`megatron_mom.apps.hf_checkpoint`; the commands are `megatron-mom export` / `import` (docs/convert.md).
+`megatron_mom.apps.hf_checkpoint`; the commands are `megatron-mom export` / `import`
+(docs/convert.md).
 """
 from __future__ import annotations
 

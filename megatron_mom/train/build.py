@@ -2,7 +2,8 @@
 
 Everything here is Megatron-Core: `GPTModel` with our hybrid block spec, `Float16Module` for
 bf16/fp16, `DistributedDataParallel`, `get_megatron_optimizer` and `OptimizerParamScheduler`.
-On a machine without a GPU the CPU redirections of `megatron_mom.testing.cpu` are switched on and the
+On a machine without a GPU the CPU redirections of `megatron_mom.testing.cpu` are switched on and
+the
 process group uses gloo; under torchrun on GPUs it uses NCCL.
 """
 from __future__ import annotations

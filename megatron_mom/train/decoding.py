@@ -1,7 +1,8 @@
 """Model-level decoding: generate token ids from a GPTModel with MoM (and attention) layers.
 
 The model runs through Megatron's static inference context: one prefill over the prompt, then one
-token per step; each MoM layer keeps its recurrent states in its cache (megatron_mom.layer.inference).
+token per step; each MoM layer keeps its recurrent states in its cache
+(megatron_mom.layer.inference).
 """
 from __future__ import annotations
 

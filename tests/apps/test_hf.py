@@ -6,8 +6,8 @@ and checked three ways: the folder is exactly fla's format for the config; an in
 float64 per-token model written from fla's definition (tests/naive_mom.py) computes our model's
 logits from the exported weights; importing at TP=2 or PP=2 (two gloo processes) and exporting
 again gives back every tensor bit for bit, and `megatron-mom train --resume` continues the
-imported run. A Megatron-LM-layout checkpoint (tests/integrations/megatron_lm/pretrain_standin.py, layers stacked, args in
-common.pt) goes the same way through `import --format megatron-lm`.
+imported run. A Megatron-LM-layout checkpoint (tests/integrations/megatron_lm/pretrain_standin.py,
+layers stacked, args in common.pt) goes the same way through `import --format megatron-lm`.
 """
 import json
 import os
@@ -171,7 +171,8 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                "-m", "megatron_mom.integrations.megatron_lm.launch",   # the CPU redirections
-               str(ROOT / "tests" / "integrations" / "megatron_lm" / "pretrain_standin.py"), *flags, *extra]
+               str(ROOT / "tests" / "integrations" / "megatron_lm" / "pretrain_standin.py"),
+               *flags, *extra]
         return ok(subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600))
 
     standin("--train-iters", "2", "--save", tmp_path / "lm")
@@ -411,3 +412,27 @@ def test_folders_refuse_pickles_and_inconsistent_indexes(tmp_path):
     (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(ConversionError, match="pickles, which we never load"):
         read_fla_folder(tmp_path / "bin")
+
+
+def test_megatron_lm_checkpoints_naming_the_presets_by_their_old_path_convert():
+    # checkpoints trained before the package's layout by floor name the presets by the old path
+    import argparse
+    from megatron_mom.apps.hf import ConversionError
+    from megatron_mom.apps.hf_checkpoint import PRESETS_MODULE, describe_megatron_lm
+    from megatron_mom.integrations.megatron_lm import args as mom_args
+
+    def args_with(spec):
+        args = mom_args.add_mom_args(argparse.ArgumentParser()).parse_args([])
+        for key, value in dict(spec=spec, tensor_model_parallel_size=1, context_parallel_size=1,
+                               transformer_impl="local", num_layers=8, hidden_size=256,
+                               ffn_hidden_size=512, vocab_size=300, num_attention_heads=4,
+                               seq_length=64).items():
+            setattr(args, key, value)
+        return args
+
+    assert PRESETS_MODULE == "megatron_mom.integrations.megatron_lm.presets"
+    new = describe_megatron_lm(args_with([PRESETS_MODULE, "hybrid"]))
+    old = describe_megatron_lm(args_with(["megatron_mom.megatron_lm.presets", "hybrid"]))
+    assert old == new and new[0].pattern == "MMMMMMMA"
+    with pytest.raises(ConversionError, match="not trained with the megatron-mom presets"):
+        describe_megatron_lm(args_with(["megatron_mom.megatron_lm.other", "hybrid"]))

@@ -1,10 +1,11 @@
 """`--spec` presets for Megatron-LM's `pretrain_gpt.py`:
 
     --spec megatron_mom.integrations.megatron_lm.presets mom      # every layer MoM
-    --spec megatron_mom.integrations.megatron_lm.presets hybrid   # one softmax-attention layer after every 7 MoM
+    --spec megatron_mom.integrations.megatron_lm.presets hybrid   # an attention layer after 7 MoM
 
 `mom` and `hybrid` differ only in their default layer pattern; `--mom-layer-pattern` overrides
-it for either. MoM hyperparameters come from the `--mom-*` flags (megatron_mom.integrations.megatron_lm.args).
+it for either. MoM hyperparameters come from the `--mom-*` flags
+(megatron_mom.integrations.megatron_lm.args).
 
 Each preset is one object that serves both forms of `--spec`:
 - Megatron-LM 0.14-0.18 import the object and hand it to `TransformerBlock` as is. The object
@@ -211,8 +212,8 @@ def _megatron_args():
     try:
         from megatron.training import get_args
     except ImportError as err:
-        raise ImportError("megatron_mom.integrations.megatron_lm.presets are for Megatron-LM's training "
-                          "scripts (megatron.training); from Python, use "
+        raise ImportError("megatron_mom.integrations.megatron_lm.presets are for Megatron-LM's "
+                          "training scripts (megatron.training); from Python, use "
                           "megatron_mom.get_hybrid_block_spec") from err
     return get_args()
 

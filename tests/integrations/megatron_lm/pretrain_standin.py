@@ -44,7 +44,8 @@ def parse():
     for flag in ("swiglu", "disable-bias-linear", "untie-embeddings-and-output-weights",
                  "sequence-parallel", "bf16"):
         p.add_argument(f"--{flag}", action="store_true")
-    p.add_argument("--spec", nargs=2, default=["megatron_mom.integrations.megatron_lm.presets", "mom"])
+    p.add_argument("--spec", nargs=2,
+                   default=["megatron_mom.integrations.megatron_lm.presets", "mom"])
     add_mom_args(p)
     args, ignored = p.parse_known_args()
     if args.pipeline_model_parallel_size != 1 or args.context_parallel_size != 1:

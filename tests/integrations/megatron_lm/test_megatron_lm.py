@@ -1,6 +1,7 @@
 """Megatron-LM integration without a Megatron-LM checkout: --mom-* flags, the --spec presets in
 both forms, the training-log hook, the CPU launcher's flags and the patch script's refusals.
-(tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs the real pretrain_gpt.py when MEGATRON_LM_PATH is set.)
+(tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs the real pretrain_gpt.py when
+MEGATRON_LM_PATH is set.)
 """
 import argparse
 import subprocess

@@ -117,8 +117,8 @@ def test_pretrain_gpt_trains_the_hybrid_preset(checkout, tmp_path):
 
 
 def test_pretrain_gpt_refuses_bad_mom_flags_at_startup(checkout, tmp_path):
-    result = train_sh(checkout, tmp_path, "--spec", "megatron_mom.integrations.megatron_lm.presets", "mom",
-                      "--mom-topk", "4", nproc=1, tp=1)
+    result = train_sh(checkout, tmp_path, "--spec", "megatron_mom.integrations.megatron_lm.presets",
+                      "mom", "--mom-topk", "4", nproc=1, tp=1)
     assert result.returncode != 0
     assert "--mom-topk (4) must be <= --mom-num-memories (3)" in result.stdout + result.stderr
 

@@ -1,6 +1,7 @@
 """patches/apply.py on a stand-in Megatron-LM checkout (no Megatron-LM needed): the files hold
 exactly the lines the patch expects (its hunks' pre-images), so the real patch applies.
-tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs it against a real checkout when one is given."""
+tests/integrations/megatron_lm/test_megatron_lm_checkout.py runs it against a real checkout when one
+is given."""
 import filecmp
 import shutil
 import subprocess
