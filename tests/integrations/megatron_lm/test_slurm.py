@@ -3,8 +3,9 @@ with apt-get when missing), `sbatch --wait` of a 2-process CPU job (TP=2 + seque
 of the tiny hybrid model, then a second job that resumes from its checkpoint.
 
 CI has no Megatron-LM checkout, so the job's PRETRAIN is
-tests/integrations/megatron_lm/pretrain_standin.py, which reads the same flags as pretrain_gpt.py; everything else (args.sh, srun, torchrun rendezvous from
-SLURM_* variables, the launcher, the presets, log and checkpoint paths) is the real thing.
+tests/integrations/megatron_lm/pretrain_standin.py, which reads the same flags as pretrain_gpt.py;
+everything else (args.sh, srun, torchrun rendezvous from SLURM_* variables, the launcher, the
+presets, log and checkpoint paths) is the real thing.
 """
 import os
 import re
