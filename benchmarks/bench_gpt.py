@@ -12,6 +12,8 @@ Kinds:  attention  the same GPT with softmax attention (TE's when Transformer En
         hybrid     MoM with an attention layer after every 7 MoM layers ("MMMMMMMA" * 3)
         mom1       one memory, no routing (M=1, top-1, no shared): the gated-DeltaNet equivalent
         mom-lean   `mom` with lean_backward=True
+        mom-recompute `mom` whose recurrence keeps only its inputs for the backward, which
+                   reruns the forward kernels first (KernelOptions(recompute_states=True))
 
     python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
     python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)
@@ -36,7 +38,7 @@ SHAPES = {  # layers, hidden, ffn (SwiGLU), attention heads, vocab; MoM heads x 
     "1.3b": dict(layers=24, hidden=2048, ffn=5632, heads=32, vocab=32768, mom_heads=4, head_dim=256),
     "tiny": dict(layers=2, hidden=64, ffn=128, heads=4, vocab=256, mom_heads=2, head_dim=16),
 }
-KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean")
+KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean", "mom-recompute")
 HYBRID_PERIOD = "MMMMMMMA"
 
 # Kernel-name fragments of each kind, matched in this order (first match wins).
@@ -67,6 +69,10 @@ def mom_config(kind: str, shape: dict):
                     lean_backward=kind == "mom-lean")
     if kind == "mom1":
         mom = mom.replace(num_memories=1, topk=1, shared_memory=False)
+    if kind == "mom-recompute":
+        from megatron_mom.ops import KernelOptions
+        kernels = KernelOptions(recompute_states=True)
+        mom = mom.replace(execution=mom.execution.replace(kernels=kernels))
     return mom
 
 
