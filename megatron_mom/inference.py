@@ -40,8 +40,9 @@ class MoMCache:
         return self.state, self.conv_q, self.conv_k, self.conv_v
 
     def segments(self) -> MemoryState:
-        """The E * B (memory, sequence) segments' memories in packed order (memory-major), a
-        copy: the prefill's initial state."""
+        """The E * B (memory, sequence) segments' memories in packed order (memory-major): the
+        prefill's initial state. Always a copy (at B = 1 or E = 1 the reordering alone would
+        be a view of the cache, which `write_segments` could not copy onto itself)."""
         return MemoryState(*(to_segments(t) for t in self._tensors()))
 
     def write_segments(self, memories: MemoryState) -> None:
@@ -83,8 +84,9 @@ def layer_cache(inference_context, layer_number: int, batch: int, make) -> MoMCa
 
 
 def to_segments(x: Tensor) -> Tensor:
-    """[B, E, ...] cache rows -> [E * B, ...] in packed segment order (memory-major)."""
-    return x.transpose(0, 1).reshape(-1, *x.shape[2:])
+    """[B, E, ...] cache rows -> [E * B, ...] in packed segment order (memory-major), always a
+    new tensor."""
+    return x.transpose(0, 1).clone(memory_format=torch.contiguous_format).flatten(0, 1)
 
 
 def from_segments(x: Tensor, batch: int) -> Tensor:
