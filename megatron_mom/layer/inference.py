@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.common import compute_dtype
+from megatron_mom.ops.conv_gated_delta_rule import MemoryState
 
 
 @dataclass
@@ -24,12 +24,8 @@ class MoMCache:
 
     @classmethod
     def empty(cls, batch: int, memories: int, heads: int, K: int, V: int, W: int, dtype, device):
-        state_dtype = compute_dtype(dtype)
-        z = lambda *shape, dt=dtype: torch.zeros(*shape, dtype=dt, device=device)
-        return cls(state=z(batch, memories, heads, K, V, dt=state_dtype),
-                   conv_q=z(batch, memories, heads * K, W - 1),
-                   conv_k=z(batch, memories, heads * K, W - 1),
-                   conv_v=z(batch, memories, heads * V, W - 1))
+        fresh = MemoryState.zeros(batch * memories, heads, K, V, W, dtype, device)
+        return cls(*(t.view(batch, memories, *t.shape[1:]) for t in fresh.tensors()))
 
     def rows(self, start: int, count: int) -> "MoMCache":
         """View of `count` sequences from `start` (Megatron's batch_size_offset)."""
@@ -37,8 +33,39 @@ class MoMCache:
         return MoMCache(self.state[sl], self.conv_q[sl], self.conv_k[sl], self.conv_v[sl])
 
     def zero_(self) -> None:
-        for t in (self.state, self.conv_q, self.conv_k, self.conv_v):
+        for t in self._tensors():
             t.zero_()
+
+    def _tensors(self):
+        return self.state, self.conv_q, self.conv_k, self.conv_v
+
+    def segments(self) -> MemoryState:
+        """The E * B (memory, sequence) segments' memories in packed order (memory-major): the
+        prefill's initial state. Always a copy (at B = 1 or E = 1 the reordering alone would
+        be a view of the cache, which `write_segments` could not copy onto itself)."""
+        return MemoryState(*(to_segments(t) for t in self._tensors()))
+
+    def write_segments(self, memories: MemoryState) -> None:
+        """Inverse of `segments`: store the segments' final memories."""
+        for t, new in zip(self._tensors(), memories.tensors()):
+            t.copy_(from_segments(new, t.shape[0]))
+
+    def routed(self, memory: Tensor) -> MemoryState:
+        """memory [B, S]: each token's routed memory ids -> the memories of its B * S (token,
+        slot) rows, token-major (a gather: shapes do not depend on the routing)."""
+        return MemoryState(*(t.gather(1, _routed_index(t, memory)).flatten(0, 1)
+                             for t in self._tensors()))
+
+    def write_routed(self, memory: Tensor, memories: MemoryState) -> None:
+        """Inverse of `routed`: store the rows' new memories; the others stay as they were."""
+        for t, new in zip(self._tensors(), memories.tensors()):
+            t.scatter_(1, _routed_index(t, memory), new.view(*memory.shape, *t.shape[2:]).to(t.dtype))
+
+
+def _routed_index(t: Tensor, memory: Tensor) -> Tensor:
+    """memory [B, S] expanded to index dim 1 of the cache rows t [B, E, ...]."""
+    B, S = memory.shape
+    return memory.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
 
 
 def layer_cache(inference_context, layer_number: int, batch: int, make) -> MoMCache:
@@ -57,8 +84,9 @@ def layer_cache(inference_context, layer_number: int, batch: int, make) -> MoMCa
 
 
 def to_segments(x: Tensor) -> Tensor:
-    """[B, E, ...] cache rows -> [E * B, ...] in packed segment order (memory-major)."""
-    return x.transpose(0, 1).reshape(-1, *x.shape[2:])
+    """[B, E, ...] cache rows -> [E * B, ...] in packed segment order (memory-major), always a
+    new tensor."""
+    return x.transpose(0, 1).clone(memory_format=torch.contiguous_format).flatten(0, 1)
 
 
 def from_segments(x: Tensor, batch: int) -> Tensor:

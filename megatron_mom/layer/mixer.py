@@ -30,10 +30,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
 from megatron_mom.layer import inference, metrics, packing, parallel
 from megatron_mom.config import MoMConfig
-from megatron_mom.ops import gated_delta_rule, gated_rmsnorm, short_conv
+from megatron_mom.ops import conv_gated_delta_rule, gated_rmsnorm
 from megatron_mom.ops.common import resolve_backend
-from megatron_mom.ops.conv_gated_delta_rule import (beta_and_decay, conv_gated_delta_rule,
-                                                    kvba_columns)
 from megatron_mom.layer.projection import GroupedProjection, GroupedRows, in_proj_sections
 from megatron_mom.layer.router import MoMRouter, Routing, attach_loss, route, router_losses
 
@@ -173,7 +171,8 @@ class MixtureOfMemories(MegatronModule):
         layout = self._layout(routed.memory, s, b, _document_bounds(packed_seq_params, b,
                                                                    self.cp_size))
         q_tok, gate, kvba = self._project(hidden_states, layout)
-        o = self._memories(q_tok, kvba, layout)                           # [L, H, V]
+        o = self._memories(q_tok, kvba, (layout.token, layout.slot_row),
+                           layout.cu_seqlens)                             # [L, H, V]
         y = packing.mix(o, layout, routed.weight, out_dtype=o.dtype,
                         backend=self.mom.execution.backend)               # [N, H, V]
         return self._output(y, gate, s, b)
@@ -275,57 +274,17 @@ class MixtureOfMemories(MegatronModule):
         return (x.is_cuda and x.dtype == torch.bfloat16
                 and torch.cuda.get_device_capability(x.device)[0] in (9, 10))
 
-    def _memories(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout,
-                  cache=None) -> Tensor:
-        """Every (sequence, memory) segment's read-out o [L, H, V] from q's token rows and each
-        packed row's k | v | b | a. With a decoding `cache` ([num_seqs, E, ...] rows), segments
-        start from the cached states and the cache receives their final states."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        run = mom.execution
-        L, cu = layout.num_rows, layout.cu_seqlens
-        if cache is None:
-            # Training: q's convolution reads q's token rows through the layout's row index (no
-            # packed [L, H*K] copy); k | v | b | a are column groups of the packed rows.
-            local = self.cp.local_heads
-            return conv_gated_delta_rule(
-                q_tok, kvba, (layout.token, layout.slot_row), cu,
-                local(self.conv_q), local(self.conv_k), local(self.conv_v), local(self.A_log),
-                local(self.dt_bias), num_heads=H, chunk_size=mom.chunk_size,
-                lean_backward=run.lean_backward, backend=run.backend, options=run.kernels)
-        num_seqs = cache.state.shape[0]
-        q, k, v, b, a = self._convolve_cached(q_tok, kvba, layout, cache, num_seqs)
-        beta, g = self._beta_and_decay(b, a)
-        o, state = gated_delta_rule(
-            q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V), g.view(1, L, H),
-            beta.view(1, L, H), cu_seqlens=cu, use_qk_l2norm=True,
-            chunk_size=mom.chunk_size, backend=run.backend, options=run.kernels,
-            initial_state=inference.to_segments(cache.state), output_final_state=True)
-        cache.state.copy_(inference.from_segments(state, num_seqs))
-        return o.squeeze(0)
-
-    def _convolve_cached(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout, cache,
-                         num_seqs: int):
-        """Decoding (prefill or a chunk): the training path's convolutions, each segment continuing
-        from its cached history, which then receives the segment's last W-1 inputs."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
-        q = packing.spread(q_tok, layout)                                  # [L, H*K]
-        k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
-
-        def conv(x, w, hist):
-            y, final = short_conv(
-                x[None], self.cp.local_heads(w), cu_seqlens=layout.cu_seqlens,
-                activation="silu", backend=mom.execution.backend,
-                initial_state=inference.to_segments(hist), output_final_state=True)
-            hist.copy_(inference.from_segments(final, num_seqs))
-            return y.squeeze(0)
-
-        return (conv(q, self.conv_q, cache.conv_q), conv(k, self.conv_k, cache.conv_k),
-                conv(v, self.conv_v, cache.conv_v), b, a)
-
-    def _beta_and_decay(self, b: Tensor, a: Tensor):
-        """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32/64."""
-        local = self.cp.local_heads
-        return beta_and_decay(b, a, local(self.A_log), local(self.dt_bias))
+    def _memories(self, q_tok: Tensor, kvba: Tensor, gather, cu_seqlens: Optional[Tensor],
+                  mode: str = "train", state=None) -> Tensor:
+        """The memory path (`ops.conv_gated_delta_rule`): every segment's read-out o [L, H, V]
+        from q's token rows (read through `gather`'s row index) and each packed row's
+        k | v | b | a. Prefill and step continue from `state` (a MemoryState) and update it."""
+        mom, run, local = self.mom, self.mom.execution, self.cp.local_heads
+        return conv_gated_delta_rule(
+            q_tok, kvba, gather, cu_seqlens, local(self.conv_q), local(self.conv_k),
+            local(self.conv_v), local(self.A_log), local(self.dt_bias), num_heads=self.num_heads,
+            chunk_size=mom.chunk_size, lean_backward=run.lean_backward and mode == "train",
+            backend=run.backend, options=run.kernels, mode=mode, state=state)
 
     def _read_out(self, y: Tensor, gate: Optional[Tensor], s: int, b: int) -> Tensor:
         """Gated RMSNorm of the mixed read-out [N, H, V] (time-major) -> [s, b, H*V], as a
@@ -355,7 +314,11 @@ class MixtureOfMemories(MegatronModule):
             y = self._decode_step(q_tok, mem, routed, cache)
         else:
             layout = self._layout(routed.memory, s, b, None)
-            o = self._memories(q_tok, packing.select(mem, layout), layout, cache)
+            state = cache.segments()                         # one per (memory, sequence)
+            o = self._memories(q_tok, packing.select(mem, layout),
+                               (layout.token, layout.slot_row), layout.cu_seqlens,
+                               mode="prefill", state=state)
+            cache.write_segments(state)
             y = packing.mix(o, layout, routed.weight, out_dtype=o.dtype,
                             backend=mom.execution.backend)
         return self.out_proj(self._read_out(y, gate, s, b))
@@ -369,37 +332,14 @@ class MixtureOfMemories(MegatronModule):
     def _decode_step(self, q_tok, mem, plan, cache) -> Tensor:
         """One token per sequence: update only its S = k (+1) memories, in place, with shapes
         that do not depend on the routing (CUDA-graph capturable)."""
-        mom, H, K, V = self.mom, self.num_heads, self.mom.key_dim, self.mom.value_dim
         B, S = plan.memory.shape
-        slot = plan.memory                                                 # [B, S]
-
-        def gather(t):   # cache rows [B, E, ...] -> this token's memories [B * S, ...]
-            idx = slot.view(B, S, *([1] * (t.dim() - 2))).expand(B, S, *t.shape[2:])
-            return t.gather(1, idx).reshape(B * S, *t.shape[2:]), idx
-
-        def scatter(t, idx, new):
-            t.scatter_(1, idx, new.view(B, S, *t.shape[2:]).to(t.dtype))
-
-        def conv(x, w, hist):  # x [B * S, C]: one step of the memory's short convolution
-            h, idx = gather(hist)
-            y, h_new = short_conv(x[:, None], w, initial_state=h, output_final_state=True,
-                                  activation="silu", backend=mom.execution.backend)
-            scatter(hist, idx, h_new)
-            return y[:, 0]
-
-        kvba = mem.gather(1, slot[..., None].expand(B, S, mem.shape[-1])).view(B * S, -1)
-        k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
-        q = conv(q_tok.repeat_interleave(S, dim=0), self.conv_q, cache.conv_q)
-        k = conv(k, self.conv_k, cache.conv_k)
-        v = conv(v, self.conv_v, cache.conv_v)
-        beta, g = self._beta_and_decay(b, a)
-        state, idx = gather(cache.state)
-        o, state = gated_delta_rule(
-            q.view(B * S, 1, H, K), k.view(B * S, 1, H, K), v.view(B * S, 1, H, V),
-            g.view(B * S, 1, H), beta.view(B * S, 1, H), initial_state=state,
-            output_final_state=True, use_qk_l2norm=True, backend="recurrent")
-        scatter(cache.state, idx, state)
-        o = o.view(B, S, H, V)
+        kvba = mem.gather(1, plan.memory[..., None].expand(B, S, mem.shape[-1])).view(B * S, -1)
+        rows = torch.arange(B * S, device=kvba.device)        # (token, slot) rows, token-major
+        state = cache.routed(plan.memory)
+        o = self._memories(q_tok, kvba, (rows // S, rows.view(B, S)), None, mode="step",
+                           state=state)
+        cache.write_routed(plan.memory, state)
+        o = o.view(B, S, *o.shape[1:])
         return (o.to(plan.weight.dtype) * plan.weight[..., None, None]).sum(1).to(o.dtype)
 
     # ------------------------------------------------------------------ checkpoints

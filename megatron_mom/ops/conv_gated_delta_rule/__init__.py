@@ -2,43 +2,42 @@
 
     q = silu(conv(q_tok rows picked by the packing)), k, v = silu(conv(k | v columns of kvba)),
     beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias),
-    o = gated delta rule(l2norm(q), l2norm(k), v, g, beta) per cu_seqlens segment.
+    o = gated delta rule(l2norm(q), l2norm(k), v, g, beta) per segment.
 
-By default it is the composition of the ops it is made of (`short_conv`, `short_conv_split`,
-`gated_delta_rule`), each with its own autograd. With `lean_backward` on the Triton backend it
-runs as one function that keeps its inputs (the pre-convolution rows) and the last head's
-buffers for the backward, which goes one head at a time, that head first: for the others the
-convolutions, L2 norms and the recurrence's states are recomputed, and each head's gradients
-are taken back through the convolutions before the next head starts (`triton.py`). Same gradients as the composition, less memory, more time.
+Training, prefill and decoding all run it, in one of three modes:
+- "train" (`chunk.py`): every cu_seqlens segment starts empty. The composition of the ops it
+  is made of (`short_conv`, `short_conv_split`, `gated_delta_rule`), each with its own
+  autograd; with `lean_backward` on the Triton backend one function that keeps its inputs (the
+  pre-convolution rows) and the last head's buffers, whose backward goes one head at a time,
+  recomputing the others' convolutions, L2 norms and states (`triton.py`): same gradients,
+  less memory, more time.
+- "prefill" (`chunk.py`): as train, but segment i continues from row i of a `MemoryState`
+  (recurrent state and convolution histories), and its final memory is written back there.
+- "step" (`step.py`): each packed row is the next token of its own segment (no cu_seqlens),
+  whose memory is the matching row of the `MemoryState`, updated in place; static shapes, no
+  host reads (CUDA-graph capturable).
+`reference.py` is the token-by-token oracle of all three.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mom.ops.common import checker, compute_dtype, resolve_backend
-from megatron_mom.ops.gated_delta_rule import gated_delta_rule
+from megatron_mom.ops.common import checker, resolve_backend
+from megatron_mom.ops.conv_gated_delta_rule.chunk import chunk_conv_gated_delta_rule
+from megatron_mom.ops.conv_gated_delta_rule.state import (MemoryState, beta_and_decay,
+                                                          kvba_columns)
+from megatron_mom.ops.conv_gated_delta_rule.step import step_conv_gated_delta_rule
 from megatron_mom.ops.options import KernelOptions
-from megatron_mom.ops.short_conv import short_conv, short_conv_split
+
+MODES = ("train", "prefill", "step")
 
 
-def kvba_columns(H: int, K: int, V: int):
-    """Column sizes of the packed k | v | b | a rows (the memories' projection output)."""
-    return [H * K, H * V, H, H]
-
-
-def beta_and_decay(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tuple[Tensor, Tensor]:
-    """beta = sigmoid(b); g = -exp(A_log) * softplus(a + dt_bias), in float32 (float64 for
-    float64 inputs). b, a: [..., H]; A_log, dt_bias: [H]."""
-    ct = compute_dtype(b.dtype)
-    return torch.sigmoid(b.to(ct)), -A_log.to(ct).exp() * F.softplus(a.to(ct) + dt_bias.to(ct))
-
-
-def _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H):
+def _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bias, H, mode,
+           state, lean_backward):
     need = checker("conv_gated_delta_rule")
+    need(mode in MODES, f"mode must be one of {MODES}, got {mode!r}")
     need(q_tok.dim() == 2 and kvba.dim() == 2, f"q_tok must be [N, H*K] and kvba [L, C]; got "
          f"{tuple(q_tok.shape)}, {tuple(kvba.shape)}")
     need(conv_q.shape[0] % H == 0 and conv_v.shape[0] % H == 0,
@@ -56,41 +55,64 @@ def _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H):
          f"{kvba.shape[0]}")
     need(slot_row.shape[0] == q_tok.shape[0], f"gather's slot_row {tuple(slot_row.shape)} must "
          f"have q_tok's {q_tok.shape[0]} rows")
+    if mode == "train":
+        need(state is None, "mode='train' starts every segment empty; pass state with "
+             "mode='prefill' to continue from it")
+    else:
+        need(isinstance(state, MemoryState), f"mode={mode!r} reads and writes the segments' "
+             f"memories: pass state=MemoryState(...) (MemoryState.zeros for fresh ones), got "
+             f"{type(state).__name__}")
+        need(not lean_backward, f"lean_backward applies to mode='train' only, got mode={mode!r}")
+    if mode == "step":
+        need(cu_seqlens is None, "mode='step' makes each packed row its own segment; pass "
+             "cu_seqlens=None")
+        segments = kvba.shape[0]
+    else:
+        need(cu_seqlens is not None and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
+             f"mode={mode!r} needs cu_seqlens [segments + 1] over kvba's rows")
+        segments = cu_seqlens.numel() - 1
+    if state is not None:
+        W1 = conv_q.shape[1] - 1
+        want = {"recurrent": (segments, H, HK // H, HV // H), "conv_q": (segments, HK, W1),
+                "conv_k": (segments, HK, W1), "conv_v": (segments, HV, W1)}
+        for name, shape in want.items():
+            got = tuple(getattr(state, name).shape)
+            need(got == shape, f"state.{name} is {got}; {segments} segments need {shape}")
 
 
 def conv_gated_delta_rule(
-    q_tok: Tensor, kvba: Tensor, gather: Tuple[Tensor, Tensor], cu_seqlens: Tensor,
+    q_tok: Tensor, kvba: Tensor, gather: Tuple[Tensor, Tensor], cu_seqlens: Optional[Tensor],
     conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor, dt_bias: Tensor, *,
     num_heads: int, chunk_size: int = 64, lean_backward: bool = False, backend: str = "auto",
     scale: Optional[float] = None, options: Optional[KernelOptions] = None,
+    mode: str = "train", state: Optional[MemoryState] = None,
 ) -> Tensor:
     """q_tok [N, H*K] token rows; kvba [L, H*K + H*V + 2H] packed rows (k | v | b | a);
     gather = (x_row [L], slot_row [N, S]): the token of each packed row and its inverse
-    (packing.PackedLayout.token, .slot_row); cu_seqlens [segments + 1] over the L rows;
-    conv_q, conv_k [H*K, W], conv_v [H*V, W]; A_log, dt_bias [H]. Returns o [L, H, V] in
-    kvba's dtype. `options`: how the recurrence's Triton kernels run (`KernelOptions`)."""
+    (packing.PackedLayout.token, .slot_row); cu_seqlens [segments + 1] over the L rows (None in
+    step mode: L segments of one row); conv_q, conv_k [H*K, W], conv_v [H*V, W]; A_log,
+    dt_bias [H]. Returns o [L, H, V] in kvba's dtype.
+    mode: "train", "prefill" or "step" (module docstring); state: the segments' `MemoryState`
+    for prefill and step, read as initial and overwritten with the final memories.
+    `options`: how the recurrence's Triton kernels run (`KernelOptions`)."""
     H = num_heads
-    _check(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log, dt_bias, H)
-    K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
-    L = kvba.shape[0]
+    _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bias, H, mode,
+           state, lean_backward)
+    K = conv_q.shape[0] // H
     if scale is None:
         scale = K ** -0.5
+    if mode == "step":
+        return step_conv_gated_delta_rule(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log,
+                                          dt_bias, state, H=H, scale=scale, backend=backend)
     if lean_backward and resolve_backend("conv_gated_delta_rule", backend,
                                          kvba.device.type == "cuda") == "triton":
         from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
         return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
                                           A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
                                           options=options)
-    q, _ = short_conv(q_tok[None], conv_q, cu_seqlens=cu_seqlens, activation="silu",
-                      gather=gather, backend=backend)
-    k, v, b, a = short_conv_split(kvba[None], [conv_k, conv_v, None, None], kvba_columns(H, K, V),
-                                  cu_seqlens=cu_seqlens, activation="silu", backend=backend)
-    beta, g = beta_and_decay(b, a, A_log, dt_bias)
-    o, _ = gated_delta_rule(q.view(1, L, H, K), k.view(1, L, H, K), v.view(1, L, H, V),
-                            g.view(1, L, H), beta.view(1, L, H), cu_seqlens=cu_seqlens,
-                            use_qk_l2norm=True, chunk_size=chunk_size, backend=backend,
-                            scale=scale, options=options)
-    return o.view(L, H, V)
+    return chunk_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
+                                       A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
+                                       backend=backend, options=options, state=state)
 
 
-__all__ = ["conv_gated_delta_rule", "beta_and_decay", "kvba_columns"]
+__all__ = ["conv_gated_delta_rule", "MemoryState", "beta_and_decay", "kvba_columns", "MODES"]

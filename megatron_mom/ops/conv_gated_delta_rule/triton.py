@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from megatron_mom.ops.common import Segments, as_int32, beside, checker
-from megatron_mom.ops.conv_gated_delta_rule import beta_and_decay, kvba_columns
+from megatron_mom.ops.conv_gated_delta_rule.state import beta_and_decay, kvba_columns
 from megatron_mom.ops.gated_delta_rule import triton as gdr
 from megatron_mom.ops.mix import sum_over_slots
 from megatron_mom.ops.options import DEFAULT_OPTIONS
