@@ -53,9 +53,12 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
     # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
     # SMs x 2 here), `scan_step` the cost of one scan step in chunk steps; split when the
-    # model predicts at least `gain` x. Not yet tuned on a GPU
-    # (benchmarks/bench_state_split.py prints the model's choice beside the timings).
-    "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25},
+    # model predicts at least `gain` x. On the H200 (bench_state_split.py, docs/performance.md)
+    # the model's splits are the measured wins in the forward (1.4-2.5x on single long
+    # sequences) and its "no" on MoM's packed segments is right (0.5-1.1x there); the split
+    # backward is slower at K = 256 (0.4-0.6x) and faster at K = 128 (1.15-1.26x), hence
+    # `backward_max_k`.
+    "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25, "backward_max_k": 128},
     # The pass that combines the pieces' transfers in order (A_p [K, BK] tiles times the
     # state's [BK, BV] tiles, fp32); its per-piece passes take the state kernels' settings.
     "state_scan": {"BK": 32, "BV": 32, "num_warps": 4, "num_stages": 1},
@@ -97,7 +100,7 @@ class KernelOptions:
     backward_head_groups: int = 1
     side_streams: bool = True
     state_split: str = "auto"
-    state_piece_chunks: int = 16
+    state_piece_chunks: int = 32
     launch: Mapping[str, Any] = field(default_factory=lambda: TUNED_LAUNCH, hash=False, repr=False)
 
     def __post_init__(self):

@@ -162,7 +162,7 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
     BV = cfg["BV"]
     HN = _state_heads(P, dht, dh0)
     cu, starts, grid_n = P.cu, P.offsets, P.N
-    L = split_pieces(P, options, BV)
+    L = split_pieces(P, options, BV, backward=True)
     if L:
         # The pieces' exit gradients from their transfers, then the kernel below over pieces.
         pieces = P.pieces(L)
@@ -185,15 +185,18 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
     return dh, du
 
 
-def split_pieces(P: Segments, options: KernelOptions, BV: int) -> int:
+def split_pieces(P: Segments, options: KernelOptions, BV: int, backward: bool = False) -> int:
     """Chunks per piece when the state kernels of this launch run over pieces (0: over whole
-    sequences); "auto" asks `split_gain`."""
+    sequences); "auto" asks `split_gain`, and splits the backward only up to the rule's
+    `backward_max_k` (measured slower above it, docs/performance.md)."""
     if options.state_split == "off":
         return 0
     L = options.state_piece_chunks
     if options.state_split == "on":
         return L
     rule = options.launch["state_split"]
+    if backward and P.K > rule["backward_max_k"]:
+        return 0
     return L if split_gain(P, L, BV, rule) >= rule["gain"] else 0
 
 

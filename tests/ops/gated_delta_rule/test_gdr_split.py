@@ -203,6 +203,10 @@ def test_split_rule_is_a_function_of_shapes():
     assert split(mom_64k, 32, auto.with_launch("state_split", slots=1056)) == L
     assert split(shapes(2048, 4, 1, 128, 128), 64, auto.replace(state_split="on")) == L
     assert split(shapes(32768, 1, 16, 128, 128), 64, auto.replace(state_split="off")) == 0
+    # the backward splits only up to backward_max_k (K = 256: measured slower split)
+    bwd = lambda P, BV: gdr_triton.split_pieces(P, auto, BV, backward=True)  # noqa: E731
+    assert bwd(shapes(16384, 1, 4, 256, 256), 16) == 0
+    assert bwd(shapes(32768, 1, 16, 128, 128), 64) == L
     # a launch over a group of heads decides as the call (bit-identical head groups)
     assert split(shapes(16384, 4, 16, 128, 128).with_heads(1), 64) == 0
     # the model itself: B1 T32768 H16 D128, L = 16: 512 chunks on 32 programs (one wave)
