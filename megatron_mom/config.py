@@ -38,7 +38,7 @@ def _is_finite_number(value) -> bool:
 
 
 # MoMExecution's fields that flags (--mom-*) and YAML files (mom.*) set, beside MoMConfig's.
-EXECUTION_SETTINGS = ("backend", "grouped_projection", "lean_backward")
+EXECUTION_SETTINGS = ("backend", "grouped_projection", "lean_backward", "recompute_states")
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ class MoMExecution:
                      time (side CUDA streams run its sequential kernels beside other work; its
                      many launches can make the eager step host-bound, which a CUDA graph
                      removes; numbers in docs/performance.md). Triton backend only.
+    recompute_states: the recurrence keeps only its inputs for the backward, which reruns its
+                     forward kernels first (no per-chunk states, W, U between the two): a
+                     third less activation memory for ~7% more GPU time in a 380M GPT
+                     (docs/performance.md). The same switch as kernels.recompute_states: either
+                     one set turns both on.
     kernels:         how the recurrence's Triton kernels run (`megatron_mom.ops.KernelOptions`:
                      dot precision, storage between kernels, recomputed states, backward head
                      groups, side streams, launch settings).
@@ -67,6 +72,7 @@ class MoMExecution:
     backend: str = "auto"
     grouped_projection: str = "auto"
     lean_backward: bool = False
+    recompute_states: bool = False
     kernels: KernelOptions = KernelOptions()
 
     def __post_init__(self):
@@ -79,8 +85,16 @@ class MoMExecution:
         need(self.grouped_projection in GROUPED_PROJECTION,
              f"grouped_projection must be one of {GROUPED_PROJECTION}, "
              f"got {self.grouped_projection!r}")
+        need(isinstance(self.recompute_states, bool),
+             f"recompute_states must be True or False, got {self.recompute_states!r}")
         need(isinstance(self.kernels, KernelOptions),
              f"kernels must be a megatron_mom.ops.KernelOptions, got {self.kernels!r}")
+        # One switch in two places (the flat setting flags and YAML give, and the kernels'
+        # options): either one on turns both on, so they never disagree.
+        if self.recompute_states and not self.kernels.recompute_states:
+            object.__setattr__(self, "kernels", self.kernels.replace(recompute_states=True))
+        elif self.kernels.recompute_states:
+            object.__setattr__(self, "recompute_states", True)
 
     def replace(self, **changes) -> "MoMExecution":
         return dataclasses.replace(self, **changes)

@@ -30,6 +30,7 @@ from megatron_mom import MoMConfig
     (dict(shared_memory="no"), "shared_memory must be True or False, got 'no'"),
     (dict(use_output_gate="false"), "use_output_gate must be True or False, got 'false'"),
     (dict(lean_backward=1), "lean_backward must be True or False"),
+    (dict(recompute_states="yes"), "recompute_states must be True or False"),
     (dict(backend="triton", head_dim=8), r"head_dim = 8 is not one the Triton kernels run "
                                         r"\(backend='triton'\); use one of \(16, 32, 64, 128, 256\)"),
     (dict(backend="triton", head_dim=16, expand_v=0.5), "value_dim = head_dim \\* expand_v = 8"),
@@ -193,3 +194,14 @@ def test_auto_backend_on_cuda_refuses_sizes_the_kernels_cannot_run():
     check_kernel_sizes(MoMConfig(head_dim=64, backend="auto"), torch.device("cuda"))
     with pytest.raises(ValueError, match="head_dim = 8 .*backend='auto' on a CUDA device"):
         check_kernel_sizes(MoMConfig(head_dim=8, backend="auto"), torch.device("cuda"))
+
+
+def test_recompute_states_is_one_switch_in_two_places():
+    """The flat setting (flags, YAML) and KernelOptions.recompute_states never disagree."""
+    from megatron_mom.config import MoMExecution
+    from megatron_mom.ops import KernelOptions
+    flat = MoMConfig(recompute_states=True)
+    assert flat.recompute_states and flat.execution.kernels.recompute_states
+    nested = MoMExecution(kernels=KernelOptions(recompute_states=True, precision="ieee"))
+    assert nested.recompute_states and nested.kernels.precision == "ieee"
+    assert not MoMConfig().execution.kernels.recompute_states

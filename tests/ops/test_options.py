@@ -68,7 +68,7 @@ def test_mom_config_keeps_the_execution_keywords():
 
 def test_settings_are_the_model_fields_then_the_execution_ones():
     names = [f.name for f in settings_fields()]
-    assert names[-3:] == ["backend", "grouped_projection", "lean_backward"]
+    assert names[-4:] == ["backend", "grouped_projection", "lean_backward", "recompute_states"]
     assert "execution" not in names and "kernels" not in names
     mom = from_settings({"topk": 1, "backend": "torch", "lean_backward": True})
     assert mom == MoMConfig(topk=1, execution=MoMExecution(backend="torch", lean_backward=True))

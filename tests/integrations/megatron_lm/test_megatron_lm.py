@@ -38,6 +38,8 @@ def test_flags_become_a_mom_config():
         num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16, shared_memory=False,
         aux_loss_coeff=0.001, expand_v=2.0)
     assert args.mom_layer_pattern == "MMAM"
+    recompute = mom_args.mom_config_from_args(parse(["--mom-recompute-states"]))
+    assert recompute.execution.kernels.recompute_states
     # No flags: MoMConfig's own defaults.
     assert mom_args.mom_config_from_args(parse([])) == MoMConfig()
 
