@@ -602,6 +602,14 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def write_results_json(out: Path, results: dict) -> None:
+    """out/results.json through a temporary file: a reader (or a run cut off mid-write) never
+    sees half of it."""
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+
+
 def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env: dict,
                   with_plot: bool = True) -> str:
     agg = aggregate(s, runs)
@@ -611,10 +619,8 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
         f"accuracy), {plan.get('steps')} steps per run:\n\n{text}\n\n"
         f"Validation accuracy (mean over lengths) of the learning-rate sweep at seed 0:\n\n"
         f"{lr_table(s, agg)}\n")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"settings": dataclasses.asdict(s), "environment": env,
-                               "plan": plan, "aggregate": agg, "runs": runs}, indent=1))
-    tmp.replace(out / "results.json")
+    write_results_json(out, {"settings": dataclasses.asdict(s), "environment": env,
+                             "plan": plan, "aggregate": agg, "runs": runs})
     if with_plot:
         plot(s, agg, out / "mqar_zoology.png")
     return text

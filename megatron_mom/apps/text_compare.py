@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 import sysconfig
@@ -35,7 +34,8 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mom.apps import mqar
-from megatron_mom.apps.mqar_sweep import SWEEP_MIXERS, environment, preset_with_overrides
+from megatron_mom.apps.mqar_sweep import (SWEEP_MIXERS, environment, preset_with_overrides,
+                                          write_results_json)
 from megatron_mom.train.config import ConfigError
 
 # Installed third-party packages and generated or vendored parts; the library's own tests
@@ -281,10 +281,8 @@ def write_outputs(out: Path, s: TextSettings, plan: dict, runs: List[dict], env:
     (out / "results.md").write_text(
         f"{plan['steps']} steps of {s.batch_size} x {s.seq_len} bytes per model, "
         f"width {s.width}, {s.num_layers} layers:\n\n{text}\n")
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps({"settings": dataclasses.asdict(s), "environment": env,
-                               "plan": plan, "summary": agg, "runs": runs}, indent=1))
-    tmp.replace(out / "results.json")
+    write_results_json(out, {"settings": dataclasses.asdict(s), "environment": env,
+                             "plan": plan, "summary": agg, "runs": runs})
     plot(runs, out / "text_lm.png")
     return text
 
