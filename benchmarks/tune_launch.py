@@ -38,9 +38,16 @@ VARIANTS = [
     ("state_fwd BV64", "state_fwd", 256, {"BV": 64}),
     ("state_fwd w8", "state_fwd", 256, {"num_warps": 8}),
     ("state_fwd s1", "state_fwd", 256, {"num_stages": 1}),
+    ("state_fwd s1 w8", "state_fwd", 256, {"num_stages": 1, "num_warps": 8}),
+    ("state_fwd BV64 s1", "state_fwd", 256, {"BV": 64, "num_stages": 1}),
+    ("state_fwd BV64 w8 s1", "state_fwd", 256, {"BV": 64, "num_warps": 8, "num_stages": 1}),
+    ("state_fwd BV16 s1", "state_fwd", 256, {"BV": 16, "num_stages": 1}),
     ("state_bwd BV32", "state_bwd", 256, {"BV": 32}),
     ("state_bwd w8", "state_bwd", 256, {"num_warps": 8}),
     ("state_bwd s1", "state_bwd", 256, {"num_stages": 1}),
+    ("state_bwd BV32 s1", "state_bwd", 256, {"BV": 32, "num_stages": 1}),
+    ("state_bwd BV32 w8 s1", "state_bwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
+    ("state_bwd BV64 w8 s1", "state_bwd", 256, {"BV": 64, "num_warps": 8, "num_stages": 1}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
 ]
@@ -88,6 +95,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", tempfile.gettempdir()))
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated kernel names: vary only "
+                        "these (e.g. state_fwd,state_bwd); the default is always measured")
     args = parser.parse_args(argv)
     results = []
     for name, seq, rows in SHAPES:
@@ -97,7 +106,10 @@ def main(argv=None):
         xs = inputs(total, gen)
         do = torch.randn(1, total, H, D, generator=gen).cuda().bfloat16()
         base = None
+        only = set(filter(None, args.only.split(",")))
         for label, kernel, bound, settings in VARIANTS:
+            if only and kernel is not None and kernel not in only:
+                continue
             opts = KernelOptions() if kernel is None else KernelOptions().with_launch(
                 kernel, bound, **settings)
             try:

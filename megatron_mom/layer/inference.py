@@ -17,48 +17,43 @@ from megatron_mom.ops.conv_gated_delta_rule import MemoryState
 
 @dataclass
 class MoMCache:
-    state: Tensor    # [B, E, H, K, V] float32 (float64 for float64 models)
-    conv_q: Tensor   # [B, E, H*K, W-1]
-    conv_k: Tensor   # [B, E, H*K, W-1]
-    conv_v: Tensor   # [B, E, H*V, W-1]
+    """A layer's decoding memories: a MemoryState whose tensors lead with [B, E] (sequence,
+    memory): recurrent [B, E, H, K, V] float32 (float64 for float64 models), conv_q and conv_k
+    [B, E, H*K, W-1], conv_v [B, E, H*V, W-1]."""
+    memories: MemoryState
 
     @classmethod
     def empty(cls, batch: int, memories: int, heads: int, K: int, V: int, W: int, dtype, device):
         fresh = MemoryState.zeros(batch * memories, heads, K, V, W, dtype, device)
-        return cls(*(t.view(batch, memories, *t.shape[1:]) for t in fresh.tensors()))
+        return cls(fresh.map(lambda t: t.view(batch, memories, *t.shape[1:])))
 
     def rows(self, start: int, count: int) -> "MoMCache":
         """View of `count` sequences from `start` (Megatron's batch_size_offset)."""
-        sl = slice(start, start + count)
-        return MoMCache(self.state[sl], self.conv_q[sl], self.conv_k[sl], self.conv_v[sl])
+        return MoMCache(self.memories.map(lambda t: t[start:start + count]))
 
     def zero_(self) -> None:
-        for t in self._tensors():
+        for t in self.memories.tensors():
             t.zero_()
-
-    def _tensors(self):
-        return self.state, self.conv_q, self.conv_k, self.conv_v
 
     def segments(self) -> MemoryState:
         """The E * B (memory, sequence) segments' memories in packed order (memory-major): the
         prefill's initial state. Always a copy (at B = 1 or E = 1 the reordering alone would
         be a view of the cache, which `write_segments` could not copy onto itself)."""
-        return MemoryState(*(to_segments(t) for t in self._tensors()))
+        return self.memories.map(to_segments)
 
     def write_segments(self, memories: MemoryState) -> None:
         """Inverse of `segments`: store the segments' final memories."""
-        for t, new in zip(self._tensors(), memories.tensors()):
-            t.copy_(from_segments(new, t.shape[0]))
+        batch = self.memories.recurrent.shape[0]
+        self.memories.copy_(memories.map(lambda t: from_segments(t, batch)))
 
     def routed(self, memory: Tensor) -> MemoryState:
         """memory [B, S]: each token's routed memory ids -> the memories of its B * S (token,
         slot) rows, token-major (a gather: shapes do not depend on the routing)."""
-        return MemoryState(*(t.gather(1, _routed_index(t, memory)).flatten(0, 1)
-                             for t in self._tensors()))
+        return self.memories.map(lambda t: t.gather(1, _routed_index(t, memory)).flatten(0, 1))
 
     def write_routed(self, memory: Tensor, memories: MemoryState) -> None:
         """Inverse of `routed`: store the rows' new memories; the others stay as they were."""
-        for t, new in zip(self._tensors(), memories.tensors()):
+        for t, new in zip(self.memories.tensors(), memories.tensors()):
             t.scatter_(1, _routed_index(t, memory), new.view(*memory.shape, *t.shape[2:]).to(t.dtype))
 
 

@@ -210,14 +210,14 @@ with torch.no_grad():
     layer(prompt, inference_context=ctx)
 ctx.sequence_len_offset = T0
 cache = ctx.key_value_memory_dict[1]
-after_prompt = [t.clone() for t in (cache.state, cache.conv_q, cache.conv_k, cache.conv_v)]
+after_prompt = [t.clone() for t in cache.memories.tensors()]
 
 def step():
-    for t, saved in zip((cache.state, cache.conv_q, cache.conv_k, cache.conv_v), after_prompt):
+    for t, saved in zip(cache.memories.tensors(), after_prompt):
         t.copy_(saved)
     with torch.no_grad():
         out, _ = layer(token, inference_context=ctx)
-    return [out, cache.state, cache.conv_q, cache.conv_k, cache.conv_v]
+    return [out, *cache.memories.tensors()]
 
 graph, captured, eager = capture_and_replay(step, warmups=2)
 assert all(torch.equal(a, b) for a, b in zip(captured, eager))

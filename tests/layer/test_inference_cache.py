@@ -13,7 +13,7 @@ H, K, V, W = 2, 4, 6, 3
 def filled_cache(B, E, seed=0):
     gen = torch.Generator().manual_seed(seed)
     cache = MoMCache.empty(B, E, H, K, V, W, torch.float32, "cpu")
-    for t in (cache.state, cache.conv_q, cache.conv_k, cache.conv_v):
+    for t in cache.memories.tensors():
         t.copy_(torch.randn(t.shape, generator=gen))
     return cache
 
@@ -25,32 +25,32 @@ def test_segments_are_memory_major_copies_and_write_back(B, E):
     assert state.recurrent.shape == (E * B, H, K, V) and state.conv_v.shape == (E * B, H * V, W - 1)
     for e in range(E):
         for b in range(B):
-            assert torch.equal(state.conv_k[e * B + b], cache.conv_k[b, e])
+            assert torch.equal(state.conv_k[e * B + b], cache.memories.conv_k[b, e])
     assert all(s.data_ptr() != c.data_ptr() for s, c in
-               zip(state.tensors(), (cache.state, cache.conv_q, cache.conv_k, cache.conv_v)))
+               zip(state.tensors(), cache.memories.tensors()))
     new = state.map(lambda t: t + 1)
     cache.write_segments(new)
     for e in range(E):
         for b in range(B):
-            assert torch.equal(cache.state[b, e], new.recurrent[e * B + b])
+            assert torch.equal(cache.memories.recurrent[b, e], new.recurrent[e * B + b])
 
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_routed_rows_gather_and_scatter_by_memory_id(B):
     E, S = 4, 2
     cache = filled_cache(B, E, seed=1)
-    before = cache.conv_q.clone()
+    before = cache.memories.conv_q.clone()
     memory = torch.stack([torch.randperm(E)[:S] for _ in range(B)])          # [B, S]
     state = cache.routed(memory)
     assert state.recurrent.shape == (B * S, H, K, V)
     for b in range(B):
         for j in range(S):
-            assert torch.equal(state.conv_q[b * S + j], cache.conv_q[b, memory[b, j]])
+            assert torch.equal(state.conv_q[b * S + j], cache.memories.conv_q[b, memory[b, j]])
     cache.write_routed(memory, state.map(lambda t: t * 0 - 1))
     for b in range(B):
         for e in range(E):
             routed = bool((memory[b] == e).any())
-            assert torch.equal(cache.conv_q[b, e], -torch.ones_like(before[b, e]) if routed
+            assert torch.equal(cache.memories.conv_q[b, e], -torch.ones_like(before[b, e]) if routed
                                else before[b, e])
 
 

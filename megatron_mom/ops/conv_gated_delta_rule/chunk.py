@@ -2,12 +2,13 @@
 composed of the `short_conv` and `gated_delta_rule` ops (each with its own autograd)."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 from torch import Tensor
 
 from megatron_mom.ops.conv_gated_delta_rule.state import (MemoryState, beta_and_decay,
-                                                          kvba_columns)
+                                                          conv_continuing, kvba_columns)
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.options import KernelOptions
 from megatron_mom.ops.short_conv import short_conv, short_conv_split
@@ -30,15 +31,8 @@ def _convolve_continuing(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v
     W-1 inputs."""
     K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
     k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
-
-    def conv(x, weight, history, rows=None):
-        y, final = short_conv(x[None], weight, cu_seqlens=cu_seqlens, activation="silu",
-                              gather=rows, initial_state=history, output_final_state=True,
-                              backend=backend)
-        history.copy_(final)
-        return y
-
-    return (conv(q_tok, conv_q, state.conv_q, gather), conv(k, conv_k, state.conv_k),
+    conv = functools.partial(conv_continuing, backend=backend, cu_seqlens=cu_seqlens)
+    return (conv(q_tok, conv_q, state.conv_q, gather=gather), conv(k, conv_k, state.conv_k),
             conv(v, conv_v, state.conv_v), b, a)
 
 

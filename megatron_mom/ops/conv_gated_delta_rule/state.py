@@ -1,16 +1,17 @@
 """What the modes of `conv_gated_delta_rule` share: the column layout of the packed k | v | b | a
-rows, beta and the decay from b and a, and `MemoryState`, where a segment's memory continues
-from and what it ends with."""
+rows, beta and the decay from b and a, `MemoryState` (where a segment's memory continues from
+and what it ends with) and the short convolution that continues from its history."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mom.ops.common import compute_dtype
+from megatron_mom.ops.short_conv import short_conv
 
 
 def kvba_columns(H: int, K: int, V: int) -> List[int]:
@@ -23,6 +24,18 @@ def beta_and_decay(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor) -> Tupl
     float64 inputs). b, a: [..., H]; A_log, dt_bias: [H]."""
     ct = compute_dtype(b.dtype)
     return torch.sigmoid(b.to(ct)), -A_log.to(ct).exp() * F.softplus(a.to(ct) + dt_bias.to(ct))
+
+
+def conv_continuing(x: Tensor, weight: Tensor, history: Tensor, *, backend: str,
+                    cu_seqlens: Optional[Tensor] = None, gather: Optional[Tensor] = None) -> Tensor:
+    """SiLU short convolution of segments that continue from `history` [N, C, W-1], which then
+    receives each segment's last W-1 inputs. With cu_seqlens, x [T, C] holds the N segments
+    packed (rows through `gather` when given); without, x [N, C] is one step of each."""
+    y, final = short_conv(x[None] if cu_seqlens is not None else x[:, None], weight,
+                          cu_seqlens=cu_seqlens, gather=gather, activation="silu",
+                          initial_state=history, output_final_state=True, backend=backend)
+    history.copy_(final)
+    return y
 
 
 @dataclass
@@ -62,4 +75,4 @@ class MemoryState:
             mine.copy_(theirs)
 
 
-__all__ = ["MemoryState", "kvba_columns", "beta_and_decay"]
+__all__ = ["MemoryState", "kvba_columns", "beta_and_decay", "conv_continuing"]

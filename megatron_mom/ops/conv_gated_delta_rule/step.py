@@ -9,9 +9,8 @@ from typing import Tuple
 from torch import Tensor
 
 from megatron_mom.ops.conv_gated_delta_rule.state import (MemoryState, beta_and_decay,
-                                                          kvba_columns)
+                                                          conv_continuing, kvba_columns)
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
-from megatron_mom.ops.short_conv import short_conv
 
 
 def step_conv_gated_delta_rule(
@@ -26,14 +25,9 @@ def step_conv_gated_delta_rule(
     k, v, b, a = kvba.split(kvba_columns(H, K, V), dim=-1)
     q = q_tok.index_select(0, gather[0])                                # [L, H*K]
 
-    def conv(x, weight, history):   # x [L, C]: each row one step of its own convolution
-        y, final = short_conv(x[:, None], weight, initial_state=history, output_final_state=True,
-                              activation="silu", backend=backend)
-        history.copy_(final)
-        return y
-
-    q, k, v = conv(q, conv_q, state.conv_q), conv(k, conv_k, state.conv_k), conv(v, conv_v,
-                                                                               state.conv_v)
+    q = conv_continuing(q, conv_q, state.conv_q, backend=backend)
+    k = conv_continuing(k, conv_k, state.conv_k, backend=backend)
+    v = conv_continuing(v, conv_v, state.conv_v, backend=backend)
     beta, g = beta_and_decay(b, a, A_log, dt_bias)
     # The token-by-token recurrence: one step is what it computes, with no chunk padding.
     o, final = gated_delta_rule(
