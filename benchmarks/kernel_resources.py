@@ -1,0 +1,102 @@
+"""Registers, spill stack and shared memory of the sequential state kernels' sm_90 builds, for
+the launch table's settings and variants, compiled ahead of time: no GPU needed (Triton's own
+ptxas and cuobjdump do the work), so launch settings can be checked on any machine.
+
+    python benchmarks/kernel_resources.py [--k 256] [--variants]
+
+A build whose shared memory exceeds what one block may use (227 KB on the H100 and H200) is
+refused at launch, and `ops.common.launch` then runs it with one stage: the table then shows
+that build's resources.
+Resident programs per SM are bounded by registers (65,536 per SM) and shared memory; a spill
+stack above a few bytes means local-memory traffic on every chunk step. Triton's version
+decides the numbers: compare them only for the Triton that runs the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import state_bwd_kernel
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import state_fwd_kernel
+from megatron_mom.ops.options import TUNED_LAUNCH
+
+SMEM_PER_BLOCK = 232448          # bytes a block may use on sm_90 (227 KB)
+SMEM_PER_SM, REGS_PER_SM = 233472, 65536
+BF16, F32, I32 = "*bf16", "*fp32", "*i32"
+
+
+def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
+    """Compile fn for sm_90 with 16-byte aligned pointers (as the launches specialise them)."""
+    sig = dict(pointers, scale="fp32", **{c: "constexpr" for c in consts})
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
+             for n, t in sig.items() if t.startswith("*")}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    shared = kernel.metadata.shared
+    resident = min(REGS_PER_SM // (regs * 32 * num_warps), SMEM_PER_SM // max(shared, 1))
+    return dict(regs=regs, stack=stack, shared=shared, fits=shared <= SMEM_PER_BLOCK,
+                programs_per_sm=resident)
+
+
+def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H: int = 4,
+                 C: int = 64) -> dict:
+    """A bf16 training build of state_fwd_kernel (o and per-chunk states stored) or
+    state_bwd_kernel (no initial or final state)."""
+    shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H)
+    if name == "state_fwd":
+        pointers = dict(q=BF16, k=BF16, w=BF16, u0=BF16, gam=F32, p_mat=BF16, h0=BF16, o=BF16,
+                        h_out=BF16, u_out=BF16, ht=F32, cu_seqlens=I32, chunk_offsets=I32)
+        consts = dict(shape, HAS_H0=False, STORE_O=True, STORE_STATES=True, STORE_FINAL=False,
+                      SO=H * K)
+        return build(state_fwd_kernel, pointers, consts, num_warps, num_stages)
+    pointers = dict(q=BF16, k=BF16, w=BF16, gam=F32, p_mat=BF16, do=BF16, dht=BF16,
+                    dh_out=BF16, du_out=BF16, dh0=BF16, cu_seqlens=I32, chunk_offsets=I32)
+    consts = dict(shape, HAS_DHT=False, STORE_DH0=False, SDO=H * K)
+    return build(state_bwd_kernel, pointers, consts, num_warps, num_stages)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=256, help="head size K (= V)")
+    parser.add_argument("--variants", action="store_true",
+                        help="also BV 16/32/64 x 4/8 warps x 1/2 stages")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in ("state_fwd", "state_bwd"):
+        by_k = TUNED_LAUNCH[name]
+        table = dict(by_k[min(b for b in by_k if b >= args.k)])
+        configs = [(table["BV"], table["num_warps"], table["num_stages"], "table")]
+        if args.variants:
+            configs += [(bv, w, s, "") for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2)
+                        if (bv, w, s) != configs[0][:3]]
+        for bv, w, s, note in configs:
+            r = state_kernel(name, args.k, min(bv, args.k), w, s)
+            fits = "yes"
+            if not r["fits"]:      # what runs instead: the one-stage build (ops.common.launch)
+                fits = f"no ({r['shared']} B): the 1-stage build runs"
+                r = state_kernel(name, args.k, min(bv, args.k), w, 1)
+            rows.append(f"| {name} | {bv} | {w} | {s} | {fits} | {r['regs']} | {r['stack']} | "
+                        f"{r['shared']} | {r['programs_per_sm']} | {note} |")
+            print(rows[-1], flush=True)
+    print(f"\nTriton {triton.__version__}, sm_90, K = V = {args.k}, bf16\n\n"
+          "| kernel | BV | warps | stages | fits | registers | stack B | shared B | programs/SM | |\n"
+          "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
