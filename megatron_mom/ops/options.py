@@ -30,9 +30,10 @@ def _frozen(table: Mapping) -> Mapping:
                              for key, val in table.items()})
 
 
-# Launch settings of the gated delta rule's kernels, chosen from register and shared-memory
-# reports of sm_90 builds (no spills, shared memory under the H100's 227 KB) and timed in
-# docs/performance.md. The sequential state kernels are keyed by the largest K they serve.
+# Launch settings of the gated delta rule's kernels, timed in docs/performance.md. The
+# sequential state kernels are keyed by the largest K they serve. A build that needs more
+# shared memory than a block may have runs with one stage (ops.common.launch): the K = 256
+# state_fwd entry does (benchmarks/kernel_resources.py prints what each build uses).
 TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
     # K = 256: 32-wide V blocks read each chunk's q, k and W half as often as 16-wide ones in
