@@ -54,62 +54,48 @@ def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int) -> 
 
 
 def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H: int = 4,
-                 C: int = 64, fwd=state_fwd_kernel, bwd=state_bwd_kernel, store_o=True) -> dict:
-    """A bf16 training build of state_fwd_kernel (per-chunk states stored, o too unless
-    store_o is False) or state_bwd_kernel (no initial or final state); `fwd`/`bwd` replace
-    the kernels (benchmarks/state_candidates.py)."""
+                 C: int = 64) -> dict:
+    """A bf16 training build: state_fwd_kernel storing the per-chunk states ("state_fwd", o
+    after the chain) or computing o itself ("state_fwd_o", nothing stored), or
+    state_bwd_kernel (no initial or final state)."""
     shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H)
-    if name == "state_fwd":
+    if name.startswith("state_fwd"):
         pointers = dict(q=BF16, k=BF16, w=BF16, u0=BF16, gam=F32, p_mat=BF16, h0=BF16, o=BF16,
                         h_out=BF16, u_out=BF16, ht=F32, cu_seqlens=I32, chunk_offsets=I32)
-        consts = dict(shape, HAS_H0=False, STORE_O=store_o, STORE_STATES=True,
+        chain_o = name == "state_fwd_o"
+        consts = dict(shape, HAS_H0=False, STORE_O=chain_o, STORE_STATES=not chain_o,
                       STORE_FINAL=False, SO=H * K)
-        return build(fwd, pointers, consts, num_warps, num_stages)
+        return build(state_fwd_kernel, pointers, consts, num_warps, num_stages)
     pointers = dict(q=BF16, k=BF16, w=BF16, gam=F32, p_mat=BF16, do=BF16, dht=BF16,
                     dh_out=BF16, du_out=BF16, dh0=BF16, cu_seqlens=I32, chunk_offsets=I32)
     consts = dict(shape, HAS_DHT=False, STORE_DH0=False, SDO=H * K)
-    return build(bwd, pointers, consts, num_warps, num_stages)
+    return build(state_bwd_kernel, pointers, consts, num_warps, num_stages)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=256, help="head size K (= V)")
     parser.add_argument("--variants", action="store_true",
-                        help="also BV 16/32/64 x 4/8 warps x 1/2 stages")
-    parser.add_argument("--candidates", action="store_true",
-                        help="the candidate kernels of state_candidates.py instead (and the "
-                             "forward chain without o, as with its separate output kernel)")
+                        help="also BV 16/32/64 x 4/8 warps x 1/2/3 stages")
     args = parser.parse_args(argv)
-    kernels = {}
-    if args.candidates:
-        import state_candidates
-        kernels = dict(fwd=state_candidates.state_fwd_blocked,
-                       bwd=state_candidates.state_bwd_blocked)
     rows = []
-    builds = [("state_fwd", True), ("state_bwd", True)]
-    if args.candidates:
-        builds.insert(1, ("state_fwd", False))
-    for name, store_o in builds:
+    for name in ("state_fwd", "state_fwd_o", "state_bwd"):
         by_k = TUNED_LAUNCH[name]
         table = dict(by_k[min(b for b in by_k if b >= args.k)])
         configs = [(table["BV"], table["num_warps"], table["num_stages"], "table")]
         if args.variants:
             configs += [(bv, w, s, "") for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)
-                        if (bv, w, s) != configs[0][:3] and (s < 3 or not store_o)]
+                        if (bv, w, s) != configs[0][:3]]
         for bv, w, s, note in configs:
-            build_of = lambda stages: state_kernel(name, args.k, min(bv, args.k), w, stages,
-                                                   store_o=store_o, **kernels)  # noqa: E731
-            r = build_of(s)
+            r = state_kernel(name, args.k, min(bv, args.k), w, s)
             fits = "yes"
             if not r["fits"]:      # what runs instead: the one-stage build (ops.common.launch)
                 fits = f"no ({r['shared']} B): the 1-stage build runs"
-                r = build_of(1)
-            label = name if store_o else f"{name} (no o)"
-            rows.append(f"| {label} | {bv} | {w} | {s} | {fits} | {r['regs']} | {r['stack']} | "
+                r = state_kernel(name, args.k, min(bv, args.k), w, 1)
+            rows.append(f"| {name} | {bv} | {w} | {s} | {fits} | {r['regs']} | {r['stack']} | "
                         f"{r['shared']} | {r['programs_per_sm']} | {note} |")
             print(rows[-1], flush=True)
-    which = "candidate kernels (state_candidates.py)" if args.candidates else "package kernels"
-    print(f"\n{which}, Triton {triton.__version__}, sm_90, K = V = {args.k}, bf16\n\n"
+    print(f"\nTriton {triton.__version__}, sm_90, K = V = {args.k}, bf16\n\n"
           "| kernel | BV | warps | stages | fits | registers | stack B | shared B | programs/SM | |\n"
           "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 

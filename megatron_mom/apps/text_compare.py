@@ -3,12 +3,16 @@
     python -m megatron_mom.apps.text_compare --out DIR [--preset h200|cpu] [--minutes-per-model 3]
                                         [--set key=value ...]
 
-Corpus: the Python standard library's own source files, its tests included, read from the
-interpreter that runs this (sysconfig's "stdlib" folder without site-packages), as bytes
-(vocabulary 256): text that every machine with Python has, no download. Licence: the PSF
-License Agreement (megatron_mom/data/LICENSE-PSF.txt); nothing of it is written to the
-outputs. Files are split by a hash of their path: `val_fraction` of them are validation,
-never trained on. The preset refuses fewer than `min_train_tokens` training bytes.
+Corpus: Python source files, as bytes (vocabulary 256), from `sources`: "stdlib", the standard
+library of the interpreter that runs this, its tests included where installed (sysconfig's
+"stdlib" folder without site-packages; PSF License Agreement,
+megatron_mom/data/LICENSE-PSF.txt), and "torch", the installed PyTorch package's own Python
+sources (BSD-3-Clause, PyTorch's LICENSE). Text that every machine running this has, no
+download; nothing of it is written to the outputs. Linux distributions ship the standard
+library's tests separately (the H200's Python 3.12 has 9.7M bytes without them), hence the
+second source. Files are split by a hash of their path inside their source: `val_fraction` of them are
+validation, never trained on. The preset refuses fewer than `min_train_tokens` training
+bytes.
 
 Every mixer of the MQAR sweep (megatron_mom/apps/mqar_sweep.py) at one width: the same model
 apart from the mixer, the same training windows in the same order (per seed), the same
@@ -64,6 +68,7 @@ class TextSettings:
     eval_every: int = 100
     val_windows: int = 64
     val_fraction: float = 0.02
+    sources: List[str] = field(default_factory=lambda: ["stdlib", "torch"])
     max_corpus_bytes: int = 0      # 0: every file
     min_train_tokens: int = 20_000_000
 
@@ -75,7 +80,8 @@ PRESETS = {
     # The pipeline at a tiny size on a CPU (tests).
     "cpu": TextSettings(width=32, num_layers=2, num_heads=2, chunk_size=16, seq_len=64,
                         batch_size=4, seeds=2, train_steps=4, eval_every=2, val_windows=4,
-                        max_corpus_bytes=3_000_000, min_train_tokens=100_000),
+                        sources=["stdlib"], max_corpus_bytes=3_000_000,
+                        min_train_tokens=100_000),
 }
 
 
@@ -86,13 +92,23 @@ def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
             raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(SWEEP_MIXERS)}")
     if s.width % s.num_heads:
         raise ConfigError(f"width {s.width} is not a multiple of num_heads {s.num_heads}")
+    unknown = [src for src in s.sources if src not in SOURCES]
+    if unknown or not s.sources:
+        raise ConfigError(f"sources must name some of {', '.join(SOURCES)}; got {s.sources}")
     if s.train_steps <= 0 and s.minutes_per_model <= 0:
         raise ConfigError("set train_steps or minutes_per_model (both are 0)")
     return s
 
 
 # ---------------------------------------------------------------------------------- corpus
-def stdlib_files(root: Path) -> List[Path]:
+def _torch_root() -> Path:
+    return Path(torch.__file__).parent
+
+
+SOURCES = {"stdlib": lambda: Path(sysconfig.get_paths()["stdlib"]), "torch": _torch_root}
+
+
+def python_files(root: Path) -> List[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
@@ -108,28 +124,33 @@ def is_validation(relative: str, fraction: float) -> bool:
 
 def load_corpus(s: TextSettings) -> dict:
     """{"train": uint8 tensor, "val": uint8 tensor, "files": (train, val), "root": ...}."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    roots = {src: SOURCES[src]() for src in s.sources}
     parts = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
     total = 0
-    for path in stdlib_files(root):
-        data = path.read_bytes() + b"\n\n"
-        split = "val" if is_validation(path.relative_to(root).as_posix(), s.val_fraction) \
-            else "train"
-        parts[split].append(data)
-        counts[split] += 1
-        total += len(data)
+    for src, root in roots.items():
+        for path in python_files(root):
+            data = path.read_bytes() + b"\n\n"
+            split = "val" if is_validation(path.relative_to(root).as_posix(),
+                                           s.val_fraction) else "train"
+            parts[split].append(data)
+            counts[split] += 1
+            total += len(data)
+            if s.max_corpus_bytes and total >= s.max_corpus_bytes:
+                break
         if s.max_corpus_bytes and total >= s.max_corpus_bytes:
             break
     out = {k: torch.frombuffer(bytearray(b"".join(v)), dtype=torch.uint8) if v
            else torch.zeros(0, dtype=torch.uint8) for k, v in parts.items()}
+    where = ", ".join(f"{src} ({root})" for src, root in roots.items())
     if out["train"].numel() < s.min_train_tokens:
-        raise ConfigError(f"the standard library at {root} gives {out['train'].numel():,} "
-                          f"training bytes, fewer than min_train_tokens={s.min_train_tokens:,}")
+        raise ConfigError(f"the sources {where} give {out['train'].numel():,} training bytes, "
+                          f"fewer than min_train_tokens={s.min_train_tokens:,}; add a source "
+                          f"(sources=stdlib,torch) or lower min_train_tokens")
     if out["val"].numel() < s.seq_len + 1:
         raise ConfigError(f"the validation split has {out['val'].numel()} bytes; raise "
                           f"val_fraction")
-    return {**out, "files": counts, "root": str(root)}
+    return {**out, "files": counts, "root": where}
 
 
 def windows(stream: torch.Tensor, starts: torch.Tensor, seq_len: int):

@@ -32,14 +32,20 @@ def _frozen(table: Mapping) -> Mapping:
 
 # Launch settings of the gated delta rule's kernels, timed in docs/performance.md. The
 # sequential state kernels are keyed by the largest K they serve. A build that needs more
-# shared memory than a block may have runs with one stage (ops.common.launch): the K = 256
-# state_fwd entry does (benchmarks/kernel_resources.py prints what each build uses).
+# shared memory than a block may have runs with one stage (ops.common.launch);
+# benchmarks/kernel_resources.py prints what each build uses.
 TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
-    # K = 256: 32-wide V blocks read each chunk's q, k and W half as often as 16-wide ones in
-    # the forward; the backward keeps 16 (one head at a time, the lean mode's case, is faster).
+    # The forward chain where the states are stored and o comes after it (training). K = 256:
+    # without q and P in the loop three stages fit (226 KB) and prefetch each chunk's k and W.
     "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 32, "num_warps": 4, "num_stages": 2}},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 3}},
+    # The chain computing o itself (no states stored: inference, recompute_states' forward).
+    # K = 256: at BV = 32 its two-stage build would need 242 KB and run with one stage.
+    "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
+                    256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    # K = 256: BV = 16 (one head at a time, the lean mode's case, is faster than at 32).
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     # float32 operands take twice the registers and shared memory (and K > 128 runs 16-token

@@ -22,6 +22,8 @@ def test_settings_errors():
         text_compare.settings_for("cpu", {"steps": 3})
     with pytest.raises(ConfigError, match="unknown mixer 'rnn'"):
         text_compare.settings_for("cpu", {"mixers": ["rnn"]})
+    with pytest.raises(ConfigError, match="sources must name some of stdlib, torch"):
+        text_compare.settings_for("cpu", {"sources": ["web"]})
     with pytest.raises(ConfigError, match="fewer than min_train_tokens"):
         text_compare.load_corpus(text_compare.settings_for(
             "cpu", {"max_corpus_bytes": 50_000, "min_train_tokens": 1_000_000}))

@@ -27,7 +27,7 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
     with pytest.raises(TypeError):
         KernelOptions().launch["prepare"]["num_warps"] = 8
     narrow = KernelOptions().with_launch("state_fwd", 256, BV=16)
-    assert narrow.launch["state_fwd"][256] == {"BV": 16, "num_warps": 4, "num_stages": 2}
+    assert narrow.launch["state_fwd"][256] == {"BV": 16, "num_warps": 4, "num_stages": 3}
     assert TUNED_LAUNCH["state_fwd"][256]["BV"] == 32
     assert KernelOptions().launch["state_fwd"][256]["BV"] == 32
     assert narrow != KernelOptions() and hash(narrow) == hash(KernelOptions())

@@ -5,6 +5,7 @@ Per chunk of C tokens (local cumulative log-decay gam, last valid value Gam):
     W   = T (beta exp(gam) k),  U0 = T (beta v)                     -> `prepare_kernel`
     U   = U0 - W S;  o = scale (exp(gam) q S + (M * q k^T) U)
     S'  = exp(Gam) S + (exp(Gam - gam) k)^T U                       -> `state_fwd_kernel`
+    o from the stored states, chunk-parallel (training forward)     -> `chunk_out_kernel`
 
 Layouts: token-major [TT, H, *] for per-token tensors (TT = packed tokens), chunk-major
 [NTU, H, ...] for per-chunk tensors (NTU = chunk-count upper bound; chunk id = program id).
@@ -176,6 +177,91 @@ def prepare_kernel(
              mask=valid)
 
 
+# The sequential state kernels hold a [K, BV] state as K/64 tiles of [64, BV] (one tile below
+# K = 64) and read q, k, W in [C, 64] column blocks: whole [C, 256] tiles took 255 registers
+# and spilled at K = 256 on sm_90 (benchmarks/kernel_resources.py, docs/performance.md).
+@triton.jit
+def state_program(cu_seqlens, chunk_offsets, V: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr):
+    """This program's head, sequence, its first and end token and first chunk id, the V
+    columns it owns and the offsets of a [BK, BV] tile inside one [K, V] state."""
+    vb = tl.program_id(0)
+    vcols = vb * BV + tl.arange(0, BV)
+    tile_offs = tl.arange(0, BK)[:, None] * V + vcols[None, :]
+    n = tl.program_id(2)
+    return (tl.program_id(1), n, tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1),
+            tl.load(chunk_offsets + n), vcols, tile_offs)
+
+
+@triton.jit
+def chunk_of(bos, eos, c, C: tl.constexpr):
+    """Token ids [C] int64, valid-row mask and last valid row of chunk c of tokens [bos, eos)."""
+    t0 = bos + c * C
+    tok = (t0 + tl.arange(0, C)).to(tl.int64)
+    return tok, tok < eos, tl.minimum(eos - t0, C) - 1
+
+
+@triton.jit
+def load_tiles(base, tile_offs, LOAD: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+               BK: tl.constexpr, BV: tl.constexpr):
+    """The [K, BV] state at base as float32 tiles s0..s3 (unused ones zero; all zero without
+    LOAD)."""
+    s0 = tl.zeros([BK, BV], dtype=tl.float32)
+    s1 = tl.zeros([BK, BV], dtype=tl.float32)
+    s2 = tl.zeros([BK, BV], dtype=tl.float32)
+    s3 = tl.zeros([BK, BV], dtype=tl.float32)
+    if LOAD:
+        s0 = tl.load(base + tile_offs).to(tl.float32)
+        if K > 64:
+            s1 = tl.load(base + 64 * V + tile_offs).to(tl.float32)
+        if K > 128:
+            s2 = tl.load(base + 128 * V + tile_offs).to(tl.float32)
+            s3 = tl.load(base + 192 * V + tile_offs).to(tl.float32)
+    return s0, s1, s2, s3
+
+
+@triton.jit
+def store_tiles(base, tile_offs, s0, s1, s2, s3, K: tl.constexpr, V: tl.constexpr):
+    """Inverse of `load_tiles`, in base's dtype."""
+    dt = base.dtype.element_ty
+    tl.store(base + tile_offs, s0.to(dt))
+    if K > 64:
+        tl.store(base + 64 * V + tile_offs, s1.to(dt))
+    if K > 128:
+        tl.store(base + 128 * V + tile_offs, s2.to(dt))
+        tl.store(base + 192 * V + tile_offs, s3.to(dt))
+
+
+@triton.jit
+def rows_dot_tile(a, row_offs, valid, kb: tl.constexpr, BK: tl.constexpr, s_tile,
+                  PREC: tl.constexpr):
+    """a[rows, kb-th BK columns] @ s_tile [BK, BV]."""
+    cols = kb * BK + tl.arange(0, BK)
+    a_t = tl.load(a + row_offs[:, None] + cols[None, :], mask=valid[:, None], other=0.0)
+    return tl.dot(a_t, s_tile, input_precision=PREC)
+
+
+@triton.jit
+def rows_dot_state(a, row_offs, valid, s0, s1, s2, s3, K: tl.constexpr, BK: tl.constexpr,
+                   PREC: tl.constexpr):
+    """a[rows, :K] [C, K] @ the state held as tiles -> [C, BV] float32."""
+    acc = rows_dot_tile(a, row_offs, valid, 0, BK, s0, PREC)
+    if K > 64:
+        acc += rows_dot_tile(a, row_offs, valid, 1, BK, s1, PREC)
+    if K > 128:
+        acc += rows_dot_tile(a, row_offs, valid, 2, BK, s2, PREC)
+        acc += rows_dot_tile(a, row_offs, valid, 3, BK, s3, PREC)
+    return acc
+
+
+@triton.jit
+def rows_t_dot(a, row_offs, valid, kb: tl.constexpr, BK: tl.constexpr, x, PREC: tl.constexpr):
+    """a[rows, kb-th BK columns]^T @ x [C, BV] -> [BK, BV], the transpose loaded from memory."""
+    cols = kb * BK + tl.arange(0, BK)
+    a_t = tl.load(a + row_offs[None, :] + cols[:, None], mask=valid[None, :], other=0.0)
+    return tl.dot(a_t, x, input_precision=PREC)
+
+
 @triton.jit(do_not_specialize=["scale"])
 def state_fwd_kernel(
     q, k, w, u0, gam, p_mat,             # [TT,H,K] x3, [TT,H,V], [TT,H] f32, [NTU,H,C,C]
@@ -186,53 +272,82 @@ def state_fwd_kernel(
     STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
     SQK: tl.constexpr, SO: tl.constexpr, HN: tl.constexpr,
 ):
-    """One program per (V block, head, sequence) walks the chunks in order, carrying the state
-    block S [K, BV] in registers: U = U0 - W S, o = e^gam scale q S + P U, S' = ...
-    Decays scale rows of [C, BV] tiles, so q, k, W and P go from memory to the dots as loaded."""
-    vb = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
-    bos = tl.load(cu_seqlens + n)
-    eos = tl.load(cu_seqlens + n + 1)
-    first_chunk = tl.load(chunk_offsets + n)
+    """One program per (V block, head, sequence) walks the chunks in order, carrying its
+    [K, BV] block of the state S in registers: U = U0 - W S, (STORE_O) o = e^gam scale q S
+    + P U, S' = e^Gam S + (e^(Gam - gam) k)^T U. Decays scale rows of [C, BV] tiles, so q, k,
+    W and P go from memory to the dots as loaded. Where the states are stored, o comes from
+    `chunk_out_kernel` instead: without q and P the chain's loads fit a pipelined build."""
+    BK: tl.constexpr = 64 if K > 64 else K
+    h, n, bos, eos, first_chunk, vcols, tile_offs = state_program(cu_seqlens, chunk_offsets,
+                                                                  V, BK, BV)
     rows = tl.arange(0, C)
-    kcols = tl.arange(0, K)
-    vcols = vb * BV + tl.arange(0, BV)
     dt = w.dtype.element_ty
-    state_offs = kcols[:, None] * V + vcols[None, :]               # [K, BV] inside one [K, V]
-    cc_offs = rows[:, None] * C + rows[None, :]
-
-    if HAS_H0:
-        s = tl.load(h0 + (n.to(tl.int64) * HN + h) * K * V + state_offs).to(tl.float32)
-    else:
-        s = tl.zeros([K, BV], dtype=tl.float32)
-
+    s0, s1, s2, s3 = load_tiles(h0 + (n.to(tl.int64) * HN + h) * K * V, tile_offs, HAS_H0,
+                                K, V, BK, BV)
     for c in range(tl.cdiv(eos - bos, C)):
-        t0 = bos + c * C
-        tok = (t0 + rows).to(tl.int64)
-        valid = tok < eos
-        last = tl.minimum(eos - t0, C) - 1
+        tok, valid, last = chunk_of(bos, eos, c, C)
         chunk_id = (first_chunk + c).to(tl.int64) * H + h
-        s_d = s.to(dt)
+        s0_d = s0.to(dt)
+        s1_d = s1.to(dt)
+        s2_d = s2.to(dt)
+        s3_d = s3.to(dt)
         if STORE_STATES:
-            tl.store(h_out + chunk_id * K * V + state_offs, s_d.to(h_out.dtype.element_ty))
+            store_tiles(h_out + chunk_id * K * V, tile_offs, s0_d, s1_d, s2_d, s3_d, K, V)
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
-        koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
-        woffs = (tok * H + h)[:, None] * K + kcols[None, :]
+        qk_rows = tok * SQK + h * K
+        w_rows = (tok * H + h) * K
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
         u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        u_new -= tl.dot(tl.load(w + woffs, mask=valid[:, None], other=0.0), s_d, input_precision=PREC)
+        u_new -= rows_dot_state(w, w_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
         if STORE_STATES:
             tl.store(u_out + voffs, u_new.to(u_out.dtype.element_ty), mask=valid[:, None])
         if STORE_O:
-            o_t = tl.dot(tl.load(q + koffs, mask=valid[:, None], other=0.0), s_d,
-                         input_precision=PREC) * (tl.exp(g_c) * scale)[:, None]
-            o_t += tl.dot(tl.load(p_mat + chunk_id * C * C + cc_offs), u_new.to(dt), input_precision=PREC)
-            tl.store(o + (tok * SO + h * V)[:, None] + vcols[None, :], o_t.to(o.dtype.element_ty),
-                     mask=valid[:, None])
+            o_t = (rows_dot_state(q, qk_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
+                   * (tl.exp(g_c) * scale)[:, None])
+            p_t = tl.load(p_mat + chunk_id * C * C + rows[:, None] * C + rows[None, :])
+            o_t += tl.dot(p_t, u_new.to(dt), input_precision=PREC)
+            tl.store(o + (tok * SO + h * V)[:, None] + vcols[None, :],
+                     o_t.to(o.dtype.element_ty), mask=valid[:, None])
         u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
-        s = s * tl.exp(g_last)
-        s += tl.dot(tl.trans(tl.load(k + koffs, mask=valid[:, None], other=0.0)), u_k, input_precision=PREC)
-
+        decay = tl.exp(g_last)
+        s0 = s0 * decay + rows_t_dot(k, qk_rows, valid, 0, BK, u_k, PREC)
+        if K > 64:
+            s1 = s1 * decay + rows_t_dot(k, qk_rows, valid, 1, BK, u_k, PREC)
+        if K > 128:
+            s2 = s2 * decay + rows_t_dot(k, qk_rows, valid, 2, BK, u_k, PREC)
+            s3 = s3 * decay + rows_t_dot(k, qk_rows, valid, 3, BK, u_k, PREC)
     if STORE_FINAL:
-        tl.store(ht + (n.to(tl.int64) * HN + h) * K * V + state_offs, s)
+        store_tiles(ht + (n.to(tl.int64) * HN + h) * K * V, tile_offs, s0, s1, s2, s3, K, V)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
+def chunk_out_kernel(
+    q, gam, p_mat, h, u, o,              # [TT,H,K], [TT,H] f32, [NTU,H,C,C], [NTU,H,K,V], [TT,H,V] x2
+    cu_seqlens, chunk_offsets, N, STEPS, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PREC: tl.constexpr, SQK: tl.constexpr, SO: tl.constexpr,
+):
+    """o = e^gam scale q S_c + P U of each chunk from its stored entry state S_c and U: one
+    program per (chunk, head, V block), all in parallel once the chain has run."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    g_c, g_last = load_decay(gam, tok, valid, last, hh, H, C)
+    chunk_id = pid.to(tl.int64) * H + hh
+    rows = tl.arange(0, C)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    for kb in tl.static_range(K // BK):
+        kcols = kb * BK + tl.arange(0, BK)
+        q_t = tl.load(q + (tok * SQK + hh * K)[:, None] + kcols[None, :], mask=valid[:, None],
+                      other=0.0)
+        s_t = tl.load(h + chunk_id * K * V + kcols[:, None] * V + vcols[None, :])
+        acc += tl.dot(q_t, s_t, input_precision=PREC)
+    acc = acc * (tl.exp(g_c) * scale)[:, None]
+    u_t = tl.load(u + (tok * H + hh)[:, None] * V + vcols[None, :], mask=valid[:, None], other=0.0)
+    p_t = tl.load(p_mat + chunk_id * C * C + rows[:, None] * C + rows[None, :])
+    acc += tl.dot(p_t, u_t.to(h.dtype.element_ty), input_precision=PREC)
+    tl.store(o + (tok * SO + hh * V)[:, None] + vcols[None, :], acc.to(o.dtype.element_ty),
+             mask=valid[:, None])

@@ -4,6 +4,7 @@ Function (gradients for q, k, v, g, beta and the initial state), packed sequence
 
 Kernels (chunk_fwd.py, chunk_bwd.py):
     forward   prepare_kernel (chunk-parallel) -> state_fwd_kernel (sequential over chunks)
+              -> chunk_out_kernel (chunk-parallel, o from the stored states)
     backward  state_bwd_kernel (sequential, reverse) -> chunk_bwd_main_kernel ->
               chunk_bwd_wy_kernel (both chunk-parallel)
 By default the forward keeps what the backward needs (per-chunk entry states h, U, W, T); with
@@ -26,7 +27,8 @@ from megatron_mom.ops.common.launch import launch
 from megatron_mom.ops.common.segments import max_chunks
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          state_bwd_kernel)
-from megatron_mom.ops.gated_delta_rule.chunk_fwd import prepare_kernel, state_fwd_kernel
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_out_kernel, prepare_kernel,
+                                                         state_fwd_kernel)
 from megatron_mom.ops.gated_delta_rule.state_split import (piece_bwd_kernel, piece_fwd_kernel,
                                                            piece_scan_kernel)
 from megatron_mom.ops.l2norm.triton import l2norm_bwd_into, l2norm_fwd
@@ -112,14 +114,18 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
                   options: KernelOptions = DEFAULT_OPTIONS):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
     h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32.
-    Over whole sequences, or over pieces of them as `split_pieces` decides."""
+    Over whole sequences, or over pieces of them as `split_pieces` decides. With the states
+    stored, o comes from them afterwards (`chunk_out_kernel`, chunk-parallel) and the chain
+    skips it; without, the chain computes o itself (launch entry "state_fwd_o")."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
     if store_states and h is None:
         h, u = new_states(P, k, u0)
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
-    cfg = _state_config(options, "state_fwd", P.K, P.V, k.dtype)
+    o_after = store_o and store_states
+    chain_o = store_o and not o_after
+    cfg = _state_config(options, "state_fwd_o" if chain_o else "state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     dummy = u0
     HN = _state_heads(P, h0, ht)
@@ -140,13 +146,20 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
         if not (store_o or store_states):
             return o, h, u, ht
     launch(state_fwd_kernel, (P.V // BV, P.H, grid_n),
-        q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if store_o else dummy,
+        q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if chain_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
         ht if store_final else dummy, cu, starts, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=store_o,
+        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=chain_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
-        SQK=_row_stride(q, k), SO=_row_stride(o) if store_o else P.H * P.V,
+        SQK=_row_stride(q, k), SO=_row_stride(o) if chain_o else P.H * P.V,
         HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if o_after:
+        out = options.launch["chunk_out"]
+        BVo = min(out["BV"], P.V)
+        chunk_out_kernel[(P.NTU, P.H, P.V // BVo)](
+            q, gam, p_mat, h, u, o, P.cu, P.offsets, P.N, P.steps, scale,
+            H=P.H, K=P.K, V=P.V, C=P.C, BK=min(out["BK"], P.K), BV=BVo, PREC=options.precision,
+            SQK=_row_stride(q, k), SO=_row_stride(o), **_launch_opts(options, "chunk_out"))
     return o, h, u, ht
 
 

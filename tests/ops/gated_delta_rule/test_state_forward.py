@@ -1,0 +1,57 @@
+"""The forward chain's two forms (state_fwd_kernel with o computed in the chain, and storing
+the per-chunk states with o from them afterwards by chunk_out_kernel) against the torch
+reference: outputs, final states and every gradient, interpreted on a CPU (float32; K above
+128 runs 16-token chunks there, as on the GPU). The state is held as one, two and four
+64-row tiles at K = 64, 128, 256."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_triton_kernels import assert_gdr_close, gdr_inputs  # noqa: E402  (tests/ops)
+
+gdr_triton = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
+from megatron_mom.ops import KernelOptions  # noqa: E402
+from megatron_mom.ops.common import Segments  # noqa: E402
+
+# (lengths, H, K, V, chunk_size): ragged segments (one empty), one/two/four state tiles
+CASES = {
+    "K64_ragged_C32": ([5, 70, 0, 33], 2, 64, 64, 32),
+    "K128_V64_C64": ([70, 1, 64], 1, 128, 64, 64),
+    "K256_C16": ([20, 13], 1, 256, 256, 16),
+}
+# The training forward stores the states (o after the chain); recompute_states' forward
+# stores nothing (o in the chain) and its backward reruns the chain storing states only.
+FORMS = {"o_after_chain": KernelOptions(),
+         "o_in_chain": KernelOptions(recompute_states=True)}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_forward_forms_match_reference(case, form):
+    lengths, H, K, V, C = CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    assert_gdr_close(leaves, cu, chunk_size=C, options=FORMS[form])
+
+
+def test_forms_give_the_same_o():
+    """o from the chain and o from the stored states: the same products of the same rounded
+    operands (the state in the inputs' dtype, U rounded once)."""
+    lengths, H, K, V, C = [37, 64, 9], 2, 64, 64, 16
+    (q, k, v, g, beta, _), cu = gdr_inputs(lengths, H, K, V, h0=False)
+    P = Segments.of(k, v, cu.to(torch.int32), C)
+    args = [x.detach().reshape(P.TT, H, -1).contiguous() for x in (q, k, v, g, beta)]
+    q3, k3, v3, g2, b2 = args[0], args[1], args[2], args[3].view(P.TT, H), args[4].view(P.TT, H)
+    gam, w, u0, _, p_mat = gdr_triton.prepare(P, q3, k3, v3, g2, b2, 0.125)
+    o_chain, *_ = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, None, 0.125,
+                                           store_o=True, store_states=False, store_final=False)
+    o_after, h, u, _ = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, None, 0.125,
+                                                store_o=True, store_states=True,
+                                                store_final=False)
+    assert h is not None and u is not None
+    torch.testing.assert_close(o_after, o_chain, rtol=1e-5, atol=1e-5)
+    assert o_after.abs().max() > 0.1
