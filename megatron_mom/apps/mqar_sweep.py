@@ -626,6 +626,33 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
     return text
 
 
+# Settings that do not change what a run computes: a sweep continued with other values of
+# these goes on with the same runs.
+RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps")
+
+
+def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
+    """(the finished runs, their step count) of the sweep already in out_dir/results.json,
+    neither cut by a budget nor failed, for the sweep to go on from; ([], 0) without one. A
+    sweep with other settings there is an error, not overwritten."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return [], 0
+    old = json.loads(path.read_text())
+    mine = dataclasses.asdict(s)
+    differ = [k for k in mine if k not in RESUME_FREE and old["settings"].get(k) != mine[k]]
+    if differ:
+        raise ConfigError(f"MQAR sweep: {path} holds a sweep with other settings "
+                          f"({', '.join(differ)} differ); choose another --out or remove it")
+    runs = [r for r in old["runs"] if "test" in r and not r.get("cut")]
+    steps = int(old["plan"].get("steps") or 0) if runs else 0
+    if runs and s.train_steps and s.train_steps != steps:
+        raise ConfigError(f"MQAR sweep: the {len(runs)} finished runs in {path} trained "
+                          f"{steps} steps, not train_steps={s.train_steps}; set "
+                          f"train_steps={steps} to go on with them or choose another --out")
+    return runs, steps
+
+
 def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Optional[dict] = None,
         mixers: Optional[Sequence[str]] = None, device: Optional[str] = None,
         log: Callable = print) -> dict:
@@ -650,10 +677,14 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     log(f"mqar sweep ({preset}): {len(s.mixers)} mixers x {len(s.widths)} widths x "
         f"({len(s.lrs)} learning rates + {s.seeds - 1} more seeds) = {plan['runs']} runs, "
         f"{workers} worker process(es) on {dev}")
+    runs, steps = finished_runs(out_dir, s)
+    if runs:
+        log(f"mqar sweep: going on from {len(runs)} finished runs of {steps} steps in "
+            f"{out_dir / 'results.json'}")
+    plan["resumed_runs"] = len(runs)
     runner = _Pool(s, str(dev), workers) if workers > 1 else _InProcess(s, str(dev))
-    runs: List[dict] = []
     try:
-        steps = s.train_steps
+        steps = steps or s.train_steps
         if not steps:
             # A timing that has not come back within 40% of the budget will not fit in it.
             plan["timing"] = _timing(runner, s, workers,
@@ -680,12 +711,16 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
 def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env, log) -> None:
     """Every learning rate at seed 0; as soon as a (mixer, width) has all of them, its other
     seeds at the best one."""
+    done = {Job(**r["job"]).key for r in runs}
     pending_lr = {}
     for width in sorted(s.widths, reverse=True):       # the slowest first
         for mixer in s.mixers:
-            pending_lr[(mixer, width)] = len(s.lrs)
-            for lr in s.lrs:
+            todo = [lr for lr in s.lrs if Job("lr", mixer, width, lr, 0, steps).key not in done]
+            pending_lr[(mixer, width)] = len(todo)
+            for lr in todo:
                 runner.submit(Job("lr", mixer, width, lr, 0, steps, train_deadline))
+            if not todo:
+                _submit_seeds(runner, s, runs, (mixer, width), done, steps, train_deadline)
     plotted = time.time()
     for result in runner.results(deadline):
         runs.append(result)
@@ -695,16 +730,23 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
         if job["kind"] == "lr":
             pending_lr[group] -= 1
             if pending_lr[group] == 0:
-                lr = best_lr([r for r in runs if r["job"]["kind"] == "lr"
-                              and (r["job"]["mixer"], r["job"]["width"]) == group])
-                if lr is not None:
-                    for seed in range(1, s.seeds):
-                        runner.submit(Job("seed", job["mixer"], job["width"], lr, seed, steps,
-                                          train_deadline))
+                _submit_seeds(runner, s, runs, group, done, steps, train_deadline)
         # The plot every half minute (it takes a fraction of a second); the end redraws it.
         with_plot = time.time() - plotted > 30
         write_outputs(out_dir, s, plan, runs, env, with_plot)
         plotted = time.time() if with_plot else plotted
+
+
+def _submit_seeds(runner, s, runs, group, done, steps, train_deadline) -> None:
+    """The other seeds of (mixer, width) at its best learning rate, those not yet done."""
+    lr = best_lr([r for r in runs if r["job"]["kind"] == "lr"
+                  and (r["job"]["mixer"], r["job"]["width"]) == group])
+    if lr is None:
+        return
+    for seed in range(1, s.seeds):
+        job = Job("seed", group[0], group[1], lr, seed, steps, train_deadline)
+        if job.key not in done:
+            runner.submit(job)
 
 
 def _log_result(r: dict, log) -> None:

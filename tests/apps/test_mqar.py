@@ -209,3 +209,28 @@ def test_zoology_sweep_workers_and_budget(tmp_path):
     assert set(saved["plan"]["timing"]) == {"attention", "mom"}
     assert os.getpid() not in {r["pid"] for r in saved["runs"]}   # ran in the workers
     _check_sweep(agg, saved, s)
+
+
+def test_zoology_sweep_goes_on_from_its_finished_runs(megatron_single, tmp_path):
+    """A sweep run again into its folder trains only what is missing (runs lost to a budget
+    or removed here), keeps the finished ones as they were, and refuses other settings."""
+    overrides = {"mixers": ["single", "mom"], "widths": [32], "lrs": [1e-3, 1e-2], "seeds": 2}
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides, log=lambda *_: None)
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert len(first["runs"]) == 2 * (2 + 1)
+    # Lose the mom runs, as a budget would; the single-memory runs stay finished.
+    kept = [r for r in first["runs"] if r["job"]["mixer"] == "single"]
+    (tmp_path / "results.json").write_text(json.dumps({**first, "runs": kept}))
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "budget_minutes": 5.0},
+                   log=lambda *_: None)
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["plan"]["resumed_runs"] == len(kept) == 3
+    assert second["runs"][:3] == kept                  # untouched, not retrained
+    mom = [r for r in second["runs"] if r["job"]["mixer"] == "mom"]
+    assert len(mom) == 3 and all("test" in r for r in mom)
+    with pytest.raises(ConfigError, match="other settings .*seeds differ"):
+        mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "seeds": 3},
+                       log=lambda *_: None)
+    with pytest.raises(ConfigError, match="trained 4 steps, not train_steps=5"):
+        mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "train_steps": 5},
+                       log=lambda *_: None)
