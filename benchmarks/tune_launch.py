@@ -35,6 +35,8 @@ VARIANTS = [
     ("chunk_bwd_main w8", "chunk_bwd_main", None, {"num_warps": 8}),
     ("chunk_bwd_main s2", "chunk_bwd_main", None, {"num_stages": 2}),
     ("chunk_bwd_main w8 s2", "chunk_bwd_main", None, {"num_warps": 8, "num_stages": 2}),
+    ("chunk_bwd_main one pass", "chunk_bwd_main", None, {"one_pass": 1}),
+    ("chunk_bwd_main one pass w8", "chunk_bwd_main", None, {"one_pass": 1, "num_warps": 8}),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
     ("state_fwd s2", "state_fwd", 256, {"num_stages": 2}),
     ("state_fwd BV16 s3", "state_fwd", 256, {"BV": 16}),

@@ -53,8 +53,9 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
                    256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
     "chunk_bwd": {"BK": 64, "BV": 64},
-    # 4 warps: two programs share an SM (the main kernel spills ~64 B).
-    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1},
+    # 4 warps: two programs share an SM (the main kernel spills ~64 B). one_pass: its dq, dW
+    # and dk products over V in one loop (three accumulators) instead of two (h read twice).
+    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
     # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;

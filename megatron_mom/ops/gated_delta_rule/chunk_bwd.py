@@ -96,7 +96,7 @@ def chunk_bwd_main_kernel(
     scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] (dw dtype), [TT,H,K] f32
     cu_seqlens, chunk_offsets, N, STEPS, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
     SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr,
     SDQK: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr, SSK: tl.constexpr,
 ):
@@ -163,18 +163,38 @@ def chunk_bwd_main_kernel(
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch
         qk_offs = qk_row[:, None] + kcols[None, :]
-        # Two passes over V, each with two accumulators, keep the live set small.
         dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
         dw = tl.zeros([C, BK], dtype=tl.float32)                     # -dU S^T
-        for vb in range(V // BV):
-            vcols = vb * BV + tl.arange(0, BV)
-            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-            s_t = tl.load(h + s_base + kcols[:, None] * V + vcols[None, :])
-            dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
-                                  other=0.0).to(dt),
-                          tl.trans(s_t), input_precision=PREC)
-            dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
-                         input_precision=PREC)
+        dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
+        if ONE_PASS:
+            # One pass over V with three accumulators: h, dh, dO, dU and U read once per K
+            # block (the two-pass form reads h twice).
+            for vb in range(V // BV):
+                vcols = vb * BV + tl.arange(0, BV)
+                voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+                st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+                s_t = tl.load(h + st_offs)
+                ds_t = tl.load(dh + st_offs)
+                dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
+                                      other=0.0).to(dt),
+                              tl.trans(s_t), input_precision=PREC)
+                dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                             input_precision=PREC)
+                dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0),
+                              tl.trans(ds_t), input_precision=PREC)
+                rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1),
+                                   axis=0) * tl.exp(g_last)
+        else:
+            # Two passes over V, each with two accumulators, keep the live set small.
+            for vb in range(V // BV):
+                vcols = vb * BV + tl.arange(0, BV)
+                voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+                s_t = tl.load(h + s_base + kcols[:, None] * V + vcols[None, :])
+                dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
+                                      other=0.0).to(dt),
+                              tl.trans(s_t), input_precision=PREC)
+                dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                             input_precision=PREC)
         tl.store(scratch_dw + koffs, dw.to(scratch_dw.dtype.element_ty), mask=valid[:, None])
         k_t = tl.load(k + qk_offs, mask=valid[:, None], other=0.0)
         q_t = tl.load(q + qk_offs, mask=valid[:, None], other=0.0)
@@ -183,16 +203,16 @@ def chunk_bwd_main_kernel(
                  mask=valid[:, None])
         d_gam += tl.sum(dq_t * q_t.to(tl.float32), axis=1)
 
-        dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
-        for vb in range(V // BV):
-            vcols = vb * BV + tl.arange(0, BV)
-            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-            st_offs = s_base + kcols[:, None] * V + vcols[None, :]
-            ds_t = tl.load(dh + st_offs)
-            dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
-                          input_precision=PREC)
-            rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * tl.load(h + st_offs).to(tl.float32),
-                                      axis=1), axis=0) * tl.exp(g_last)
+        if not ONE_PASS:
+            for vb in range(V // BV):
+                vcols = vb * BV + tl.arange(0, BV)
+                voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+                st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+                ds_t = tl.load(dh + st_offs)
+                dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+                              input_precision=PREC)
+                rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * tl.load(h + st_offs).to(tl.float32),
+                                          axis=1), axis=0) * tl.exp(g_last)
         k_f = k_t.to(tl.float32)
         dkg = dkg * k_decay[:, None]
         kg_term = tl.sum(dkg * k_f, axis=1)

@@ -286,7 +286,8 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     chunk_bwd_main_kernel[(P.NTU, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
         scratch_cc, scratch_dw, scratch_dk, *seq, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, SV=_row_stride(v),
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
+        ONE_PASS=bool(options.launch["chunk_bwd_main"]["one_pass"]), SV=_row_stride(v),
         SDO=_row_stride(do), SDV=_row_stride(dv), **strides,
         **_launch_opts(options, "chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
