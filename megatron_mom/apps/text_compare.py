@@ -10,8 +10,8 @@ megatron_mom/data/LICENSE-PSF.txt), and "torch", the installed PyTorch package's
 sources (BSD-3-Clause, PyTorch's LICENSE). Text that every machine running this has, no
 download; nothing of it is written to the outputs. Linux distributions ship the standard
 library's tests separately (the H200's Python 3.12 has 9.7M bytes without them), hence the
-second source. Files are split by a hash of their path inside their source: `val_fraction` of them are
-validation, never trained on. The preset refuses fewer than `min_train_tokens` training
+second source. Files are split by a hash of their path inside their source: `val_fraction`
+of them are validation, never trained on. The preset refuses fewer than `min_train_tokens` training
 bytes.
 
 Every mixer of the MQAR sweep (megatron_mom/apps/mqar_sweep.py) at one width: the same model
@@ -101,11 +101,9 @@ def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
 
 
 # ---------------------------------------------------------------------------------- corpus
-def _torch_root() -> Path:
-    return Path(torch.__file__).parent
-
-
-SOURCES = {"stdlib": lambda: Path(sysconfig.get_paths()["stdlib"]), "torch": _torch_root}
+# Where each source's Python files are, found when a corpus is loaded.
+SOURCES = {"stdlib": lambda: Path(sysconfig.get_paths()["stdlib"]),
+           "torch": lambda: Path(torch.__file__).parent}
 
 
 def python_files(root: Path) -> List[Path]:
@@ -128,16 +126,13 @@ def load_corpus(s: TextSettings) -> dict:
     parts = {"train": [], "val": []}
     counts = {"train": 0, "val": 0}
     total = 0
-    for src, root in roots.items():
-        for path in python_files(root):
-            data = path.read_bytes() + b"\n\n"
-            split = "val" if is_validation(path.relative_to(root).as_posix(),
-                                           s.val_fraction) else "train"
-            parts[split].append(data)
-            counts[split] += 1
-            total += len(data)
-            if s.max_corpus_bytes and total >= s.max_corpus_bytes:
-                break
+    for root, path in ((root, path) for root in roots.values() for path in python_files(root)):
+        data = path.read_bytes() + b"\n\n"
+        split = "val" if is_validation(path.relative_to(root).as_posix(), s.val_fraction) \
+            else "train"
+        parts[split].append(data)
+        counts[split] += 1
+        total += len(data)
         if s.max_corpus_bytes and total >= s.max_corpus_bytes:
             break
     out = {k: torch.frombuffer(bytearray(b"".join(v)), dtype=torch.uint8) if v

@@ -41,7 +41,7 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 32, "num_warps": 4, "num_stages": 3}},
     # The chain computing o itself (no states stored: inference, recompute_states' forward).
-    # K = 256: at BV = 32 its two-stage build would need 242 KB and run with one stage.
+    # K = 256: BV = 16 measured faster than 32 (docs/performance.md, "Candidates, then timed").
     "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                     256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},

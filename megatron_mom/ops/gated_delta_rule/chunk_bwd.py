@@ -14,7 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_mom.ops.gated_delta_rule.chunk_fwd import chunk_rows, load_decay
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_of, chunk_rows, load_decay,
+                                                         state_program)
 
 
 @triton.jit(do_not_specialize=["scale"])
@@ -29,17 +30,11 @@ def state_bwd_kernel(
     """One program per (V block, head, sequence), chunks last to first:
     dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
     P^T is the transposed view of the loaded P (never a transposed dot result)."""
-    vb = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
-    bos = tl.load(cu_seqlens + n)
-    eos = tl.load(cu_seqlens + n + 1)
-    first_chunk = tl.load(chunk_offsets + n)
+    h, n, bos, eos, first_chunk, vcols, state_offs = state_program(cu_seqlens, chunk_offsets,
+                                                                   V, K, BV)
     rows = tl.arange(0, C)
     kcols = tl.arange(0, K)
-    vcols = vb * BV + tl.arange(0, BV)
     dt = w.dtype.element_ty
-    state_offs = kcols[:, None] * V + vcols[None, :]
     cc_offs = rows[:, None] * C + rows[None, :]
 
     if HAS_DHT:
@@ -50,10 +45,7 @@ def state_bwd_kernel(
     num_chunks = tl.cdiv(eos - bos, C)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
-        t0 = bos + c * C
-        tok = (t0 + rows).to(tl.int64)
-        valid = tok < eos
-        last = tl.minimum(eos - t0, C) - 1
+        tok, valid, last = chunk_of(bos, eos, c, C)
         chunk_id = (first_chunk + c).to(tl.int64) * H + h
         ds_d = ds.to(dt)
         tl.store(dh_out + chunk_id * K * V + state_offs, ds_d.to(dh_out.dtype.element_ty))
@@ -86,6 +78,16 @@ def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, ST
     chunk_id = pid.to(tl.int64) * H + hh
     slot0 = scratch_cc + chunk_id * 2 * C * C
     return tok, valid, last, g_c, g_last, b_c, chunk_id, slot0
+
+
+@triton.jit
+def state_grad_terms(u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
+    """Over one [BK, BV] block of a chunk's state S (s_t) and its exit gradient dS' (at
+    dh_ptrs): U dS'^T [C, BK] and sum(dS' * S), the state decay's dgam term."""
+    ds_t = tl.load(dh_ptrs)
+    dkg = tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+                 input_precision=PREC)
+    return dkg, tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
 
 
 @triton.jit(do_not_specialize=["N", "STEPS", "scale"])
@@ -166,35 +168,22 @@ def chunk_bwd_main_kernel(
         dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
         dw = tl.zeros([C, BK], dtype=tl.float32)                     # -dU S^T
         dkg = tl.zeros([C, BK], dtype=tl.float32)                    # U dS'^T
-        if ONE_PASS:
-            # One pass over V with three accumulators: h, dh, dO, dU and U read once per K
-            # block (the two-pass form reads h twice).
-            for vb in range(V // BV):
-                vcols = vb * BV + tl.arange(0, BV)
-                voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-                st_offs = s_base + kcols[:, None] * V + vcols[None, :]
-                s_t = tl.load(h + st_offs)
-                ds_t = tl.load(dh + st_offs)
-                dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
-                                      other=0.0).to(dt),
-                              tl.trans(s_t), input_precision=PREC)
-                dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
-                             input_precision=PREC)
-                dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0),
-                              tl.trans(ds_t), input_precision=PREC)
-                rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1),
-                                   axis=0) * tl.exp(g_last)
-        else:
-            # Two passes over V, each with two accumulators, keep the live set small.
-            for vb in range(V // BV):
-                vcols = vb * BV + tl.arange(0, BV)
-                voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-                s_t = tl.load(h + s_base + kcols[:, None] * V + vcols[None, :])
-                dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
-                                      other=0.0).to(dt),
-                              tl.trans(s_t), input_precision=PREC)
-                dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
-                             input_precision=PREC)
+        # One pass over V (ONE_PASS: three accumulators, h, dh, dO, dU and U read once per K
+        # block), or two, each with two accumulators: a smaller live set, h read twice.
+        for vb in range(V // BV):
+            vcols = vb * BV + tl.arange(0, BV)
+            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+            st_offs = s_base + kcols[:, None] * V + vcols[None, :]
+            s_t = tl.load(h + st_offs)
+            dqg += tl.dot(tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None],
+                                  other=0.0).to(dt),
+                          tl.trans(s_t), input_precision=PREC)
+            dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
+                         input_precision=PREC)
+            if ONE_PASS:
+                dkg_t, rows_t = state_grad_terms(u, voffs, valid, dh + st_offs, s_t, PREC)
+                dkg += dkg_t
+                rows_sum += rows_t * tl.exp(g_last)
         tl.store(scratch_dw + koffs, dw.to(scratch_dw.dtype.element_ty), mask=valid[:, None])
         k_t = tl.load(k + qk_offs, mask=valid[:, None], other=0.0)
         q_t = tl.load(q + qk_offs, mask=valid[:, None], other=0.0)
@@ -208,11 +197,10 @@ def chunk_bwd_main_kernel(
                 vcols = vb * BV + tl.arange(0, BV)
                 voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
                 st_offs = s_base + kcols[:, None] * V + vcols[None, :]
-                ds_t = tl.load(dh + st_offs)
-                dkg += tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
-                              input_precision=PREC)
-                rows_sum += tl.sum(tl.sum(ds_t.to(tl.float32) * tl.load(h + st_offs).to(tl.float32),
-                                          axis=1), axis=0) * tl.exp(g_last)
+                s_t = tl.load(h + st_offs)
+                dkg_t, rows_t = state_grad_terms(u, voffs, valid, dh + st_offs, s_t, PREC)
+                dkg += dkg_t
+                rows_sum += rows_t * tl.exp(g_last)
         k_f = k_t.to(tl.float32)
         dkg = dkg * k_decay[:, None]
         kg_term = tl.sum(dkg * k_f, axis=1)

@@ -32,16 +32,19 @@ def finite(x):
 
 
 @triton.jit
+def chunk_of(bos, eos, c, C: tl.constexpr):
+    """Token ids [C] int64, valid-row mask and last valid row of chunk c of tokens [bos, eos)."""
+    t0 = bos + c * C
+    tok = (t0 + tl.arange(0, C)).to(tl.int64)
+    return tok, tok < eos, tl.minimum(eos - t0, C) - 1
+
+
+@triton.jit
 def chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C: tl.constexpr):
-    """(first token, token ids [C] int64, valid-row mask [C], last valid row) of chunk `pid`."""
+    """(token ids [C] int64, valid-row mask [C], last valid row) of chunk `pid`."""
     n = sequence_of(chunk_offsets, pid, N, STEPS)
-    bos = tl.load(cu_seqlens + n)
-    eos = tl.load(cu_seqlens + n + 1)
-    t0 = bos + (pid - tl.load(chunk_offsets + n)) * C
-    rows = tl.arange(0, C)
-    tok = (t0 + rows).to(tl.int64)
-    last = tl.minimum(eos - t0, C) - 1
-    return tok, tok < eos, last
+    return chunk_of(tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1),
+                    pid - tl.load(chunk_offsets + n), C)
 
 
 @triton.jit
@@ -191,14 +194,6 @@ def state_program(cu_seqlens, chunk_offsets, V: tl.constexpr, BK: tl.constexpr,
     n = tl.program_id(2)
     return (tl.program_id(1), n, tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1),
             tl.load(chunk_offsets + n), vcols, tile_offs)
-
-
-@triton.jit
-def chunk_of(bos, eos, c, C: tl.constexpr):
-    """Token ids [C] int64, valid-row mask and last valid row of chunk c of tokens [bos, eos)."""
-    t0 = bos + c * C
-    tok = (t0 + tl.arange(0, C)).to(tl.int64)
-    return tok, tok < eos, tl.minimum(eos - t0, C) - 1
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_mom.ops.gated_delta_rule.chunk_fwd import load_decay
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import chunk_of, load_decay
 
 
 @triton.jit
@@ -51,14 +51,10 @@ def fwd_transfer(s, k, w, u0, gam, bos, eos, h, vcols,
                  PREC: tl.constexpr, SQK: tl.constexpr, HAS_U0: tl.constexpr):
     """`state_fwd_kernel`'s recurrence over the chunks of tokens [bos, eos) from s [K, BV]:
     U = U0 - W S (U0 = 0 without HAS_U0), S' = e^Gam S + Kt^T U."""
-    rows = tl.arange(0, C)
     kcols = tl.arange(0, K)
     dt = w.dtype.element_ty
     for c in range(tl.cdiv(eos - bos, C)):
-        t0 = bos + c * C
-        tok = (t0 + rows).to(tl.int64)
-        valid = tok < eos
-        last = tl.minimum(eos - t0, C) - 1
+        tok, valid, last = chunk_of(bos, eos, c, C)
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
         w_s = tl.dot(tl.load(w + (tok * H + h)[:, None] * K + kcols[None, :],
                              mask=valid[:, None], other=0.0), s.to(dt), input_precision=PREC)
@@ -116,10 +112,7 @@ def bwd_transfer(ds, q, k, w, gam, p_mat, do, bos, eos, first_chunk, h, vcols, s
     num_chunks = tl.cdiv(eos - bos, C)
     for i in range(num_chunks):
         c = num_chunks - 1 - i
-        t0 = bos + c * C
-        tok = (t0 + rows).to(tl.int64)
-        valid = tok < eos
-        last = tl.minimum(eos - t0, C) - 1
+        tok, valid, last = chunk_of(bos, eos, c, C)
         g_c, g_last = load_decay(gam, tok, valid, last, h, H, C)
         koffs = (tok * SQK + h * K)[:, None] + kcols[None, :]           # q, k
         du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds.to(dt),
