@@ -1,19 +1,24 @@
 """Launch-setting sweep of the gated delta rule's Triton kernels at the MoM layer's shapes: packed
 memory segments as routing makes them (per batch row: the shared memory's segment over every
-token and M=4 memories sharing top-2 of them), H=4 heads of K=V=256, bf16.
+token and M=4 memories sharing top-2 of them), H=4 heads of K=V=256, bf16; with `--k 128`,
+plain batch rows of H=16 heads of K=V=128 (the kernel benchmark's B4 T4096 H16 D128).
 
-    python benchmarks/tune_launch.py [--out DIR] [--quick]
+    python benchmarks/tune_launch.py [--out DIR] [--quick] [--k 128|256] [--rounds N]
 
 Each variant changes one kernel's launch entry (KernelOptions.with_launch) from the tuned table;
-its forward+backward median (`triton.testing.do_bench`) is reported next to the default's, with
-the largest relative difference of its output and gradients from the default's (a wrong build
-shows up there: Triton 3.6 on Hopper miscompiles some patterns). Writes tune_launch.md/json.
+its forward+backward time is reported next to the default's, with the largest relative
+difference of its output and gradients from the default's (a wrong build shows up there:
+Triton 3.6 on Hopper miscompiles some patterns). Every variant is built and checked first;
+then `rounds` rounds time each variant in turn (`triton.testing.do_bench` median), so a drift of
+the machine's speed reaches all variants alike; reported: the median over the rounds and its
+spread (max - min over median). Writes tune_launch.md/json.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 
@@ -24,9 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_mom.ops import KernelOptions  # noqa: E402
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
 
-H, D = 4, 256
-# (name, tokens per batch row, batch rows)
-SHAPES = [("B4 T4096", 4096, 4), ("B1 T16384", 16384, 1)]
+# K: (heads, [(name, tokens per batch row, batch rows, routed segments)])
+SETUPS = {256: (4, [("B4 T4096", 4096, 4, True), ("B1 T16384", 16384, 1, True)]),
+          128: (16, [("B4 T4096", 4096, 4, False), ("B1 T32768", 32768, 1, False)])}
+# (name, kernel, K bound of a state kernel's entry ("K": the K being tuned), settings)
 VARIANTS = [
     ("default", None, None, {}),
     ("chunk_bwd BK128", "chunk_bwd", None, {"BK": 128}),
@@ -38,29 +44,39 @@ VARIANTS = [
     ("chunk_bwd_main one pass", "chunk_bwd_main", None, {"one_pass": 1}),
     ("chunk_bwd_main one pass w8", "chunk_bwd_main", None, {"one_pass": 1, "num_warps": 8}),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
-    ("state_fwd s2", "state_fwd", 256, {"num_stages": 2}),
-    ("state_fwd BV16 s3", "state_fwd", 256, {"BV": 16}),
-    ("state_fwd BV64 s2", "state_fwd", 256, {"BV": 64, "num_stages": 2}),
-    ("state_fwd w8", "state_fwd", 256, {"num_warps": 8}),
+    ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
+    ("state_fwd s3", "state_fwd", "K", {"num_stages": 3}),
+    ("state_fwd BV16", "state_fwd", "K", {"BV": 16}),
+    ("state_fwd BV32", "state_fwd", "K", {"BV": 32}),
+    ("state_fwd BV64 s2", "state_fwd", "K", {"BV": 64, "num_stages": 2}),
+    ("state_fwd w4", "state_fwd", "K", {"num_warps": 4}),
+    ("state_fwd w8", "state_fwd", "K", {"num_warps": 8}),
+    ("o in the chain", "chunk_out", None, {"min_k": 1 << 30}),
+    ("o in the chain, one pass", "chunk_out+one_pass", None, {"min_k": 1 << 30}),
+    ("state_fwd_o BV16", "state_fwd_o", "K", {"BV": 16}),
+    ("state_fwd_o BV32", "state_fwd_o", "K", {"BV": 32}),
     ("chunk_out BV32", "chunk_out", None, {"BV": 32}),
     ("chunk_out BV128", "chunk_out", None, {"BV": 128}),
     ("chunk_out BK128", "chunk_out", None, {"BK": 128}),
     ("chunk_out w8", "chunk_out", None, {"num_warps": 8}),
     ("chunk_out s1", "chunk_out", None, {"num_stages": 1}),
-    ("state_bwd BV32", "state_bwd", 256, {"BV": 32}),
-    ("state_bwd w8", "state_bwd", 256, {"num_warps": 8}),
-    ("state_bwd s1", "state_bwd", 256, {"num_stages": 1}),
-    ("state_bwd BV32 s1", "state_bwd", 256, {"BV": 32, "num_stages": 1}),
+    ("state_bwd BV16", "state_bwd", "K", {"BV": 16}),
+    ("state_bwd BV32", "state_bwd", "K", {"BV": 32}),
+    ("state_bwd w4", "state_bwd", "K", {"num_warps": 4}),
+    ("state_bwd w8", "state_bwd", "K", {"num_warps": 8}),
+    ("state_bwd s1", "state_bwd", "K", {"num_stages": 1}),
+    ("state_bwd BV32 s1", "state_bwd", "K", {"BV": 32, "num_stages": 1}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
 ]
 
 
-def segments(rows: int, seq: int, gen: torch.Generator):
+def segments(rows: int, seq: int, gen: torch.Generator, routed: bool = True):
     """cu_seqlens of the packed memory segments: per row, 4 memories taking top-2 of `seq`
-    tokens (random split) and the shared memory's segment of all of them."""
-    lengths = []
-    for _ in range(rows):
+    tokens (random split) and the shared memory's segment of all of them; not routed: the
+    rows themselves."""
+    lengths = [] if routed else [seq] * rows
+    for _ in range(rows if routed else 0):
         share = torch.rand(4, generator=gen) + 0.5
         mem = (share / share.sum() * 2 * seq).long()
         mem[-1] = 2 * seq - mem[:-1].sum()
@@ -70,7 +86,7 @@ def segments(rows: int, seq: int, gen: torch.Generator):
     return cu.cuda()
 
 
-def inputs(total: int, gen: torch.Generator):
+def inputs(total: int, H: int, D: int, gen: torch.Generator):
     rand = lambda *s: torch.randn(*s, generator=gen).cuda()  # noqa: E731
     q = F.normalize(rand(1, total, H, D), dim=-1).bfloat16()
     k = F.normalize(rand(1, total, H, D), dim=-1).bfloat16()
@@ -93,52 +109,77 @@ def rel(a, b):
                for x, y in zip(a, b))
 
 
+def options_of(kernel, bound, settings, K: int) -> KernelOptions:
+    """The tuned options with one variant's change ("a+b": the second kernel's alternative
+    form switched on as well)."""
+    if kernel is None:
+        return KernelOptions()
+    first, _, also = kernel.partition("+")
+    opts = KernelOptions().with_launch(first, K if bound == "K" else bound, **settings)
+    return opts.with_launch("chunk_bwd_main", one_pass=1) if also == "one_pass" else opts
+
+
 def main(argv=None):
     from triton.testing import do_bench
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", tempfile.gettempdir()))
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="the first shape only, shorter")
+    parser.add_argument("--k", type=int, choices=sorted(SETUPS), default=256,
+                        help="head size K = V (the state kernels' entries for this K)")
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     parser.add_argument("--only", default="", help="comma-separated kernel names: vary only "
                         "these (e.g. state_fwd,state_bwd); the default is always measured")
     args = parser.parse_args(argv)
+    H, shapes = SETUPS[args.k]
+    shapes = shapes[:1] if args.quick else shapes
+    rounds = args.rounds or (3 if args.quick else 5)
+    only = set(filter(None, args.only.split(",")))
+    chosen = [v for v in VARIANTS if v[1] is None or not only or v[1].split("+")[0] in only]
     results = []
-    for name, seq, rows in SHAPES:
+    for name, seq, rows, routed in shapes:
         gen = torch.Generator().manual_seed(0)
-        cu = segments(rows, seq, gen)
+        cu = segments(rows, seq, gen, routed)
         total = int(cu[-1])
-        xs = inputs(total, gen)
-        do = torch.randn(1, total, H, D, generator=gen).cuda().bfloat16()
-        base = None
-        only = set(filter(None, args.only.split(",")))
-        for label, kernel, bound, settings in VARIANTS:
-            if only and kernel is not None and kernel not in only:
-                continue
-            opts = KernelOptions() if kernel is None else KernelOptions().with_launch(
-                kernel, bound, **settings)
+        xs = inputs(total, H, args.k, gen)
+        do = torch.randn(1, total, H, args.k, generator=gen).cuda().bfloat16()
+        built, base_out = [], None
+        for label, kernel, bound, settings in chosen:      # build and check each variant
             try:
+                opts = options_of(kernel, bound, settings, args.k)
                 out = run(opts, xs, cu, do)
-                ms = do_bench(lambda: run(opts, xs, cu, do), warmup=5 if args.quick else 20,
-                              rep=20 if args.quick else 60, return_mode="median")
             except Exception as err:  # noqa: BLE001 - a build that fails is a result here
-                results.append(dict(shape=name, variant=label, error=f"{type(err).__name__}: {err}"[:200]))
+                results.append(dict(shape=name, variant=label,
+                                    error=f"{type(err).__name__}: {err}"[:200]))
                 print(name, label, "failed:", results[-1]["error"], flush=True)
                 continue
-            base = base or (out, ms)
-            results.append(dict(shape=name, variant=label, ms=ms, vs_default=ms / base[1],
-                                rel_diff=rel(out, base[0])))
-            print(name, label, f"{ms:.3f} ms", f"x{ms / base[1]:.3f}",
-                  f"diff {results[-1]['rel_diff']:.1e}", flush=True)
-    lines = ["| shape | variant | fwd+bwd ms | vs default | max rel diff |", "|---|---|---|---|---|"]
+            base_out = base_out if base_out is not None else out
+            built.append((label, opts, rel(out, base_out)))
+        times = {label: [] for label, _, _ in built}
+        for _ in range(rounds):
+            for label, opts, _ in built:
+                times[label].append(do_bench(lambda: run(opts, xs, cu, do), warmup=5,
+                                             rep=15 if args.quick else 30, return_mode="median"))
+        base_ms = statistics.median(times[built[0][0]])
+        for label, _, diff in built:
+            ms = statistics.median(times[label])
+            spread = (max(times[label]) - min(times[label])) / ms
+            results.append(dict(shape=name, variant=label, ms=ms, vs_default=ms / base_ms,
+                                spread=spread, rounds=times[label], rel_diff=diff))
+            print(name, label, f"{ms:.3f} ms", f"x{ms / base_ms:.3f}", f"spread {spread:.0%}",
+                  f"diff {diff:.1e}", flush=True)
+    lines = [f"K = V = {args.k}, H = {H}, {rounds} rounds", "",
+             "| shape | variant | fwd+bwd ms | vs default | spread | max rel diff |",
+             "|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['shape']} | {r['variant']} | " + (
-            f"{r['ms']:.3f} | {r['vs_default']:.3f} | {r['rel_diff']:.1e} |" if "ms" in r
-            else f"{r['error']} | | |"))
+            f"{r['ms']:.3f} | {r['vs_default']:.3f} | {r['spread']:.0%} | {r['rel_diff']:.1e} |"
+            if "ms" in r else f"{r['error']} | | | |"))
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "tune_launch.md"), "w") as f:
+    with open(os.path.join(args.out, f"tune_launch_k{args.k}.md"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()}, torch {torch.__version__}\n\n{text}\n")
-    with open(os.path.join(args.out, "tune_launch.json"), "w") as f:
+    with open(os.path.join(args.out, f"tune_launch_k{args.k}.json"), "w") as f:
         json.dump(results, f, indent=1)
 
 

@@ -44,7 +44,9 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # K = 256: BV = 16 measured faster than 32 (docs/performance.md, "Candidates, then timed").
     "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                     256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
-    "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2},
+    # o from the stored states after the chain when K >= min_k; below it the chain computes o
+    # while it stores the states ("state_fwd_o" settings).
+    "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "min_k": 0},
     # K = 256: BV = 16 (one head at a time, the lean mode's case, is faster than at 32).
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2}},

@@ -81,11 +81,12 @@ def chunk_setup(chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, ST
 
 
 @triton.jit
-def state_grad_terms(u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
+def state_grad_terms(dkg, u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
     """Over one [BK, BV] block of a chunk's state S (s_t) and its exit gradient dS' (at
-    dh_ptrs): U dS'^T [C, BK] and sum(dS' * S), the state decay's dgam term."""
+    dh_ptrs): dkg + U dS'^T [C, BK] (accumulated inside the dot) and sum(dS' * S), the state
+    decay's dgam term."""
     ds_t = tl.load(dh_ptrs)
-    dkg = tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t),
+    dkg = tl.dot(tl.load(u + voffs, mask=valid[:, None], other=0.0), tl.trans(ds_t), dkg,
                  input_precision=PREC)
     return dkg, tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
 
@@ -181,8 +182,7 @@ def chunk_bwd_main_kernel(
             dw -= tl.dot(tl.load(du + voffs, mask=valid[:, None], other=0.0), tl.trans(s_t),
                          input_precision=PREC)
             if ONE_PASS:
-                dkg_t, rows_t = state_grad_terms(u, voffs, valid, dh + st_offs, s_t, PREC)
-                dkg += dkg_t
+                dkg, rows_t = state_grad_terms(dkg, u, voffs, valid, dh + st_offs, s_t, PREC)
                 rows_sum += rows_t * tl.exp(g_last)
         tl.store(scratch_dw + koffs, dw.to(scratch_dw.dtype.element_ty), mask=valid[:, None])
         k_t = tl.load(k + qk_offs, mask=valid[:, None], other=0.0)
@@ -198,8 +198,7 @@ def chunk_bwd_main_kernel(
                 voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
                 st_offs = s_base + kcols[:, None] * V + vcols[None, :]
                 s_t = tl.load(h + st_offs)
-                dkg_t, rows_t = state_grad_terms(u, voffs, valid, dh + st_offs, s_t, PREC)
-                dkg += dkg_t
+                dkg, rows_t = state_grad_terms(dkg, u, voffs, valid, dh + st_offs, s_t, PREC)
                 rows_sum += rows_t * tl.exp(g_last)
         k_f = k_t.to(tl.float32)
         dkg = dkg * k_decay[:, None]

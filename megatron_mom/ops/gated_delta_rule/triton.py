@@ -116,14 +116,15 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32.
     Over whole sequences, or over pieces of them as `split_pieces` decides. With the states
     stored, o comes from them afterwards (`chunk_out_kernel`, chunk-parallel) and the chain
-    skips it; without, the chain computes o itself (launch entry "state_fwd_o")."""
+    skips it (for K >= launch["chunk_out"]["min_k"]); otherwise the chain computes o itself
+    (launch entry "state_fwd_o")."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
     if store_states and h is None:
         h, u = new_states(P, k, u0)
     ht = torch.empty(P.N, P.H, P.K, P.V, dtype=torch.float32, device=dev) if store_final else None
-    o_after = store_o and store_states
+    o_after = store_o and store_states and P.K >= options.launch["chunk_out"]["min_k"]
     chain_o = store_o and not o_after
     cfg = _state_config(options, "state_fwd_o" if chain_o else "state_fwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]

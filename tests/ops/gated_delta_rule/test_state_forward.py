@@ -24,9 +24,12 @@ CASES = {
     "K128_V64_C64": ([70, 1, 64], 1, 128, 64, 64),
     "K256_C16": ([20, 13], 1, 256, 256, 16),
 }
-# The training forward stores the states (o after the chain); recompute_states' forward
-# stores nothing (o in the chain) and its backward reruns the chain storing states only.
-FORMS = {"o_after_chain": KernelOptions(),
+# The training forward stores the states, with o after the chain (K >= chunk_out's min_k) or
+# in it; recompute_states' forward stores nothing (o in the chain) and its backward reruns the
+# chain storing states only.
+O_IN_CHAIN_STORING = KernelOptions().with_launch("chunk_out", min_k=1 << 30)
+FORMS = {"o_after_chain": KernelOptions().with_launch("chunk_out", min_k=0),
+         "o_in_chain_storing_states": O_IN_CHAIN_STORING,
          "o_in_chain": KernelOptions(recompute_states=True)}
 
 
@@ -49,9 +52,14 @@ def test_forms_give_the_same_o():
     gam, w, u0, _, p_mat = gdr_triton.prepare(P, q3, k3, v3, g2, b2, 0.125)
     o_chain, *_ = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, None, 0.125,
                                            store_o=True, store_states=False, store_final=False)
-    o_after, h, u, _ = gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, None, 0.125,
-                                                store_o=True, store_states=True,
-                                                store_final=False)
+    runs = {name: gdr_triton.state_forward(P, q3, k3, w, u0, gam, p_mat, None, 0.125,
+                                           store_o=True, store_states=True, store_final=False,
+                                           options=FORMS[name])
+            for name in ("o_after_chain", "o_in_chain_storing_states")}
+    (o_after, h, u, _), (o_both, h_both, u_both, _) = runs.values()
     assert h is not None and u is not None
     torch.testing.assert_close(o_after, o_chain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(o_both, o_chain, rtol=0, atol=0)
+    chunks = sum(-(-n // C) for n in lengths)          # h's rows past them are never written
+    torch.testing.assert_close((h_both[:chunks], u_both), (h[:chunks], u), rtol=0, atol=0)
     assert o_after.abs().max() > 0.1
