@@ -2,10 +2,10 @@
 # One GPU session: the GPU test suite, then the layer and kernel benchmarks, each under its own
 # time limit, logs and results under $OUT. Wheels (megatron-core, fla) are installed from the
 # folders given in WHEELS (space separated) when set. Usage: bash benchmarks/run_gpu_checks.sh
-# The whole GPU suite takes longer than one 10-minute device call on a fresh machine (Triton
-# compiles every kernel variant first: ~40 s per layer test on an H100, 2026-12-05), so
-# PART=1|2|3 runs one third of it (TESTS, when set, names the files instead) and PART=all
-# (the default) all of it.
+# Triton compiles every kernel variant the suite uses first (~40 s per layer test on an H100,
+# 2026-12-05; one process took over 15 minutes for the suite), so the tests run in JOBS
+# processes (default 4, with pytest-xdist installed; 1: one process), and PART=1|2|3 runs one
+# third of the suite (TESTS, when set, names the files instead; PART=all, the default, all).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}; mkdir -p "$OUT"
@@ -20,8 +20,9 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,temperature.gpu --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
 date -u | tee -a "$OUT/env.txt"
-step() {  # name, seconds, command...
+step() {  # name, seconds (0: skip it), command...
   local name=$1 limit=$2; shift 2
+  [ "$limit" -gt 0 ] || return 0
   echo "== $name (limit ${limit}s)"
   timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
   echo "exit $? ($name)"; tail -n 25 "$OUT/$name.txt"
@@ -35,7 +36,9 @@ case "${PART:-all}" in
   *) echo "PART must be 1, 2, 3 or all, got ${PART}"; exit 2 ;;
 esac
 SUITE=${TESTS:-$( [ -n "$PART_TESTS" ] && for f in $PART_TESTS; do printf 'tests/gpu/%s ' "$f"; done || echo tests/gpu)}
-step gpu_tests "${TEST_TIMEOUT:-540}" python3 -m pytest -m gpu $SUITE -v -p no:cacheprovider -rfEs --durations=15
+PARALLEL=""
+if [ "${JOBS:-4}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${JOBS:-4} --dist load"; fi
+step gpu_tests "${TEST_TIMEOUT:-540}" python3 -m pytest -m gpu $SUITE $PARALLEL -v -p no:cacheprovider -rfEs --durations=15
 step bench_layer "${LAYER_TIMEOUT:-170}" python3 benchmarks/bench_layer.py --quick ${LAYER_ARGS:-} --out "$OUT"
 step bench_kernels "${KERNEL_TIMEOUT:-170}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} --out "$OUT"
 date -u
