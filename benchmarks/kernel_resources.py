@@ -61,13 +61,15 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
     shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H)
     if name.startswith("state_fwd"):
         pointers = dict(q=BF16, k=BF16, w=BF16, u0=BF16, gam=F32, p_mat=BF16, h0=BF16, o=BF16,
-                        h_out=BF16, u_out=BF16, ht=F32, cu_seqlens=I32, chunk_offsets=I32)
+                        h_out=BF16, u_out=BF16, ht=F32, order=I32, cu_seqlens=I32,
+                        chunk_offsets=I32)
         chain_o = name == "state_fwd_o"
         consts = dict(shape, HAS_H0=False, STORE_O=chain_o, STORE_STATES=not chain_o,
                       STORE_FINAL=False, SO=H * K)
         return build(state_fwd_kernel, pointers, consts, num_warps, num_stages)
     pointers = dict(q=BF16, k=BF16, w=BF16, gam=F32, p_mat=BF16, do=BF16, dht=BF16,
-                    dh_out=BF16, du_out=BF16, dh0=BF16, cu_seqlens=I32, chunk_offsets=I32)
+                    dh_out=BF16, du_out=BF16, dh0=BF16, order=I32, cu_seqlens=I32,
+                    chunk_offsets=I32)
     consts = dict(shape, HAS_DHT=False, STORE_DH0=False, SDO=H * K)
     return build(state_bwd_kernel, pointers, consts, num_warps, num_stages)
 

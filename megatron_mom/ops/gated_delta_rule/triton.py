@@ -130,7 +130,7 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     BV = cfg["BV"]
     dummy = u0
     HN = _state_heads(P, h0, ht)
-    cu, starts, grid_n = P.cu, P.offsets, P.N
+    cu, starts, grid_n, pieces = P.cu, P.offsets, P.N, None
     L = split_pieces(P, options, BV)
     if L:
         # The pieces' entry states from their transfers, then the kernel below over pieces.
@@ -146,10 +146,11 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
         cu, starts, grid_n, HN, store_final = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
         if not (store_o or store_states):
             return o, h, u, ht
+    order = P.launch_order(options.launch["state_order"]["longest_first"], pieces)
     launch(state_fwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if chain_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
-        ht if store_final else dummy, cu, starts, scale,
+        ht if store_final else dummy, order, cu, starts, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=chain_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
         SQK=_row_stride(q, k), SO=_row_stride(o) if chain_o else P.H * P.V,
@@ -175,7 +176,7 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
     cfg = _state_config(options, "state_bwd", P.K, P.V, k.dtype)
     BV = cfg["BV"]
     HN = _state_heads(P, dht, dh0)
-    cu, starts, grid_n = P.cu, P.offsets, P.N
+    cu, starts, grid_n, pieces = P.cu, P.offsets, P.N, None
     L = split_pieces(P, options, BV, backward=True)
     if L:
         # The pieces' exit gradients from their transfers, then the kernel below over pieces.
@@ -190,9 +191,10 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
         dht = _scan_pieces(P, pieces, ab, dht, dh0, HN, reverse=True, options=options)
         del ab
         cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
+    order = P.launch_order(options.launch["state_order"]["longest_first"], pieces)
     launch(state_bwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
-        cu, starts, scale,
+        order, cu, starts, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
         PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
         HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

@@ -63,3 +63,42 @@ def test_forms_give_the_same_o():
     chunks = sum(-(-n // C) for n in lengths)          # h's rows past them are never written
     torch.testing.assert_close((h_both[:chunks], u_both), (h[:chunks], u), rtol=0, atol=0)
     assert o_after.abs().max() > 0.1
+
+
+def test_launch_order_longest_first():
+    from megatron_mom.ops.common.segments import launch_order
+    cu = torch.tensor([0, 5, 75, 75, 108, 113], dtype=torch.int32)   # lengths 5 70 0 33 5
+    assert launch_order(cu, True).tolist() == [1, 3, 0, 4, 2]         # ties keep their order
+    assert launch_order(cu, False).tolist() == [0, 1, 2, 3, 4]
+    assert launch_order(cu, True).dtype == torch.int32
+
+
+@pytest.mark.parametrize("split", ["off", "on"])
+def test_longest_first_launch_changes_nothing(split):
+    """The state kernels' programs started longest sequence first compute what they compute in
+    order: outputs, final states and every gradient bit for bit, over whole sequences and over
+    pieces (with initial states and an empty sequence)."""
+    from test_triton_kernels import run_gdr  # noqa: E402
+    leaves, cu = gdr_inputs([5, 70, 0, 33, 16], 2, 64, 64, h0=True)
+    base = KernelOptions(state_split=split, state_piece_chunks=1)
+    runs = []
+    for first in (0, 1):
+        runs.append(run_gdr("triton", leaves, cu, chunk_size=16,
+                            options=base.with_launch("state_order", longest_first=first)))
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"], *runs):
+        assert torch.equal(a, b), name
+    assert runs[0][0].abs().max() > 0.1
+
+
+def test_state_kernels_walk_the_launch_order(monkeypatch):
+    """The order is what the programs walk: an order naming sequence 0 for every program
+    leaves the others' final states unwritten (so the test above compares two real orders)."""
+    from test_triton_kernels import run_gdr  # noqa: E402
+    leaves, cu = gdr_inputs([20, 30], 1, 64, 64, h0=False)
+    right = run_gdr("triton", leaves, cu, chunk_size=16, final=True)
+    monkeypatch.setattr(Segments, "launch_order",
+                        lambda self, longest_first, pieces=None: torch.zeros(
+                            self.N if pieces is None else pieces.NPU, dtype=torch.int32))
+    wrong = run_gdr("triton", leaves, cu, chunk_size=16, final=True)
+    assert torch.equal(wrong[1][0], right[1][0])
+    assert not torch.equal(wrong[1][1], right[1][1])
