@@ -14,6 +14,8 @@ Kinds:  attention  the same GPT with softmax attention (TE's when Transformer En
         mom-lean   `mom` with lean_backward=True
         mom-recompute `mom` whose recurrence keeps only its inputs for the backward, which
                    reruns the forward kernels first (KernelOptions(recompute_states=True))
+        mom-full-recompute `mom` with Megatron's full activation recompute (every layer keeps
+                   only its input; the backward reruns each layer's forward; eager only)
 
     python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
     python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)
@@ -38,7 +40,8 @@ SHAPES = {  # layers, hidden, ffn (SwiGLU), attention heads, vocab; MoM heads x 
     "1.3b": dict(layers=24, hidden=2048, ffn=5632, heads=32, vocab=32768, mom_heads=4, head_dim=256),
     "tiny": dict(layers=2, hidden=64, ffn=128, heads=4, vocab=256, mom_heads=2, head_dim=16),
 }
-KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean", "mom-recompute")
+KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean", "mom-recompute",
+         "mom-full-recompute")
 HYBRID_PERIOD = "MMMMMMMA"
 
 # Kernel-name fragments of each kind, matched in this order (first match wins).
@@ -104,8 +107,12 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
     from megatron.core.transformer.module import Float16Module
     from megatron_mom.testing import cpu
 
+    # Every kind from the same seeds: kinds of the same parameters start from the same weights.
+    torch.manual_seed(1234)
     if cuda_graph:  # Megatron's graphs need an RNG tracker whose state lives on the device
         model_parallel_cuda_manual_seed(1234, use_cudagraphable_rng=True, force_reset_rng=True)
+    else:
+        model_parallel_cuda_manual_seed(1234)
 
     dtype = torch.float32 if on_cpu else torch.bfloat16
     overrides = cpu.megatron_cpu_config_overrides()
@@ -117,6 +124,8 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, **overrides,
         hetereogenous_dist_checkpoint=kind == "hybrid",   # MoM and attention layers: own keys
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+           if kind == "mom-full-recompute" else {}),
         **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")
     gpt = GPTModel(config, layer_spec(kind, config, shape), vocab_size=shape["vocab"],
@@ -288,6 +297,9 @@ def main(argv=None):
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
         p.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+    if a.cuda_graph and "mom-full-recompute" in kinds:
+        p.error("--cuda-graph: Megatron's per-layer graphs do not capture full activation "
+                "recompute; run mom-full-recompute without --cuda-graph")
     shape = dict(SHAPES[a.shape])
     if a.layers:
         shape["layers"] = a.layers

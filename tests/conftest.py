@@ -28,3 +28,15 @@ def megatron_single():
     from megatron_mom.train.build import init_process_groups
     init_process_groups(tp=1, pp=1, seed=1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _megatron_single_intact(request):
+    """Brings megatron_single's process group back for a test that asks for it after an
+    in-process CLI run (`megatron-mom train` ends by destroying its process group)."""
+    if "megatron_single" in request.fixturenames:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            from megatron_mom.train.build import init_process_groups
+            init_process_groups(tp=1, pp=1, seed=1234)
+    yield

@@ -7,8 +7,9 @@ from benchmarks import bench_gpt
 def test_bench_gpt_tiny_runs_every_kind(megatron_single, tmp_path):
     rows = bench_gpt.main(["--shape", "tiny", "--seqs", "32", "--tokens", "64", "--iters", "1",
                            "--warmup", "1", "--profile-iters", "0", "--out", str(tmp_path),
-                           "--kinds", "attention,mom,hybrid,mom1,mom-lean"])
-    assert [r["kind"] for r in rows] == ["attention", "mom", "hybrid", "mom1", "mom-lean"]
+                           "--kinds", "attention,mom,hybrid,mom1,mom-lean,mom-full-recompute"])
+    assert [r["kind"] for r in rows] == ["attention", "mom", "hybrid", "mom1", "mom-lean",
+                                         "mom-full-recompute"]
     for r in rows:
         assert "error" not in r, r
         assert r["mbs"] == 2 and r["ms"] > 0 and r["tokens_per_s"] > 0
@@ -16,6 +17,9 @@ def test_bench_gpt_tiny_runs_every_kind(megatron_single, tmp_path):
     # The one-memory model has fewer parameters than MoM (one k, v, b, a projection, not five).
     by_kind = {r["kind"]: r for r in rows}
     assert by_kind["mom1"]["params"] < by_kind["mom"]["params"]
+    # The same model and batch: full activation recompute changes neither the loss nor the size.
+    assert by_kind["mom-full-recompute"]["params"] == by_kind["mom"]["params"]
+    assert by_kind["mom-full-recompute"]["loss"] == by_kind["mom"]["loss"]
     saved = json.loads((tmp_path / "bench_gpt.json").read_text())
     assert [r["kind"] for r in saved["rows"]] == [r["kind"] for r in rows]
     table = (tmp_path / "bench_gpt.md").read_text()

@@ -189,7 +189,9 @@ class MixtureOfMemories(MegatronModule):
         routed = route(logits.reshape(s * b, -1), mom)
         losses = router_losses(logits_local.reshape(-1, mom.num_memories),
                                routed.tokens_per_memory, b * s, mom)
-        if losses is not None and self.training:
+        # Logged only where the graph is built: under activation recompute the forward runs
+        # twice (first without grad), and a step must count once (as Megatron's routers do).
+        if losses is not None and self.training and torch.is_grad_enabled():
             metrics.record_router(self.layer_number, self.config, losses,
                                   reduce_group=self._router_reduce_group())
             self.router.count(routed.tokens_per_memory)

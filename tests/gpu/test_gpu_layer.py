@@ -223,3 +223,36 @@ def test_nan_in_one_batch_row_leaves_the_other_finite(megatron_single, dtype):
     assert torch.isfinite(out[:, 1]).all() and not torch.isfinite(out[299, 0]).all()
     out.float().sum().backward()
     assert torch.isfinite(x.grad[:, 1]).all()
+
+
+def test_full_activation_recompute_with_triton_kernels(megatron_single):
+    """A 2-layer MoM GPT on the Triton kernels (float32) with Megatron's full activation
+    recompute against the plain step: the same loss and gradients (to the kernels' run-to-run
+    rounding) and router logs counted once (tests/layer/test_gpt.py holds the CPU part)."""
+    import os
+    import sys
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+    from megatron_mom import MoMConfig, get_mom_layer_spec
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "layer"))
+    from test_gpt import recompute_runs
+    mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=64, backend="triton",
+                    z_loss_coeff=1e-3)
+
+    def make(extra):
+        config = TransformerConfig(num_layers=2, hidden_size=256, num_attention_heads=4,
+                                   ffn_hidden_size=512, hidden_dropout=0.0, attention_dropout=0.0,
+                                   normalization="RMSNorm", gradient_accumulation_fusion=False,
+                                   bias_dropout_fusion=False, persist_layer_norm=False, **extra)
+        return GPTModel(config, get_mom_layer_spec(mom, backend="local"), vocab_size=512,
+                        max_sequence_length=1024).cuda()
+
+    ids = torch.randint(0, 512, (2, 1000), device="cuda")
+    pos = torch.arange(1000, device="cuda").expand(2, -1)
+    (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
+        make, ids, pos)
+    assert rel(loss1, loss0) < 1e-6
+    worst = max(grads0, key=lambda n: rel(grads1[n], grads0[n]))
+    assert rel(grads1[worst], grads0[worst]) < 1e-5, worst
+    assert len(counts0) == 2 and all(torch.equal(a, b) for a, b in zip(counts0, counts1))
+    assert all(torch.allclose(logged0[n], logged1[n], rtol=1e-6) for n in logged0)

@@ -87,3 +87,47 @@ def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single
     assert len(get_hybrid_block_spec(keyed, "MMAM", MOM, backend="local").layer_specs) == 4
     assert vars(keyed) == keyed_before
     assert mixes_layer_kinds("MMAM") and not mixes_layer_kinds("MMMM")
+
+
+
+def recompute_runs(make_model, ids, pos):
+    """(loss, grads, routed-token counts, logged router losses) of one forward+backward of
+    make_model(recompute) without and with Megatron's full activation recompute."""
+    from megatron_mom.layer import metrics
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = make_model(dict(recompute_granularity="full", recompute_method="uniform",
+                                recompute_num_layers=1) if recompute else {})
+        metrics.router_loss_values(clear=True)
+        loss = model(ids, pos, None, labels=ids).float().mean()
+        loss.backward()
+        counts = [m.routed_tokens.clone() for m in model.modules() if hasattr(m, "routed_tokens")]
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}, counts,
+                     metrics.router_loss_values(clear=True)))
+    return runs
+
+
+def test_full_activation_recompute_matches_and_logs_once(megatron_single):
+    """Megatron's full activation recompute (each layer's forward rerun in the backward) gives
+    the loss and gradients of the plain step bit for bit, and the router's logs (Megatron's
+    aux-loss tracker, the memories' token counts) count the step once, not once per forward.
+    (The torch backend: the recompute concerns the layer's Python side; the Triton kernels
+    under it run in tests/gpu/test_gpu_layer.py.)"""
+    from megatron_mom import get_mom_layer_spec
+    from megatron_mom.layer import metrics
+    mom = MOM.replace(backend="torch", aux_loss_coeff=0.01, z_loss_coeff=1e-3)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(40)[None].expand(2, -1)
+    (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
+        lambda extra: gpt(lambda c: get_mom_layer_spec(mom, backend="local"), num_layers=2,
+                          **extra), ids, pos)
+    assert torch.equal(loss0, loss1)
+    for name in grads0:
+        assert torch.equal(grads0[name], grads1[name]), name
+    assert len(counts0) == 2 and int(counts0[0].sum()) == 2 * 40 * mom.topk
+    for a, b in zip(counts0, counts1):
+        assert torch.equal(a, b)
+    assert set(logged0) == {metrics.LOAD_BALANCING_LOSS, metrics.Z_LOSS}
+    for name in logged0:
+        assert logged0[name].abs().sum() > 0 and torch.equal(logged0[name], logged1[name]), name
