@@ -93,10 +93,12 @@ def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single
 def recompute_runs(make_model, ids, pos):
     """(loss, grads, routed-token counts, logged router losses) of one forward+backward of
     make_model(recompute) without and with Megatron's full activation recompute."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron_mom.layer import metrics
     runs = []
     for recompute in (False, True):
         torch.manual_seed(0)
+        model_parallel_cuda_manual_seed(0)      # the same weights where they are made on a GPU
         model = make_model(dict(recompute_granularity="full", recompute_method="uniform",
                                 recompute_num_layers=1) if recompute else {})
         metrics.router_loss_values(clear=True)
