@@ -110,24 +110,26 @@ def recompute_runs(make_model, ids, pos):
     return runs
 
 
-def test_full_activation_recompute_matches_and_logs_once(megatron_single):
+@pytest.mark.parametrize("pattern", ["MM", "MA"])
+def test_full_activation_recompute_matches_and_logs_once(megatron_single, pattern):
     """Megatron's full activation recompute (each layer's forward rerun in the backward) gives
-    the loss and gradients of the plain step bit for bit, and the router's logs (Megatron's
-    aux-loss tracker, the memories' token counts) count the step once, not once per forward.
+    the loss and gradients of the plain step bit for bit, MoM-only and hybrid, and the router's
+    logs (Megatron's aux-loss tracker, the memories' token counts) count the step once, not
+    once per forward.
     (The torch backend: the recompute concerns the layer's Python side; the Triton kernels
     under it run in tests/gpu/test_gpu_layer.py.)"""
-    from megatron_mom import get_mom_layer_spec
+    from megatron_mom import get_hybrid_block_spec
     from megatron_mom.layer import metrics
     mom = MOM.replace(backend="torch", aux_loss_coeff=0.01, z_loss_coeff=1e-3)
     ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(40)[None].expand(2, -1)
     (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
-        lambda extra: gpt(lambda c: get_mom_layer_spec(mom, backend="local"), num_layers=2,
-                          **extra), ids, pos)
+        lambda extra: gpt(lambda c: get_hybrid_block_spec(c, pattern, mom, backend="local"),
+                          num_layers=2, hetereogenous_dist_checkpoint=True, **extra), ids, pos)
     assert torch.equal(loss0, loss1)
     for name in grads0:
         assert torch.equal(grads0[name], grads1[name]), name
-    assert len(counts0) == 2 and int(counts0[0].sum()) == 2 * 40 * mom.topk
+    assert len(counts0) == pattern.count("M") and int(counts0[0].sum()) == 2 * 40 * mom.topk
     for a, b in zip(counts0, counts1):
         assert torch.equal(a, b)
     assert set(logged0) == {metrics.LOAD_BALANCING_LOSS, metrics.Z_LOSS}
