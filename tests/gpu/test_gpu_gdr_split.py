@@ -10,8 +10,6 @@ errors go to $OUT/gpu_split_errors.json when OUT is set.
 """
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -20,6 +18,7 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 torch.backends.cuda.matmul.allow_tf32 = False          # the float32 reference must be float32
 
+from error_records import write_errors  # noqa: E402
 from graph_capture import run_script  # noqa: E402
 from megatron_mom.ops import KernelOptions  # noqa: E402
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
@@ -35,12 +34,7 @@ ERRORS: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _write_errors():
     yield
-    out = os.environ.get("OUT")
-    if out and ERRORS:
-        path = os.path.join(out, "gpu_split_errors.json")
-        old = json.load(open(path)) if os.path.exists(path) else {}
-        old.update(ERRORS)
-        json.dump(old, open(path, "w"), indent=1)
+    write_errors("gpu_split_errors", ERRORS)
 
 
 def rel_err(a, b) -> float:

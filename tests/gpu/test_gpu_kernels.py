@@ -10,8 +10,6 @@ Hopper with Triton 3.4-3.7 (which miscompiles some transposed-dot patterns).
 """
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
@@ -20,9 +18,9 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.gpu
 torch.backends.cuda.matmul.allow_tf32 = False          # the float32 reference must be float32
 
+from error_records import write_errors  # noqa: E402
 from graph_capture import capture_and_replay, run_script  # noqa: E402
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule  # noqa: E402
-from megatron_mom.ops.gated_delta_rule import reference  # noqa: E402
 from megatron_mom.ops.gated_rmsnorm import gated_rmsnorm  # noqa: E402
 from megatron_mom.ops.l2norm import l2norm  # noqa: E402
 from megatron_mom.ops.mix import mix  # noqa: E402
@@ -37,12 +35,7 @@ ERRORS: dict = {}
 @pytest.fixture(scope="module", autouse=True)
 def _write_errors():
     yield
-    out = os.environ.get("OUT")
-    if out and ERRORS:
-        path = os.path.join(out, "gpu_kernel_errors.json")
-        old = json.load(open(path)) if os.path.exists(path) else {}
-        old.update(ERRORS)
-        json.dump(old, open(path, "w"), indent=1)
+    write_errors("gpu_kernel_errors", ERRORS)
 
 
 def rel_err(a, b) -> float:

@@ -4,7 +4,6 @@ float32 on the same weights: outputs, input gradients and every parameter gradie
 Tolerances (relative L2 error against the float32 reference):
   fp32 Triton: 5e-3 (Triton's fp32 dots run in tf32);  bf16: 3e-2 (bf16 operands and outputs).
 """
-import copy
 
 import pytest
 import torch
