@@ -58,7 +58,7 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
     """A bf16 training build: state_fwd_kernel storing the per-chunk states ("state_fwd", o
     after the chain) or computing o itself ("state_fwd_o", nothing stored), or
     state_bwd_kernel (no initial or final state)."""
-    shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H)
+    shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H, ORDERED=False)
     if name.startswith("state_fwd"):
         pointers = dict(q=BF16, k=BF16, w=BF16, u0=BF16, gam=F32, p_mat=BF16, h0=BF16, o=BF16,
                         h_out=BF16, u_out=BF16, ht=F32, order=I32, cu_seqlens=I32,

@@ -21,12 +21,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _init_single():
+    from megatron_mom.train.build import init_process_groups
+    init_process_groups(tp=1, pp=1, seed=1234)
+
+
 @pytest.fixture(scope="session")
 def megatron_single():
     """One process with Megatron's parallel state at TP = PP = CP = 1: gloo with the CPU
     redirections without a GPU, NCCL with one."""
-    from megatron_mom.train.build import init_process_groups
-    init_process_groups(tp=1, pp=1, seed=1234)
+    _init_single()
     yield
 
 
@@ -34,9 +38,6 @@ def megatron_single():
 def _megatron_single_intact(request):
     """Brings megatron_single's process group back for a test that asks for it after an
     in-process CLI run (`megatron-mom train` ends by destroying its process group)."""
-    if "megatron_single" in request.fixturenames:
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            from megatron_mom.train.build import init_process_groups
-            init_process_groups(tp=1, pp=1, seed=1234)
+    if "megatron_single" in request.fixturenames and not torch.distributed.is_initialized():
+        _init_single()
     yield

@@ -59,6 +59,12 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # and dk products over V in one loop (three accumulators) instead of two (h read twice).
     "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
+    # The sequential state kernels' programs start longest sequence first (1) or in order
+    # (0). A launch's programs start in index order, so a long chain started last is its
+    # tail; at MoM's packed segments (the shared memory's twice as long as the others) a
+    # scheduling model predicts 1.03-1.37x for longest first (benchmarks/
+    # launch_order_model.py). Not yet timed on a GPU.
+    "state_order": {"longest_first": 0},
     # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
     # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
     # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
@@ -68,12 +74,6 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # sequences) and its "no" on MoM's packed segments is right (0.5-1.1x there); the split
     # backward is slower at K = 256 (0.4-0.6x) and faster at K = 128 (1.15-1.26x), hence
     # `backward_max_k`.
-    # The sequential state kernels' programs start longest sequence first (1) or in order
-    # (0). A launch's programs start in index order, so a long chain started last is its
-    # tail; at MoM's packed segments (the shared memory's twice as long as the others) a
-    # scheduling model predicts 1.03-1.37x for longest first (benchmarks/
-    # launch_order_model.py). Not yet timed on a GPU.
-    "state_order": {"longest_first": 0},
     "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25, "backward_max_k": 128},
     # The pass that combines the pieces' transfers in order (A_p [K, BK] tiles times the
     # state's [BK, BV] tiles, fp32); its per-piece passes take the state kernels' settings.

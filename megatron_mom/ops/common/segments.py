@@ -86,14 +86,14 @@ class Segments:
         reads one before it is written, nor after its memory is reused."""
         return self._per_stream("_pieces", piece_chunks, lambda: Pieces(self, piece_chunks))
 
-    def launch_order(self, longest_first: bool, pieces: Optional["Pieces"] = None) -> Tensor:
+    def longest_first(self, pieces: Optional["Pieces"] = None) -> Tensor:
         """[N] int32 (or [NPU] over `pieces`): the sequence (piece) that each program index
-        of a sequential state kernel's launch walks. Longest first: the GPU starts programs
-        in index order, and a long chain started last is the launch's tail; otherwise in
-        order. Made once per choice and CUDA stream, as `pieces`."""
+        of a sequential state kernel's launch walks, longest first: the GPU starts programs
+        in index order, and a long chain started last is the launch's tail. Made once per
+        CUDA stream, as `pieces`."""
         cu = self.cu if pieces is None else pieces.cu
-        key = (0 if pieces is None else pieces.L, bool(longest_first))
-        return self._per_stream("_orders", key, lambda: launch_order(cu, longest_first))
+        key = 0 if pieces is None else pieces.L
+        return self._per_stream("_orders", key, lambda: longest_first(cu))
 
     def _per_stream(self, table: str, key, make):
         stream = (torch.cuda.current_stream(self.cu.device).cuda_stream if self.cu.is_cuda
@@ -104,12 +104,10 @@ class Segments:
         return cache[key, stream]
 
 
-def launch_order(cu_seqlens: Tensor, longest_first: bool) -> Tensor:
-    """[N] int32: the sequences of `cu_seqlens` by decreasing length (ties in order), or
-    0..N-1; computed on the device."""
+def longest_first(cu_seqlens: Tensor) -> Tensor:
+    """[N] int32: the sequences of `cu_seqlens` by decreasing length (ties in order),
+    computed on the device."""
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    if not longest_first:
-        return torch.arange(lengths.numel(), dtype=torch.int32, device=cu_seqlens.device)
     return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
 
 

@@ -22,16 +22,17 @@ from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_of, chunk_rows, l
 def state_bwd_kernel(
     q, k, w, gam, p_mat, do,             # [TT,H,K] x3, [TT,H] f32, [NTU,H,C,C], [TT,H,V]
     dht, dh_out, du_out, dh0,            # [N,H,K,V] f32, [NTU,H,K,V], [TT,H,V], [N,H,K,V] f32
-    order, cu_seqlens, chunk_offsets, scale,   # order [N] int32: sequence of each program index
+    order, cu_seqlens, chunk_offsets, scale,   # order [N] int32 (ORDERED): program -> sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
+    ORDERED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
     SQK: tl.constexpr, SDO: tl.constexpr, HN: tl.constexpr,
 ):
     """One program per (V block, head, sequence), chunks last to first:
     dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
     P^T is the transposed view of the loaded P (never a transposed dot result)."""
     h, n, bos, eos, first_chunk, vcols, state_offs = state_program(order, cu_seqlens,
-                                                                   chunk_offsets, V, K, BV)
+                                                                   chunk_offsets, V, K, BV,
+                                                                   ORDERED)
     rows = tl.arange(0, C)
     kcols = tl.arange(0, K)
     dt = w.dtype.element_ty

@@ -185,14 +185,14 @@ def prepare_kernel(
 # and spilled at K = 256 on sm_90 (benchmarks/kernel_resources.py, docs/performance.md).
 @triton.jit
 def state_program(order, cu_seqlens, chunk_offsets, V: tl.constexpr, BK: tl.constexpr,
-                  BV: tl.constexpr):
-    """This program's head, sequence (order[program_id(2)]: the launch order of the
-    sequences), its first and end token and first chunk id, the V columns it owns and the
-    offsets of a [BK, BV] tile inside one [K, V] state."""
+                  BV: tl.constexpr, ORDERED: tl.constexpr):
+    """This program's head, sequence (program_id(2), or order[program_id(2)] with ORDERED),
+    its first and end token and first chunk id, the V columns it owns and the offsets of a
+    [BK, BV] tile inside one [K, V] state."""
     vb = tl.program_id(0)
     vcols = vb * BV + tl.arange(0, BV)
     tile_offs = tl.arange(0, BK)[:, None] * V + vcols[None, :]
-    n = tl.load(order + tl.program_id(2))
+    n = tl.load(order + tl.program_id(2)) if ORDERED else tl.program_id(2)
     return (tl.program_id(1), n, tl.load(cu_seqlens + n), tl.load(cu_seqlens + n + 1),
             tl.load(chunk_offsets + n), vcols, tile_offs)
 
@@ -262,9 +262,9 @@ def rows_t_dot(a, row_offs, valid, kb: tl.constexpr, BK: tl.constexpr, x, PREC: 
 def state_fwd_kernel(
     q, k, w, u0, gam, p_mat,             # [TT,H,K] x3, [TT,H,V], [TT,H] f32, [NTU,H,C,C]
     h0, o, h_out, u_out, ht,             # [N,H,K,V] f32, [TT,H,V], [NTU,H,K,V], [TT,H,V], [N,H,K,V]
-    order, cu_seqlens, chunk_offsets, scale,   # order [N] int32: sequence of each program index
+    order, cu_seqlens, chunk_offsets, scale,   # order [N] int32 (ORDERED): program -> sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
+    ORDERED: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
     SQK: tl.constexpr, SO: tl.constexpr, HN: tl.constexpr,
 ):
@@ -275,7 +275,8 @@ def state_fwd_kernel(
     `chunk_out_kernel` instead: without q and P the chain's loads fit a pipelined build."""
     BK: tl.constexpr = 64 if K > 64 else K
     h, n, bos, eos, first_chunk, vcols, tile_offs = state_program(order, cu_seqlens,
-                                                                  chunk_offsets, V, BK, BV)
+                                                                  chunk_offsets, V, BK, BV,
+                                                                  ORDERED)
     rows = tl.arange(0, C)
     dt = w.dtype.element_ty
     s0, s1, s2, s3 = load_tiles(h0 + (n.to(tl.int64) * HN + h) * K * V, tile_offs, HAS_H0,

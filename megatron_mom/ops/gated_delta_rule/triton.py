@@ -146,12 +146,13 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
         cu, starts, grid_n, HN, store_final = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
         if not (store_o or store_states):
             return o, h, u, ht
-    order = P.launch_order(options.launch["state_order"]["longest_first"], pieces)
+    order = P.longest_first(pieces) if options.launch["state_order"]["longest_first"] else None
     launch(state_fwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, u0, gam, p_mat, h0 if h0 is not None else dummy, o if chain_o else dummy,
         h if store_states else dummy, u if store_states else dummy,
-        ht if store_final else dummy, order, cu, starts, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_H0=h0 is not None, STORE_O=chain_o,
+        ht if store_final else dummy, cu if order is None else order, cu, starts, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, ORDERED=order is not None, HAS_H0=h0 is not None,
+        STORE_O=chain_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
         SQK=_row_stride(q, k), SO=_row_stride(o) if chain_o else P.H * P.V,
         HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -191,11 +192,12 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
         dht = _scan_pieces(P, pieces, ab, dht, dh0, HN, reverse=True, options=options)
         del ab
         cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
-    order = P.launch_order(options.launch["state_order"]["longest_first"], pieces)
+    order = P.longest_first(pieces) if options.launch["state_order"]["longest_first"] else None
     launch(state_bwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
-        order, cu, starts, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, HAS_DHT=dht is not None, STORE_DH0=want_dh0,
+        cu if order is None else order, cu, starts, scale,
+        H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, ORDERED=order is not None,
+        HAS_DHT=dht is not None, STORE_DH0=want_dh0,
         PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
         HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dh, du

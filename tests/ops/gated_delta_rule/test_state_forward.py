@@ -66,11 +66,10 @@ def test_forms_give_the_same_o():
 
 
 def test_launch_order_longest_first():
-    from megatron_mom.ops.common.segments import launch_order
+    from megatron_mom.ops.common.segments import longest_first
     cu = torch.tensor([0, 5, 75, 75, 108, 113], dtype=torch.int32)   # lengths 5 70 0 33 5
-    assert launch_order(cu, True).tolist() == [1, 3, 0, 4, 2]         # ties keep their order
-    assert launch_order(cu, False).tolist() == [0, 1, 2, 3, 4]
-    assert launch_order(cu, True).dtype == torch.int32
+    assert longest_first(cu).tolist() == [1, 3, 0, 4, 2]              # ties keep their order
+    assert longest_first(cu).dtype == torch.int32
 
 
 @pytest.mark.parametrize("split", ["off", "on"])
@@ -95,10 +94,10 @@ def test_state_kernels_walk_the_launch_order(monkeypatch):
     leaves the others' final states unwritten (so the test above compares two real orders)."""
     from test_triton_kernels import run_gdr  # noqa: E402
     leaves, cu = gdr_inputs([20, 30], 1, 64, 64, h0=False)
-    right = run_gdr("triton", leaves, cu, chunk_size=16, final=True)
-    monkeypatch.setattr(Segments, "launch_order",
-                        lambda self, longest_first, pieces=None: torch.zeros(
-                            self.N if pieces is None else pieces.NPU, dtype=torch.int32))
-    wrong = run_gdr("triton", leaves, cu, chunk_size=16, final=True)
+    ordered = KernelOptions().with_launch("state_order", longest_first=1)
+    right = run_gdr("triton", leaves, cu, chunk_size=16, final=True, options=ordered)
+    monkeypatch.setattr(Segments, "longest_first", lambda self, pieces=None: torch.zeros(
+        self.N if pieces is None else pieces.NPU, dtype=torch.int32))
+    wrong = run_gdr("triton", leaves, cu, chunk_size=16, final=True, options=ordered)
     assert torch.equal(wrong[1][0], right[1][0])
     assert not torch.equal(wrong[1][1], right[1][1])
