@@ -51,6 +51,9 @@ VARIANTS = [
     ("state_fwd BV64 s2", "state_fwd", "K", {"BV": 64, "num_stages": 2}),
     ("state_fwd w4", "state_fwd", "K", {"num_warps": 4}),
     ("state_fwd w8", "state_fwd", "K", {"num_warps": 8}),
+    # Wider V blocks on 8 warps: half the programs re-reading each chunk's q, k and W.
+    ("state_fwd BV64 w8 s2", "state_fwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 2}),
+    ("state_fwd BV64 w8 s1", "state_fwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 1}),
     ("o in the chain", "chunk_out", None, {"min_k": 1 << 30}),
     ("o in the chain, one pass", "chunk_out+one_pass", None, {"min_k": 1 << 30}),
     ("state_fwd_o BV16", "state_fwd_o", "K", {"BV": 16}),
@@ -67,6 +70,8 @@ VARIANTS = [
     ("state_bwd w8", "state_bwd", "K", {"num_warps": 8}),
     ("state_bwd s1", "state_bwd", "K", {"num_stages": 1}),
     ("state_bwd BV32 s1", "state_bwd", "K", {"BV": 32, "num_stages": 1}),
+    ("state_bwd BV32 w8 s1", "state_bwd", "K", {"BV": 32, "num_warps": 8, "num_stages": 1}),
+    ("state_bwd BV64 w8 s1", "state_bwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 1}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
 ]
