@@ -4,7 +4,9 @@
 # folders given in WHEELS (space separated) when set. Usage: bash benchmarks/run_gpu_checks.sh
 # Triton compiles every kernel variant the suite uses first (~40 s per layer test on an H100,
 # 2026-12-05; one process took over 15 minutes for the suite), so the tests run in JOBS
-# processes (default 4, with pytest-xdist installed; 1: one process), and PART=1|2|3 runs one
+# processes (default 4, with pytest-xdist installed; 1: one process; every worker holds its own
+# CUDA context and allocator cache, and the paper-shape tests need several GiB each, so more
+# workers than 4 to one GPU are not advised), and PART=1|2|3 runs one
 # third of the suite (TESTS, when set, names the files instead; PART=all, the default, all).
 set -u
 cd "$(dirname "$0")/.."
@@ -39,6 +41,7 @@ SUITE=${TESTS:-$( [ -n "$PART_TESTS" ] && for f in $PART_TESTS; do printf 'tests
 PARALLEL=""
 if [ "${JOBS:-4}" -gt 1 ] && python3 -c "import xdist" 2>/dev/null; then PARALLEL="-n ${JOBS:-4} --dist load"; fi
 step gpu_tests "${TEST_TIMEOUT:-540}" python3 -m pytest -m gpu $SUITE $PARALLEL -v -p no:cacheprovider -rfEs --durations=15
+python3 tests/gpu/error_records.py "$OUT"     # one errors file per test module, not per worker
 step bench_layer "${LAYER_TIMEOUT:-170}" python3 benchmarks/bench_layer.py --quick ${LAYER_ARGS:-} --out "$OUT"
 step bench_kernels "${KERNEL_TIMEOUT:-170}" python3 benchmarks/bench_kernels.py ${KERNEL_ARGS:-} --out "$OUT"
 date -u
