@@ -25,7 +25,8 @@ TINY = {"model.num_layers": 2, "model.pattern": "MA", "model.hidden_size": 128,
 def _train(out: Path, backend: str, *extra) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = str(ROOT)
+    # The repository first; what the caller's path holds (megatron-core, say) stays importable.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     args = [sys.executable, "-m", "megatron_mom.apps.cli.main", "train", "--no-progress",
             "--steps", "4", "--output-dir", str(out), "--set", f"model.spec_backend={backend}",
             *extra]
