@@ -2,7 +2,9 @@
 step count fitted from a timing with all workers busy, the Triton kernels at the sweep's head
 sizes (width 64: heads of 32; single-state: 10 heads), training data drawn on the GPU, the
 seeds at the chosen learning rate. About a minute on an H200 (the first run compiles the
-kernels). Checks the pipeline, not the numbers."""
+kernels). The budget is a cap, not the run time: the timing must come back within 40% of it,
+and with a cold Triton cache compiling MoM's kernels in three processes at once took more than
+2 minutes' 40% on an H100. Checks the pipeline, not the numbers."""
 import json
 
 import pytest
@@ -15,7 +17,7 @@ def test_zoology_sweep_on_the_gpu(tmp_path):
     from megatron_mom.apps import mqar_sweep
     overrides = {"mixers": ["attention", "single-state", "mom"], "widths": [64],
                  "seq_lens": [64, 256], "lrs": [1e-3, 3e-3], "seeds": 2, "train_steps": 0,
-                 "budget_minutes": 2.0, "min_steps": 20, "max_steps": 40, "workers": 3,
+                 "budget_minutes": 5.0, "min_steps": 20, "max_steps": 40, "workers": 3,
                  "val_examples": 64, "test_examples": 128}
     agg = mqar_sweep.run("zoology", str(tmp_path), overrides=overrides, device="cuda")
     saved = json.loads((tmp_path / "results.json").read_text())
