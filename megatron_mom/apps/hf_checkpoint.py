@@ -22,7 +22,6 @@ torch's `.metadata` index).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import shutil

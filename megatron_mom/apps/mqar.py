@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mom.train.config import ConfigError
-from megatron_mom.train.plot import not_drawn
+from megatron_mom.train.plot import not_drawn, pyplot
 
 MIXERS = ("mom", "single", "attention")
 # More single-memory baselines and variants (all 2-layer unless said), for the sweep:
@@ -352,11 +352,8 @@ def table(results: dict, s: MQARSettings) -> str:
 
 
 def plot(results: dict, s: MQARSettings, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(s.seq_lens), figsize=(4.5 * len(s.seq_lens), 3.8),
                              squeeze=False)

@@ -38,6 +38,7 @@ import torch
 
 from megatron_mom.apps import mqar
 from megatron_mom.train.config import ConfigError
+from megatron_mom.train.plot import pyplot
 
 SWEEP_MIXERS = ("attention", "single", "single-state", "single-params", "mom", "mom-noshared",
                 "hybrid")
@@ -557,11 +558,8 @@ def lr_table(s: SweepSettings, agg: dict) -> str:
 
 
 def plot(s: SweepSettings, agg: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(s.seq_lens), figsize=(4.2 * len(s.seq_lens), 3.8),
                              squeeze=False, sharey=True)

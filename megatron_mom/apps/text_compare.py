@@ -41,6 +41,7 @@ from megatron_mom.apps import mqar
 from megatron_mom.apps.mqar_sweep import (SWEEP_MIXERS, environment, preset_with_overrides,
                                           write_results_json)
 from megatron_mom.train.config import ConfigError
+from megatron_mom.train.plot import pyplot
 
 # Installed third-party packages and generated or vendored parts; the library's own tests
 # stay in (they are most of its Python text: ~50M of CPython 3.11's ~60M bytes).
@@ -266,11 +267,8 @@ def table(agg: Dict[str, dict]) -> str:
 
 
 def plot(runs: List[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for mixer in dict.fromkeys(r["mixer"] for r in runs):

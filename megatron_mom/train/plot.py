@@ -31,6 +31,18 @@ def _smooth(values, window: int):
     return out
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is missing
+    (plots are optional: every caller says so instead of drawing)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def not_drawn(png_path: Path) -> str:
     """What to tell the user instead of a plot's path when matplotlib is missing."""
     return (f"{png_path.name} not drawn: matplotlib is not installed (pip install matplotlib, "
@@ -39,11 +51,8 @@ def not_drawn(png_path: Path) -> str:
 
 def loss_curve(metrics_path: Path, png_path: Path, title: str = "training loss") -> bool:
     """Draw the curve; returns False (and draws nothing) without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     steps, losses, val = read_metrics(metrics_path)
     fig, ax = plt.subplots(figsize=(7, 4))
