@@ -28,6 +28,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class SweepSettings:
     test_examples: int = 1000        # per length, the reported accuracy
     budget_minutes: float = 8.0      # the whole sweep, start to end; 0: no limit
     workers: int = 0                 # 0: min(8, CPUs - 2) on a GPU, 1 on the CPU
+    timing_seconds: float = 10.0     # the step timing's window, every worker stepping at once
     log_every: int = 0               # >0: log the loss every this many steps
 
 
@@ -300,9 +302,10 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_job(job: Job) -> dict:
+def run_job(job: Job, barrier=None) -> dict:
     """Train and evaluate one model in this process (`init_worker` first). Never raises: an
-    error comes back as the result's "error"."""
+    error comes back as the result's "error". `barrier`: a timing job's start line, shared with
+    the other timing jobs running at the same time."""
     out = {"job": dataclasses.asdict(job), "pid": os.getpid()}
     if "init_error" in _STATE:
         return {**out, "error": _STATE["init_error"]}
@@ -310,7 +313,8 @@ def run_job(job: Job) -> dict:
     if job.deadline and time.time() > job.deadline:
         return {**out, "skipped": "the budget ran out before this run started"}
     try:
-        out.update(_train_and_test(job, s, dev) if job.kind != "time" else _time_job(job, s, dev))
+        out.update(_train_and_test(job, s, dev) if job.kind != "time"
+                   else _time_job(job, s, dev, barrier))
     except Exception as err:  # noqa: BLE001 - reported with the run, the sweep goes on
         out["error"] = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=6)}"
     return out
@@ -362,9 +366,12 @@ def _train_and_test(job: Job, s: SweepSettings, dev) -> dict:
             "test_answers": {L: r["answers"] for L, r in evals["test"].items()}}
 
 
-def _time_job(job: Job, s: SweepSettings, dev, rounds: int = 2) -> dict:
-    """Seconds per training step (averaged over every length, after a warm-up round that
-    compiles the kernels) and the fixed cost of a run (build and evaluation)."""
+def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
+    """Seconds per training step with every worker training (averaged over every length) and
+    the fixed cost of a run (build and evaluation). The jobs of one timing wave compile their
+    kernels, meet at `barrier` and then all step for the same `timing_seconds` of wall time:
+    timed one after another as each finished compiling, steps on a GPU shared by ten processes
+    came out several times faster than the sweep's own."""
     t0 = time.time()
     ms, model, opt = _build(job, s, dev)
     build = time.time() - t0
@@ -372,22 +379,40 @@ def _time_job(job: Job, s: SweepSettings, dev, rounds: int = 2) -> dict:
     pick = torch.Generator().manual_seed(1)
     n = len(s.seq_lens)
     batches = [training_batch(s, i, gen, pick, _STATE["exclude"], dev) for i in range(n)]
-    for x, y, _ in batches:
+    for x, y, _ in batches:                      # compiles the kernels of every length
         mqar._train_batch(model, opt, x, y)
     _sync(dev)
+    met = _meet(barrier, job.deadline - s.timing_seconds if job.deadline else 0.0)
+    window = s.timing_seconds if barrier is not None else 0.0    # alone: one round suffices
     t1 = time.time()
-    for _ in range(rounds):
+    steps = 0
+    while steps < n or time.time() - t1 < window:
         for x, y, _ in batches:
             mqar._train_batch(model, opt, x, y)
-    _sync(dev)
-    per_step = (time.time() - t1) / (rounds * n)
+        steps += n
+        _sync(dev)                               # the clock reads finished steps
+    per_step = (time.time() - t1) / steps
     t2 = time.time()
     for L, (x, y) in _STATE["sets"]["val"].items():
         accuracy(model, x, y, s.tokens_per_step)
     for L, (x, y) in _STATE["sets"]["test"].items():
         accuracy(model, x, y, s.tokens_per_step)
     evaluate = time.time() - t2
-    return {"seconds_per_step": per_step, "overhead_seconds": build + evaluate}
+    return {"seconds_per_step": per_step, "overhead_seconds": build + evaluate,
+            "timed_from": t1, "timed_steps": steps, "met_others": met}
+
+
+def _meet(barrier, until: float) -> Optional[bool]:
+    """Wait at `barrier` until the others come or `until` passes (0: no limit); whether they
+    all came (None: no barrier, nothing ran beside). A wave whose job failed before the
+    barrier times what it has."""
+    if barrier is None:
+        return None
+    try:
+        barrier.wait(timeout=max(0.1, until - time.time()) if until else None)
+        return True
+    except threading.BrokenBarrierError:
+        return False
 
 
 # ---------------------------------------------------------------------------------- runners
@@ -398,8 +423,11 @@ class _InProcess:
         init_worker(dataclasses.asdict(settings), device)
         self.pending: List[dict] = []
 
-    def submit(self, job: Job) -> None:
-        self.pending.append(run_job(job))
+    def submit(self, job: Job, barrier=None) -> None:
+        self.pending.append(run_job(job, barrier))
+
+    def barrier(self, parties: int):
+        return None                              # one job at a time: nothing runs beside it
 
     def results(self, until: float):
         while self.pending:
@@ -415,12 +443,21 @@ class _Pool:
     def __init__(self, settings: SweepSettings, device: str, workers: int):
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
+        self.ctx = ctx
         self.pool = ctx.Pool(workers, initializer=_init_pool_worker,
                              initargs=(dataclasses.asdict(settings), device, 1))
+        self.manager = None
         self.waiting: list = []
 
-    def submit(self, job: Job) -> None:
-        self.waiting.append((job, self.pool.apply_async(run_job, (job,))))
+    def submit(self, job: Job, barrier=None) -> None:
+        self.waiting.append((job, self.pool.apply_async(run_job, (job, barrier))))
+
+    def barrier(self, parties: int):
+        """A barrier the pool's jobs can share (a manager's proxy: a pool's task queue cannot
+        carry a plain multiprocessing barrier)."""
+        if self.manager is None:
+            self.manager = self.ctx.Manager()
+        return self.manager.Barrier(parties)
 
     def results(self, until: float):
         """Results as they finish; at `until` (0: never) the unfinished ones come back as
@@ -443,6 +480,8 @@ class _Pool:
     def close(self) -> None:
         self.pool.terminate()
         self.pool.join()
+        if self.manager is not None:
+            self.manager.shutdown()
 
 
 def default_workers(device: torch.device) -> int:
@@ -463,20 +502,30 @@ def fit_steps(s: SweepSettings, timing: Dict[str, dict], runs_per_mixer: Dict[st
 
 
 def _timing(runner, s: SweepSettings, workers: int, deadline: float, log) -> Dict[str, dict]:
-    """Time every mixer at the largest width with all workers busy (mixers in turn)."""
+    """Time every mixer at the largest width with all workers busy: waves of `workers` jobs
+    (mixers in turn, every mixer at least once), each wave stepping at once (`_time_job`)."""
     width = max(s.widths)
-    count = max(workers, len(s.mixers))
-    for i in range(count):
-        runner.submit(Job("time", s.mixers[i % len(s.mixers)], width, s.lrs[0], 0, 0))
+    waves = -(-len(s.mixers) // workers)
+    for w in range(waves):
+        barrier = runner.barrier(workers)
+        for i in range(w * workers, (w + 1) * workers):
+            runner.submit(Job("time", s.mixers[i % len(s.mixers)], width, s.lrs[0], 0, 0,
+                              deadline), barrier)
     samples: Dict[str, list] = {}
     for r in runner.results(deadline):
         if "error" in r or "skipped" in r:
             raise RuntimeError(f"MQAR sweep: timing {r['job']['mixer']} failed: "
                                f"{r.get('error') or r.get('skipped')}")
         samples.setdefault(r["job"]["mixer"], []).append(r)
-    timing = {m: {k: sum(x[k] for x in rs) / len(rs)
-                  for k in ("seconds_per_step", "overhead_seconds")}
+    timing = {m: {**{k: sum(x[k] for x in rs) / len(rs)
+                     for k in ("seconds_per_step", "overhead_seconds")},
+                  # True: timed beside the others of its wave; None: ran alone
+                  "together": None if rs[0]["met_others"] is None
+                  else all(x["met_others"] for x in rs)}
               for m, rs in samples.items()}
+    if any(t["together"] is False for t in timing.values()):
+        log("mqar sweep: WARNING: a timing job stepped without the others of its wave (one "
+            "failed or compiled past the time limit); its step time may be too short")
     log("mqar sweep: seconds per step at width %d with %d workers busy: %s" % (
         width, workers, ", ".join(f"{m} {t['seconds_per_step']:.4f}" for m, t in timing.items())))
     return timing
@@ -626,7 +675,7 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
 
 # Settings that do not change what a run computes: a sweep continued with other values of
 # these goes on with the same runs.
-RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps")
+RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps", "timing_seconds")
 
 
 def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:

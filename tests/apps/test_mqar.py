@@ -152,6 +152,50 @@ def test_fit_steps_to_budget():
     assert mqar_sweep.fit_steps(s, timing, runs, 400, 1000.0) == 5000    # the ceiling
 
 
+class _WaveRecorder:
+    """A runner that records what the timing submits and answers each job at once."""
+
+    def __init__(self):
+        self.submitted, self.barriers = [], []
+
+    def barrier(self, parties):
+        self.barriers.append(object())
+        self.parties = parties
+        return self.barriers[-1]
+
+    def submit(self, job, barrier=None):
+        self.submitted.append((job, barrier))
+
+    def results(self, until):
+        for i, (job, _) in enumerate(self.submitted):
+            yield {"job": job.__dict__, "seconds_per_step": 0.01 * (i + 1),
+                   "overhead_seconds": 1.0, "met_others": True}
+
+
+def test_timing_runs_in_waves_that_share_a_barrier():
+    """7 mixers over 3 workers: 3 waves of 3 jobs, each wave's jobs sharing its own barrier
+    of 3, every mixer timed at least once, at the largest width."""
+    s = mqar_sweep.settings_for("zoology")
+    runner = _WaveRecorder()
+    timing = mqar_sweep._timing(runner, s, 3, 0.0, lambda *_: None)
+    assert len(runner.submitted) == 9 and runner.parties == 3 and len(runner.barriers) == 3
+    for w in range(3):
+        assert {id(b) for _, b in runner.submitted[3 * w:3 * w + 3]} == {id(runner.barriers[w])}
+    assert set(timing) == set(s.mixers) and all(t["together"] for t in timing.values())
+    assert {job.width for job, _ in runner.submitted} == {max(s.widths)}
+    # attention was timed twice (jobs 0 and 7): its step time is their mean
+    assert timing["attention"]["seconds_per_step"] == pytest.approx((0.01 + 0.08) / 2)
+
+
+def test_a_timing_job_alone_at_its_barrier_goes_on_at_the_limit():
+    import threading
+    import time
+    assert mqar_sweep._meet(None, 0.0) is None
+    start = time.time()
+    assert mqar_sweep._meet(threading.Barrier(2), time.time() + 0.2) is False
+    assert 0.15 < time.time() - start < 5.0
+
+
 def _check_sweep(agg, saved, s):
     runs = [r for r in saved["runs"] if r["job"]["kind"] != "time"]
     assert not [r for r in runs if "error" in r or "skipped" in r]
@@ -197,16 +241,20 @@ def test_zoology_cpu_sweep_in_process(megatron_single, tmp_path):
 @pytest.mark.slow
 def test_zoology_sweep_workers_and_budget(tmp_path):
     """The GPU path on the CPU: worker processes, the steps fitted to a budget from a timing
-    of each mixer, then the seeds at the best learning rate."""
+    of each mixer with both workers stepping at once, then the seeds at the best learning
+    rate."""
     overrides = {"mixers": ["attention", "mom"], "widths": [32], "lrs": [1e-3, 1e-2],
                  "train_steps": 0, "budget_minutes": 2.0, "min_steps": 2, "max_steps": 3,
-                 "workers": 2}
+                 "workers": 2, "timing_seconds": 1.0}
     agg = mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides,
                          log=lambda *_: None)
     saved = json.loads((tmp_path / "results.json").read_text())
     s = mqar_sweep.settings_for("zoology-cpu", overrides)
     assert saved["plan"]["steps"] == 3 and saved["plan"]["workers"] == 2
     assert set(saved["plan"]["timing"]) == {"attention", "mom"}
+    # both timing jobs met at their wave's barrier before timing: steps timed side by side
+    assert all(t["together"] is True for t in saved["plan"]["timing"].values()), \
+        saved["plan"]["timing"]
     assert os.getpid() not in {r["pid"] for r in saved["runs"]}   # ran in the workers
     _check_sweep(agg, saved, s)
 
