@@ -1,8 +1,10 @@
-"""Registers, spill stack and shared memory of the sequential state kernels' sm_90 builds, for
-the launch table's settings and variants, compiled ahead of time: no GPU needed (Triton's own
-ptxas and cuobjdump do the work), so launch settings can be checked on any machine.
+"""Registers, spill stack and shared memory of the gated delta rule's sm_90 builds (the
+sequential state kernels, and with --dense the largest chunk-parallel one, the backward's
+`chunk_bwd_main_kernel`), for the launch table's settings and variants, compiled ahead of time:
+no GPU needed (Triton's own ptxas and cuobjdump do the work), so launch settings can be checked
+on any machine.
 
-    python benchmarks/kernel_resources.py [--k 256] [--variants]
+    python benchmarks/kernel_resources.py [--k 256] [--variants] [--dense]
 
 A build whose shared memory exceeds what one block may use (227 KB on the H100 and H200) is
 refused at launch, and `ops.common.launch` then runs it with one stage: the table then shows
@@ -23,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from megatron_mom.ops.gated_delta_rule.chunk_bwd import state_bwd_kernel
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import chunk_bwd_main_kernel, state_bwd_kernel
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import state_fwd_kernel
 from megatron_mom.ops.options import TUNED_LAUNCH
 
@@ -32,9 +34,12 @@ SMEM_PER_SM, REGS_PER_SM = 233472, 65536
 BF16, F32, I32 = "*bf16", "*fp32", "*i32"
 
 
-def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int) -> dict:
-    """Compile fn for sm_90 with 16-byte aligned pointers (as the launches specialise them)."""
-    sig = dict(pointers, scale="fp32", **{c: "constexpr" for c in consts})
+def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int,
+          scalars: dict = None) -> dict:
+    """Compile fn for sm_90 with 16-byte aligned pointers (as the launches specialise them).
+    `wgmma`: Hopper's warpgroup MMA instructions in the build; `mma`: the older per-warp MMA
+    (a dot that Triton could not give to warpgroups runs there, at a fraction of the rate)."""
+    sig = dict(pointers, **(scalars or {"scale": "fp32"}), **{c: "constexpr" for c in consts})
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]]
              for n, t in sig.items() if t.startswith("*")}
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
@@ -45,12 +50,15 @@ def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int) -> 
         f.flush()
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))
     shared = kernel.metadata.shared
     resident = min(REGS_PER_SM // (regs * 32 * num_warps), SMEM_PER_SM // max(shared, 1))
     return dict(regs=regs, stack=stack, shared=shared, fits=shared <= SMEM_PER_BLOCK,
-                programs_per_sm=resident)
+                programs_per_sm=resident, wgmma=len(re.findall(r"\bHGMMA\.", sass)),
+                mma=len(re.findall(r"\bHMMA\.", sass)))
 
 
 def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H: int = 4,
@@ -74,11 +82,48 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
     return build(state_bwd_kernel, pointers, consts, num_warps, num_stages)
 
 
+def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, one_pass: bool,
+                   H: int = 4, C: int = 64) -> dict:
+    """The backward's main chunk-parallel kernel, bf16 inputs, dk partials in float32 (the
+    fused L2 norm's case)."""
+    pointers = dict(q=BF16, k=BF16, v=BF16, beta=F32, gam=F32, t_mat=BF16, h=BF16, dh=BF16,
+                    u=BF16, du=BF16, do=BF16, dq=BF16, dv=BF16, dbeta=F32, dgam=F32,
+                    scratch_cc=F32, scratch_dw=BF16, scratch_dk=F32, cu_seqlens=I32,
+                    chunk_offsets=I32)
+    consts = dict(H=H, K=K, V=K, C=C, BK=min(BK, K), BV=min(BV, K), PREC="tf32",
+                  ONE_PASS=one_pass, SQK=H * K, SV=H * K, SGB=H, SDO=H * K, SDQK=H * K,
+                  SDV=H * K, SDB=H, SSK=H * K)
+    return build(chunk_bwd_main_kernel, pointers, consts, num_warps, num_stages,
+                 scalars=dict(N="i32", STEPS="i32", scale="fp32"))
+
+
+def _dense_rows(K: int, variants: bool) -> list:
+    blocks, main = TUNED_LAUNCH["chunk_bwd"], TUNED_LAUNCH["chunk_bwd_main"]
+    table = (blocks["BK"], blocks["BV"], main["num_warps"], main["num_stages"],
+             bool(main["one_pass"]))
+    configs = [table + ("table",)]
+    if variants:
+        configs += [(bk, bv, w, 1, op, "") for bk in (32, 64) for bv in (32, 64)
+                    for w in (4, 8) for op in (False, True)
+                    if (bk, bv, w, 1, op) != table]
+    rows = []
+    for bk, bv, w, st, op, note in configs:
+        r = chunk_bwd_main(K, bk, bv, w, st, op)
+        rows.append(f"| chunk_bwd_main | {bk} | {bv} | {w} | {st} | {int(op)} | {r['regs']} | "
+                    f"{r['stack']} | {r['shared']} | {r['programs_per_sm']} | {r['wgmma']} | "
+                    f"{r['mma']} | {note} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--k", type=int, default=256, help="head size K (= V)")
     parser.add_argument("--variants", action="store_true",
-                        help="also BV 16/32/64 x 4/8 warps x 1/2/3 stages")
+                        help="also BV 16/32/64 x 4/8 warps x 1/2/3 stages (state kernels), "
+                        "BK, BV 32/64 x 4/8 warps x one pass or two (--dense)")
+    parser.add_argument("--dense", action="store_true",
+                        help="also chunk_bwd_main_kernel (launch entries chunk_bwd, chunk_bwd_main)")
     args = parser.parse_args(argv)
     rows = []
     for name in ("state_fwd", "state_fwd_o", "state_bwd"):
@@ -95,11 +140,17 @@ def main(argv=None):
                 fits = f"no ({r['shared']} B): the 1-stage build runs"
                 r = state_kernel(name, args.k, min(bv, args.k), w, 1)
             rows.append(f"| {name} | {bv} | {w} | {s} | {fits} | {r['regs']} | {r['stack']} | "
-                        f"{r['shared']} | {r['programs_per_sm']} | {note} |")
+                        f"{r['shared']} | {r['programs_per_sm']} | {r['wgmma']} | {r['mma']} | "
+                        f"{note} |")
             print(rows[-1], flush=True)
     print(f"\nTriton {triton.__version__}, sm_90, K = V = {args.k}, bf16\n\n"
-          "| kernel | BV | warps | stages | fits | registers | stack B | shared B | programs/SM | |\n"
-          "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+          "| kernel | BV | warps | stages | fits | registers | stack B | shared B | programs/SM "
+          "| wgmma | mma | |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    if args.dense:
+        dense = _dense_rows(args.k, args.variants)
+        print("\n| kernel | BK | BV | warps | stages | one pass | registers | stack B | shared B "
+              "| programs/SM | wgmma | mma | |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+              + "\n".join(dense))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,9 @@ VARIANTS = [
     ("chunk_bwd BK128", "chunk_bwd", None, {"BK": 128}),
     ("chunk_bwd BV128", "chunk_bwd", None, {"BV": 128}),
     ("chunk_bwd BK32 BV32", "chunk_bwd", None, {"BK": 32, "BV": 32}),
+    # K = 256: the main kernel's build without the table's 168-byte spill, still 2 programs
+    # per SM (kernel_resources.py --dense; docs/performance.md).
+    ("chunk_bwd BV32", "chunk_bwd", None, {"BV": 32}),
     ("chunk_bwd_main w8", "chunk_bwd_main", None, {"num_warps": 8}),
     ("chunk_bwd_main s2", "chunk_bwd_main", None, {"num_stages": 2}),
     ("chunk_bwd_main w8 s2", "chunk_bwd_main", None, {"num_warps": 8, "num_stages": 2}),

@@ -55,7 +55,8 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
                    256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
     "chunk_bwd": {"BK": 64, "BV": 64},
-    # 4 warps: two programs share an SM (the main kernel spills ~64 B). one_pass: its dq, dW
+    # 4 warps: two programs share an SM (the main kernel spills 64 B a thread at K = 128, 168
+    # at K = 256: benchmarks/kernel_resources.py --dense). one_pass: its dq, dW
     # and dk products over V in one loop (three accumulators) instead of two (h read twice).
     "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},

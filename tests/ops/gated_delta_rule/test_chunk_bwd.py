@@ -1,6 +1,7 @@
 """The main backward kernel's one-pass form (launch["chunk_bwd_main"]["one_pass"]: its dq,
-dW and dk products over V in one loop) against the torch reference, interpreted on a CPU:
-every gradient, ragged segments, one to four K blocks."""
+dW and dk products over V in one loop) and its narrower blocks (launch["chunk_bwd"]) against
+the torch reference, interpreted on a CPU: every gradient, ragged segments, one to eight K or
+V blocks."""
 from __future__ import annotations
 
 import os
@@ -27,3 +28,12 @@ def test_one_pass_main_backward_matches_reference(case):
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
     one_pass = KernelOptions().with_launch("chunk_bwd_main", one_pass=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=one_pass)
+
+
+@pytest.mark.parametrize("blocks", [{"BV": 32}, {"BK": 32, "BV": 32}], ids=["BV32", "BK32_BV32"])
+def test_narrow_blocks_match_reference(blocks):
+    """The builds without the K = 256 table build's spill (docs/performance.md) loop over more
+    V (and K) blocks: two to eight here, at K = V = 256 and ragged segments."""
+    leaves, cu = gdr_inputs([17, 9], 1, 256, 256, h0=True)
+    assert_gdr_close(leaves, cu, chunk_size=16,
+                     options=KernelOptions().with_launch("chunk_bwd", **blocks))
