@@ -17,10 +17,11 @@ bytes.
 Every mixer of the MQAR sweep (megatron_mom/apps/mqar_sweep.py) at one width: the same model
 apart from the mixer, the same training windows in the same order (per seed), the same
 number of steps (fitted to `minutes_per_model` from a timing of the slowest mixer), the same
-validation windows, evaluated every `eval_every` steps. Outputs in DIR, rewritten after every
-model: results.json (settings, environment, corpus, every curve), results.md (final
-validation loss per mixer, mean and spread over seeds) and text_lm.png (validation loss
-against training tokens, mean over seeds with a min-max band, one line per mixer).
+validation windows, evaluated every `eval_every` steps (0: ten times a run). Outputs in DIR,
+rewritten after every model: results.json (settings, environment, corpus, every curve),
+results.md (final validation loss per mixer, mean and spread over seeds) and text_lm.png
+(validation loss against training tokens, mean over seeds with a min-max band, one line per
+mixer).
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ class TextSettings:
     seeds: int = 3
     train_steps: int = 0           # 0: fitted to minutes_per_model
     minutes_per_model: float = 3.0
-    eval_every: int = 100
+    eval_every: int = 0            # 0: CURVE_POINTS evaluations a run, whatever its steps
     val_windows: int = 64
     val_fraction: float = 0.02
     sources: List[str] = field(default_factory=lambda: ["stdlib", "torch"])
@@ -201,6 +202,17 @@ def validation_loss(model, val: torch.Tensor, starts: torch.Tensor, s: TextSetti
     return total / count
 
 
+# Points of a validation curve when eval_every is 0, so that a step count fitted to a short
+# budget still draws a curve.
+CURVE_POINTS = 10
+
+
+def eval_steps(s: TextSettings, steps: int) -> List[int]:
+    """The steps (1-based) after which validation runs: every eval_every, and the last."""
+    every = s.eval_every or max(1, steps // CURVE_POINTS)
+    return sorted(set(range(every, steps + 1, every)) | {steps})
+
+
 def train_one(mixer: str, seed: int, steps: int, s: TextSettings, corpus: dict, device,
               log=print) -> dict:
     ms, model, opt = _build(mixer, s, steps, seed, device)
@@ -208,6 +220,7 @@ def train_one(mixer: str, seed: int, steps: int, s: TextSettings, corpus: dict, 
     last = corpus["train"].numel() - s.seq_len - 1
     val_starts = validation_starts(s, corpus["val"])
     curve, start, digest = [], time.time(), hashlib.sha256()
+    evals = set(eval_steps(s, steps))
     for step in range(steps):
         starts = torch.randint(last, (s.batch_size,), generator=gen)
         digest.update(starts.numpy().tobytes())       # shows that every mixer saw these
@@ -215,7 +228,7 @@ def train_one(mixer: str, seed: int, steps: int, s: TextSettings, corpus: dict, 
         for group in opt.param_groups:
             group["lr"] = mqar._lr(step, ms)
         loss = mqar._train_batch(model, opt, x.to(device), y.to(device))
-        if (step + 1) % s.eval_every == 0 or step + 1 == steps:
+        if step + 1 in evals:
             val = validation_loss(model, corpus["val"], val_starts, s, device)
             curve.append({"step": step + 1, "tokens": (step + 1) * s.batch_size * s.seq_len,
                           "train_loss": loss.item(), "val_loss": val})

@@ -29,6 +29,15 @@ def test_settings_errors():
             "cpu", {"max_corpus_bytes": 50_000, "min_train_tokens": 1_000_000}))
 
 
+def test_a_curve_has_about_ten_points_whatever_the_steps():
+    auto = text_compare.settings_for("cpu", {"eval_every": 0})
+    assert text_compare.eval_steps(auto, 78) == list(range(7, 78, 7)) + [78]
+    assert text_compare.eval_steps(auto, 4) == [1, 2, 3, 4]
+    assert text_compare.eval_steps(auto, 1000) == list(range(100, 1001, 100))
+    fixed = text_compare.settings_for("cpu", {"eval_every": 3})
+    assert text_compare.eval_steps(fixed, 10) == [3, 6, 9, 10]
+
+
 @pytest.mark.slow
 def test_cpu_preset_trains_every_mixer_on_the_same_windows(megatron_single, tmp_path):
     mixers = ["attention", "single", "mom"]
