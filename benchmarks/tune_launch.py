@@ -48,6 +48,10 @@ VARIANTS = [
     ("chunk_bwd_main one pass w8", "chunk_bwd_main", None, {"one_pass": 1, "num_warps": 8}),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
     ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
+    # K = 256 without prefetching: small enough for 3 (BV 32) or 4 (BV 16) programs per SM,
+    # which hide each other's chunk-step latency instead (kernel_resources.py --variants).
+    ("state_fwd s1", "state_fwd", "K", {"num_stages": 1}),
+    ("state_fwd BV16 s1", "state_fwd", "K", {"BV": 16, "num_stages": 1}),
     ("state_fwd s3", "state_fwd", "K", {"num_stages": 3}),
     ("state_fwd BV16", "state_fwd", "K", {"BV": 16}),
     ("state_fwd BV32", "state_fwd", "K", {"BV": 32}),
