@@ -139,6 +139,8 @@ def check(s: SweepSettings) -> None:
     need(s.train_steps > 0 or s.budget_minutes > 0,
          "train_steps 0 fits the steps to budget_minutes, which is 0: set one of them")
     need(s.val_examples >= 1 and s.test_examples >= 1, "val_examples and test_examples must be >= 1")
+    need(s.timing_seconds > 0, f"timing_seconds must be > 0 (the step timing's window), got "
+         f"{s.timing_seconds}")
     for mixer in s.mixers:
         need(mixer in SWEEP_MIXERS, f"unknown mixer {mixer!r}; choose from {', '.join(SWEEP_MIXERS)}")
     for width in s.widths:

@@ -116,6 +116,8 @@ def test_sweep_settings_errors():
         mqar_sweep.settings_for("zoology", {"num_layers": 1})
     with pytest.raises(ConfigError, match="train_steps 0 fits the steps to budget_minutes"):
         mqar_sweep.settings_for("zoology", {"budget_minutes": 0})
+    with pytest.raises(ConfigError, match="timing_seconds must be > 0"):
+        mqar_sweep.settings_for("zoology", {"timing_seconds": 0})
     s = mqar_sweep.settings_for("zoology", {"widths": 128, "lrs": [0.001, "3e-3"]})
     assert s.widths == [128] and s.lrs == [1e-3, 3e-3]
     assert [mqar_sweep.test_pairs(L, s) for L in s.seq_lens] == [16, 32, 64, 64]
