@@ -99,6 +99,8 @@ def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
         raise ConfigError(f"sources must name some of {', '.join(SOURCES)}; got {s.sources}")
     if s.train_steps <= 0 and s.minutes_per_model <= 0:
         raise ConfigError("set train_steps or minutes_per_model (both are 0)")
+    if s.eval_every < 0:
+        raise ConfigError(f"eval_every must be >= 0 (0: ten evaluations a run), got {s.eval_every}")
     return s
 
 

@@ -22,6 +22,8 @@ def test_settings_errors():
         text_compare.settings_for("cpu", {"steps": 3})
     with pytest.raises(ConfigError, match="unknown mixer 'rnn'"):
         text_compare.settings_for("cpu", {"mixers": ["rnn"]})
+    with pytest.raises(ConfigError, match="eval_every must be >= 0"):
+        text_compare.settings_for("cpu", {"eval_every": -1})
     with pytest.raises(ConfigError, match="sources must name some of stdlib, torch"):
         text_compare.settings_for("cpu", {"sources": ["web"]})
     with pytest.raises(ConfigError, match="fewer than min_train_tokens"):
