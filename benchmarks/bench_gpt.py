@@ -94,10 +94,11 @@ def layer_spec(kind: str, config, shape: dict):
 
 
 def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = False,
-          init_state: dict = None):
+          init_state: dict = None, single_pool: bool = False):
     """(DDP model, Megatron optimizer, TransformerConfig, parameter count, device); the GPT's
     weights from `init_state` (a GPTModel state dict) when given, before the optimizer copies
-    them."""
+    them. single_pool: the graphs share one memory pool (one micro-batch a step here, so each
+    graph runs once a step, which that pool requires) instead of one pool per graph."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.models.gpt import GPTModel
@@ -126,7 +127,8 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         hetereogenous_dist_checkpoint=kind == "hybrid",   # MoM and attention layers: own keys
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if kind == "mom-full-recompute" else {}),
-        **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2) if cuda_graph else {}))
+        **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2,
+                cuda_graph_use_single_mempool=single_pool) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")
     gpt = GPTModel(config, layer_spec(kind, config, shape), vocab_size=shape["vocab"],
                    max_sequence_length=seq, share_embeddings_and_output_weights=False,
@@ -165,9 +167,10 @@ def train_step(model, optimizer, config, tokens, positions):
 
 def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
             profile_iters: int, on_cpu: bool, cuda_graph: bool = False,
-            host_profile: str = "") -> dict:
+            host_profile: str = "", single_pool: bool = False) -> dict:
     mbs = max(tokens_per_step // seq, 1)
-    model, optimizer, config, nparams, device = build(kind, shape, seq, on_cpu, cuda_graph)
+    model, optimizer, config, nparams, device = build(kind, shape, seq, on_cpu, cuda_graph,
+                                                      single_pool=single_pool)
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, shape["vocab"], (mbs, seq), generator=gen).to(device)
     positions = torch.arange(seq, device=device).expand(mbs, -1)
@@ -185,7 +188,8 @@ def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, 
     if host_profile:
         host_functions(lambda: train_step(model, optimizer, config, tokens, positions),
                        f"{host_profile}_{kind}_{seq}.txt", sync)
-    row = dict(kind=kind + ("+graph" if cuda_graph else ""), seq=seq, mbs=mbs, params=nparams,
+    graphs = ("+graph1pool" if single_pool else "+graph") if cuda_graph else ""
+    row = dict(kind=kind + graphs, seq=seq, mbs=mbs, params=nparams,
                params_m=round(nparams / 1e6, 1), ms=round(ms, 2),
                tokens_per_s=round(mbs * seq / ms * 1e3), loss=round(float(loss.detach()), 4))
     if not on_cpu:
@@ -289,6 +293,9 @@ def main(argv=None):
     p.add_argument("--profile-iters", type=int, default=2, help="0: no kernel split")
     p.add_argument("--cuda-graph", action="store_true",
                    help="Megatron's per-layer CUDA graphs (cuda_graph_impl='local')")
+    p.add_argument("--cuda-graph-single-mempool", action="store_true",
+                   help="with --cuda-graph: all graphs in one memory pool "
+                   "(cuda_graph_use_single_mempool) instead of one pool per graph")
     p.add_argument("--host-profile", action="store_true",
                    help="write a cProfile of 3 steps per case to OUT/host_<kind>_<seq>.txt")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -297,6 +304,8 @@ def main(argv=None):
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
         p.error(f"--kinds: unknown {bad}; choose from {KINDS}")
+    if a.cuda_graph_single_mempool and not a.cuda_graph:
+        p.error("--cuda-graph-single-mempool needs --cuda-graph")
     if a.cuda_graph and "mom-full-recompute" in kinds:
         p.error("--cuda-graph: Megatron's per-layer graphs do not capture full activation "
                 "recompute; run mom-full-recompute without --cuda-graph")
@@ -319,7 +328,8 @@ def main(argv=None):
             try:
                 row = measure(kind, shape, seq, a.tokens, a.iters, a.warmup, a.profile_iters,
                               par.on_cpu, a.cuda_graph,
-                              os.path.join(a.out, "host") if a.host_profile else "")
+                              os.path.join(a.out, "host") if a.host_profile else "",
+                              single_pool=a.cuda_graph_single_mempool)
             except Exception as e:  # report it (OOM, a failed graph capture), measure the rest
                 traceback.print_exc()
                 row = dict(kind=kind, seq=seq, mbs=max(a.tokens // seq, 1), params_m="-",

@@ -34,3 +34,10 @@ def test_kernel_kinds():
     assert kind("pytorch_flash::flash_fwd_kernel<...>") == "attention"
     assert kind("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
     assert kind("vectorized_elementwise_kernel<8, CUDAFunctor_add>") == "elementwise"
+
+
+def test_single_mempool_needs_graphs(capsys):
+    import pytest
+    with pytest.raises(SystemExit):
+        bench_gpt.main(["--cuda-graph-single-mempool"])
+    assert "--cuda-graph-single-mempool needs --cuda-graph" in capsys.readouterr().err
