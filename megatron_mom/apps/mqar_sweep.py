@@ -371,9 +371,9 @@ def _train_and_test(job: Job, s: SweepSettings, dev) -> dict:
 def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
     """Seconds per training step with every worker training (averaged over every length) and
     the fixed cost of a run (build and evaluation). The jobs of one timing wave compile their
-    kernels, meet at `barrier` and then all step for the same `timing_seconds` of wall time:
-    timed one after another as each finished compiling, steps on a GPU shared by ten processes
-    came out several times faster than the sweep's own."""
+    kernels, meet at `barrier` and then all step for the same `timing_seconds` of wall time,
+    so each step is timed with the GPU as shared as in the sweep, not beside workers still
+    compiling."""
     t0 = time.time()
     ms, model, opt = _build(job, s, dev)
     build = time.time() - t0
@@ -401,7 +401,7 @@ def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
         accuracy(model, x, y, s.tokens_per_step)
     evaluate = time.time() - t2
     return {"seconds_per_step": per_step, "overhead_seconds": build + evaluate,
-            "timed_from": t1, "timed_steps": steps, "met_others": met}
+            "met_others": met}
 
 
 def _meet(barrier, until: float) -> Optional[bool]:
