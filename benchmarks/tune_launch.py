@@ -142,12 +142,19 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (default 5, quick 3)")
     parser.add_argument("--only", default="", help="comma-separated kernel names: vary only "
                         "these (e.g. state_fwd,state_bwd); the default is always measured")
+    parser.add_argument("--variants", default="", help="comma-separated variant names (as "
+                        "listed in VARIANTS): time only these and the default")
     args = parser.parse_args(argv)
     H, shapes = SETUPS[args.k]
     shapes = shapes[:1] if args.quick else shapes
     rounds = args.rounds or (3 if args.quick else 5)
     only = set(filter(None, args.only.split(",")))
-    chosen = [v for v in VARIANTS if v[1] is None or not only or v[1].split("+")[0] in only]
+    names = set(filter(None, args.variants.split(",")))
+    unknown = names - {v[0] for v in VARIANTS}
+    if unknown:
+        parser.error(f"--variants: unknown {sorted(unknown)}; the names are {[v[0] for v in VARIANTS]}")
+    chosen = [v for v in VARIANTS if v[1] is None or (not only or v[1].split("+")[0] in only)
+              and (not names or v[0] in names)]
     results = []
     for name, seq, rows, routed in shapes:
         gen = torch.Generator().manual_seed(0)
