@@ -284,3 +284,11 @@ def test_zoology_sweep_goes_on_from_its_finished_runs(megatron_single, tmp_path)
     with pytest.raises(ConfigError, match="trained 4 steps, not train_steps=5"):
         mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "train_steps": 5},
                        log=lambda *_: None)
+
+
+def test_mps_running_looks_for_the_control_pipe(tmp_path, monkeypatch):
+    """The sweep's MPS note reads the daemon's control pipe where CUDA would look for it."""
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not mqar_sweep.mps_running()
+    os.mkfifo(tmp_path / "control")
+    assert mqar_sweep.mps_running()
