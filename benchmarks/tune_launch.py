@@ -152,9 +152,10 @@ def main(argv=None):
     names = set(filter(None, args.variants.split(",")))
     unknown = names - {v[0] for v in VARIANTS}
     if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; the names are {[v[0] for v in VARIANTS]}")
-    chosen = [v for v in VARIANTS if v[1] is None or (not only or v[1].split("+")[0] in only)
-              and (not names or v[0] in names)]
+        parser.error(f"--variants: unknown {sorted(unknown)}; "
+                     f"the names are {[v[0] for v in VARIANTS]}")
+    chosen = [v for v in VARIANTS if v[1] is None
+              or ((not only or v[1].split("+")[0] in only) and (not names or v[0] in names))]
     results = []
     for name, seq, rows, routed in shapes:
         gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,8 @@
 """benchmarks/bench_gpt.py at a tiny shape on the CPU, so the end-to-end benchmark cannot rot."""
 import json
 
+import pytest
+
 from benchmarks import bench_gpt
 
 
@@ -37,7 +39,6 @@ def test_kernel_kinds():
 
 
 def test_single_mempool_needs_graphs(capsys):
-    import pytest
     with pytest.raises(SystemExit):
         bench_gpt.main(["--cuda-graph-single-mempool"])
     assert "--cuda-graph-single-mempool needs --cuda-graph" in capsys.readouterr().err

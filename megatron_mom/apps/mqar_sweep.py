@@ -15,8 +15,8 @@ length over the seeds (mean, standard deviation, min, max).
 On a GPU the runs go to `workers` processes sharing it (tiny models leave a GPU mostly idle in
 one process). Without CUDA MPS the processes take turns on the GPU (time slicing); under MPS
 (`nvidia-cuda-mps-control -d` before the sweep) their small kernels run side by side, which is
-how the sweep is meant to run (docs/results.md). With `train_steps` 0 the step count, the same for every run, is fitted to the
-budget from a timing of every mixer in all workers at once; the whole sweep stops at the budget
+how the sweep is meant to run (docs/results.md). With `train_steps` 0 the step count, the
+same for every run, is fitted to the budget from a timing of every mixer in all workers at once; the whole sweep stops at the budget
 whatever happens (runs still training then are cut and marked; runs not started are listed).
 
 Outputs in the output folder, rewritten after every run: results.json (settings, environment,
@@ -736,10 +736,10 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     log(f"mqar sweep ({preset}): {len(s.mixers)} mixers x {len(s.widths)} widths x "
         f"({len(s.lrs)} learning rates + {s.seeds - 1} more seeds) = {plan['runs']} runs, "
         f"{workers} worker process(es) on {dev}")
-    if dev.type == "cuda" and workers > 1 and not mps_running():
+    plan["mps"] = mps_running() if dev.type == "cuda" else None
+    if plan["mps"] is False and workers > 1:
         log("mqar sweep: note: CUDA MPS is not running, so the worker processes take turns on "
             "the GPU; start it first (nvidia-cuda-mps-control -d) to let their kernels overlap")
-    plan["mps"] = mps_running() if dev.type == "cuda" else None
     runs, steps = finished_runs(out_dir, s)
     if runs:
         log(f"mqar sweep: going on from {len(runs)} finished runs of {steps} steps in "
