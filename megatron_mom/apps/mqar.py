@@ -224,6 +224,24 @@ def _logits(model, inputs):
     return model(inputs, positions, None)                      # [b, L, V]
 
 
+def _answer_logits(model, inputs, labels):
+    """(logits [n, V], their labels [n]) at the labelled positions (labels != -100) only.
+    MQAR labels one position in 4 to 8, and at vocabulary 8192 the output layer and the
+    softmax over every position cost about as much as the rest of a small model's step; their
+    rows here equal the full logits' rows. Rows in time-major order ([L, b] flattened)."""
+    positions = torch.arange(inputs.shape[1], device=inputs.device)[None].expand_as(inputs)
+    # Without post_process a GPTModel returns its decoder's output (after the final norm)
+    # instead of running the output layer on every position.
+    post_process, model.post_process = model.post_process, False
+    try:
+        hidden = model(inputs, positions, None)                # [L, b, D]
+    finally:
+        model.post_process = post_process
+    keep = (labels != -100).t()                                # [L, b]
+    logits, _ = model.output_layer(hidden[keep].unsqueeze(1))  # [n, 1, V]
+    return logits.squeeze(1), labels.t()[keep]
+
+
 def _lr(step: int, s: MQARSettings) -> float:
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
@@ -232,9 +250,8 @@ def _lr(step: int, s: MQARSettings) -> float:
 
 
 def _train_batch(model, opt, inputs, labels) -> torch.Tensor:
-    logits = _logits(model, inputs)
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100)
+    logits, targets = _answer_logits(model, inputs, labels)
+    loss = F.cross_entropy(logits.float(), targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -319,10 +336,9 @@ def test_accuracy(model, s: MQARSettings, seq_len: int, num_pairs: int, device) 
     while remaining > 0:
         b = min(remaining, s.eval_batch_size)
         inputs, labels = make_batch(b, seq_len, num_pairs, s.vocab_size, s.power_a, gen, device)
-        predictions = _logits(model, inputs).argmax(dim=-1)
-        mask = labels != -100
-        correct += (predictions[mask] == labels[mask]).sum().item()
-        total += mask.sum().item()
+        logits, answers = _answer_logits(model, inputs, labels)
+        correct += (logits.argmax(dim=-1) == answers).sum().item()
+        total += answers.numel()
         remaining -= b
     model.train()
     return correct / total

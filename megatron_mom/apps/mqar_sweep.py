@@ -243,9 +243,8 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, tokens_per_batch
     b = max(1, tokens_per_batch // inputs.shape[1])
     correct = torch.zeros((), dtype=torch.long, device=inputs.device)
     for i in range(0, inputs.shape[0], b):
-        x, y = inputs[i:i + b], labels[i:i + b]
-        mask = y != -100
-        correct += (mqar._logits(model, x).argmax(dim=-1)[mask] == y[mask]).sum()
+        logits, answers = mqar._answer_logits(model, inputs[i:i + b], labels[i:i + b])
+        correct += (logits.argmax(dim=-1) == answers).sum()
     model.train()
     answers = int((labels != -100).sum())
     return {"accuracy": int(correct) / answers, "answers": answers,
@@ -271,8 +270,10 @@ class Job:
 _STATE: dict = {}   # per process: settings, device, held-out sets and their hashes
 
 
-def init_worker(settings: dict, device: str, threads: int = 0) -> None:
-    """Set up a process for runs: parallel state, TF32 as `mqar` uses it, held-out sets."""
+def init_worker(settings: dict, device: str, threads: int = 0, partial_dir: str = "") -> None:
+    """Set up a process for runs: parallel state, TF32 as `mqar` uses it, held-out sets.
+    `partial_dir`: where a run cut by the budget keeps its training state, and where a run
+    looks for one to go on from ("": runs start from scratch and keep nothing)."""
     from megatron_mom.train.build import init_process_groups
     if threads:
         torch.set_num_threads(threads)
@@ -284,14 +285,15 @@ def init_worker(settings: dict, device: str, threads: int = 0) -> None:
         torch.backends.cudnn.allow_tf32 = True
     s = SweepSettings(**settings)
     sets = held_out_sets(s, dev)
-    _STATE.update(settings=s, device=dev, sets=sets, exclude=held_out_hashes(sets))
+    _STATE.update(settings=s, device=dev, sets=sets, exclude=held_out_hashes(sets),
+                  partial_dir=partial_dir)
 
 
-def _init_pool_worker(settings: dict, device: str, threads: int) -> None:
+def _init_pool_worker(settings: dict, device: str, threads: int, partial_dir: str) -> None:
     """init_worker in a pool process: a failure is kept and returned by every job (a raising
     initializer would make the pool start replacement workers forever)."""
     try:
-        init_worker(settings, device, threads)
+        init_worker(settings, device, threads, partial_dir)
     except Exception as err:  # noqa: BLE001
         _STATE["init_error"] = f"worker setup failed: {type(err).__name__}: {err}\n" + \
             traceback.format_exc(limit=6)
@@ -332,8 +334,9 @@ def _build(job: Job, s: SweepSettings, dev):
     _seed_everything(job.seed)
     model = mqar.build_model(job.mixer, ms, dev)
     metrics.set_router_loss_scale(device=dev)     # one micro-batch, no loss scaling
+    # fused: one kernel for the whole update on a GPU instead of a dozen per parameter group
     opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=s.weight_decay,
-                            betas=(0.9, 0.98))
+                            betas=(0.9, 0.98), fused=dev.type == "cuda")
     return ms, model, opt
 
 
@@ -343,8 +346,15 @@ def _train_and_test(job: Job, s: SweepSettings, dev) -> dict:
     gen = torch.Generator(device=dev).manual_seed(1_000_003 * (job.seed + 1))
     pick = torch.Generator().manual_seed(17 + job.seed)
     masked = torch.zeros((), dtype=torch.long, device=dev)
-    losses, step, first, loss = {}, 0, None, None
-    for step in range(job.steps):
+    run = {"losses": {}, "first_loss": None, "train_seconds": 0.0}
+    partial = _partial_path(job)
+    resumed = _load_partial(partial, job, s, model, opt, gen, pick) if partial else None
+    begin = 0
+    if resumed is not None:
+        begin, run = resumed["step"], resumed["run"]
+        masked += resumed["masked"]
+    losses, step, loss = run["losses"], begin, None
+    for step in range(begin, job.steps):
         if job.deadline and time.time() > job.deadline:
             break
         inputs, labels, seen = training_batch(s, step, gen, pick, _STATE["exclude"], dev)
@@ -353,23 +363,71 @@ def _train_and_test(job: Job, s: SweepSettings, dev) -> dict:
             group["lr"] = mqar._lr(step, ms)
         loss = mqar._train_batch(model, opt, inputs, labels)
         if step == 0:
-            first = loss.item()
+            run["first_loss"] = loss.item()
         if s.log_every and step % s.log_every == 0:
             losses[step] = loss.item()
     else:
         step = job.steps
-    final = loss.item() if loss is not None else None
-    train_seconds = time.time() - start
+    final = loss.item() if loss is not None else run.get("final_loss")
+    train_seconds = run["train_seconds"] + time.time() - start
+    cut = step < job.steps
+    if partial and cut:
+        run.update(final_loss=final, train_seconds=train_seconds)
+        _save_partial(partial, job, s, step, run, int(masked), model, opt, gen, pick)
     evals = {name: {str(L): accuracy(model, x, y, s.tokens_per_step)
                     for L, (x, y) in _STATE["sets"][name].items()}
              for name in ("val", "test")}
-    return {"steps": step, "cut": step < job.steps, "train_seconds": train_seconds,
-            "seconds": time.time() - start, "first_loss": first, "final_loss": final,
-            "losses": losses, "masked_training_rows": int(masked),
+    if partial and not cut and partial.exists():
+        partial.unlink()                         # finished: results.json holds the run now
+    return {"steps": step, "cut": cut, "train_seconds": train_seconds,
+            "seconds": time.time() - start, "first_loss": run["first_loss"],
+            "final_loss": final, "losses": losses, "masked_training_rows": int(masked),
+            **({"resumed_from_step": begin} if resumed is not None else {}),
             "parameters": sum(p.numel() for p in model.parameters()),
             "val": {L: r["accuracy"] for L, r in evals["val"].items()},
             "test": {L: r["accuracy"] for L, r in evals["test"].items()},
             "test_answers": {L: r["answers"] for L, r in evals["test"].items()}}
+
+
+# A run cut by the budget keeps what it needs to go on bit for bit (weights, optimizer,
+# generators, step) in partial_dir; run again in the same sweep, it continues from there.
+def _partial_path(job: Job) -> Optional[Path]:
+    folder = _STATE.get("partial_dir")
+    return Path(folder) / (job.key.replace("/", "_") + ".pt") if folder else None
+
+
+def _save_partial(path: Path, job: Job, s: SweepSettings, step: int, run: dict, masked: int,
+                  model, opt, gen, pick) -> None:
+    """Written through a temporary file: a run killed mid-write leaves the previous state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"key": job.key, "steps": job.steps, "settings": _identity(s), "step": step,
+                "run": run, "masked": masked, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "gen": gen.get_state(),
+                "pick": pick.get_state()}, tmp)
+    tmp.replace(path)
+
+
+def _load_partial(path: Path, job: Job, s: SweepSettings, model, opt, gen, pick):
+    """The saved state restored into model, opt, gen, pick; None when there is none for this
+    run (its key, step count and settings are checked). weights_only: tensors and plain
+    values, no code from the file."""
+    if not path.exists():
+        return None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if (saved["key"], saved["steps"], saved["settings"]) != (job.key, job.steps, _identity(s)):
+        raise ConfigError(f"MQAR sweep: {path} holds a cut run of other settings than "
+                          f"{job.key} at {job.steps} steps; remove it to start that run anew")
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["optimizer"])
+    gen.set_state(saved["gen"])
+    pick.set_state(saved["pick"])
+    return saved
+
+
+def _identity(s: SweepSettings) -> dict:
+    """The settings that change what a run computes (those a continued sweep must share)."""
+    return {k: v for k, v in dataclasses.asdict(s).items() if k not in RESUME_FREE}
 
 
 def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
@@ -425,8 +483,8 @@ def _meet(barrier, until: float) -> Optional[bool]:
 class _InProcess:
     """Runs jobs one after another in this process."""
 
-    def __init__(self, settings: SweepSettings, device: str):
-        init_worker(dataclasses.asdict(settings), device)
+    def __init__(self, settings: SweepSettings, device: str, partial_dir: str = ""):
+        init_worker(dataclasses.asdict(settings), device, partial_dir=partial_dir)
         self.pending: List[dict] = []
 
     def submit(self, job: Job, barrier=None) -> None:
@@ -446,12 +504,13 @@ class _InProcess:
 class _Pool:
     """Runs jobs in worker processes (spawned: CUDA cannot be forked) sharing the device."""
 
-    def __init__(self, settings: SweepSettings, device: str, workers: int):
+    def __init__(self, settings: SweepSettings, device: str, workers: int,
+                 partial_dir: str = ""):
         import multiprocessing as mp
         ctx = mp.get_context("spawn")
         self.ctx = ctx
         self.pool = ctx.Pool(workers, initializer=_init_pool_worker,
-                             initargs=(dataclasses.asdict(settings), device, 1))
+                             initargs=(dataclasses.asdict(settings), device, 1, partial_dir))
         self.manager = None
         self.waiting: list = []
 
@@ -745,7 +804,9 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
         log(f"mqar sweep: going on from {len(runs)} finished runs of {steps} steps in "
             f"{out_dir / 'results.json'}")
     plan["resumed_runs"] = len(runs)
-    runner = _Pool(s, str(dev), workers) if workers > 1 else _InProcess(s, str(dev))
+    partial = str(out_dir / "partial")          # cut runs' training state, to go on from
+    runner = (_Pool(s, str(dev), workers, partial) if workers > 1
+              else _InProcess(s, str(dev), partial))
     try:
         steps = steps or s.train_steps
         if not steps:
@@ -790,7 +851,8 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
         job = result["job"]
         _log_result(result, log)
         group = (job["mixer"], job["width"])
-        if job["kind"] == "lr":
+        # A run cut or not started goes on in the next sweep: its group's seeds wait for it.
+        if job["kind"] == "lr" and not (result.get("cut") or "skipped" in result):
             pending_lr[group] -= 1
             if pending_lr[group] == 0:
                 _submit_seeds(runner, s, runs, group, done, steps, train_deadline)

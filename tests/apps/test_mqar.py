@@ -1,4 +1,5 @@
 """MQAR: the data generator's layout, and a tiny end-to-end run with its table and plot."""
+import dataclasses
 import json
 import math
 import os
@@ -292,3 +293,62 @@ def test_mps_running_looks_for_the_control_pipe(tmp_path, monkeypatch):
     assert not mqar_sweep.mps_running()
     os.mkfifo(tmp_path / "control")
     assert mqar_sweep.mps_running()
+
+
+def test_answer_logits_are_the_full_logits_at_the_answers(megatron_single):
+    """The output layer run at the labelled positions only gives the full logits' rows there,
+    and the training loss and every gradient of the full-logits loss."""
+    s = mqar_sweep.settings_for("zoology-cpu")
+    ms = mqar_sweep.model_settings(s, width=32)
+    torch.manual_seed(0)
+    model = mqar.build_model("mom", ms, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(3)
+    inputs, labels = mqar.make_batch(4, 32, 6, s.vocab_size, s.power_a, gen)
+    full = mqar._logits(model, inputs)                                      # [b, L, V]
+    loss_full = torch.nn.functional.cross_entropy(full.reshape(-1, full.shape[-1]),
+                                                  labels.reshape(-1), ignore_index=-100)
+    grads_full = torch.autograd.grad(loss_full, list(model.parameters()), allow_unused=True)
+    logits, answers = mqar._answer_logits(model, inputs, labels)
+    assert model.post_process                                               # restored
+    keep = (labels != -100).t()
+    assert logits.shape == (int(keep.sum()), s.vocab_size)
+    torch.testing.assert_close(logits, full.transpose(0, 1)[keep], rtol=1e-5, atol=1e-6)
+    assert torch.equal(answers, labels.t()[keep])
+    loss = torch.nn.functional.cross_entropy(logits, answers)
+    torch.testing.assert_close(loss, loss_full, rtol=1e-6, atol=0)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    for (name, _), g, g_full in zip(model.named_parameters(), grads, grads_full):
+        if g_full is None:
+            assert g is None, name
+        else:
+            torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_cut_run_goes_on_bit_for_bit(megatron_single, tmp_path, monkeypatch):
+    """A run cut by its deadline keeps its state; run again it continues from that step to the
+    losses, final loss and accuracies of the same run never cut, and leaves no state behind.
+    A state saved at another step count is refused with the fix named."""
+    import types
+    s = mqar_sweep.settings_for("zoology-cpu", {"log_every": 1, "train_steps": 6})
+    dev = torch.device("cpu")
+    mqar_sweep.init_worker(dataclasses.asdict(s), "cpu", partial_dir=str(tmp_path))
+    job = mqar_sweep.Job("lr", "mom", 32, 1e-2, 0, 6)
+    whole = mqar_sweep._train_and_test(job, s, dev)
+    assert not whole["cut"] and not list(tmp_path.iterdir())
+    # A clock that moves one second a reading cuts the run at a fixed step.
+    clock = iter(range(10**6))
+    monkeypatch.setattr(mqar_sweep, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    cut_job = dataclasses.replace(job, deadline=4)
+    cut = mqar_sweep._train_and_test(cut_job, s, dev)
+    assert cut["cut"] and 0 < cut["steps"] < 6
+    saved = tmp_path / "mom_w32_lr0.01_seed0.pt"
+    assert saved.exists()
+    go_on = mqar_sweep._train_and_test(job, s, dev)
+    assert go_on["resumed_from_step"] == cut["steps"] and go_on["steps"] == 6
+    for key in ("losses", "first_loss", "final_loss", "val", "test", "masked_training_rows"):
+        assert go_on[key] == whole[key], key
+    assert not saved.exists()
+    mqar_sweep._train_and_test(cut_job, s, dev)                     # cut again
+    longer = dataclasses.replace(job, steps=7)
+    with pytest.raises(ConfigError, match="other settings .* remove it"):
+        mqar_sweep._train_and_test(longer, s, dev)
