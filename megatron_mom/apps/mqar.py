@@ -237,9 +237,11 @@ def _answer_logits(model, inputs, labels):
         hidden = model(inputs, positions, None)                # [L, b, D]
     finally:
         model.post_process = post_process
-    keep = (labels != -100).t()                                # [L, b]
-    logits, _ = model.output_layer(hidden[keep].unsqueeze(1))  # [n, 1, V]
-    return logits.squeeze(1), labels.t()[keep]
+    # One nonzero, one wait for the GPU: how many answers a batch has is data.
+    rows = (labels.t() != -100).flatten().nonzero().squeeze(1)            # [n]
+    answers = hidden.flatten(0, 1).index_select(0, rows)                   # [n, D]
+    logits, _ = model.output_layer(answers.unsqueeze(1))                   # [n, 1, V]
+    return logits.squeeze(1), labels.t().flatten().index_select(0, rows)
 
 
 def _lr(step: int, s: MQARSettings) -> float:
@@ -249,8 +251,15 @@ def _lr(step: int, s: MQARSettings) -> float:
     return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _train_batch(model, opt, inputs, labels) -> torch.Tensor:
-    logits, targets = _answer_logits(model, inputs, labels)
+def _train_batch(model, opt, inputs, labels, every_position: bool = False) -> torch.Tensor:
+    """One optimizer step on the mean cross-entropy over the labelled positions.
+    every_position: every label is a token (language modelling), so the full logits are the
+    answers and nothing is selected."""
+    if every_position:
+        logits = _logits(model, inputs)
+        logits, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+    else:
+        logits, targets = _answer_logits(model, inputs, labels)
     loss = F.cross_entropy(logits.float(), targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()

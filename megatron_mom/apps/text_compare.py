@@ -229,7 +229,7 @@ def train_one(mixer: str, seed: int, steps: int, s: TextSettings, corpus: dict, 
         x, y = windows(corpus["train"], starts, s.seq_len)
         for group in opt.param_groups:
             group["lr"] = mqar._lr(step, ms)
-        loss = mqar._train_batch(model, opt, x.to(device), y.to(device))
+        loss = mqar._train_batch(model, opt, x.to(device), y.to(device), every_position=True)
         if step + 1 in evals:
             val = validation_loss(model, corpus["val"], val_starts, s, device)
             curve.append({"step": step + 1, "tokens": (step + 1) * s.batch_size * s.seq_len,
@@ -246,12 +246,12 @@ def seconds_per_step(mixer: str, s: TextSettings, corpus: dict, device, steps: i
     x, y = windows(corpus["train"], torch.arange(s.batch_size) * s.seq_len, s.seq_len)
     x, y = x.to(device), y.to(device)
     for _ in range(2):
-        mqar._train_batch(model, opt, x, y)
+        mqar._train_batch(model, opt, x, y, every_position=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.time()
     for _ in range(steps):
-        mqar._train_batch(model, opt, x, y)
+        mqar._train_batch(model, opt, x, y, every_position=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return (time.time() - t) / steps
