@@ -97,8 +97,8 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
           init_state: dict = None, single_pool: bool = False):
     """(DDP model, Megatron optimizer, TransformerConfig, parameter count, device); the GPT's
     weights from `init_state` (a GPTModel state dict) when given, before the optimizer copies
-    them. single_pool: the graphs share one memory pool (one micro-batch a step here, so each
-    graph runs once a step, which that pool requires) instead of one pool per graph."""
+    them. single_pool: Megatron's cuda_graph_use_single_mempool (at one pipeline stage
+    megatron-core 0.16.1 captures every graph in one pool with or without it)."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.models.gpt import GPTModel
@@ -294,8 +294,9 @@ def main(argv=None):
     p.add_argument("--cuda-graph", action="store_true",
                    help="Megatron's per-layer CUDA graphs (cuda_graph_impl='local')")
     p.add_argument("--cuda-graph-single-mempool", action="store_true",
-                   help="with --cuda-graph: all graphs in one memory pool "
-                   "(cuda_graph_use_single_mempool) instead of one pool per graph")
+                   help="with --cuda-graph: Megatron's cuda_graph_use_single_mempool "
+                   "(megatron-core 0.16.1 shares one pool across graphs without pipeline "
+                   "parallelism anyway; the flag matters with several pipeline stages)")
     p.add_argument("--host-profile", action="store_true",
                    help="write a cProfile of 3 steps per case to OUT/host_<kind>_<seq>.txt")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
