@@ -19,6 +19,10 @@ how the sweep is meant to run (docs/results.md). With `train_steps` 0 the step c
 same for every run, is fitted to the budget from a timing of every mixer in all workers at once; the whole sweep stops at the budget
 whatever happens (runs still training then are cut and marked; runs not started are listed).
 
+A run cut by the budget keeps its training state in the output folder's partial/ (weights,
+optimizer, data generators, step); the sweep run again into that folder with the same
+settings goes on from it bit for bit, and from results.json's finished runs.
+
 Outputs in the output folder, rewritten after every run: results.json (settings, environment,
 every run, the aggregates), results.md (the tables) and mqar_zoology.png (accuracy against
 width, one panel per sequence length, one line per mixer, min-max bars over seeds).
