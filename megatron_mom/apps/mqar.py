@@ -219,9 +219,12 @@ def build_model(mixer: str, s: MQARSettings, device: torch.device):
     return model.to(device)
 
 
+def _positions(inputs):
+    return torch.arange(inputs.shape[1], device=inputs.device)[None].expand_as(inputs)
+
+
 def _logits(model, inputs):
-    positions = torch.arange(inputs.shape[1], device=inputs.device)[None].expand_as(inputs)
-    return model(inputs, positions, None)                      # [b, L, V]
+    return model(inputs, _positions(inputs), None)             # [b, L, V]
 
 
 def _answer_logits(model, inputs, labels):
@@ -229,12 +232,11 @@ def _answer_logits(model, inputs, labels):
     MQAR labels one position in 4 to 8, and at vocabulary 8192 the output layer and the
     softmax over every position cost about as much as the rest of a small model's step; their
     rows here equal the full logits' rows. Rows in time-major order ([L, b] flattened)."""
-    positions = torch.arange(inputs.shape[1], device=inputs.device)[None].expand_as(inputs)
     # Without post_process a GPTModel returns its decoder's output (after the final norm)
     # instead of running the output layer on every position.
     post_process, model.post_process = model.post_process, False
     try:
-        hidden = model(inputs, positions, None)                # [L, b, D]
+        hidden = model(inputs, _positions(inputs), None)       # [L, b, D]
     finally:
         model.post_process = post_process
     # One nonzero, one wait for the GPU: how many answers a batch has is data.

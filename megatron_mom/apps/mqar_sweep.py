@@ -247,8 +247,8 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, tokens_per_batch
     b = max(1, tokens_per_batch // inputs.shape[1])
     correct = torch.zeros((), dtype=torch.long, device=inputs.device)
     for i in range(0, inputs.shape[0], b):
-        logits, answers = mqar._answer_logits(model, inputs[i:i + b], labels[i:i + b])
-        correct += (logits.argmax(dim=-1) == answers).sum()
+        logits, targets = mqar._answer_logits(model, inputs[i:i + b], labels[i:i + b])
+        correct += (logits.argmax(dim=-1) == targets).sum()
     model.train()
     answers = int((labels != -100).sum())
     return {"accuracy": int(correct) / answers, "answers": answers,
@@ -761,8 +761,8 @@ def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
     if not path.exists():
         return [], 0
     old = json.loads(path.read_text())
-    mine = dataclasses.asdict(s)
-    differ = [k for k in mine if k not in RESUME_FREE and old["settings"].get(k) != mine[k]]
+    mine = _identity(s)
+    differ = [k for k in mine if old["settings"].get(k) != mine[k]]
     if differ:
         raise ConfigError(f"MQAR sweep: {path} holds a sweep with other settings "
                           f"({', '.join(differ)} differ); choose another --out or remove it")
