@@ -227,11 +227,16 @@ def _logits(model, inputs):
     return model(inputs, _positions(inputs), None)             # [b, L, V]
 
 
-def _answer_logits(model, inputs, labels):
+def _answer_logits(model, inputs, labels, max_answers: int = 0):
     """(logits [n, V], their labels [n]) at the labelled positions (labels != -100) only.
     MQAR labels one position in 4 to 8, and at vocabulary 8192 the output layer and the
     softmax over every position cost about as much as the rest of a small model's step; their
-    rows here equal the full logits' rows. Rows in time-major order ([L, b] flattened)."""
+    rows here equal the full logits' rows. Rows in time-major order ([L, b] flattened).
+
+    max_answers > 0: always that many rows, the labelled ones first, then padding whose
+    labels are -100 (cross_entropy ignores them), so no shape depends on the data: no wait for
+    the GPU, and the step can be replayed from a CUDA graph. It must bound the batch's count
+    of labels (the caller knows it: sequences x most pairs a sequence holds)."""
     # Without post_process a GPTModel returns its decoder's output (after the final norm)
     # instead of running the output layer on every position.
     post_process, model.post_process = model.post_process, False
@@ -239,11 +244,23 @@ def _answer_logits(model, inputs, labels):
         hidden = model(inputs, _positions(inputs), None)       # [L, b, D]
     finally:
         model.post_process = post_process
-    # One nonzero, one wait for the GPU: how many answers a batch has is data.
-    rows = (labels.t() != -100).flatten().nonzero().squeeze(1)            # [n]
+    flat = labels.t().flatten()                                             # [L * b]
+    labelled = flat != -100
+    if max_answers:
+        if labels.device.type == "cpu" and int(labelled.sum()) > max_answers:
+            raise ValueError(f"max_answers {max_answers} is below the batch's "
+                             f"{int(labelled.sum())} labelled positions; raise it")
+        rows = torch.nonzero_static(labelled, size=max_answers).squeeze(1)  # [n], -1 padded
+        padding = rows < 0
+        rows = rows.clamp(min=0)
+        targets = flat.index_select(0, rows).masked_fill(padding, -100)
+    else:
+        # One nonzero, one wait for the GPU: how many answers a batch has is data.
+        rows = labelled.nonzero().squeeze(1)                                # [n]
+        targets = flat.index_select(0, rows)
     answers = hidden.flatten(0, 1).index_select(0, rows)                   # [n, D]
     logits, _ = model.output_layer(answers.unsqueeze(1))                   # [n, 1, V]
-    return logits.squeeze(1), labels.t().flatten().index_select(0, rows)
+    return logits.squeeze(1), targets
 
 
 def _lr(step: int, s: MQARSettings) -> float:
@@ -253,21 +270,91 @@ def _lr(step: int, s: MQARSettings) -> float:
     return s.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def _train_batch(model, opt, inputs, labels, every_position: bool = False) -> torch.Tensor:
+def _train_batch(model, opt, inputs, labels, every_position: bool = False,
+                 max_answers: int = 0, set_to_none: bool = True) -> torch.Tensor:
     """One optimizer step on the mean cross-entropy over the labelled positions.
     every_position: every label is a token (language modelling), so the full logits are the
-    answers and nothing is selected."""
+    answers and nothing is selected. max_answers: see `_answer_logits`."""
     if every_position:
         logits = _logits(model, inputs)
         logits, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
     else:
-        logits, targets = _answer_logits(model, inputs, labels)
+        logits, targets = _answer_logits(model, inputs, labels, max_answers)
     loss = F.cross_entropy(logits.float(), targets)
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=set_to_none)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return loss
+
+
+class TrainStep:
+    """`_train_batch` of one model and optimizer, at a learning rate given per step; on a GPU
+    with `graphs`, replayed from one CUDA graph per batch shape.
+
+    A small model's step is a few hundred short kernels (394 for a 2-layer MQAR model at width
+    256), so eagerly the host's launches, not the GPU, set its pace, and processes sharing a
+    GPU queue behind each other's launch gaps. Replayed from a graph the step is one launch.
+    The first `warmup` steps of each shape run eagerly on a side stream (as CUDA graph capture
+    requires), the next is captured and replayed, and later ones replay it; each step runs
+    once, the same kernels as eagerly, so the results equal the eager steps' bit for bit
+    (tests/gpu/test_gpu_mqar_graphs.py). Needs `max_answers` (fixed shapes) and an optimizer
+    built with `capturable=True`; the learning rate becomes a GPU tensor of the optimizer's
+    param groups (the graph reads it there, so changing it needs no new capture). The graphs
+    share one memory pool: they replay one at a time on one stream."""
+
+    def __init__(self, model, opt, graphs: bool = True, warmup: int = 2):
+        self.model, self.opt, self.warmup = model, opt, warmup
+        device = next(model.parameters()).device
+        self.graphs = graphs and device.type == "cuda"
+        self._graphs: Dict[tuple, tuple] = {}    # shape -> (graph, inputs, labels, loss)
+        self._eager_steps: Dict[tuple, int] = {}
+        if self.graphs:
+            if not all(g.get("capturable") for g in opt.param_groups):
+                raise ValueError("TrainStep(graphs=True) needs an optimizer built with "
+                                 "capturable=True")
+            self.lr = torch.tensor(float(opt.param_groups[0]["lr"]), device=device)
+            for group in opt.param_groups:
+                group["lr"] = self.lr
+            self.stream = torch.cuda.Stream(device)
+            self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, inputs, labels, lr: float, max_answers: int = 0) -> torch.Tensor:
+        """The step's loss (under graphs a buffer the next step of that shape overwrites)."""
+        if not self.graphs:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            return _train_batch(self.model, self.opt, inputs, labels, max_answers=max_answers)
+        if not max_answers:
+            raise ValueError("TrainStep(graphs=True) needs max_answers > 0 (fixed shapes)")
+        self.lr.fill_(lr)
+        key = (tuple(inputs.shape), max_answers)
+        if key in self._graphs:
+            graph, x, y, loss = self._graphs[key]
+            x.copy_(inputs)
+            y.copy_(labels)
+            graph.replay()
+            return loss
+        here = torch.cuda.current_stream()
+        self.stream.wait_stream(here)
+        seen = self._eager_steps[key] = self._eager_steps.get(key, 0) + 1
+        if seen <= self.warmup:
+            with torch.cuda.stream(self.stream):
+                loss = _train_batch(self.model, self.opt, inputs, labels,
+                                    max_answers=max_answers, set_to_none=False)
+            here.wait_stream(self.stream)
+            return loss
+        x, y = inputs.clone(), labels.clone()
+        graph = torch.cuda.CUDAGraph()
+        # set_to_none=False: the gradients stay where the eager steps put them, outside the
+        # pool, so every shape's graph accumulates into the same tensors.
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+            loss = _train_batch(self.model, self.opt, x, y, max_answers=max_answers,
+                                set_to_none=False)
+        here.wait_stream(self.stream)
+        self._graphs[key] = (graph, x, y, loss)
+        graph.replay()                            # capture records; this step runs now
+        return loss
 
 
 def _sync(device) -> None:

@@ -82,6 +82,8 @@ class SweepSettings:
     workers: int = 0                 # 0: min(8, CPUs - 2) on a GPU, 1 on the CPU
     timing_seconds: float = 10.0     # the step timing's window, every worker stepping at once
     log_every: int = 0               # >0: log the loss every this many steps
+    cuda_graphs: bool = True         # GPU: each step replayed from a CUDA graph (mqar.TrainStep;
+                                     # the same kernels and results as eagerly)
 
 
 PRESETS = {
@@ -113,6 +115,9 @@ def preset_with_overrides(presets: dict, preset: str, overrides: Optional[dict],
             value = value if isinstance(value, list) else [value]
             kind = str if key == "mixers" else type(current[0]) if current else float
             value = [kind(v) for v in value]
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):     # bool("false") would be True
+                raise ConfigError(f"{what} setting {key} must be true or false, got {value!r}")
         else:
             value = type(current)(value)
         setattr(s, key, value)
@@ -223,6 +228,12 @@ def held_out_sets(s: SweepSettings, device) -> Dict[str, Dict[int, tuple]]:
 
 def held_out_hashes(sets) -> torch.Tensor:
     return torch.cat([row_hashes(x) for per_len in sets.values() for x, _ in per_len.values()])
+
+
+def max_answers(seq_len: int, s: SweepSettings) -> int:
+    """The most labelled positions a training batch of this length has (sequences x most
+    pairs): the fixed number of answer rows its step computes (`mqar._answer_logits`)."""
+    return max(1, s.tokens_per_step // seq_len) * max(train_pairs(seq_len, s))
 
 
 def training_batch(s: SweepSettings, step: int, gen: torch.Generator, pick: torch.Generator,
@@ -339,8 +350,10 @@ def _build(job: Job, s: SweepSettings, dev):
     model = mqar.build_model(job.mixer, ms, dev)
     metrics.set_router_loss_scale(device=dev)     # one micro-batch, no loss scaling
     # fused: one kernel for the whole update on a GPU instead of a dozen per parameter group
+    # capturable: its step counts live on the GPU, so mqar.TrainStep can capture the update
+    cuda = dev.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=s.weight_decay,
-                            betas=(0.9, 0.98), fused=dev.type == "cuda")
+                            betas=(0.9, 0.98), fused=cuda, capturable=cuda)
     return ms, model, opt
 
 
@@ -357,15 +370,15 @@ def _train_and_test(job: Job, s: SweepSettings, dev) -> dict:
     if resumed is not None:
         begin, run = resumed["step"], resumed["run"]
         masked += resumed["masked"]
+    train_step = mqar.TrainStep(model, opt, graphs=s.cuda_graphs)
     losses, step, loss = run["losses"], begin, None
     for step in range(begin, job.steps):
         if job.deadline and time.time() > job.deadline:
             break
         inputs, labels, seen = training_batch(s, step, gen, pick, _STATE["exclude"], dev)
         masked += seen
-        for group in opt.param_groups:
-            group["lr"] = mqar._lr(step, ms)
-        loss = mqar._train_batch(model, opt, inputs, labels)
+        loss = train_step(inputs, labels, mqar._lr(step, ms),
+                          max_answers(inputs.shape[1], s))
         if step == 0:
             run["first_loss"] = loss.item()
         if s.log_every and step % s.log_every == 0:
@@ -447,8 +460,14 @@ def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
     pick = torch.Generator().manual_seed(1)
     n = len(s.seq_lens)
     batches = [training_batch(s, i, gen, pick, _STATE["exclude"], dev) for i in range(n)]
-    for x, y, _ in batches:                      # compiles the kernels of every length
-        mqar._train_batch(model, opt, x, y)
+    train_step = mqar.TrainStep(model, opt, graphs=s.cuda_graphs)
+
+    def step(x, y):
+        train_step(x, y, job.lr, max_answers(x.shape[1], s))
+
+    for _ in range(train_step.warmup + 1):       # compiles every length's kernels (and graph)
+        for x, y, _ in batches:
+            step(x, y)
     _sync(dev)
     met = _meet(barrier, job.deadline - s.timing_seconds if job.deadline else 0.0)
     window = s.timing_seconds if barrier is not None else 0.0    # alone: one round suffices
@@ -456,7 +475,7 @@ def _time_job(job: Job, s: SweepSettings, dev, barrier=None) -> dict:
     steps = 0
     while steps < n or time.time() - t1 < window:
         for x, y, _ in batches:
-            mqar._train_batch(model, opt, x, y)
+            step(x, y)
         steps += n
         _sync(dev)                               # the clock reads finished steps
     per_step = (time.time() - t1) / steps
@@ -749,8 +768,11 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
 
 
 # Settings that do not change what a run computes: a sweep continued with other values of
-# these goes on with the same runs.
-RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps", "timing_seconds")
+# these goes on with the same runs. The widths and mixers only choose which runs a call
+# makes, so a sweep can be completed part by part (its tables show the parts asked for;
+# results.json keeps every finished run).
+RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps", "timing_seconds",
+               "cuda_graphs", "widths", "mixers")
 
 
 def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:

@@ -279,6 +279,11 @@ def test_zoology_sweep_goes_on_from_its_finished_runs(megatron_single, tmp_path)
     assert second["runs"][:3] == kept                  # untouched, not retrained
     mom = [r for r in second["runs"] if r["job"]["mixer"] == "mom"]
     assert len(mom) == 3 and all("test" in r for r in mom)
+    # A call for a part of the sweep (one mixer) keeps the other parts' runs and adds none.
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "mixers": ["single"]},
+                   log=lambda *_: None)
+    third = json.loads((tmp_path / "results.json").read_text())
+    assert third["runs"] == second["runs"] and third["plan"]["resumed_runs"] == 6
     with pytest.raises(ConfigError, match="other settings .*seeds differ"):
         mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "seeds": 3},
                        log=lambda *_: None)
@@ -322,6 +327,81 @@ def test_answer_logits_are_the_full_logits_at_the_answers(megatron_single):
             assert g is None, name
         else:
             torch.testing.assert_close(g, g_full, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_padded_answer_rows_equal_the_exact_ones(megatron_single):
+    """With max_answers the step computes a fixed number of answer rows (no data-dependent
+    shape, so it can be captured in a CUDA graph): the labelled rows first, equal to the exact
+    path's, then padding labelled -100; the loss and every gradient equal the exact path's."""
+    s = mqar_sweep.settings_for("zoology-cpu")
+    ms = mqar_sweep.model_settings(s, width=32)
+    torch.manual_seed(0)
+    model = mqar.build_model("single", ms, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    inputs, labels = mqar.make_batch(4, 32, 5, s.vocab_size, s.power_a, gen)
+    labels[1] = -100                                    # a row masked out (held-out duplicate)
+    exact, answers = mqar._answer_logits(model, inputs, labels)
+    n = answers.numel()
+    assert n == 3 * 5
+    padded, targets = mqar._answer_logits(model, inputs, labels, max_answers=4 * 8)
+    assert padded.shape == (32, s.vocab_size) and targets.shape == (32,)
+    torch.testing.assert_close(padded[:n], exact, rtol=0, atol=0)
+    assert torch.equal(targets[:n], answers) and (targets[n:] == -100).all()
+    F = torch.nn.functional
+    loss, loss_exact = F.cross_entropy(padded, targets), F.cross_entropy(exact, answers)
+    torch.testing.assert_close(loss, loss_exact, rtol=1e-6, atol=0)
+    params = list(model.parameters())
+    for g, g_exact in zip(torch.autograd.grad(loss, params, allow_unused=True),
+                          torch.autograd.grad(loss_exact, params, allow_unused=True)):
+        if g_exact is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, g_exact, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="max_answers 14 is below the batch's 15 labelled"):
+        mqar._answer_logits(model, inputs, labels, max_answers=14)
+
+
+def test_sweep_max_answers_bounds_every_training_batch():
+    s = mqar_sweep.settings_for("zoology-cpu")
+    gen, pick = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    for step in range(12):
+        x, y, _ = mqar_sweep.training_batch(s, step, gen, pick, torch.zeros(0, dtype=torch.long),
+                                            "cpu")
+        bound = mqar_sweep.max_answers(x.shape[1], s)
+        assert int((y != -100).sum()) <= bound
+    # the bound is reached: full batches at the largest N of a length
+    assert mqar_sweep.max_answers(32, s) == (s.tokens_per_step // 32) * 8
+
+
+def test_train_step_on_the_cpu_is_the_eager_step(megatron_single):
+    """TrainStep without a GPU (or with graphs off) is _train_batch at the given rate: same
+    losses and weights as the loop that sets the rate itself."""
+    s = mqar_sweep.settings_for("zoology-cpu")
+    ms = mqar_sweep.model_settings(s, width=32)
+    models, opts = [], []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(mqar.build_model("mom", ms, torch.device("cpu")))
+        opts.append(torch.optim.AdamW(models[-1].parameters(), lr=1e-3))
+    step = mqar.TrainStep(models[0], opts[0], graphs=True)
+    assert not step.graphs
+    gen = torch.Generator().manual_seed(2)
+    for i, lr in enumerate((1e-3, 5e-4, 2e-3)):
+        x, y = mqar.make_batch(4, 32, 4 + i, s.vocab_size, s.power_a, gen)
+        loss = step(x, y, lr, max_answers=4 * 8)
+        for group in opts[1].param_groups:
+            group["lr"] = lr
+        loss_ref = mqar._train_batch(models[1], opts[1], x, y)
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-6, atol=0)
+        assert opts[0].param_groups[0]["lr"] == lr
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_sweep_boolean_settings_take_booleans_only():
+    assert mqar_sweep.settings_for("zoology-cpu", {"cuda_graphs": False}).cuda_graphs is False
+    with pytest.raises(ConfigError, match="cuda_graphs must be true or false, got 'false'"):
+        mqar_sweep.settings_for("zoology-cpu", {"cuda_graphs": "false"})
 
 
 def test_a_cut_run_goes_on_bit_for_bit(megatron_single, tmp_path, monkeypatch):
