@@ -641,11 +641,14 @@ def _finite(x) -> float:
 
 
 def aggregate(s: SweepSettings, runs: List[dict]) -> Dict[str, Dict[str, dict]]:
-    """mixer -> width -> best lr, and per length the test accuracy over the seeds at it."""
+    """mixer -> width -> best lr, and per length the test accuracy over the seeds at it.
+    Only finished runs count: a run cut by the budget (kept in results.json, continued by the
+    next sweep) trained fewer steps than the others."""
     out: Dict[str, Dict[str, dict]] = {}
     for mixer in s.mixers:
         for width in s.widths:
-            group = [r for r in runs if r["job"]["mixer"] == mixer and r["job"]["width"] == width]
+            group = [r for r in runs if r["job"]["mixer"] == mixer and r["job"]["width"] == width
+                     and not r.get("cut")]
             lr = best_lr([r for r in group if r["job"]["kind"] == "lr"])
             entry = {"best_lr": lr, "describe": describe(mixer, s, width),
                      "lr_sweep": {f"{r['job']['lr']:g}": (sum(r["val"].values()) / len(r["val"])

@@ -421,6 +421,10 @@ def test_a_cut_run_goes_on_bit_for_bit(megatron_single, tmp_path, monkeypatch):
     cut_job = dataclasses.replace(job, deadline=4)
     cut = mqar_sweep._train_and_test(cut_job, s, dev)
     assert cut["cut"] and 0 < cut["steps"] < 6
+    # the tables count finished runs only
+    cut_run = {"job": dataclasses.asdict(job), **cut}
+    assert mqar_sweep.aggregate(s, [cut_run])["mom"]["32"]["test"] == {}
+    assert mqar_sweep.aggregate(s, [{**cut_run, "cut": False}])["mom"]["32"]["test"] != {}
     saved = tmp_path / "mom_w32_lr0.01_seed0.pt"
     assert saved.exists()
     go_on = mqar_sweep._train_and_test(job, s, dev)
