@@ -33,7 +33,8 @@ case "${PART:-all}" in
   1) PART_TESTS="test_gpu_attention.py test_gpu_gdr_split.py test_gpu_kernels.py" ;;
   2) PART_TESTS="test_gpu_layer.py" ;;
   3) PART_TESTS="test_gpu_hf_export.py test_gpu_memory_modes.py test_gpu_short_conv.py
-                 test_gpu_resume.py test_gpu_megatron_graphs.py test_gpu_mqar_sweep.py" ;;
+                 test_gpu_resume.py test_gpu_megatron_graphs.py test_gpu_mqar_sweep.py
+                 test_gpu_mqar_graphs.py" ;;
   all) PART_TESTS="" ;;
   *) echo "PART must be 1, 2, 3 or all, got ${PART}"; exit 2 ;;
 esac

@@ -15,7 +15,9 @@ length over the seeds (mean, standard deviation, min, max).
 On a GPU the runs go to `workers` processes sharing it (tiny models leave a GPU mostly idle in
 one process). Without CUDA MPS the processes take turns on the GPU (time slicing); under MPS
 (`nvidia-cuda-mps-control -d` before the sweep) their small kernels run side by side, which is
-how the sweep is meant to run (docs/results.md). With `train_steps` 0 the step count, the
+how the sweep is meant to run (docs/results.md). Each process replays its training step from
+CUDA graphs (`cuda_graphs`, mqar.TrainStep: the same kernels and results as eagerly, without
+the host launching a few hundred kernels a step). With `train_steps` 0 the step count, the
 same for every run, is fitted to the budget from a timing of every mixer in all workers at once; the whole sweep stops at the budget
 whatever happens (runs still training then are cut and marked; runs not started are listed).
 
