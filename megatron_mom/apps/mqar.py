@@ -62,6 +62,7 @@ class MQARSettings:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
+    decay_1d: bool = False        # weight decay on 1-D parameters and biases too (see adamw)
     warmup_steps: int = 10
     test_examples: int = 64
     eval_batch_size: int = 256
@@ -104,6 +105,8 @@ def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
         if key not in names:
             raise ConfigError(f"unknown MQAR setting {key!r}; valid: {', '.join(names)}")
         current = getattr(s, key)
+        if isinstance(current, bool) and not isinstance(value, bool):   # bool("false") is True
+            raise ConfigError(f"MQAR setting {key} must be true or false, got {value!r}")
         if isinstance(current, list) and not isinstance(value, list):
             value = [value]
         setattr(s, key, type(current)(value) if not isinstance(current, list) else value)
@@ -263,6 +266,21 @@ def _answer_logits(model, inputs, labels, max_answers: int = 0):
     return logits.squeeze(1), targets
 
 
+def adamw(model, lr: float, weight_decay: float, decay_1d: bool = False, **kwargs):
+    """torch's AdamW with Megatron-Core's standard weight-decay rule: no decay on 1-D
+    parameters (norm gains, each memory's decay parameters A_log and dt_bias) and biases, as
+    Megatron-LM's optimizer and `megatron-mom train` apply it. Decoupled decay shrinks a
+    parameter by lr * weight_decay a step towards 0 whatever its role; for dt_bias (about -6
+    at initialisation) that shortens the memory's reach as training goes on.
+    decay_1d: decay every parameter alike instead."""
+    decayed, kept = [], []
+    for name, p in model.named_parameters():
+        (kept if not decay_1d and (p.ndim == 1 or name.endswith(".bias")) else decayed).append(p)
+    groups = [{"params": decayed, "weight_decay": weight_decay},
+              {"params": kept, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **kwargs)
+
+
 def _lr(step: int, s: MQARSettings) -> float:
     if step < s.warmup_steps:
         return s.lr * (step + 1) / s.warmup_steps
@@ -397,8 +415,7 @@ def train_model(model, s: MQARSettings, seq_len: int, device, log=print) -> dict
     """Fresh random batches; each batch draws one N from the pairs that fit seq_len."""
     from megatron_mom.layer import metrics
     metrics.set_router_loss_scale(device=device)   # one micro-batch, no loss scaling
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
-                            betas=(0.9, 0.98))
+    opt = adamw(model, s.lr, s.weight_decay, s.decay_1d, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(s.seed + seq_len)
     pairs = [n for n in s.num_pairs if 4 * n <= seq_len]
     model.train()

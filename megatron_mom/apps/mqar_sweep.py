@@ -78,6 +78,7 @@ class SweepSettings:
     tokens_per_step: int = 16384     # batch = tokens_per_step // L sequences (also for eval)
     warmup_fraction: float = 0.1
     weight_decay: float = 0.1
+    decay_1d: bool = False           # weight decay on 1-D parameters and biases too (mqar.adamw)
     val_examples: int = 256          # per length, picks the learning rate
     test_examples: int = 1000        # per length, the reported accuracy
     budget_minutes: float = 8.0      # the whole sweep, start to end; 0: no limit
@@ -185,7 +186,8 @@ def model_settings(s: SweepSettings, width: int, lr: float = 1e-3, steps: int = 
         hidden_size=width, num_layers=s.num_layers, num_heads=s.num_heads,
         head_dim=width // s.num_heads, num_memories=s.num_memories, topk=s.topk,
         chunk_size=s.chunk_size, mom_backend=s.mom_backend, train_steps=steps, lr=lr,
-        weight_decay=s.weight_decay, warmup_steps=max(1, int(s.warmup_fraction * steps)))
+        weight_decay=s.weight_decay, decay_1d=s.decay_1d,
+        warmup_steps=max(1, int(s.warmup_fraction * steps)))
 
 
 def describe(mixer: str, s: SweepSettings, width: int) -> dict:
@@ -354,8 +356,8 @@ def _build(job: Job, s: SweepSettings, dev):
     # fused: one kernel for the whole update on a GPU instead of a dozen per parameter group
     # capturable: its step counts live on the GPU, so mqar.TrainStep can capture the update
     cuda = dev.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=job.lr, weight_decay=s.weight_decay,
-                            betas=(0.9, 0.98), fused=cuda, capturable=cuda)
+    opt = mqar.adamw(model, job.lr, s.weight_decay, s.decay_1d, betas=(0.9, 0.98), fused=cuda,
+                     capturable=cuda)
     return ms, model, opt
 
 
@@ -434,7 +436,8 @@ def _load_partial(path: Path, job: Job, s: SweepSettings, model, opt, gen, pick)
     if not path.exists():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if (saved["key"], saved["steps"], saved["settings"]) != (job.key, job.steps, _identity(s)):
+    if ((saved["key"], saved["steps"], _as_written(saved["settings"]))
+            != (job.key, job.steps, _identity(s))):
         raise ConfigError(f"MQAR sweep: {path} holds a cut run of other settings than "
                           f"{job.key} at {job.steps} steps; remove it to start that run anew")
     model.load_state_dict(saved["model"])
@@ -442,6 +445,15 @@ def _load_partial(path: Path, job: Job, s: SweepSettings, model, opt, gen, pick)
     gen.set_state(saved["gen"])
     pick.set_state(saved["pick"])
     return saved
+
+
+# Settings added after sweeps were written without them, and the value those sweeps ran with.
+_BEFORE_THE_SETTING = {"decay_1d": True}
+
+
+def _as_written(settings: dict) -> dict:
+    """A saved sweep's settings with the values it ran with for settings it predates."""
+    return {**_BEFORE_THE_SETTING, **settings}
 
 
 def _identity(s: SweepSettings) -> dict:
@@ -789,7 +801,7 @@ def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
         return [], 0
     old = json.loads(path.read_text())
     mine = _identity(s)
-    differ = [k for k in mine if old["settings"].get(k) != mine[k]]
+    differ = [k for k in mine if _as_written(old["settings"]).get(k) != mine[k]]
     if differ:
         raise ConfigError(f"MQAR sweep: {path} holds a sweep with other settings "
                           f"({', '.join(differ)} differ); choose another --out or remove it")

@@ -63,6 +63,7 @@ class TextSettings:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.1
+    decay_1d: bool = False         # weight decay on 1-D parameters and biases too (mqar.adamw)
     warmup_fraction: float = 0.05
     seeds: int = 3
     train_steps: int = 0           # 0: fitted to minutes_per_model
@@ -172,7 +173,7 @@ def model_settings(s: TextSettings, steps: int) -> mqar.MQARSettings:
         num_layers=s.num_layers, num_heads=s.num_heads, head_dim=s.width // s.num_heads,
         num_memories=s.num_memories, topk=s.topk, chunk_size=s.chunk_size,
         mom_backend=s.mom_backend, train_steps=steps, lr=s.lr, weight_decay=s.weight_decay,
-        warmup_steps=max(1, int(s.warmup_fraction * steps)))
+        decay_1d=s.decay_1d, warmup_steps=max(1, int(s.warmup_fraction * steps)))
 
 
 def _build(mixer: str, s: TextSettings, steps: int, seed: int, device):
@@ -183,8 +184,7 @@ def _build(mixer: str, s: TextSettings, steps: int, seed: int, device):
     ms = model_settings(s, steps)
     model = mqar.build_model(mixer, ms, device)
     metrics.set_router_loss_scale(device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay,
-                            betas=(0.9, 0.95))
+    opt = mqar.adamw(model, s.lr, s.weight_decay, s.decay_1d, betas=(0.9, 0.95))
     return ms, model, opt
 
 

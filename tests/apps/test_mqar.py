@@ -398,6 +398,49 @@ def test_train_step_on_the_cpu_is_the_eager_step(megatron_single):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+def test_adamw_spares_1d_parameters_as_megatron_does(megatron_single):
+    """No weight decay on 1-D parameters (norm gains, A_log, dt_bias) and biases, decay on the
+    rest: with zero gradients a step leaves the former as they are and shrinks the latter by
+    lr * weight_decay. decay_1d decays everything."""
+    s = mqar_sweep.settings_for("zoology-cpu")
+    torch.manual_seed(0)
+    model = mqar.build_model("mom", mqar_sweep.model_settings(s, width=32), torch.device("cpu"))
+    names = dict(model.named_parameters())
+    assert any(n.endswith("A_log") for n in names) and any(n.endswith("dt_bias") for n in names)
+    for decay_1d in (False, True):
+        opt = mqar.adamw(model, 0.5, 0.1, decay_1d)
+        before = {n: p.detach().clone() for n, p in names.items()}
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        for n, p in names.items():
+            spared = not decay_1d and (p.ndim == 1 or n.endswith(".bias"))
+            expect = before[n] if spared else before[n] * (1 - 0.5 * 0.1)
+            torch.testing.assert_close(p.detach(), expect, rtol=1e-6, atol=0, msg=n)
+        with torch.no_grad():
+            for n, p in names.items():
+                p.copy_(before[n])
+    assert len(mqar.adamw(model, 1e-3, 0.1).param_groups) == 2
+    assert len(mqar.adamw(model, 1e-3, 0.1, decay_1d=True).param_groups) == 1
+
+
+def test_a_sweep_written_before_decay_1d_ran_with_it(megatron_single, tmp_path):
+    """A results.json without the decay_1d setting was trained decaying every parameter: it
+    goes on only with decay_1d true, and the error names the setting otherwise."""
+    overrides = {"mixers": ["single"], "widths": [32], "lrs": [1e-3], "seeds": 1,
+                 "decay_1d": True}
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides, log=lambda *_: None)
+    path = tmp_path / "results.json"
+    old = json.loads(path.read_text())
+    del old["settings"]["decay_1d"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="decay_1d differ"):
+        mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "decay_1d": False},
+                       log=lambda *_: None)
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides, log=lambda *_: None)
+    assert json.loads(path.read_text())["plan"]["resumed_runs"] == 1
+
+
 def test_sweep_boolean_settings_take_booleans_only():
     assert mqar_sweep.settings_for("zoology-cpu", {"cuda_graphs": False}).cuda_graphs is False
     with pytest.raises(ConfigError, match="cuda_graphs must be true or false, got 'false'"):
