@@ -85,6 +85,8 @@ class SweepSettings:
     workers: int = 0                 # 0: min(8, CPUs - 2) on a GPU, 1 on the CPU
     timing_seconds: float = 10.0     # the step timing's window, every worker stepping at once
     log_every: int = 0               # >0: log the loss every this many steps
+    max_runs: int = 0                # >0: start at most this many runs now, the rest in the
+                                     # next sweep into the same folder (needs train_steps)
     cuda_graphs: bool = True         # GPU: each step replayed from a CUDA graph (mqar.TrainStep;
                                      # the same kernels and results as eagerly)
 
@@ -155,6 +157,9 @@ def check(s: SweepSettings) -> None:
     need(s.train_steps > 0 or s.budget_minutes > 0,
          "train_steps 0 fits the steps to budget_minutes, which is 0: set one of them")
     need(s.val_examples >= 1 and s.test_examples >= 1, "val_examples and test_examples must be >= 1")
+    need(s.max_runs >= 0 and (s.max_runs == 0 or s.train_steps > 0),
+         f"max_runs must be >= 0 and needs a fixed train_steps (every part of a sweep trains "
+         f"the same steps); got max_runs={s.max_runs}, train_steps={s.train_steps}")
     need(s.timing_seconds > 0, f"timing_seconds must be > 0 (the step timing's window), got "
          f"{s.timing_seconds}")
     for mixer in s.mixers:
@@ -789,7 +794,7 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
 # makes, so a sweep can be completed part by part (its tables show the parts asked for;
 # results.json keeps every finished run).
 RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps", "timing_seconds",
-               "cuda_graphs", "widths", "mixers")
+               "cuda_graphs", "widths", "mixers", "max_runs")
 
 
 def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
@@ -865,7 +870,12 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
                     f"sweep (--set lrs=..., widths=..., seeds=...) or raise --budget-minutes")
         plan["steps"] = steps
         log(f"mqar sweep: {steps} steps per run, {s.tokens_per_step} tokens per step")
-        _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env, log)
+        limited = _AtMost(runner, s.max_runs)
+        _sweep(limited, s, steps, train_deadline, deadline, runs, out_dir, plan, env, log)
+        if limited.held:
+            plan["held_back"] = limited.held
+            log(f"mqar sweep: max_runs={s.max_runs} reached; {limited.held} run(s) (and the "
+                f"seeds that follow them) wait for the next sweep into {out_dir}")
     finally:
         runner.close()
     plan["seconds"] = time.time() - started
@@ -873,6 +883,24 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     log("\n" + text + f"\n\nwritten: {out_dir / 'results.md'}, {out_dir / 'mqar_zoology.png'}, "
         f"{out_dir / 'results.json'} ({plan['seconds'] / 60:.1f} min)")
     return aggregate(s, runs)
+
+
+class _AtMost:
+    """A runner that starts at most `limit` runs (0: no limit) and counts those it holds back,
+    so that a call with a known time can take only runs that finish in it."""
+
+    def __init__(self, runner, limit: int):
+        self.runner, self.limit, self.started, self.held = runner, limit, 0, 0
+
+    def submit(self, job: Job, barrier=None) -> None:
+        if self.limit and self.started >= self.limit:
+            self.held += 1
+            return
+        self.started += 1
+        self.runner.submit(job, barrier)
+
+    def results(self, until: float):
+        return self.runner.results(until)
 
 
 def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env, log) -> None:

@@ -441,6 +441,27 @@ def test_a_sweep_written_before_decay_1d_ran_with_it(megatron_single, tmp_path):
     assert json.loads(path.read_text())["plan"]["resumed_runs"] == 1
 
 
+def test_a_sweep_in_parts_of_max_runs(megatron_single, tmp_path):
+    """max_runs starts at most that many runs; the next sweep into the folder takes the rest
+    (here: the second learning rate, then the seed at the better one)."""
+    overrides = {"mixers": ["single"], "widths": [32], "lrs": [1e-3, 1e-2], "seeds": 2,
+                 "max_runs": 1}
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides, log=lambda *_: None)
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert len(first["runs"]) == 1 and first["plan"]["held_back"] == 1
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides={**overrides, "max_runs": 0},
+                   log=lambda *_: None)
+    second = json.loads((tmp_path / "results.json").read_text())
+    assert second["runs"][0] == first["runs"][0] and second["plan"]["resumed_runs"] == 1
+    kinds = sorted((r["job"]["kind"], r["job"]["lr"], r["job"]["seed"]) for r in second["runs"])
+    best = mqar_sweep.aggregate(mqar_sweep.settings_for("zoology-cpu", overrides),
+                                second["runs"])["single"]["32"]["best_lr"]
+    assert kinds == sorted([("lr", 1e-3, 0), ("lr", 1e-2, 0), ("seed", best, 1)])
+    with pytest.raises(ConfigError, match="max_runs .* needs a fixed train_steps"):
+        mqar_sweep.settings_for("zoology-cpu", {"max_runs": 3, "train_steps": 0,
+                                                "budget_minutes": 5.0})
+
+
 def test_sweep_boolean_settings_take_booleans_only():
     assert mqar_sweep.settings_for("zoology-cpu", {"cuda_graphs": False}).cuda_graphs is False
     with pytest.raises(ConfigError, match="cuda_graphs must be true or false, got 'false'"):
