@@ -441,8 +441,7 @@ def _load_partial(path: Path, job: Job, s: SweepSettings, model, opt, gen, pick)
     if not path.exists():
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    if ((saved["key"], saved["steps"], _as_written(saved["settings"]))
-            != (job.key, job.steps, _identity(s))):
+    if (saved["key"], saved["steps"]) != (job.key, job.steps) or _differing(saved["settings"], s):
         raise ConfigError(f"MQAR sweep: {path} holds a cut run of other settings than "
                           f"{job.key} at {job.steps} steps; remove it to start that run anew")
     model.load_state_dict(saved["model"])
@@ -459,6 +458,13 @@ _BEFORE_THE_SETTING = {"decay_1d": True}
 def _as_written(settings: dict) -> dict:
     """A saved sweep's settings with the values it ran with for settings it predates."""
     return {**_BEFORE_THE_SETTING, **settings}
+
+
+def _differing(saved: dict, s: SweepSettings) -> List[str]:
+    """The settings that change what a run computes and differ between a saved sweep's and s
+    (settings that stopped binding a sweep since it was saved are not compared)."""
+    saved = _as_written(saved)
+    return [k for k, v in _identity(s).items() if saved.get(k) != v]
 
 
 def _identity(s: SweepSettings) -> dict:
@@ -805,8 +811,7 @@ def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
     if not path.exists():
         return [], 0
     old = json.loads(path.read_text())
-    mine = _identity(s)
-    differ = [k for k in mine if _as_written(old["settings"]).get(k) != mine[k]]
+    differ = _differing(old["settings"], s)
     if differ:
         raise ConfigError(f"MQAR sweep: {path} holds a sweep with other settings "
                           f"({', '.join(differ)} differ); choose another --out or remove it")

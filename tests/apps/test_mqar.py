@@ -497,6 +497,12 @@ def test_a_cut_run_goes_on_bit_for_bit(megatron_single, tmp_path, monkeypatch):
         assert go_on[key] == whole[key], key
     assert not saved.exists()
     mqar_sweep._train_and_test(cut_job, s, dev)                     # cut again
+    # A state saved before a setting stopped binding a sweep (widths here) still goes on.
+    state = torch.load(saved, weights_only=True)
+    state["settings"]["widths"] = [999]
+    torch.save(state, saved)
+    assert mqar_sweep._train_and_test(job, s, dev)["test"] == whole["test"]
+    mqar_sweep._train_and_test(cut_job, s, dev)
     longer = dataclasses.replace(job, steps=7)
     with pytest.raises(ConfigError, match="other settings .* remove it"):
         mqar_sweep._train_and_test(longer, s, dev)
