@@ -96,20 +96,33 @@ TINY_NOTE = ("mqar: note: the tiny preset only shows that everything runs; its m
              "(minutes on a CPU) or --preset gpu.")
 
 
-def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown MQAR preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    s = dataclasses.replace(PRESETS[preset])
-    names = {f.name: f for f in dataclasses.fields(MQARSettings)}
+def preset_with_overrides(presets: dict, preset: str, overrides: Optional[dict], what: str):
+    """A copy of presets[preset] with `overrides` ({field: value}) applied, each value converted
+    to its field's type (list fields element by element; `mixers` holds names)."""
+    if preset not in presets:
+        raise ConfigError(f"unknown {what} preset {preset!r}; choose one of "
+                          f"{', '.join(presets)}")
+    s = dataclasses.replace(presets[preset])
+    fields = {f.name for f in dataclasses.fields(s)}
     for key, value in (overrides or {}).items():
-        if key not in names:
-            raise ConfigError(f"unknown MQAR setting {key!r}; valid: {', '.join(names)}")
+        if key not in fields:
+            raise ConfigError(f"unknown {what} setting {key!r}; valid: {', '.join(fields)}")
         current = getattr(s, key)
-        if isinstance(current, bool) and not isinstance(value, bool):   # bool("false") is True
-            raise ConfigError(f"MQAR setting {key} must be true or false, got {value!r}")
-        if isinstance(current, list) and not isinstance(value, list):
-            value = [value]
-        setattr(s, key, type(current)(value) if not isinstance(current, list) else value)
+        if isinstance(current, list):
+            value = value if isinstance(value, list) else [value]
+            kind = str if key == "mixers" else type(current[0]) if current else float
+            value = [kind(v) for v in value]
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):     # bool("false") would be True
+                raise ConfigError(f"{what} setting {key} must be true or false, got {value!r}")
+        else:
+            value = type(current)(value)
+        setattr(s, key, value)
+    return s
+
+
+def settings_for(preset: str, overrides: Optional[dict] = None) -> MQARSettings:
+    s = preset_with_overrides(PRESETS, preset, overrides, "MQAR")
     _check(s)
     return s
 

@@ -104,33 +104,8 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------- settings
-def preset_with_overrides(presets: dict, preset: str, overrides: Optional[dict], what: str):
-    """A copy of presets[preset] with `overrides` ({field: value}) applied, each value converted
-    to its field's type (list fields element by element; `mixers` holds names)."""
-    if preset not in presets:
-        raise ConfigError(f"unknown {what} preset {preset!r}; choose one of "
-                          f"{', '.join(presets)}")
-    s = dataclasses.replace(presets[preset])
-    fields = {f.name for f in dataclasses.fields(s)}
-    for key, value in (overrides or {}).items():
-        if key not in fields:
-            raise ConfigError(f"unknown {what} setting {key!r}; valid: {', '.join(fields)}")
-        current = getattr(s, key)
-        if isinstance(current, list):
-            value = value if isinstance(value, list) else [value]
-            kind = str if key == "mixers" else type(current[0]) if current else float
-            value = [kind(v) for v in value]
-        elif isinstance(current, bool):
-            if not isinstance(value, bool):     # bool("false") would be True
-                raise ConfigError(f"{what} setting {key} must be true or false, got {value!r}")
-        else:
-            value = type(current)(value)
-        setattr(s, key, value)
-    return s
-
-
 def settings_for(preset: str, overrides: Optional[dict] = None) -> SweepSettings:
-    s = preset_with_overrides(PRESETS, preset, overrides, "MQAR sweep")
+    s = mqar.preset_with_overrides(PRESETS, preset, overrides, "MQAR sweep")
     check(s)
     return s
 

@@ -39,8 +39,7 @@ from typing import Dict, List, Optional
 import torch
 
 from megatron_mom.apps import mqar
-from megatron_mom.apps.mqar_sweep import (SWEEP_MIXERS, environment, preset_with_overrides,
-                                          write_results_json)
+from megatron_mom.apps.mqar_sweep import SWEEP_MIXERS, environment, write_results_json
 from megatron_mom.train.config import ConfigError
 from megatron_mom.train.plot import pyplot
 
@@ -89,7 +88,7 @@ PRESETS = {
 
 
 def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
-    s = preset_with_overrides(PRESETS, preset, overrides, "text_compare")
+    s = mqar.preset_with_overrides(PRESETS, preset, overrides, "text_compare")
     for mixer in s.mixers:
         if mixer not in SWEEP_MIXERS:
             raise ConfigError(f"unknown mixer {mixer!r}; choose from {', '.join(SWEEP_MIXERS)}")
