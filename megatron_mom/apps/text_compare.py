@@ -22,12 +22,19 @@ rewritten after every model: results.json (settings, environment, corpus, every 
 results.md (final validation loss per mixer, mean and spread over seeds) and text_lm.png
 (validation loss against training tokens, mean over seeds with a min-max band, one line per
 mixer).
+
+The folder is also where the comparison goes on: run again with the same settings and `--out`,
+it keeps the finished runs, trains the missing (mixer, seed) pairs with the saved step count,
+and refuses other settings or another corpus. `budget_minutes` stops it before a run that would
+not finish in time (estimated from that mixer's timing), so a long comparison fits in several
+short sessions of one GPU.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -67,6 +74,7 @@ class TextSettings:
     seeds: int = 3
     train_steps: int = 0           # 0: fitted to minutes_per_model
     minutes_per_model: float = 3.0
+    budget_minutes: float = 0.0    # this invocation; 0: no limit (runs left go on next time)
     eval_every: int = 0            # 0: CURVE_POINTS evaluations a run, whatever its steps
     val_windows: int = 64
     val_fraction: float = 0.02
@@ -99,6 +107,8 @@ def settings_for(preset: str, overrides: Optional[dict] = None) -> TextSettings:
         raise ConfigError(f"sources must name some of {', '.join(SOURCES)}; got {s.sources}")
     if s.train_steps <= 0 and s.minutes_per_model <= 0:
         raise ConfigError("set train_steps or minutes_per_model (both are 0)")
+    if s.budget_minutes < 0:
+        raise ConfigError(f"budget_minutes must be >= 0 (0: no limit), got {s.budget_minutes}")
     if s.eval_every < 0:
         raise ConfigError(f"eval_every must be >= 0 (0: ten evaluations a run), got {s.eval_every}")
     return s
@@ -315,9 +325,47 @@ def write_outputs(out: Path, s: TextSettings, plan: dict, runs: List[dict], env:
     return text
 
 
+# Settings that a comparison going on in its folder may change: which runs this invocation
+# adds and how long it may take. Every other setting binds the runs together.
+RESUME_FREE = ("mixers", "seeds", "train_steps", "minutes_per_model", "budget_minutes")
+CORPUS_KEYS = ("train_bytes", "val_bytes", "files")
+
+
+def saved_comparison(out_dir: Path, s: TextSettings, plan: dict) -> Optional[dict]:
+    """The results.json of a comparison in out_dir, checked against these settings and this
+    corpus; None where there is none."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    now = dataclasses.asdict(s)
+    differing = [f"{k} (saved {saved['settings'].get(k)!r}, now {now[k]!r})" for k in now
+                 if k not in RESUME_FREE and saved["settings"].get(k) != now[k]]
+    differing += [f"corpus {k} (saved {saved['plan'].get(k)!r}, now {plan[k]!r})"
+                  for k in CORPUS_KEYS if saved["plan"].get(k) != plan[k]]
+    if s.train_steps and s.train_steps != saved["plan"]["steps"]:
+        differing.append(f"train_steps (saved {saved['plan']['steps']}, now {s.train_steps})")
+    if differing:
+        raise ConfigError(f"{out_dir} holds a comparison with other settings: "
+                          f"{'; '.join(differing)}. Run with its settings to go on with it, "
+                          f"or give another --out")
+    return saved
+
+
+def estimated_seconds(mixer: str, runs: List[dict], plan: dict) -> Optional[float]:
+    """How long a run of this mixer takes: as its longest finished run did, else from the
+    timing the step count was fitted to (10% added for validation); None if neither exists."""
+    done = [r["seconds"] for r in runs if r["mixer"] == mixer]
+    if done:
+        return max(done)
+    per_step = plan.get("seconds_per_step", {}).get(mixer)
+    return 1.1 * per_step * plan["steps"] if per_step else None
+
+
 def run(preset: str = "h200", out: str = "runs/text_compare", overrides: Optional[dict] = None,
         device: Optional[str] = None, log=print) -> Dict[str, dict]:
     from megatron_mom.train.build import init_process_groups
+    started = time.time()
     s = settings_for(preset, overrides)
     init_process_groups(1, 1, 0)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -332,22 +380,39 @@ def run(preset: str = "h200", out: str = "runs/text_compare", overrides: Optiona
     log(f"text_compare: {plan['train_bytes']:,} training and {plan['val_bytes']:,} validation "
         f"bytes from {corpus['root']} ({corpus['files']['train']} + {corpus['files']['val']} "
         f"files)")
-    steps = s.train_steps
-    if not steps:
+    saved = saved_comparison(out_dir, s, plan)
+    env = environment(dev)
+    runs: List[dict] = []
+    if saved:
+        plan, runs, env = saved["plan"], saved["runs"], saved["environment"]
+        log(f"text_compare: going on with {len(runs)} finished runs in {out_dir}, "
+            f"{plan['steps']} steps each")
+    elif s.train_steps:
+        plan["steps"] = s.train_steps
+    else:
         timing = {m: seconds_per_step(m, s, corpus, dev) for m in s.mixers}
-        steps = max(1, int(60 * s.minutes_per_model / max(timing.values())))
+        plan["steps"] = max(1, int(60 * s.minutes_per_model / max(timing.values())))
         plan["seconds_per_step"] = timing
         log("text_compare: seconds per step " + ", ".join(f"{m} {t:.3f}" for m, t in
                                                           timing.items()))
-    plan["steps"] = steps
+    steps = plan["steps"]
     plan["tokens_per_model"] = steps * s.batch_size * s.seq_len
-    env = environment(dev)
-    runs: List[dict] = []
-    for seed in range(s.seeds):
-        for mixer in s.mixers:
-            log(f"text_compare: {mixer}, seed {seed}, {steps} steps")
-            runs.append(train_one(mixer, seed, steps, s, corpus, dev, log))
-            write_outputs(out_dir, s, plan, runs, env)
+    done = {(r["mixer"], r["seed"]) for r in runs}
+    todo = [(m, seed) for seed in range(s.seeds) for m in s.mixers if (m, seed) not in done]
+    for mixer, seed in todo:
+        need = estimated_seconds(mixer, runs, plan)
+        if s.budget_minutes and need and time.time() - started + need > 60 * s.budget_minutes:
+            log(f"text_compare: the budget leaves too little for {mixer}, seed {seed} "
+                f"(~{need:.0f} s); the same command goes on with it")
+            break
+        log(f"text_compare: {mixer}, seed {seed}, {steps} steps")
+        r = train_one(mixer, seed, steps, s, corpus, dev, log)
+        runs.append({**r, "device": environment(dev)["device"],
+                     "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
+        write_outputs(out_dir, s, plan, runs, env)
+    if not runs:
+        log("text_compare: no run finished")
+        return {}
     text = write_outputs(out_dir, s, plan, runs, env)
     log("\n" + text + f"\n\nwritten: {out_dir / 'results.md'}, {out_dir / 'text_lm.png'}, "
         f"{out_dir / 'results.json'}")
@@ -361,12 +426,16 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="h200", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--out", default="runs/text_compare")
     p.add_argument("--minutes-per-model", type=float)
+    p.add_argument("--budget-minutes", type=float, help="stop before a run that would not "
+                   "finish in this many minutes; the same command goes on with the rest")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device")
     args = p.parse_args(argv)
     overrides = dict(parse_override(t) for t in args.set)
     if args.minutes_per_model is not None:
         overrides["minutes_per_model"] = args.minutes_per_model
+    if args.budget_minutes is not None:
+        overrides["budget_minutes"] = args.budget_minutes
     try:
         run(args.preset, args.out, overrides, args.device)
     except ConfigError as err:
