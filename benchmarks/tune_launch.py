@@ -70,7 +70,7 @@ VARIANTS = [
     ("chunk_out BK128", "chunk_out", None, {"BK": 128}),
     ("chunk_out w8", "chunk_out", None, {"num_warps": 8}),
     ("chunk_out s1", "chunk_out", None, {"num_stages": 1}),
-    ("state kernels longest first", "state_order", None, {"longest_first": 1}),
+    ("state kernels in index order", "state_order", None, {"longest_first": 0}),
     ("state_bwd BV16", "state_bwd", "K", {"BV": 16}),
     ("state_bwd BV32", "state_bwd", "K", {"BV": 32}),
     ("state_bwd w4", "state_bwd", "K", {"num_warps": 4}),

@@ -62,10 +62,10 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # The sequential state kernels' programs start longest sequence first (1) or in order
     # (0). A launch's programs start in index order, so a long chain started last is its
-    # tail; at MoM's packed segments (the shared memory's twice as long as the others) a
-    # scheduling model predicts 1.03-1.37x for longest first (benchmarks/
-    # launch_order_model.py). Not yet timed on a GPU.
-    "state_order": {"longest_first": 0},
+    # tail; at MoM's packed segments the shared memory's chain is twice the others'. Longest
+    # first gave the same bits 2.4% (B4 T4096) and 7.1% (B1 T16384) faster fwd+bwd at K = 256
+    # (tune_launch.py; docs/performance.md).
+    "state_order": {"longest_first": 1},
     # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
     # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
     # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
