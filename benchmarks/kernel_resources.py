@@ -83,7 +83,7 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
 
 
 def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, one_pass: bool,
-                   H: int = 4, C: int = 64) -> dict:
+                   H: int = 4, C: int = 64, split_k: bool = False) -> dict:
     """The backward's main chunk-parallel kernel, bf16 inputs, dk partials in float32 (the
     fused L2 norm's case)."""
     pointers = dict(q=BF16, k=BF16, v=BF16, beta=F32, gam=F32, t_mat=BF16, h=BF16, dh=BF16,
@@ -91,10 +91,10 @@ def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, on
                     scratch_cc=F32, scratch_dw=BF16, scratch_dk=F32, cu_seqlens=I32,
                     chunk_offsets=I32)
     consts = dict(H=H, K=K, V=K, C=C, BK=min(BK, K), BV=min(BV, K), PREC="tf32",
-                  ONE_PASS=one_pass, SQK=H * K, SV=H * K, SGB=H, SDO=H * K, SDQK=H * K,
-                  SDV=H * K, SDB=H, SSK=H * K)
+                  ONE_PASS=one_pass, SPLIT_K=split_k, SQK=H * K, SV=H * K, SGB=H, SDO=H * K,
+                  SDQK=H * K, SDV=H * K, SDB=H, SSK=H * K)
     return build(chunk_bwd_main_kernel, pointers, consts, num_warps, num_stages,
-                 scalars=dict(N="i32", STEPS="i32", scale="fp32"))
+                 scalars=dict(N="i32", STEPS="i32", scale="fp32", GAM_PART="i32"))
 
 
 def _dense_rows(K: int, variants: bool) -> list:

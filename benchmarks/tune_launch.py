@@ -46,6 +46,11 @@ VARIANTS = [
     ("chunk_bwd_main w8 s2", "chunk_bwd_main", None, {"num_warps": 8, "num_stages": 2}),
     ("chunk_bwd_main one pass", "chunk_bwd_main", None, {"one_pass": 1}),
     ("chunk_bwd_main one pass w8", "chunk_bwd_main", None, {"one_pass": 1, "num_warps": 8}),
+    # A program per K block: each reads h and dh once, its chunk's siblings share dO, dU, U
+    # in L2 (ncu: the unsplit kernel's loads stall its shared-memory stores, 2.75 GB from DRAM).
+    ("chunk_bwd_main split K", "chunk_bwd_main", None, {"split_k": 1}),
+    ("chunk_bwd_main split K s2", "chunk_bwd_main", None, {"split_k": 1, "num_stages": 2}),
+    ("chunk_bwd_main split K one pass", "chunk_bwd_main", None, {"split_k": 1, "one_pass": 1}),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
     ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
     # K = 256 without prefetching: small enough for 3 (BV 32) or 4 (BV 16) programs per SM,

@@ -55,10 +55,14 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
                    256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
     "chunk_bwd": {"BK": 64, "BV": 64},
-    # 4 warps: two programs share an SM (the main kernel spills 64 B a thread at K = 128, 168
-    # at K = 256: benchmarks/kernel_resources.py --dense). one_pass: its dq, dW
+    # 4 warps: two programs share an SM (the main kernel spills 64 B a thread at K = 128, 40
+    # at K = 256 with Triton 3.6: benchmarks/kernel_resources.py --dense). one_pass: its dq, dW
     # and dk products over V in one loop (three accumulators) instead of two (h read twice).
-    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0},
+    # split_k: a program per (chunk, head, K block) instead of per (chunk, head). At K = 256
+    # the unsplit kernel read 2.75 GB from DRAM for ~1.2 GB of distinct data on an H100 (ncu,
+    # docs/performance.md): every program re-reads dO, dU and U per K block with too many
+    # programs' h and dh in flight for L2 to keep them. Not yet timed.
+    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # The sequential state kernels' programs start longest sequence first (1) or in order
     # (0). A launch's programs start in index order, so a long chain started last is its

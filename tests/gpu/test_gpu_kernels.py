@@ -69,9 +69,9 @@ def forward_backward(leaves, backend, *, cu=None, l2=False, chunk_size=64, seed=
     return [o.detach(), ht.detach()] + [x.grad for x in leaves]
 
 
-def check(name, leaves, *, cu=None, l2=False, tol_scale=1.0):
+def check(name, leaves, *, cu=None, l2=False, tol_scale=1.0, options=None):
     dtype = leaves[0].dtype
-    got = forward_backward(leaves, "triton", cu=cu, l2=l2)
+    got = forward_backward(leaves, "triton", cu=cu, l2=l2, options=options)
     ref_dtype = torch.float64 if dtype == torch.float32 else torch.float32
     want = forward_backward([x.to(ref_dtype) for x in leaves], "torch", cu=cu, l2=l2)
     errs = {}
@@ -117,6 +117,26 @@ def test_backward_by_head_groups_is_exact(recompute):
     errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
     ERRORS[f"head_groups_{'recomputed' if recompute else 'kept'}"] = errs
     assert max(v for k, v in errs.items() if k != "bitwise_equal") < 1e-5, errs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_main_backward_split_over_k_blocks(dtype):
+    """launch["chunk_bwd_main"]["split_k"] (a program per K block) at K = V = 256 over ragged
+    segments with the l2 norm: against the reference, and against the unsplit kernel, which
+    it equals but for dgam's summation order (dg to float32 rounding, the rest bit for bit)."""
+    from megatron_mom.ops import KernelOptions
+    lengths = [3000, 77, 1, 4096, 1018]
+    leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    split = KernelOptions().with_launch("chunk_bwd_main", split_k=1)
+    check(f"split_k_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=split)
+    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=split)
+    want = forward_backward(leaves, "triton", cu=cu, l2=True)
+    for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want):
+        if name == "dg":
+            assert rel_err(a, b) < 1e-5, name
+        else:
+            assert torch.equal(a, b), name
 
 
 def test_long_sequence_65536_bf16():

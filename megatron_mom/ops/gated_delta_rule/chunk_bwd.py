@@ -92,24 +92,31 @@ def state_grad_terms(dkg, u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
     return dkg, tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
 
 
-@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
+@triton.jit(do_not_specialize=["N", "STEPS", "scale", "GAM_PART"])
 def chunk_bwd_main_kernel(
     q, k, v, beta, gam, t_mat,           # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C]
     h, dh, u, du, do,                    # [NTU,H,K,V] x2, [TT,H,V] x3
     dq, dv, dbeta, dgam,                 # [TT,H,K], [TT,H,V], [TT,H] f32 x2
     scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] (dw dtype), [TT,H,K] f32
-    cu_seqlens, chunk_offsets, N, STEPS, scale,
+    cu_seqlens, chunk_offsets, N, STEPS, scale, GAM_PART,   # dgam: [K//BK or 1, TT, H]
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr,
     SDQK: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr, SSK: tl.constexpr,
 ):
-    """Phase A, one program per (chunk, head). Over V blocks: dv = beta T^T dU, the v part of
-    dbeta, the U0 part of dL/dT = dU (beta v)^T (slot 0), and dP = dO U^T together with its
-    transpose U dO^T (a second dot, so no dot result is ever transposed). Then per K block:
-    dq, the Kg and P parts of dk (scratch), dW = -dU S^T (scratch) and dgam of q, Kg, P and
-    e^Gam S. Keeping dP in registers is why this is one kernel: no C x C round trip."""
-    pid = tl.program_id(0)
+    """Phase A, one program per (chunk, head), or with SPLIT_K per (chunk, head, K block).
+    Over V blocks: dP = dO U^T together with its transpose U dO^T (a second dot, so no dot
+    result is ever transposed); in the (first) program of K block 0 also dv = beta T^T dU, the
+    v part of dbeta and the U0 part of dL/dT = dU (beta v)^T (slot 0). Then per K block: dq,
+    the Kg and P parts of dk (scratch), dW = -dU S^T (scratch) and dgam of q, Kg, P and e^Gam
+    S, into dgam's partial of the program's K block (GAM_PART apart). Keeping dP in registers
+    is why this is one kernel: no C x C round trip. SPLIT_K's programs each read h and dh
+    once, and a chunk's K-block programs run side by side, so the dO, U and dU they all read
+    come from L2."""
+    NKB: tl.constexpr = K // BK if SPLIT_K else 1
+    pid = tl.program_id(0) // NKB                                    # the chunk
+    kb0 = tl.program_id(0) % NKB                                     # its K block (SPLIT_K)
     hh = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
         return
@@ -125,28 +132,32 @@ def chunk_bwd_main_kernel(
 
     dp = tl.zeros([C, C], dtype=tl.float32)                          # dO U^T
     dpt = tl.zeros([C, C], dtype=tl.float32)                         # U dO^T
-    dt_mat = tl.zeros([C, C], dtype=tl.float32)                      # dU v^T
-    d_beta = tl.zeros([C], dtype=tl.float32)
     for vb in range(V // BV):
         vcols = vb * BV + tl.arange(0, BV)
         voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-        v_t = tl.load(v + v_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0)
-        du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
         do_t = tl.load(do + do_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0).to(dt)
         u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
         dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
         dpt += tl.dot(u_t, tl.trans(do_t), input_precision=PREC)
-        dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
-        t_t = tl.trans(tl.load(t_ptr + cc_ptrs))
-        if t_mat.dtype.element_ty == du.dtype.element_ty:
-            dvb = tl.dot(t_t, du_t, input_precision=PREC)    # bf16 T and dU: exact products
-        else:
-            dvb = tl.dot(t_t.to(tl.float32), du_t.to(tl.float32), input_precision=PREC)
-        tl.store(dv + (tok * SDV + hh * V)[:, None] + vcols[None, :],
-                 (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
-        d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
-    tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
-    tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)
+    if kb0 == 0:
+        dt_mat = tl.zeros([C, C], dtype=tl.float32)                  # dU v^T
+        d_beta = tl.zeros([C], dtype=tl.float32)
+        for vb in range(V // BV):
+            vcols = vb * BV + tl.arange(0, BV)
+            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+            v_t = tl.load(v + v_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0)
+            du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
+            dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
+            t_t = tl.trans(tl.load(t_ptr + cc_ptrs))
+            if t_mat.dtype.element_ty == du.dtype.element_ty:
+                dvb = tl.dot(t_t, du_t, input_precision=PREC)  # bf16 T and dU: exact products
+            else:
+                dvb = tl.dot(t_t.to(tl.float32), du_t.to(tl.float32), input_precision=PREC)
+            tl.store(dv + (tok * SDV + hh * V)[:, None] + vcols[None, :],
+                     (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
+            d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
+        tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
+        tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)
     causal = rows[:, None] >= rows[None, :]
     dp = tl.where(causal, dp * tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
     anti = rows[:, None] <= rows[None, :]
@@ -163,8 +174,9 @@ def chunk_bwd_main_kernel(
     # 0.02 ms at B4 T4096 H16 D128 on the H100).
     rows_sum = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
     s_base = chunk_id * K * V
-    for kb in range(K // BK):
-        kcols = kb * BK + tl.arange(0, BK)
+    KB_STEPS: tl.constexpr = K // BK // NKB                          # 1 with SPLIT_K
+    for step in range(KB_STEPS):
+        kcols = (kb0 * KB_STEPS + step) * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch
         qk_offs = qk_row[:, None] + kcols[None, :]
         dqg = tl.zeros([C, BK], dtype=tl.float32)                    # dO S^T
@@ -212,21 +224,23 @@ def chunk_bwd_main_kernel(
         # e^(gam_i - gam_j) puts +q_i . dq_i on row i and -k_j . dk_p_j on column j.
         d_gam -= kg_term + tl.sum(dk_p * k_f, axis=1)
     d_gam = tl.where(rows == last, d_gam + rows_sum, d_gam)
-    tl.store(dgam + tok * H + hh, d_gam, mask=valid)
+    tl.store(dgam + kb0 * GAM_PART + tok * H + hh, d_gam, mask=valid)
 
 
-@triton.jit(do_not_specialize=["N", "STEPS"])
+@triton.jit(do_not_specialize=["N", "STEPS", "GAM_PART"])
 def chunk_bwd_wy_kernel(
     k, beta, gam, t_mat,                 # [TT,H,K], [TT,H], [TT,H] f32, [NTU,H,C,C]
-    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32 x3 (dbeta, dgam: phase A's parts)
+    dk, dbeta, dgam, dg,                 # [TT,H,K], [TT,H] f32, [GAM_PARTS,TT,H] f32, [TT,H] f32
     scratch_cc, scratch_dw, scratch_dk,
-    cu_seqlens, chunk_offsets, N, STEPS,
+    cu_seqlens, chunk_offsets, N, STEPS, GAM_PART,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr,
+    GAM_PARTS: tl.constexpr,
     SQK: tl.constexpr, SGB: tl.constexpr, SDQK: tl.constexpr, SDB: tl.constexpr,
     SSK: tl.constexpr,
 ):
     """Phase B, one program per (chunk, head): dL/dT (slot 0 + dW Kbg^T), dA = -T^T dT T^T,
-    then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam)."""
+    then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam, phase
+    A's GAM_PARTS partials summed in order)."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
@@ -264,6 +278,8 @@ def chunk_bwd_wy_kernel(
 
     d_beta = tl.load(dbeta + tok * SDB + hh, mask=valid, other=0.0)
     d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
+    for part in tl.static_range(1, GAM_PARTS):
+        d_gam += tl.load(dgam + part * GAM_PART + tok * H + hh, mask=valid, other=0.0)
     for kb in tl.static_range(K // BK):
         kcols = kb * BK + tl.arange(0, BK)
         koffs = (tok * H + hh)[:, None] * K + kcols[None, :]         # dW scratch

@@ -275,7 +275,11 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     dq, dk = new(dq, P.K, dq_dtype), new(dk, P.K, dk_dtype)
     dv = new(dv, P.V, v.dtype)
     dbeta, dg = new(dbeta, 0, torch.float32), new(dg, 0, torch.float32)
-    dgam = torch.empty(P.TT, P.H, **f32)
+    # Split over K blocks, the main kernel's programs each write their part of dgam (summed in
+    # order by the WY kernel: no atomics, the same bits every run).
+    main = options.launch["chunk_bwd_main"]
+    parts = P.K // BK if main["split_k"] else 1
+    dgam = torch.empty(parts, P.TT, P.H, **f32)
     scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
     # dW feeds only dots: bf16 halves its round trip; float16 could overflow, so it takes fp32.
     dw_dtype = torch.float32 if k.dtype == torch.float16 else k.dtype
@@ -288,16 +292,15 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     prec = options.precision
     strides = dict(SQK=_row_stride(q, k), SGB=_row_stride(beta), SDQK=_row_stride(dq, dk),
                    SDB=_row_stride(dbeta, dg), SSK=_row_stride(scratch_dk))
-    chunk_bwd_main_kernel[(P.NTU, P.H)](
+    chunk_bwd_main_kernel[(P.NTU * parts, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
-        scratch_cc, scratch_dw, scratch_dk, *seq, scale,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
-        ONE_PASS=bool(options.launch["chunk_bwd_main"]["one_pass"]), SV=_row_stride(v),
-        SDO=_row_stride(do), SDV=_row_stride(dv), **strides,
-        **_launch_opts(options, "chunk_bwd_main"))
+        scratch_cc, scratch_dw, scratch_dk, *seq, scale, P.TT * P.H,
+        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, ONE_PASS=bool(main["one_pass"]),
+        SPLIT_K=parts > 1, SV=_row_stride(v), SDO=_row_stride(do), SDV=_row_stride(dv),
+        **strides, **_launch_opts(options, "chunk_bwd_main"))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
-        *seq, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, **strides,
+        *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, GAM_PARTS=parts, **strides,
         **_launch_opts(options, "chunk_bwd_wy"))
     return dq, dk
 

@@ -1,16 +1,18 @@
 """The main backward kernel's one-pass form (launch["chunk_bwd_main"]["one_pass"]: its dq,
-dW and dk products over V in one loop) and its narrower blocks (launch["chunk_bwd"]) against
-the torch reference, interpreted on a CPU: every gradient, ragged segments, one to eight K or
-V blocks."""
+dW and dk products over V in one loop), its split over K blocks ("split_k": a program per K
+block, dgam in per-block parts) and its narrower blocks (launch["chunk_bwd"]) against the
+torch reference, interpreted on a CPU: every gradient, ragged segments, one to eight K or V
+blocks."""
 from __future__ import annotations
 
 import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_triton_kernels import assert_gdr_close, gdr_inputs  # noqa: E402  (tests/ops)
+from test_triton_kernels import assert_gdr_close, gdr_inputs, run_gdr  # noqa: E402  (tests/ops)
 
 pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
 from megatron_mom.ops import KernelOptions  # noqa: E402
@@ -37,3 +39,35 @@ def test_narrow_blocks_match_reference(blocks):
     leaves, cu = gdr_inputs([17, 9], 1, 256, 256, h0=True)
     assert_gdr_close(leaves, cu, chunk_size=16,
                      options=KernelOptions().with_launch("chunk_bwd", **blocks))
+
+
+SPLIT_CASES = {   # (lengths, H, K, V, C, chunk_bwd blocks): 1, 2, 4 and 8 K blocks
+    "K64_ragged_C32_one_block": ([5, 70, 0, 33], 2, 64, 64, 32, {}),
+    "K128_V64_C16_two_blocks": ([20, 13], 1, 128, 64, 16, {}),
+    "K256_C16_four_blocks": ([17, 9], 1, 256, 256, 16, {}),
+    "K256_BK32_C16_eight_blocks": ([17, 9], 1, 256, 256, 16, {"BK": 32, "BV": 32}),
+}
+
+
+@pytest.mark.parametrize("one_pass", [0, 1], ids=["two_pass", "one_pass"])
+@pytest.mark.parametrize("case", list(SPLIT_CASES), ids=list(SPLIT_CASES))
+def test_split_k_main_backward_matches_reference(case, one_pass):
+    """A program per (chunk, head, K block): the first K block's program alone writes dv,
+    dbeta's v part and dL/dT's U0 part; dgam's parts are summed by the WY kernel. Every
+    gradient against the reference, and against the unsplit kernel to float32 rounding
+    (the split changes only the order of dgam's sum)."""
+    lengths, H, K, V, C, blocks = SPLIT_CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
+        "chunk_bwd_main", one_pass=one_pass)
+    split = base.with_launch("chunk_bwd_main", split_k=1)
+    assert_gdr_close(leaves, cu, chunk_size=C, options=split)
+    got = run_gdr("triton", leaves, cu, chunk_size=C, options=split)
+    want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
+                          got, want):
+        if name in ("dg",):
+            # dgam summed in K-block parts: float32 rounding apart (dg is its in-chunk cumsum)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        else:
+            assert torch.equal(a, b), name
