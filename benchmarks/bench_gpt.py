@@ -65,21 +65,39 @@ def kernel_kind(name: str) -> str:
     return "elementwise"
 
 
-def mom_config(kind: str, shape: dict):
+def launch_options(specs) -> "KernelOptions":
+    """KernelOptions with launch entries changed by `--launch` specs: "kernel.key=value" or,
+    for the state kernels' entries per K bound, "kernel.K.key=value" (integers)."""
+    from megatron_mom.ops import KernelOptions
+    opts = KernelOptions()
+    for spec in specs:
+        path, _, value = spec.partition("=")
+        parts = path.split(".")
+        if not value.lstrip("-").isdigit() or len(parts) not in (2, 3):
+            raise ValueError(f"--launch {spec!r}: give kernel.key=N or kernel.K.key=N, e.g. "
+                             f"chunk_bwd_main.split_k=1 or state_fwd.256.BV=32")
+        kernel, *bound, key = parts
+        opts = opts.with_launch(kernel, int(bound[0]) if bound else None, **{key: int(value)})
+    return opts
+
+
+def mom_config(kind: str, shape: dict, kernels=None):
     from megatron_mom import MoMConfig
     mom = MoMConfig(num_memories=4, topk=2, shared_memory=True, num_heads=shape["mom_heads"],
                     head_dim=shape["head_dim"], chunk_size=16 if shape["head_dim"] < 64 else 64,
                     lean_backward=kind == "mom-lean")
     if kind == "mom1":
         mom = mom.replace(num_memories=1, topk=1, shared_memory=False)
-    if kind == "mom-recompute":
+    if kernels is not None or kind == "mom-recompute":
         from megatron_mom.ops import KernelOptions
-        kernels = KernelOptions(recompute_states=True)
+        kernels = kernels or KernelOptions()
+        if kind == "mom-recompute":
+            kernels = kernels.replace(recompute_states=True)
         mom = mom.replace(execution=mom.execution.replace(kernels=kernels))
     return mom
 
 
-def layer_spec(kind: str, config, shape: dict):
+def layer_spec(kind: str, config, shape: dict, kernels=None):
     from megatron_mom import get_hybrid_block_spec
     layers = config.num_layers
     if kind == "attention":
@@ -90,11 +108,12 @@ def layer_spec(kind: str, config, shape: dict):
             pattern = pattern[:-1] + "A"
     else:
         pattern = "M" * layers
-    return get_hybrid_block_spec(config, pattern, mom_config(kind, shape), backend="auto")
+    return get_hybrid_block_spec(config, pattern, mom_config(kind, shape, kernels),
+                                 backend="auto")
 
 
 def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = False,
-          init_state: dict = None, single_pool: bool = False):
+          init_state: dict = None, single_pool: bool = False, kernels=None):
     """(DDP model, Megatron optimizer, TransformerConfig, parameter count, device); the GPT's
     weights from `init_state` (a GPTModel state dict) when given, before the optimizer copies
     them. single_pool: Megatron's cuda_graph_use_single_mempool (at one pipeline stage
@@ -130,7 +149,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2,
                 cuda_graph_use_single_mempool=single_pool) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")
-    gpt = GPTModel(config, layer_spec(kind, config, shape), vocab_size=shape["vocab"],
+    gpt = GPTModel(config, layer_spec(kind, config, shape, kernels), vocab_size=shape["vocab"],
                    max_sequence_length=seq, share_embeddings_and_output_weights=False,
                    position_embedding_type="rope" if has_attention else "none")
     device = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
@@ -167,10 +186,10 @@ def train_step(model, optimizer, config, tokens, positions):
 
 def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
             profile_iters: int, on_cpu: bool, cuda_graph: bool = False,
-            host_profile: str = "", single_pool: bool = False) -> dict:
+            host_profile: str = "", single_pool: bool = False, kernels=None) -> dict:
     mbs = max(tokens_per_step // seq, 1)
     model, optimizer, config, nparams, device = build(kind, shape, seq, on_cpu, cuda_graph,
-                                                      single_pool=single_pool)
+                                                      single_pool=single_pool, kernels=kernels)
     gen = torch.Generator(device="cpu").manual_seed(0)
     tokens = torch.randint(0, shape["vocab"], (mbs, seq), generator=gen).to(device)
     positions = torch.arange(seq, device=device).expand(mbs, -1)
@@ -299,8 +318,15 @@ def main(argv=None):
                    "parallelism anyway; the flag matters with several pipeline stages)")
     p.add_argument("--host-profile", action="store_true",
                    help="write a cProfile of 3 steps per case to OUT/host_<kind>_<seq>.txt")
+    p.add_argument("--launch", action="append", default=[], metavar="KERNEL.KEY=N",
+                   help="a MoM kernel launch setting for every MoM kind (repeatable), e.g. "
+                   "chunk_bwd_main.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
+    try:
+        kernels = launch_options(a.launch) if a.launch else None
+    except ValueError as err:
+        p.error(str(err))
     kinds = a.kinds.split(",")
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
@@ -318,6 +344,8 @@ def main(argv=None):
     par = init_process_groups(1, 1, seed=1234)
     env = dict(device="cpu" if par.on_cpu else torch.cuda.get_device_name(),
                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    if a.launch:
+        env["launch"] = a.launch
     try:
         import triton
         env["triton"] = triton.__version__
@@ -330,7 +358,7 @@ def main(argv=None):
                 row = measure(kind, shape, seq, a.tokens, a.iters, a.warmup, a.profile_iters,
                               par.on_cpu, a.cuda_graph,
                               os.path.join(a.out, "host") if a.host_profile else "",
-                              single_pool=a.cuda_graph_single_mempool)
+                              single_pool=a.cuda_graph_single_mempool, kernels=kernels)
             except Exception as e:  # report it (OOM, a failed graph capture), measure the rest
                 traceback.print_exc()
                 row = dict(kind=kind, seq=seq, mbs=max(a.tokens // seq, 1), params_m="-",

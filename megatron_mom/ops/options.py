@@ -156,13 +156,25 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.with_launch: unknown kernel {kernel!r}; use one of "
                              f"{', '.join(self.launch)}")
         table = {key: dict(val) for key, val in self.launch.items()}
+        per_k = all(isinstance(b, int) for b in table[kernel])
+        if per_k != (bound is not None):
+            raise ValueError(f"KernelOptions.with_launch: {kernel!r} " + (
+                f"has entries per K bound {sorted(table[kernel])}: name one, e.g. "
+                f"with_launch({kernel!r}, {max(table[kernel])}, ...)" if per_k else
+                "has one entry for every K: give no bound"))
+        if bound is not None and bound not in table[kernel]:
+            raise ValueError(f"KernelOptions.with_launch: {kernel!r} has entries for K "
+                             f"<= {sorted(table[kernel])}, not {bound!r}")
+        entry = table[kernel] if bound is None else table[kernel][bound]
+        unknown = sorted(set(settings) - set(entry))
+        if unknown:
+            raise ValueError(f"KernelOptions.with_launch: {kernel!r} has no setting "
+                             f"{', '.join(map(repr, unknown))}; its settings are "
+                             f"{', '.join(sorted(entry))}")
         if bound is None:
             table[kernel].update(settings)
         else:
-            if bound not in table[kernel]:
-                raise ValueError(f"KernelOptions.with_launch: {kernel!r} has entries for K "
-                                 f"<= {sorted(table[kernel])}, not {bound!r}")
-            table[kernel][bound] = {**table[kernel][bound], **settings}
+            table[kernel][bound] = {**entry, **settings}
         return dataclasses.replace(self, launch=table)
 
 
