@@ -72,6 +72,9 @@ class SweepSettings:
     # 3e-3, 1e-2 within 4,000-6,000 steps (docs/results.md, the learnability probe).
     lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
     seeds: int = 3                   # seed 0 runs the learning-rate sweep
+    edge_lrs: int = 0                # >0: where a (mixer, width)'s best rate is the lowest or
+                                     # highest tried, try the next one past it (the grid's
+                                     # ratio), up to this many more; its seeds wait for them
     train_steps: int = 0             # 0: fitted to budget_minutes (same for every run)
     min_steps: int = 100             # the fitted count's floor (with a warning)
     max_steps: int = 20000           # and its ceiling
@@ -693,11 +696,16 @@ def table(s: SweepSettings, agg: dict) -> str:
 
 
 def lr_table(s: SweepSettings, agg: dict) -> str:
-    head = "| mixer | width | " + " | ".join(f"lr {lr:g}" for lr in s.lrs) + " |"
-    lines = [head, "|" + "---|" * (2 + len(s.lrs))]
+    """Mean validation accuracy of every learning rate tried (the grid and any past its edges,
+    `edge_lrs`), per mixer and width."""
+    tried = {float(lr) for per_width in agg.values() for e in per_width.values()
+             for lr in e["lr_sweep"]}
+    lrs = sorted(tried | set(s.lrs))
+    head = "| mixer | width | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |"
+    lines = [head, "|" + "---|" * (2 + len(lrs))]
     for mixer, per_width in agg.items():
         for width, e in per_width.items():
-            vals = [e["lr_sweep"].get(f"{lr:g}") for lr in s.lrs]
+            vals = [e["lr_sweep"].get(f"{lr:g}") for lr in lrs]
             lines.append(f"| {mixer} | {width} | " + " | ".join(
                 "-" if v is None else f"{v:.3f}" for v in vals) + " |")
     return "\n".join(lines)
@@ -775,7 +783,7 @@ def write_outputs(out: Path, s: SweepSettings, plan: dict, runs: List[dict], env
 # makes, so a sweep can be completed part by part (its tables show the parts asked for;
 # results.json keeps every finished run).
 RESUME_FREE = ("budget_minutes", "workers", "log_every", "train_steps", "timing_seconds",
-               "cuda_graphs", "widths", "mixers", "max_runs")
+               "cuda_graphs", "widths", "mixers", "max_runs", "edge_lrs")
 
 
 def finished_runs(out_dir: Path, s: SweepSettings) -> tuple:
@@ -821,8 +829,9 @@ def run(preset: str = "zoology", out: str = "runs/mqar_zoology", overrides: Opti
     plan = {"workers": workers, "runs": sum(runs_per_mixer.values()),
             "budget_minutes": s.budget_minutes, "device": str(dev)}
     log(f"mqar sweep ({preset}): {len(s.mixers)} mixers x {len(s.widths)} widths x "
-        f"({len(s.lrs)} learning rates + {s.seeds - 1} more seeds) = {plan['runs']} runs, "
-        f"{workers} worker process(es) on {dev}")
+        f"({len(s.lrs)} learning rates + {s.seeds - 1} more seeds) = {plan['runs']} runs"
+        + (f" (+ up to {s.edge_lrs} rate(s) past the grid's edges each)" if s.edge_lrs else "")
+        + f", {workers} worker process(es) on {dev}")
     plan["mps"] = mps_running() if dev.type == "cuda" else None
     if plan["mps"] is False and workers > 1:
         log("mqar sweep: note: CUDA MPS is not running, so the worker processes take turns on "
@@ -895,7 +904,8 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
             for lr in todo:
                 runner.submit(Job("lr", mixer, width, lr, 0, steps, train_deadline))
             if not todo:
-                _submit_seeds(runner, s, runs, (mixer, width), done, steps, train_deadline)
+                pending_lr[(mixer, width)] = _lr_search_done(runner, s, runs, (mixer, width),
+                                                             done, steps, train_deadline)
     plotted = time.time()
     for result in runner.results(deadline):
         runs.append(result)
@@ -906,11 +916,42 @@ def _sweep(runner, s, steps, train_deadline, deadline, runs, out_dir, plan, env,
         if job["kind"] == "lr" and not (result.get("cut") or "skipped" in result):
             pending_lr[group] -= 1
             if pending_lr[group] == 0:
-                _submit_seeds(runner, s, runs, group, done, steps, train_deadline)
+                pending_lr[group] = _lr_search_done(runner, s, runs, group, done, steps,
+                                                    train_deadline)
         # The plot every half minute (it takes a fraction of a second); the end redraws it.
         with_plot = time.time() - plotted > 30
         write_outputs(out_dir, s, plan, runs, env, with_plot)
         plotted = time.time() if with_plot else plotted
+
+
+def next_lr(s: SweepSettings, lr_runs: List[dict]) -> Optional[float]:
+    """One more learning rate for a (mixer, width) whose finished seed-0 runs are `lr_runs`:
+    past the lowest or highest rate tried when the best is there (by the ratio of the two
+    tried rates at that end, rounded to 3 digits), while fewer than `edge_lrs` rates outside
+    `lrs` were tried; else None."""
+    tried = sorted({r["job"]["lr"] for r in lr_runs if "val" in r})
+    extra = [lr for lr in tried if not any(math.isclose(lr, x) for x in s.lrs)]
+    best = best_lr(lr_runs)
+    if len(tried) < 2 or len(extra) >= s.edge_lrs or best is None:
+        return None
+    if best == tried[0]:
+        return float(f"{tried[0] * tried[0] / tried[1]:.3g}")
+    if best == tried[-1]:
+        return float(f"{tried[-1] * tried[-1] / tried[-2]:.3g}")
+    return None
+
+
+def _lr_search_done(runner, s, runs, group, done, steps, train_deadline) -> int:
+    """A (mixer, width) has every learning rate it was to try: one more past an edge
+    (`next_lr`), or its other seeds. The number of learning-rate runs it now waits for."""
+    lr_runs = [r for r in runs if r["job"]["kind"] == "lr"
+               and (r["job"]["mixer"], r["job"]["width"]) == group]
+    lr = next_lr(s, lr_runs)
+    if lr is not None:
+        runner.submit(Job("lr", group[0], group[1], lr, 0, steps, train_deadline))
+        return 1
+    _submit_seeds(runner, s, runs, group, done, steps, train_deadline)
+    return 0
 
 
 def _submit_seeds(runner, s, runs, group, done, steps, train_deadline) -> None:

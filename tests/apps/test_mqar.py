@@ -292,6 +292,56 @@ def test_zoology_sweep_goes_on_from_its_finished_runs(megatron_single, tmp_path)
                        log=lambda *_: None)
 
 
+def _lr_run(lr, val, loss=1.0):
+    return {"job": {"kind": "lr", "lr": lr}, "val": {"64": val}, "final_loss": loss}
+
+
+def test_next_lr_goes_past_an_edge_where_the_best_rate_is():
+    s = mqar_sweep.settings_for("zoology", {"edge_lrs": 1})          # lrs 1e-4, 3e-4, 1e-3
+    low = [_lr_run(1e-4, 0.4), _lr_run(3e-4, 0.1), _lr_run(1e-3, 0.0)]
+    high = [_lr_run(1e-4, 0.0), _lr_run(3e-4, 0.1), _lr_run(1e-3, 0.9)]
+    inside = [_lr_run(1e-4, 0.0), _lr_run(3e-4, 0.5), _lr_run(1e-3, 0.2)]
+    assert mqar_sweep.next_lr(s, low) == pytest.approx(3.33e-5)
+    assert mqar_sweep.next_lr(s, high) == pytest.approx(3.33e-3)
+    assert mqar_sweep.next_lr(s, inside) is None
+    # One rate past the edge already tried: edge_lrs=1 stops there even if it is best again.
+    assert mqar_sweep.next_lr(s, low + [_lr_run(3.33e-5, 0.6)]) is None
+    assert mqar_sweep.next_lr(dataclasses.replace(s, edge_lrs=2),
+                              low + [_lr_run(3.33e-5, 0.6)]) == pytest.approx(1.11e-5)
+    assert mqar_sweep.next_lr(mqar_sweep.settings_for("zoology"), low) is None   # off
+    # Unfinished runs (no validation) do not count as tried.
+    assert mqar_sweep.next_lr(s, [_lr_run(1e-4, 0.4), {"job": {"kind": "lr", "lr": 3e-4}}]) \
+        is None
+
+
+@pytest.mark.slow
+def test_zoology_sweep_tries_past_the_edge_then_seeds_the_best(megatron_single, tmp_path):
+    """With two rates the best is always at an edge: every (mixer, width) gets a third rate
+    past it before its seeds, which run at the best of all three; a sweep continued with
+    edge_lrs (it only adds runs) keeps the runs made without it."""
+    overrides = {"mixers": ["single", "attention"], "widths": [32], "lrs": [1e-3, 1e-2],
+                 "seeds": 2}
+    mqar_sweep.run("zoology-cpu", str(tmp_path), overrides=overrides, log=lambda *_: None)
+    first = json.loads((tmp_path / "results.json").read_text())["runs"]
+    agg = mqar_sweep.run("zoology-cpu", str(tmp_path),
+                         overrides={**overrides, "edge_lrs": 1}, log=lambda *_: None)
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert runs[:len(first)] == first
+    for mixer in overrides["mixers"]:
+        group = [r for r in runs if r["job"]["mixer"] == mixer]
+        first_lrs = [r for r in group[:3] if r["job"]["kind"] == "lr"]
+        extra = mqar_sweep.next_lr(mqar_sweep.settings_for("zoology-cpu", {**overrides,
+                                                                           "edge_lrs": 1}),
+                                   first_lrs)
+        lrs = sorted(r["job"]["lr"] for r in group if r["job"]["kind"] == "lr")
+        assert lrs == sorted([1e-3, 1e-2, extra]) and extra in (1e-4, 0.1)
+        best = agg[mixer]["32"]["best_lr"]
+        assert best == mqar_sweep.best_lr([r for r in group if r["job"]["kind"] == "lr"])
+        assert {r["job"]["seed"] for r in group if r["job"]["lr"] == best} == {0, 1}
+    table = (tmp_path / "results.md").read_text()
+    assert "lr 0.0001" in table or "lr 0.1" in table
+
+
 def test_mps_running_looks_for_the_control_pipe(tmp_path, monkeypatch):
     """The sweep's MPS note reads the daemon's control pipe where CUDA would look for it."""
     monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
