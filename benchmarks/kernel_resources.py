@@ -100,18 +100,18 @@ def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, on
 def _dense_rows(K: int, variants: bool) -> list:
     blocks, main = TUNED_LAUNCH["chunk_bwd"], TUNED_LAUNCH["chunk_bwd_main"]
     table = (blocks["BK"], blocks["BV"], main["num_warps"], main["num_stages"],
-             bool(main["one_pass"]))
+             bool(main["one_pass"]), bool(main["split_k"]))
     configs = [table + ("table",)]
     if variants:
-        configs += [(bk, bv, w, 1, op, "") for bk in (32, 64) for bv in (32, 64)
-                    for w in (4, 8) for op in (False, True)
-                    if (bk, bv, w, 1, op) != table]
+        configs += [(bk, bv, w, st, op, split, "") for bk in (32, 64) for bv in (32, 64)
+                    for w in (4, 8) for st in (1, 2) for op in (False, True)
+                    for split in (False, True) if (bk, bv, w, st, op, split) != table]
     rows = []
-    for bk, bv, w, st, op, note in configs:
-        r = chunk_bwd_main(K, bk, bv, w, st, op)
-        rows.append(f"| chunk_bwd_main | {bk} | {bv} | {w} | {st} | {int(op)} | {r['regs']} | "
-                    f"{r['stack']} | {r['shared']} | {r['programs_per_sm']} | {r['wgmma']} | "
-                    f"{r['mma']} | {note} |")
+    for bk, bv, w, st, op, split, note in configs:
+        r = chunk_bwd_main(K, bk, bv, w, st, op, split_k=split)
+        rows.append(f"| chunk_bwd_main | {bk} | {bv} | {w} | {st} | {int(op)} | {int(split)} | "
+                    f"{r['regs']} | {r['stack']} | {r['shared']} | {r['programs_per_sm']} | "
+                    f"{r['wgmma']} | {r['mma']} | {note} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -121,7 +121,8 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=256, help="head size K (= V)")
     parser.add_argument("--variants", action="store_true",
                         help="also BV 16/32/64 x 4/8 warps x 1/2/3 stages (state kernels), "
-                        "BK, BV 32/64 x 4/8 warps x one pass or two (--dense)")
+                        "BK, BV 32/64 x 4/8 warps x 1/2 stages x one pass or two x split "
+                        "over K blocks or not (--dense)")
     parser.add_argument("--dense", action="store_true",
                         help="also chunk_bwd_main_kernel (launch entries chunk_bwd, chunk_bwd_main)")
     args = parser.parse_args(argv)
@@ -148,8 +149,8 @@ def main(argv=None):
           "| wgmma | mma | |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     if args.dense:
         dense = _dense_rows(args.k, args.variants)
-        print("\n| kernel | BK | BV | warps | stages | one pass | registers | stack B | shared B "
-              "| programs/SM | wgmma | mma | |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        print("\n| kernel | BK | BV | warps | stages | one pass | split K | registers | stack B "
+              "| shared B | programs/SM | wgmma | mma | |\n" + "|---" * 14 + "|\n"
               + "\n".join(dense))
 
 
