@@ -62,10 +62,10 @@ def build(fn, pointers: dict, consts: dict, num_warps: int, num_stages: int,
 
 
 def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H: int = 4,
-                 C: int = 64) -> dict:
+                 C: int = 64, du0: bool = False) -> dict:
     """A bf16 training build: state_fwd_kernel storing the per-chunk states ("state_fwd", o
     after the chain) or computing o itself ("state_fwd_o", nothing stored), or
-    state_bwd_kernel (no initial or final state)."""
+    state_bwd_kernel (no initial or final state; du0: P^T dO read, not computed)."""
     shape = dict(H=H, K=K, V=K, C=C, BV=BV, PREC="tf32", SQK=H * K, HN=H, ORDERED=False)
     if name.startswith("state_fwd"):
         pointers = dict(q=BF16, k=BF16, w=BF16, u0=BF16, gam=F32, p_mat=BF16, h0=BF16, o=BF16,
@@ -78,7 +78,7 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
     pointers = dict(q=BF16, k=BF16, w=BF16, gam=F32, p_mat=BF16, do=BF16, dht=BF16,
                     dh_out=BF16, du_out=BF16, dh0=BF16, order=I32, cu_seqlens=I32,
                     chunk_offsets=I32)
-    consts = dict(shape, HAS_DHT=False, STORE_DH0=False, SDO=H * K)
+    consts = dict(shape, HAS_DHT=False, STORE_DH0=False, SDO=H * K, DU0=du0)
     return build(state_bwd_kernel, pointers, consts, num_warps, num_stages)
 
 

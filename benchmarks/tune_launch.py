@@ -84,6 +84,12 @@ VARIANTS = [
     ("state_bwd BV32 s1", "state_bwd", "K", {"BV": 32, "num_stages": 1}),
     ("state_bwd BV32 w8 s1", "state_bwd", "K", {"BV": 32, "num_warps": 8, "num_stages": 1}),
     ("state_bwd BV64 w8 s1", "state_bwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 1}),
+    # P^T dO before the chain (du0): two-stage BV 32 builds fit at K = 256, 8 programs per
+    # (head, sequence) re-reading q, k, W each chunk step instead of 16.
+    ("state_bwd du0", "state_bwd", "K", {"du0": 1}),
+    ("state_bwd du0 BV32 s2", "state_bwd", "K", {"du0": 1, "BV": 32, "num_stages": 2}),
+    ("state_bwd du0 BV32 w8 s2", "state_bwd", "K",
+     {"du0": 1, "BV": 32, "num_warps": 8, "num_stages": 2}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
 ]

@@ -48,12 +48,18 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # while it stores the states ("state_fwd_o" settings).
     "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "min_k": 0},
     # K = 256: BV = 16 (one head at a time, the lean mode's case, is faster than at 32).
-    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    # du0: P^T dO computed chunk-parallel first ("p_t_do") and read by the chain instead of P;
+    # at K = 256 that frees the shared memory a two-stage build of BV 32 needs (226-230 KB
+    # with Triton 3.6, against 238 KB with P), so each (head, sequence) needs 8 programs
+    # re-reading q, k and W every chunk step instead of 16 (ncu: the backward chain waits on
+    # those loads; docs/performance.md). Not yet timed.
+    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": 0},
+                  256: {"BV": 16, "num_warps": 4, "num_stages": 2, "du0": 0}},
+    "p_t_do": {"BV": 64, "num_warps": 4, "num_stages": 1},
     # float32 operands take twice the registers and shared memory (and K > 128 runs 16-token
-    # chunks: gated_delta_rule.triton.FP32_WIDE_CHUNK).
-    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1},
-                   256: {"BV": 32, "num_warps": 8, "num_stages": 2}},
+    # chunks: gated_delta_rule.triton.FP32_WIDE_CHUNK). du0: the backward's, as in state_bwd.
+    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1, "du0": 0},
+                   256: {"BV": 32, "num_warps": 8, "num_stages": 2, "du0": 0}},
     "chunk_bwd": {"BK": 64, "BV": 64},
     # 4 warps: two programs share an SM (the main kernel spills 64 B a thread at K = 128, 40
     # at K = 256 with Triton 3.6: benchmarks/kernel_resources.py --dense). one_pass: its dq, dW

@@ -139,6 +139,26 @@ def test_main_backward_split_over_k_blocks(dtype):
             assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_state_backward_with_p_t_do_first(dtype):
+    """launch["state_bwd"]["du0"] (P^T dO before the chain) at K = V = 256 with the two-stage
+    BV 32 build it makes room for, over ragged segments with the l2 norm: against the
+    reference, and near the default backward (bf16: P^T dO rounded once more, to dU's dtype)."""
+    from megatron_mom.ops import KernelOptions
+    lengths = [3000, 77, 1, 4096, 1018]
+    leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
+    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    entry = "state_fp32" if dtype == torch.float32 else "state_bwd"
+    first = KernelOptions().with_launch(entry, 256, du0=1, BV=32, num_warps=8, num_stages=2)
+    check(f"p_t_do_first_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=first)
+    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)
+    want = forward_backward(leaves, "triton", cu=cu, l2=True)
+    errs = {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
+    ERRORS[f"p_t_do_first_vs_default_{str(dtype)[6:]}"] = errs
+    assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
+    assert max(errs.values()) < (1e-5 if dtype == torch.float32 else 1e-2), errs
+
+
 def test_long_sequence_65536_bf16():
     """T = 65536 in one sequence: finite everywhere and close to the reference."""
     leaves = make_inputs(1, 65536, 4, 128, 128, torch.bfloat16)

@@ -25,11 +25,13 @@ def state_bwd_kernel(
     order, cu_seqlens, chunk_offsets, scale,   # order [N] int32 (ORDERED): program -> sequence
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     ORDERED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
-    SQK: tl.constexpr, SDO: tl.constexpr, HN: tl.constexpr,
+    SQK: tl.constexpr, SDO: tl.constexpr, HN: tl.constexpr, DU0: tl.constexpr,
 ):
     """One program per (V block, head, sequence), chunks last to first:
     dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
-    P^T is the transposed view of the loaded P (never a transposed dot result)."""
+    P^T is the transposed view of the loaded P (never a transposed dot result). DU0: P^T dO,
+    which does not depend on the chain, is in du_out already (`p_t_do_kernel`): the chain
+    reads it instead of P, which leaves shared memory for wider V blocks."""
     h, n, bos, eos, first_chunk, vcols, state_offs = state_program(order, cu_seqlens,
                                                                    chunk_offsets, V, K, BV,
                                                                    ORDERED)
@@ -58,7 +60,11 @@ def state_bwd_kernel(
                        other=0.0)
         du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
                     input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
-        du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt), input_precision=PREC)
+        if DU0:
+            du += tl.load(du_out + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
+        else:
+            du += tl.dot(tl.trans(tl.load(p_mat + chunk_id * C * C + cc_offs)), do_t.to(dt),
+                         input_precision=PREC)
         tl.store(du_out + voffs, du.to(du_out.dtype.element_ty), mask=valid[:, None])
         do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
         ds = ds * tl.exp(g_last)
@@ -67,6 +73,32 @@ def state_bwd_kernel(
 
     if STORE_DH0:
         tl.store(dh0 + (n.to(tl.int64) * HN + h) * K * V + state_offs, ds)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS"])
+def p_t_do_kernel(
+    p_mat, do, du,                       # [NTU,H,C,C], [TT,H,V] (row stride SDO), [TT,H,V]
+    cu_seqlens, chunk_offsets, N, STEPS,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SDO: tl.constexpr,
+):
+    """dU's part P^T dO of every chunk, the state backward's only term without the chain, one
+    program per (chunk, head, V block), into du (which `state_bwd_kernel` with DU0 completes).
+    P^T is the transposed view of the loaded P."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last = chunk_rows(chunk_offsets, cu_seqlens, pid, N, STEPS, C)
+    rows = tl.arange(0, C)
+    vcols = tl.program_id(2) * BV + tl.arange(0, BV)
+    chunk_id = pid.to(tl.int64) * H + hh
+    p_t = tl.trans(tl.load(p_mat + chunk_id * C * C + rows[:, None] * C + rows[None, :]))
+    do_t = tl.load(do + (tok * SDO + hh * V)[:, None] + vcols[None, :], mask=valid[:, None],
+                   other=0.0)
+    du_t = tl.dot(p_t, do_t.to(p_t.dtype), input_precision=PREC)
+    tl.store(du + (tok * H + hh)[:, None] * V + vcols[None, :], du_t.to(du.dtype.element_ty),
+             mask=valid[:, None])
 
 
 @triton.jit

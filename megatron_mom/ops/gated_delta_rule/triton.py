@@ -26,7 +26,7 @@ from megatron_mom.ops.common import (TRITON_DTYPES, Segments, beside, checker, n
 from megatron_mom.ops.common.launch import launch
 from megatron_mom.ops.common.segments import max_chunks
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
-                                                         state_bwd_kernel)
+                                                         p_t_do_kernel, state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_out_kernel, prepare_kernel,
                                                          state_fwd_kernel)
 from megatron_mom.ops.gated_delta_rule.state_split import (piece_bwd_kernel, piece_fwd_kernel,
@@ -193,13 +193,20 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
         del ab
         cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
     order = P.longest_first(pieces) if options.launch["state_order"]["longest_first"] else None
+    du0 = bool(cfg.get("du0"))
+    if du0:   # P^T dO chunk-parallel, before the chain (which then reads it instead of P)
+        pre = options.launch["p_t_do"]
+        BVd = min(pre["BV"], P.V)
+        p_t_do_kernel[(P.NTU, P.H, P.V // BVd)](
+            p_mat, do, du, P.cu, P.offsets, P.N, P.steps, H=P.H, V=P.V, C=P.C, BV=BVd,
+            PREC=options.precision, SDO=_row_stride(do), **_launch_opts(options, "p_t_do"))
     launch(state_bwd_kernel, (P.V // BV, P.H, grid_n),
         q, k, w, gam, p_mat, do, dht if dht is not None else do, dh, du, dh0 if want_dh0 else do,
         cu if order is None else order, cu, starts, scale,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, ORDERED=order is not None,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0,
         PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
-        HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HN=HN, DU0=du0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return dh, du
 
 

@@ -71,3 +71,25 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
         else:
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("case, bv", [("K64_ragged_C32", 32), ("K128_V256_C16", 64),
+                                      ("K256_C16", 32)])
+def test_state_backward_with_p_t_do_first_matches_reference(case, bv):
+    """launch["state_bwd"]["du0"] (state_fp32 for float32 inputs): P^T dO computed chunk-parallel
+    by p_t_do_kernel into dU, which the chain completes. Every gradient against the reference,
+    over whole sequences and over pieces (the split backward), and bit for bit the chain that
+    computes P^T dO itself at the same V blocks (float32: the same dot, summed in the same
+    order)."""
+    lengths, H, K, V, C = CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    for split in ("off", "on"):
+        base = KernelOptions(state_split=split, state_piece_chunks=1).with_launch(
+            "state_fp32", max(K, 128), BV=bv)
+        first = base.with_launch("state_fp32", max(K, 128), du0=1)
+        assert_gdr_close(leaves, cu, chunk_size=C, options=first)
+        got = run_gdr("triton", leaves, cu, chunk_size=C, options=first)
+        want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
+        for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
+                              got, want):
+            assert torch.equal(a, b), (split, name)
