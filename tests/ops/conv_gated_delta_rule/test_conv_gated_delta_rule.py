@@ -60,6 +60,20 @@ def test_lean_conv_gated_delta_rule_matches_composition(seqs, chunk_size, H):
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
+def test_lean_op_with_the_other_backward_forms():
+    """The lean op's backward (head by head, states recomputed) with the main backward kernel
+    split over K blocks and P^T dO computed before the chain: the composition's results."""
+    from megatron_mom.ops import KernelOptions
+    leaves, layout, H = make_case(seqs=2, H=2, K=128, V=64)        # K = 128: 2 K blocks
+    options = KernelOptions().with_launch("chunk_bwd_main", split_k=1).with_launch(
+        "state_fp32", 128, du0=1)
+    got = run(leaves, layout, H, 16, lean_backward=True, backend="triton", options=options)
+    want = run(leaves, layout, H, 16, backend="torch")
+    tol = {"A_log": 1e-3, "dt_bias": 1e-3}
+    for name, a, b in zip(["o"] + list(leaves), got, want):
+        assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
+
+
 def lean_forward(leaves, layout, H):
     return conv_gated_delta_rule(
         leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,

@@ -93,3 +93,14 @@ def test_state_backward_with_p_t_do_first_matches_reference(case, bv):
         for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
                               got, want):
             assert torch.equal(a, b), (split, name)
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_split_k_and_p_t_do_first_by_head_groups(groups):
+    """Both backward forms on the backward by head groups, whose kernels read and write head
+    slices of the full tensors (dgam's parts and P^T dO per group), with the l2 norm and the
+    recomputed states: the reference's gradients."""
+    leaves, cu = gdr_inputs([30, 50], 4, 128, 64, h0=True, raw_qk=True)
+    options = KernelOptions(backward_head_groups=groups, recompute_states=True).with_launch(
+        "chunk_bwd_main", split_k=1).with_launch("state_fp32", 128, du0=1)
+    assert_gdr_close(leaves, cu, chunk_size=32, l2=True, options=options)
