@@ -950,14 +950,13 @@ def _lr_search_done(runner, s, runs, group, done, steps, train_deadline) -> int:
     if lr is not None:
         runner.submit(Job("lr", group[0], group[1], lr, 0, steps, train_deadline))
         return 1
-    _submit_seeds(runner, s, runs, group, done, steps, train_deadline)
+    _submit_seeds(runner, s, best_lr(lr_runs), group, done, steps, train_deadline)
     return 0
 
 
-def _submit_seeds(runner, s, runs, group, done, steps, train_deadline) -> None:
-    """The other seeds of (mixer, width) at its best learning rate, those not yet done."""
-    lr = best_lr([r for r in runs if r["job"]["kind"] == "lr"
-                  and (r["job"]["mixer"], r["job"]["width"]) == group])
+def _submit_seeds(runner, s, lr, group, done, steps, train_deadline) -> None:
+    """The other seeds of (mixer, width) at its best learning rate `lr` (None: no finished
+    learning-rate run, nothing to seed), those not yet done."""
     if lr is None:
         return
     for seed in range(1, s.seeds):

@@ -381,8 +381,8 @@ def run(preset: str = "h200", out: str = "runs/text_compare", overrides: Optiona
         f"bytes from {corpus['root']} ({corpus['files']['train']} + {corpus['files']['val']} "
         f"files)")
     saved = saved_comparison(out_dir, s, plan)
-    env = environment(dev)
-    runs: List[dict] = []
+    here = environment(dev)
+    env, runs = here, []
     if saved:
         plan, runs, env = saved["plan"], saved["runs"], saved["environment"]
         log(f"text_compare: going on with {len(runs)} finished runs in {out_dir}, "
@@ -407,7 +407,7 @@ def run(preset: str = "h200", out: str = "runs/text_compare", overrides: Optiona
             break
         log(f"text_compare: {mixer}, seed {seed}, {steps} steps")
         r = train_one(mixer, seed, steps, s, corpus, dev, log)
-        runs.append({**r, "device": environment(dev)["device"],
+        runs.append({**r, "device": here["device"],
                      "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
         write_outputs(out_dir, s, plan, runs, env)
     if not runs:

@@ -193,7 +193,7 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
         del ab
         cu, starts, grid_n, HN, want_dh0 = pieces.cu, pieces.first_chunk, pieces.NPU, P.H, False
     order = P.longest_first(pieces) if options.launch["state_order"]["longest_first"] else None
-    du0 = bool(cfg.get("du0"))
+    du0 = bool(cfg["du0"])
     if du0:   # P^T dO chunk-parallel, before the chain (which then reads it instead of P)
         pre = options.launch["p_t_do"]
         BVd = min(pre["BV"], P.V)
