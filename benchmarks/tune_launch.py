@@ -90,6 +90,9 @@ VARIANTS = [
     ("state_bwd du0 BV32 s2", "state_bwd", "K", {"du0": 1, "BV": 32, "num_stages": 2}),
     ("state_bwd du0 BV32 w8 s2", "state_bwd", "K",
      {"du0": 1, "BV": 32, "num_warps": 8, "num_stages": 2}),
+    # 4 programs per (head, sequence): 254 registers, no spill, 64 KB shared at K = 256.
+    ("state_bwd du0 BV64 w8 s1", "state_bwd", "K",
+     {"du0": 1, "BV": 64, "num_warps": 8, "num_stages": 1}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
 ]
