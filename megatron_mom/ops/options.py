@@ -41,18 +41,14 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                   256: {"BV": 32, "num_warps": 4, "num_stages": 3}},
     # The chain computing o itself (no states stored: inference, recompute_states' forward).
-    # K = 256: BV = 16 measured faster than 32 (docs/performance.md, "Candidates, then timed").
     "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
                     256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
     # o from the stored states after the chain when K >= min_k; below it the chain computes o
     # while it stores the states ("state_fwd_o" settings).
     "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "min_k": 0},
-    # K = 256: BV = 16 (one head at a time, the lean mode's case, is faster than at 32).
-    # du0: P^T dO computed chunk-parallel first ("p_t_do") and read by the chain instead of P;
-    # at K = 256 that frees the shared memory a two-stage build of BV 32 needs (226-230 KB
-    # with Triton 3.6, against 238 KB with P), so each (head, sequence) needs 8 programs
-    # re-reading q, k and W every chunk step instead of 16 (ncu: the backward chain waits on
-    # those loads; docs/performance.md). Not yet timed.
+    # du0: P^T dO computed chunk-parallel first ("p_t_do") and read by the chain instead of
+    # P. The chain waits on its per-step q, k and W loads, which every V block re-reads; the
+    # shared memory P no longer takes lets wider V blocks (fewer programs) build at K = 256.
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": 0},
                   256: {"BV": 16, "num_warps": 4, "num_stages": 2, "du0": 0}},
     "p_t_do": {"BV": 64, "num_warps": 4, "num_stages": 1},
@@ -61,30 +57,26 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1, "du0": 0},
                    256: {"BV": 32, "num_warps": 8, "num_stages": 2, "du0": 0}},
     "chunk_bwd": {"BK": 64, "BV": 64},
-    # 4 warps: two programs share an SM (the main kernel spills 64 B a thread at K = 128, 40
-    # at K = 256 with Triton 3.6: benchmarks/kernel_resources.py --dense). one_pass: its dq, dW
-    # and dk products over V in one loop (three accumulators) instead of two (h read twice).
-    # split_k: a program per (chunk, head, K block) instead of per (chunk, head). At K = 256
-    # the unsplit kernel read 2.75 GB from DRAM for ~1.2 GB of distinct data on an H100 (ncu,
-    # docs/performance.md): every program re-reads dO, dU and U per K block with too many
-    # programs' h and dh in flight for L2 to keep them. Not yet timed.
+    # 4 warps: two programs share an SM (benchmarks/kernel_resources.py --dense lists what
+    # each build uses). one_pass: its dq, dW and dk products over V in one loop (three
+    # accumulators) instead of two (h read twice). split_k: a program per (chunk, head, K
+    # block) instead of per (chunk, head): each reads its blocks of h and dh once and the
+    # chunk's sibling programs, adjacent in launch order, share dO, dU and U through L2, where
+    # one program per chunk re-reads those per K block.
     "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # The sequential state kernels' programs start longest sequence first (1) or in order
     # (0). A launch's programs start in index order, so a long chain started last is its
-    # tail; at MoM's packed segments the shared memory's chain is twice the others'. Longest
-    # first gave the same bits 2.4% (B4 T4096) and 7.1% (B1 T16384) faster fwd+bwd at K = 256
-    # (tune_launch.py; docs/performance.md).
+    # tail; at MoM's packed segments the shared memory's chain is twice the others'. The
+    # order changes no result.
     "state_order": {"longest_first": 1},
     # Chunk-parallel state passing, "auto" (gated_delta_rule.triton.split_pieces): a cost
     # model in chunk steps. A launch of n programs takes ceil(n / slots) waves of its chain;
     # `slots` is how many state-kernel programs the GPU runs at once at full step rate (132
     # SMs x 2 here), `scan_step` the cost of one scan step in chunk steps; split when the
-    # model predicts at least `gain` x. On the H200 (bench_state_split.py, docs/performance.md)
-    # the model's splits are the measured wins in the forward (1.4-2.5x on single long
-    # sequences) and its "no" on MoM's packed segments is right (0.5-1.1x there); the split
-    # backward is slower at K = 256 (0.4-0.6x) and faster at K = 128 (1.15-1.26x), hence
-    # `backward_max_k`.
+    # model predicts at least `gain` x. The split backward pays at K <= `backward_max_k` only:
+    # each piece's transfer is a [K, K + V] product, and at K = 256 it runs on few,
+    # register-heavy programs (bench_state_split.py; docs/performance.md has the timings).
     "state_split": {"slots": 264, "scan_step": 1.0, "gain": 1.25, "backward_max_k": 128},
     # The pass that combines the pieces' transfers in order (A_p [K, BK] tiles times the
     # state's [BK, BV] tiles, fp32); its per-piece passes take the state kernels' settings.
