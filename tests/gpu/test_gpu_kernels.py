@@ -143,22 +143,27 @@ def test_main_backward_split_over_k_blocks(dtype):
         1e-5 if dtype == torch.float32 else 5e-3), errs
 
 
+@pytest.mark.parametrize("build", [(32, 8, 2), (64, 8, 1)], ids=["BV32_w8_s2", "BV64_w8_s1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_state_backward_with_p_t_do_first(dtype):
-    """launch["state_bwd"]["du0"] (P^T dO before the chain) at K = V = 256 with the two-stage
-    BV 32 build it makes room for, over ragged segments with the l2 norm: against the
-    reference, and near the default backward (bf16: P^T dO rounded once more, to dU's dtype)."""
+def test_state_backward_with_p_t_do_first(dtype, build):
+    """launch["state_bwd"]["du0"] (P^T dO before the chain) at K = V = 256 with the wider V
+    blocks it makes room for (BV, warps, stages), over ragged segments with the l2 norm:
+    against the reference, and near the default backward (bf16: P^T dO rounded once more, to
+    dU's dtype)."""
     from megatron_mom.ops import KernelOptions
     lengths = [3000, 77, 1, 4096, 1018]
     leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
     cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
     entry = "state_fp32" if dtype == torch.float32 else "state_bwd"
-    first = KernelOptions().with_launch(entry, 256, du0=1, BV=32, num_warps=8, num_stages=2)
-    check(f"p_t_do_first_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=first)
+    bv, warps, stages = build
+    first = KernelOptions().with_launch(entry, 256, du0=1, BV=bv, num_warps=warps,
+                                        num_stages=stages)
+    tag = f"K256_BV{bv}_w{warps}_s{stages}_{str(dtype)[6:]}"
+    check(f"p_t_do_first_{tag}", leaves, cu=cu, l2=True, options=first)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)
     want = forward_backward(leaves, "triton", cu=cu, l2=True)
     errs = {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
-    ERRORS[f"p_t_do_first_vs_default_{str(dtype)[6:]}"] = errs
+    ERRORS[f"p_t_do_first_vs_default_{tag}"] = errs
     assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
     for name, err in errs.items():                 # bf16: dg sums many cancelling terms
         limit = 1e-5 if dtype == torch.float32 else (4e-2 if name == "dg" else 1e-2)
