@@ -69,6 +69,19 @@ def forward_backward(leaves, backend, *, cu=None, l2=False, chunk_size=64, seed=
     return [o.detach(), ht.detach()] + [x.grad for x in leaves]
 
 
+def ragged_k256(dtype):
+    """MoM's layer-sized heads (H = 4, K = V = 256) over ragged packed sequences, one of a
+    single token: (leaves, cu_seqlens)."""
+    lengths = [3000, 77, 1, 4096, 1018]
+    leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
+    return leaves, torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+
+
+def rel_errs(got, want) -> dict:
+    """rel_err per output of `forward_backward`, by name."""
+    return {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
+
+
 def check(name, leaves, *, cu=None, l2=False, tol_scale=1.0, options=None):
     dtype = leaves[0].dtype
     got = forward_backward(leaves, "triton", cu=cu, l2=l2, options=options)
@@ -107,13 +120,11 @@ def test_backward_by_head_groups_is_exact(recompute):
     values per head: its gradients match the all-heads backward to float32 rounding at most
     (bf16, packed ragged sequences, l2 norm, initial state); whether bit for bit is recorded."""
     from megatron_mom.ops import KernelOptions
-    lengths = [3000, 77, 1, 4096, 1018]
-    leaves = make_inputs(1, sum(lengths), 4, 256, 256, torch.bfloat16, N=len(lengths), raw_qk=True)
-    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    leaves, cu = ragged_k256(torch.bfloat16)
     want = forward_backward(leaves, "triton", cu=cu, l2=True)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=KernelOptions(
         recompute_states=recompute, backward_head_groups=4))
-    errs = {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
+    errs = rel_errs(got, want)
     errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
     ERRORS[f"head_groups_{'recomputed' if recompute else 'kept'}"] = errs
     assert max(v for k, v in errs.items() if k != "bitwise_equal") < 1e-5, errs
@@ -127,15 +138,12 @@ def test_main_backward_split_over_k_blocks(dtype):
     differently): within float32 rounding, or a bf16 rounding step for bf16 gradients. Whether
     they agree bit for bit is recorded."""
     from megatron_mom.ops import KernelOptions
-    lengths = [3000, 77, 1, 4096, 1018]
-    leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
-    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    leaves, cu = ragged_k256(dtype)
     split = KernelOptions().with_launch("chunk_bwd_main", split_k=1)
     check(f"split_k_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=split)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=split)
     want = forward_backward(leaves, "triton", cu=cu, l2=True)
-    names = ["o", "final_state"] + GRAD_NAMES
-    errs = {name: rel_err(a, b) for name, a, b in zip(names, got, want)}
+    errs = rel_errs(got, want)
     errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
     ERRORS[f"split_k_vs_unsplit_{str(dtype)[6:]}"] = errs
     assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
@@ -151,9 +159,7 @@ def test_state_backward_with_p_t_do_first(dtype, build):
     against the reference, and near the default backward (bf16: P^T dO rounded once more, to
     dU's dtype)."""
     from megatron_mom.ops import KernelOptions
-    lengths = [3000, 77, 1, 4096, 1018]
-    leaves = make_inputs(1, sum(lengths), 4, 256, 256, dtype, N=len(lengths), raw_qk=True)
-    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
+    leaves, cu = ragged_k256(dtype)
     entry = "state_fp32" if dtype == torch.float32 else "state_bwd"
     bv, warps, stages = build
     first = KernelOptions().with_launch(entry, 256, du0=1, BV=bv, num_warps=warps,
@@ -162,7 +168,7 @@ def test_state_backward_with_p_t_do_first(dtype, build):
     check(f"p_t_do_first_{tag}", leaves, cu=cu, l2=True, options=first)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)
     want = forward_backward(leaves, "triton", cu=cu, l2=True)
-    errs = {name: rel_err(a, b) for name, a, b in zip(["o", "final_state"] + GRAD_NAMES, got, want)}
+    errs = rel_errs(got, want)
     ERRORS[f"p_t_do_first_vs_default_{tag}"] = errs
     assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
     for name, err in errs.items():                 # bf16: dg sums many cancelling terms
