@@ -9,7 +9,6 @@ process group uses gloo; under torchrun on GPUs it uses NCCL.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -39,13 +38,6 @@ class Parallel:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_parallel(cfg: RunConfig) -> Parallel:
     """Start (or reuse) the process group and (re)build Megatron's parallel state."""
     if cfg.model.num_layers % cfg.parallel.pipeline_model_parallel_size:
@@ -71,9 +63,9 @@ def init_process_groups(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel:
         backend = "gloo" if on_cpu else "nccl"
         if "RANK" in os.environ:  # launched by torchrun
             dist.init_process_group(backend)
-        else:  # a plain `megatron-mom train`: one process, a private port
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}",
-                                    rank=0, world_size=1)
+        else:  # a plain `megatron-mom train`: one process, so an in-process store (no port
+            # to pick and lose to another process between choosing and binding it)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % (tp * pp):
         raise ConfigError(f"the world size ({world} processes) must be a multiple of "

@@ -39,11 +39,9 @@ def _env():
 
 
 def cli(*args, nproc=1):
-    from megatron_mom.train.build import free_port
     launch = [sys.executable]
     if nproc > 1:
-        launch += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
     done = subprocess.run([*launch, "-m", "megatron_mom.apps.cli.main", *map(str, args)],
                           capture_output=True, text=True, env=_env(), timeout=600)
     return done
@@ -157,7 +155,6 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
     """A pretrain_gpt.py-layout checkpoint (stand-in: layers stacked, args in common.pt) saved
     at TP=2 exports; the export imports as a release checkpoint that the stand-in loads at TP=2
     and saves again (lr 0: unchanged), which exports to the same tensors."""
-    from megatron_mom.train.build import free_port
     flags = ["--spec", "megatron_mom.integrations.megatron_lm.presets", "mom", "--num-layers", "2",
              "--hidden-size", "64", "--ffn-hidden-size", "96", "--num-attention-heads", "4",
              "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2",
@@ -168,8 +165,8 @@ def test_megatron_lm_checkpoint_both_ways(tmp_path):
              "--mom-norm-eps", "1e-5", "--mom-num-memories", "3"]
 
     def standin(*extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2",
                "-m", "megatron_mom.integrations.megatron_lm.launch",   # the CPU redirections
                str(ROOT / "tests" / "integrations" / "megatron_lm" / "pretrain_standin.py"),
                *flags, *extra]

@@ -23,9 +23,8 @@ HERE = os.path.dirname(__file__)
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
-    from megatron_mom.train.build import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), os.path.join(HERE, "parallel_worker.py"),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "parallel_worker.py"),
            "--out", str(out), "layer", "gpt"]
     tests_root = os.path.dirname(HERE)   # naive_mom.py
     env = dict(os.environ, PYTHONPATH=tests_root + os.pathsep + os.environ.get("PYTHONPATH", ""))

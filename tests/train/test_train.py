@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from megatron_mom.train.build import free_port
 from megatron_mom.train.config import ConfigError, RunConfig, build_config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,8 +221,8 @@ def _torchrun_train(out: Path, *extra) -> subprocess.CompletedProcess:
                 "mom.chunk_size": 16, "train.micro_batch_size": 2, "train.global_batch_size": 4,
                 "train.warmup_steps": 1, "train.eval_interval": 0, "train.save_interval": 2,
                 "train.log_interval": 2, "data.corpus": "bundled"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "megatron_mom.apps.cli.main", "train", "--no-progress",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "megatron_mom.apps.cli.main", "train", "--no-progress",
             "--steps", "4", "--output-dir", str(out), *extra]
     args += [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
@@ -381,8 +380,8 @@ def test_torchrun_config_error_is_printed_once(tmp_path):
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in launcher}
     env.update(PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m",
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m",
             "megatron_mom.apps.cli.main", "train", "--no-progress", "--output-dir",
             str(tmp_path / "run"), "--set", "train.global_batch_size=8"]   # micro 8 x DP 2
     done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megatron_mom.train.build import free_port
-
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "sinfo", "scontrol")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the daemons bind it when they start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def missing() -> list[str]:
