@@ -86,4 +86,5 @@ def to_segments(x: Tensor) -> Tensor:
 
 def from_segments(x: Tensor, batch: int) -> Tensor:
     """Inverse of `to_segments`."""
-    return x.view(-1, batch, *x.shape[1:]).transpose(0, 1)
+    # sizes spelt out: a width-1 convolution keeps an empty history, where -1 is ambiguous
+    return x.view(x.shape[0] // batch, batch, *x.shape[1:]).transpose(0, 1)

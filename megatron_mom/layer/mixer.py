@@ -191,9 +191,10 @@ class MixtureOfMemories(MegatronModule):
                                routed.tokens_per_memory, b * s, mom)
         # Logged only where the graph is built: under activation recompute the forward runs
         # twice (first without grad), and a step must count once (as Megatron's routers do).
-        if losses is not None and self.training and torch.is_grad_enabled():
-            metrics.record_router(self.layer_number, self.config, losses,
-                                  reduce_group=self._router_reduce_group())
+        if self.training and torch.is_grad_enabled():
+            if losses is not None:
+                metrics.record_router(self.layer_number, self.config, losses,
+                                      reduce_group=self._router_reduce_group())
             self.router.count(routed.tokens_per_memory)
         weight = attach_loss(routed.weight, losses.total if losses else None)
         return Routing(routed.memory, weight, routed.tokens_per_memory), s, b

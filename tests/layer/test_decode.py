@@ -21,10 +21,12 @@ def incremental(layer, x, splits):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("prompt", [1, 2, 6])
-def test_prefill_then_decode_matches_full_forward(megatron_single, prompt):
-    # conv width 4: prompts of 1 and 2 tokens are shorter than the convolution's history
-    mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8, chunk_size=16)
+@pytest.mark.parametrize("prompt,conv_size", [(1, 4), (2, 4), (6, 4), (2, 1), (6, 1)])
+def test_prefill_then_decode_matches_full_forward(megatron_single, prompt, conv_size):
+    # conv width 4: prompts of 1 and 2 tokens are shorter than the convolution's history;
+    # width 1 keeps no history at all
+    mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=8, chunk_size=16,
+                    conv_size=conv_size)
     layer = build_layer(mom).eval()
     p = official_params(mom, HIDDEN, seed=2)
     g = torch.Generator().manual_seed(3)

@@ -135,3 +135,20 @@ def test_full_activation_recompute_matches_and_logs_once(megatron_single, patter
     assert set(logged0) == {metrics.LOAD_BALANCING_LOSS, metrics.Z_LOSS}
     for name in logged0:
         assert logged0[name].abs().sum() > 0 and torch.equal(logged0[name], logged1[name]), name
+
+
+def test_memory_load_is_counted_without_router_losses(megatron_single):
+    """The per-memory token counts that training logs do not depend on the router losses:
+    with both coefficients 0 they still sum to tokens x top-k."""
+    from megatron_mom import get_mom_layer_spec
+    from megatron_mom.layer import metrics
+    mom = MOM.replace(backend="torch", aux_loss_coeff=0.0, z_loss_coeff=0.0)
+    model = gpt(lambda c: get_mom_layer_spec(mom, backend="local"), num_layers=2)
+    ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(40)[None].expand(2, -1)
+    metrics.memory_load(model, clear=True)
+    model(ids, pos, None, labels=ids).float().mean().backward()
+    counts = [m.routed_tokens.clone() for m in model.modules() if hasattr(m, "routed_tokens")]
+    assert len(counts) == 2 and all(int(c.sum()) == 2 * 40 * mom.topk for c in counts)
+    load = metrics.memory_load(model, clear=True)
+    assert sorted(load) == [1, 2] and all(abs(float(f.sum()) - 1) < 1e-6 for f in load.values())

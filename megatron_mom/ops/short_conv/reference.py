@@ -43,7 +43,9 @@ def short_conv_reference(
 
     def tap(d: int) -> Tensor:
         """x_{t-d} for every packed token t, taken from history where it precedes the sequence."""
-        shifted = F.pad(flat, (0, 0, d, 0))[: B * T] if d else flat
+        if d == 0:  # the token itself: never from history (which W = 1 does not have)
+            return flat
+        shifted = F.pad(flat, (0, 0, d, 0))[: B * T]
         inside = (pos >= d)[:, None]
         if init is None:  # a select, not a product: 0 * NaN would carry NaN across the boundary
             return torch.where(inside, shifted, 0.0)
