@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_mom.config import EXECUTION_SETTINGS
 from megatron_mom.train.config import (ConfigError, RunConfig, build_config, dump_config,
                                         load_config, read_yaml)
 from megatron_mom.train.safe_load import CheckpointError, dist_load
@@ -314,7 +315,7 @@ def load_model_weights(path: Path, gpt) -> None:
 # checkpoint holds or how training continues from it.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_interval", "train.eval_interval",
                         "train.eval_batches", "train.save_interval", "train.keep_checkpoints",
-                        "mom.backend", "mom.grouped_projection", "mom.lean_backward",
+                        *(f"mom.{name}" for name in EXECUTION_SETTINGS),
                         "mom.chunk_size", "generate.", "output_dir")
 
 

@@ -172,8 +172,17 @@ class _MetricsFile:
             return
         kept = []
         if start_step > 0 and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+            lines = [line for line in path.read_text().splitlines() if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # cut short by a kill while appending: past the
+                        break                # checkpoint, and rewritten by this run
+                    raise ConfigError(f"{path}: line {i + 1} is not JSON; the file is damaged "
+                                      f"(move it away to resume with a fresh log)") from None
+                if record["step"] <= start_step:
+                    kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -353,6 +362,10 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
     `overwrite`: replace an earlier run in the output directory (refused without it).
     `stop_after`: end (with a checkpoint) after this many steps in total, as if the job had
     been stopped there; the schedule still follows `train.steps`."""
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or stop_after < 1):
+        raise ConfigError(f"--stop-after (stop_after) must be a whole number of steps >= 1, "
+                          f"got {stop_after!r}")
     found = _check_output_dir(cfg, resume, overwrite)
     run = _set_up(cfg, overwrite)
     train_state = _resume(run, found) if resume else {"iteration": 0, "consumed_samples": 0}

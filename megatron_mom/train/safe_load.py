@@ -19,6 +19,7 @@ Tensor data in the shard files is read by torch with weights_only=True already.
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -171,7 +172,8 @@ def dist_load(template: dict, path: Path) -> dict:
                                        common_strategy=common)
     except CheckpointException as err:    # torch's collective wrapper, a BaseException
         raise _reading_failed(path, [exc for exc, _ in err.failures.values()]) from err
-    except (CheckpointingException, EOFError, pickle.UnpicklingError) as err:
+    except (CheckpointingException, EOFError, pickle.UnpicklingError,
+            json.JSONDecodeError, UnicodeDecodeError) as err:   # the last two: metadata.json
         raise _reading_failed(path, [err]) from err
 
 

@@ -134,8 +134,13 @@ def test_resume_gives_bit_identical_losses(straight_run, corpus, tmp_path):
     from megatron_mom.train import train
     out, uninterrupted = straight_run
     cfg = build_config(overrides=tiny_overrides(tmp_path, corpus))
+    with pytest.raises(ConfigError, match="stop_after"):
+        train(cfg, stop_after=0, show_progress=False, sample=False)
+    assert not tmp_path.joinpath("metrics.jsonl").exists()      # refused before anything
     first = train(cfg, stop_after=4, show_progress=False, sample=False)
     assert first.losses == uninterrupted.losses[:4]
+    with open(tmp_path / "metrics.jsonl", "a") as f:             # killed while appending
+        f.write('{"step": 5, "loss": 5.8')
     from megatron_mom.train.checkpoint import resume_config
     again = resume_config(None, {"output_dir": str(tmp_path)})   # `train --resume`, no --steps
     assert again == cfg                      # the saved config, train.steps 8 (not 300)
@@ -473,6 +478,12 @@ def _truncate(folder: Path, name: str, keep_manifest: bool) -> None:
         (folder / "manifest.json").write_text(json.dumps(sizes))
 
 
+def _scramble(folder: Path, name: str) -> None:
+    """Garbage of the file's own length: the size manifest cannot tell."""
+    size = (folder / name).stat().st_size
+    (folder / name).write_bytes(b"#" * size)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("damage, message", [
     (lambda f: _truncate(f, "__0_0.distcp", True), "file __0_0.distcp has"),
@@ -480,6 +491,7 @@ def _truncate(folder: Path, name: str, keep_manifest: bool) -> None:
     (lambda f: _truncate(f, ".metadata", False), "pickle data was truncated"),
     (lambda f: _truncate(f, "common.pt", False), "common.pt is damaged or truncated"),
     (lambda f: (f / "manifest.json").unlink(), "has no manifest.json"),
+    (lambda f: _scramble(f, "metadata.json"), "reading the checkpoint failed (JSONDecodeError"),
     (lambda f: (f / "config.yaml").write_bytes(bytes(range(256))),
      "config.yaml: not a YAML text file"),
     (lambda f: (f.parent / "latest").write_bytes(b"\xff\x00../x"), "not a checkpoint folder"),
@@ -515,6 +527,9 @@ def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tm
     longer = resume_config(None, {"output_dir": str(out), "train.steps": 12,
                                   "train.log_interval": 3, "mom.backend": "torch"})
     check_resume(found, longer, world_size=1)
+    leaner = resume_config(None, {"output_dir": str(out), "mom.recompute_states": True,
+                                  "mom.lean_backward": True})   # after an out-of-memory stop
+    check_resume(found, leaner, world_size=1)
     config_file = tmp_path / "other.yaml"
     config_file.write_text(yaml.safe_dump(saved_config(found).to_dict()).replace(
         "steps: 8", "steps: 300"))
