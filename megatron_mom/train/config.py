@@ -222,6 +222,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError("train.eval_interval > 0 needs validation documents: give "
                           "data.split a validation weight (e.g. '98,2,0') or set "
                           "train.eval_interval: 0")
+    _check_tensor_parallel(cfg)
     try:
         mom = cfg.mom_config()
     except (TypeError, ValueError) as err:
@@ -231,6 +232,24 @@ def _check_values(cfg: RunConfig) -> None:
             mom.check_parallel(cfg.parallel.tensor_model_parallel_size)
         except ValueError as err:
             raise ConfigError(f"mom/parallel: {err}") from None
+
+
+def _check_tensor_parallel(cfg: RunConfig) -> None:
+    """What Megatron splits across tensor-parallel ranks must divide by their number (Megatron
+    checks these too, but only once the process group is up, and on every rank)."""
+    from megatron_mom.train.build import VOCAB_SIZE
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    if cfg.parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel splits the sequence across the "
+                          "tensor-parallel ranks: it needs parallel.tensor_model_parallel_size "
+                          "> 1 (--tp 2 or more), or drop --sequence-parallel")
+    for key, size in (("model.num_attention_heads", m.num_attention_heads),
+                      ("model.ffn_hidden_size", m.ffn_hidden_size),
+                      ("the tokenizer's vocabulary", VOCAB_SIZE)):
+        if size % tp:
+            raise ConfigError(f"{key} ({size}) must be divisible by "
+                              f"parallel.tensor_model_parallel_size ({tp}); choose a "
+                              f"tensor-parallel size that divides it")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -69,6 +69,16 @@ def test_example_config_documents_the_embedded_default():
     ({"train": {"global_batch_size": 12}}, "must be a multiple of train.micro_batch_size"),
     ({"data": {"split": "90,10"}}, "data.split must be three comma-separated weights"),
     ({"parallel": {"tensor_model_parallel_size": 4}}, "num_heads (2) must be divisible"),
+    ({"parallel": {"sequence_parallel": True}}, "needs parallel.tensor_model_parallel_size > 1"),
+    ({"parallel": {"tensor_model_parallel_size": 2}, "model": {"num_attention_heads": 1,
+                                                                "hidden_size": 63}},
+     "model.num_attention_heads (1) must be divisible by parallel.tensor_model_parallel_size"),
+    ({"parallel": {"tensor_model_parallel_size": 2}, "model": {"ffn_hidden_size": 129}},
+     "model.ffn_hidden_size (129) must be divisible"),
+    ({"parallel": {"tensor_model_parallel_size": 3}, "model": {"num_attention_heads": 3,
+                                                                "hidden_size": 63,
+                                                                "ffn_hidden_size": 129}},
+     "the tokenizer's vocabulary (512) must be divisible"),
     ({"model": "big"}, "model must be a mapping"),
 ])
 def test_config_errors_name_key_and_fix(data, message):
