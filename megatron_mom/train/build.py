@@ -40,6 +40,11 @@ class Parallel:
 
 def init_parallel(cfg: RunConfig) -> Parallel:
     """Start (or reuse) the process group and (re)build Megatron's parallel state."""
+    if (cfg.mom_config().backend == "triton" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        raise ConfigError("mom.backend 'triton' runs the kernels on a GPU and there is none "
+                          "here: use mom.backend=auto (Triton on a GPU, else torch) or torch, "
+                          "or set TRITON_INTERPRET=1 to interpret the kernels on the CPU (slow)")
     if cfg.model.num_layers % cfg.parallel.pipeline_model_parallel_size:
         raise ConfigError(f"model.num_layers ({cfg.model.num_layers}) must be divisible by "
                          f"pipeline_model_parallel_size "

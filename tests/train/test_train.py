@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from megatron_mom.train.config import ConfigError, RunConfig, build_config, load_config
@@ -593,3 +594,17 @@ def test_runs_killed_during_saves_resume_bit_identically(corpus, tmp_path):
     assert len(_losses(out / "metrics.jsonl")) == 6
     assert latest_checkpoint(out / "checkpoints").name == "iter_0000006"
     assert not list((out / "checkpoints").glob(".tmp_*")), kills
+
+
+def test_triton_backend_without_a_gpu_is_refused_with_the_fix(corpus, tmp_path, monkeypatch):
+    """mom.backend=triton on a machine without a GPU (and without Triton's interpreter) is a
+    one-line config error, not Triton's driver error from the first forward."""
+    from megatron_mom.apps.cli.main import main
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the triton backend runs")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["train", "--no-progress"]
+    for key, val in tiny_overrides(tmp_path / "run", corpus, **{"mom.backend": "triton"}).items():
+        argv += ["--set", f"{key}={val}"]
+    err = _cli_error(main, argv)
+    assert "mom.backend 'triton' runs the kernels on a GPU" in err and "TRITON_INTERPRET=1" in err

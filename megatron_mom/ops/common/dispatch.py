@@ -3,6 +3,7 @@ dispatch of `megatron_mom.ops`)."""
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Callable, Optional, Sequence
 
@@ -33,6 +34,12 @@ def resolve_backend(op: str, backend: str, suits: bool,
         return "triton" if suits and triton_module(op) is not None else "torch"
     if backend == "triton":
         triton_module(op, required=True)
+        if not suits and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(f"{op}: backend='triton' runs the kernels on CUDA tensors "
+                               f"(float32, float16 or bfloat16), and these inputs are not; use "
+                               f"backend='auto' (Triton where it can run, else torch) or "
+                               f"'torch', or set TRITON_INTERPRET=1 to interpret the kernels "
+                               f"on the CPU")
     return backend
 
 

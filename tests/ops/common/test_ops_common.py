@@ -33,6 +33,12 @@ def test_one_dispatch_for_every_op(monkeypatch):
         resolve_backend("l2norm", "cuda", suits=True)
     assert resolve_backend("gated_delta_rule", "recurrent", False,
                            ("auto", "triton", "torch", "recurrent")) == "recurrent"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="l2norm: backend='triton' runs the kernels on CUDA "
+                                           "tensors.*TRITON_INTERPRET=1"):
+        resolve_backend("l2norm", "triton", suits=False)       # e.g. CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "1")                 # the interpreter takes them
+    assert resolve_backend("l2norm", "triton", suits=False) == "triton"
 
     def no_triton(name):
         raise ImportError(f"No module named {name!r}")
