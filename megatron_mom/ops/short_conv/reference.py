@@ -59,22 +59,27 @@ def short_conv_reference(
         raise ValueError(f"short_conv: activation must be 'silu' or None, got {activation!r}")
     y = y.to(x.dtype).reshape(B, T, C)
 
-    final = None
-    if output_final_state:
-        N = cu_seqlens.numel() - 1
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        cols = []
-        for j in range(W - 1):  # column j holds the input at position len - (W-1) + j
-            p = lengths - (W - 1) + j
-            from_x = flat[(cu_seqlens[:-1] + p).clamp(min=0, max=max(B * T - 1, 0))] if B * T else \
-                flat.new_zeros(N, C)
-            if init is None:
-                hist = flat.new_zeros(N, C)
-            else:
-                hist = init[torch.arange(N, device=x.device), :, (W - 1 + p).clamp(0, W - 2)]
-            cols.append(torch.where((p >= 0)[:, None], from_x, hist))
-        final = torch.stack(cols, dim=-1) if cols else flat.new_zeros(N, C, 0)
+    final = final_state(flat, cu_seqlens, W, init) if output_final_state else None
     return y, final
+
+
+def final_state(rows: Tensor, cu_seqlens: Tensor, W: int, init: Optional[Tensor]) -> Tensor:
+    """Each sequence's last W-1 inputs [N, C, W-1], oldest first, from its packed rows [TT, C]
+    or, where the sequence is shorter, from its initial state [N, C, W-1] (or zeros).
+    Differentiable in rows and init."""
+    N, C = cu_seqlens.numel() - 1, rows.shape[1]
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    cols = []
+    for j in range(W - 1):  # column j holds the input at position len - (W-1) + j
+        p = lengths - (W - 1) + j
+        from_x = rows[(cu_seqlens[:-1] + p).clamp(min=0, max=max(rows.shape[0] - 1, 0))] \
+            if rows.shape[0] else rows.new_zeros(N, C)
+        if init is None:
+            hist = rows.new_zeros(N, C)
+        else:
+            hist = init[torch.arange(N, device=rows.device), :, (W - 1 + p).clamp(0, W - 2)]
+        cols.append(torch.where((p >= 0)[:, None], from_x, hist))
+    return torch.stack(cols, dim=-1) if cols else rows.new_zeros(N, C, 0)
 
 
 def short_conv_split_reference(

@@ -24,6 +24,7 @@ from megatron_mom.ops.common import (as_int32, checker, dense_cu_seqlens, need_d
                                      need_triton_dtypes, search_steps)
 from megatron_mom.ops.common.search import sequence_of_unrolled
 from megatron_mom.ops.mix import sum_over_slots
+from megatron_mom.ops.short_conv.reference import final_state
 
 MAX_WIDTH = 8
 # The forward and backward stream over rows: a program owns a run of consecutive packed rows
@@ -644,8 +645,15 @@ def short_conv(
     init = None if initial_state is None else initial_state.contiguous()
     y = _ShortConv.apply(x2, weight.contiguous(), cu, N, init, activation == "silu", x_row,
                          slot_row)
-    final = _final_state(x2.detach(), x_row, cu, N, W,
-                         None if init is None else init.detach()) if output_final_state else None
+    final = None
+    if output_final_state:
+        tracked = torch.is_grad_enabled() and (x.requires_grad or (
+            init is not None and init.requires_grad))
+        if tracked:  # autograd's gathers, so a loss on the final state reaches x and init
+            rows = x2 if x_row is None else x2[x_row.long()]
+            final = final_state(rows, cu, W, init).to(x.dtype)
+        else:
+            final = _final_state(x2, x_row, cu, N, W, init)
     return y.view(B, TT // B, C), final
 
 

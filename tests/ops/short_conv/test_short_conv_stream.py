@@ -40,13 +40,15 @@ def check(lengths, C, W, *, with_init, seed=0):
     w = torch.randn(C, W, generator=gen)
     init = torch.randn(len(lengths), C, W - 1, generator=gen) if with_init else None
     dy = torch.randn(1, L, C, generator=gen)
+    dfinal = torch.randn(len(lengths), C, W - 1, generator=gen)   # the final state in the loss
     results = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         leaves = [t.to(dtype).requires_grad_() for t in (wide, w, init) if t is not None]
         y, final = short_conv(leaves[0][None, :, :C], leaves[1], cu_seqlens=cu,
                               initial_state=leaves[2] if with_init else None,
                               output_final_state=True, backend=backend)
-        grads = torch.autograd.grad((y * dy.to(dtype)).sum(), leaves)
+        loss = (y * dy.to(dtype)).sum() + (final * dfinal.to(dtype)).sum()
+        grads = torch.autograd.grad(loss, leaves)
         results[backend] = [y, final] + list(grads)
     for name, a, b in zip(["y", "final", "dx", "dw", "dinit"], results["triton"],
                           results["torch"]):
