@@ -41,3 +41,20 @@ def _megatron_single_intact(request):
     if "megatron_single" in request.fixturenames and not torch.distributed.is_initialized():
         _init_single()
     yield
+
+
+@pytest.fixture
+def refuse_host_reads(monkeypatch):
+    """Call it to make every host read of a tensor's value fail from then on: on the CPU, the
+    stand-in for a GPU launch path, where such a read is a host sync (and breaks CUDA-graph
+    capture). The ops' check of cu_seqlens values, which runs only for CPU tensors, is off
+    with it, as it is for the GPU tensors this stands for."""
+    def install():
+        from megatron_mom.ops.common import checks
+
+        def refuse(*_a, **_k):
+            raise AssertionError("host read of a device value in the launch path")
+        monkeypatch.setattr(checks, "VALUES_CHECKED_ON", ())
+        for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
+            monkeypatch.setattr(torch.Tensor, name, refuse)
+    return install

@@ -169,11 +169,36 @@ class KernelOptions:
             raise ValueError(f"KernelOptions.with_launch: {kernel!r} has no setting "
                              f"{', '.join(map(repr, unknown))}; its settings are "
                              f"{', '.join(sorted(entry))}")
+        for key, val in settings.items():
+            problem = _launch_value_problem(key, val, entry[key])
+            if problem:
+                raise ValueError(f"KernelOptions.with_launch: {kernel}.{key} {problem}, got "
+                                 f"{val!r}")
         if bound is None:
             table[kernel].update(settings)
         else:
             table[kernel][bound] = {**entry, **settings}
         return dataclasses.replace(self, launch=table)
+
+
+_LAUNCH_FLAGS = ("du0", "one_pass", "split_k", "longest_first")
+_LAUNCH_POWERS_OF_TWO = {"BK": 16, "BV": 16, "num_warps": 1}   # and their least values
+
+
+def _launch_value_problem(key: str, val: Any, tuned: Any) -> Optional[str]:
+    """What is wrong with launch setting `key` = `val` (`tuned`: the table's value), or None."""
+    is_int = isinstance(val, int) and not isinstance(val, bool)
+    if key in _LAUNCH_FLAGS:
+        return None if val in (0, 1) and not isinstance(val, float) else "must be 0 or 1"
+    if key in _LAUNCH_POWERS_OF_TWO:
+        least = _LAUNCH_POWERS_OF_TWO[key]
+        ok = is_int and val >= least and val & (val - 1) == 0
+        return None if ok else f"must be a power of two >= {least} (Triton's block shapes)"
+    if isinstance(tuned, int):
+        least = 1 if key in ("num_stages", "slots") else 0
+        return None if is_int and val >= least else f"must be an integer >= {least}"
+    ok = isinstance(val, (int, float)) and not isinstance(val, bool) and 0 < val < float("inf")
+    return None if ok else "must be a positive number"
 
 
 DEFAULT_OPTIONS = KernelOptions()

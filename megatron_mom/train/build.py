@@ -108,7 +108,10 @@ def transformer_config(cfg: RunConfig, on_cpu: bool):
         activation_func=torch.nn.functional.silu,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        sequence_parallel=p.sequence_parallel, params_dtype=dtype, pipeline_dtype=dtype,
+        # At TP = 1 there is nothing to split: off, as Megatron-LM's argument check sets it
+        # (megatron-core's TransformerConfig refuses the pair).
+        sequence_parallel=p.sequence_parallel and p.tensor_model_parallel_size > 1,
+        params_dtype=dtype, pipeline_dtype=dtype,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         hetereogenous_dist_checkpoint=mixes_layer_kinds(m.pattern), **overrides)
 

@@ -239,10 +239,6 @@ def _check_tensor_parallel(cfg: RunConfig) -> None:
     checks these too, but only once the process group is up, and on every rank)."""
     from megatron_mom.train.build import VOCAB_SIZE
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
-    if cfg.parallel.sequence_parallel and tp == 1:
-        raise ConfigError("parallel.sequence_parallel splits the sequence across the "
-                          "tensor-parallel ranks: it needs parallel.tensor_model_parallel_size "
-                          "> 1 (--tp 2 or more), or drop --sequence-parallel")
     for key, size in (("model.num_attention_heads", m.num_attention_heads),
                       ("model.ffn_hidden_size", m.ffn_hidden_size),
                       ("the tokenizer's vocabulary", VOCAB_SIZE)):

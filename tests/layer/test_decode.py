@@ -74,3 +74,10 @@ def test_hybrid_gpt_generation_matches_full_forward(megatron_single):
         pos = torch.arange(11)[None].expand(2, -1)
         logits = model(tokens, pos, None)
     assert torch.equal(logits[:, 2:-1].argmax(-1), tokens[:, 3:])
+    model.train()
+    assert torch.equal(generate(model, prompt, max_new_tokens=8), tokens)   # eval inside
+    assert model.training                                  # and the caller's mode after
+    for bad, problem in [(dict(prompt=prompt[:, :0], max_new_tokens=2), "at least one token"),
+                         (dict(prompt=prompt, max_new_tokens=-3), "max_new_tokens must be")]:
+        with pytest.raises(ValueError, match=problem):
+            generate(model, **bad)

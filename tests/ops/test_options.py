@@ -43,6 +43,19 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
         KernelOptions().with_launch("state_fwd", BV=16)
     with pytest.raises(ValueError, match="one entry for every K: give no bound"):
         KernelOptions().with_launch("chunk_bwd_main", 256, split_k=1)
+    # Values Triton would fail on deep inside a launch, or a truthy string taken as "on".
+    for kernel, bound, settings, problem in [
+            ("state_fwd", 256, {"BV": 24}, "state_fwd.BV must be a power of two >= 16"),
+            ("state_fwd", 256, {"BV": 0}, "state_fwd.BV must be a power of two >= 16"),
+            ("state_bwd", 256, {"num_warps": 6}, "num_warps must be a power of two >= 1"),
+            ("state_bwd", 256, {"du0": "no"}, "state_bwd.du0 must be 0 or 1"),
+            ("chunk_bwd_main", None, {"num_stages": 0}, "num_stages must be an integer >= 1"),
+            ("state_split", None, {"gain": float("nan")}, "gain must be a positive number"),
+            ("chunk_out", None, {"min_k": 1.5}, "min_k must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=problem):
+            KernelOptions().with_launch(kernel, bound, **settings)
+    assert KernelOptions().with_launch("state_bwd", 256, du0=True, BV=64, num_warps=8).launch[
+        "state_bwd"][256] == {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": True}
 
 
 @pytest.mark.parametrize("name, replacement", [

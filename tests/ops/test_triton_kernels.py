@@ -206,19 +206,15 @@ def test_gated_delta_rule_launch_falls_back_once_and_keeps_nothing(monkeypatch):
     assert tries == [2, 1, 1, 2, 2, 1]      # second BV=32 call: straight to one stage
 
 
-def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch):
+def test_gated_delta_rule_launch_path_reads_nothing_back(monkeypatch, refuse_host_reads):
     """With cu_seqlens, neither the forward nor the backward reads a device value on the host."""
     leaves, cu = gdr_inputs([20, 13], H=1, K=64, V=64)
     q, k, v, g, beta, s0 = leaves
     o_ref, ht_ref = gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True,
                                      cu_seqlens=cu, chunk_size=16, backend="triton")
 
-    def refuse(*_a, **_k):
-        raise AssertionError("host read of a device value in the launch path")
-
     P = Segments.of(k, v, cu, 16)                       # bookkeeping is built before patching
-    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    refuse_host_reads()
     q3, k3, v3 = (x.detach().reshape(-1, 1, 64) for x in (q, k, v))
     g2, b2 = g.detach().reshape(-1, 1), beta.detach().reshape(-1, 1)
     gam, w, u0, t_mat, p_mat = gdr_triton.prepare(P, q3, k3, v3, g2, b2, 0.125)
@@ -354,18 +350,14 @@ def test_short_conv_other_tile_shapes(monkeypatch, multi_tile_backward, W):
     conv_against_reference(RAGGED, C=40, W=W, with_init=True)
 
 
-def test_short_conv_launch_path_reads_nothing_back(monkeypatch):
+def test_short_conv_launch_path_reads_nothing_back(monkeypatch, refuse_host_reads):
     """Forward and backward with cu_seqlens read no device value on the host."""
     gen = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 5, 5, 40])
     x = torch.randn(1, 40, 16, generator=gen, requires_grad=True)
     w = torch.randn(16, 4, generator=gen, requires_grad=True)
 
-    def refuse(*_a, **_k):
-        raise AssertionError("host read of a device value in the launch path")
-
-    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    refuse_host_reads()
     y, _ = short_conv(x, w, cu_seqlens=cu, backend="triton")
     gx, gw = torch.autograd.grad(y.sum(), [x, w])
     monkeypatch.undo()
@@ -537,7 +529,7 @@ def test_short_conv_gather_torch_backend_and_one_sequence():
             assert all(rel_err(a, b) < 1e-5 for a, b in zip(g, g_ref))
 
 
-def test_short_conv_split_and_gather_read_nothing_back(monkeypatch):
+def test_short_conv_split_and_gather_read_nothing_back(monkeypatch, refuse_host_reads):
     """Forward and backward of the split and the gathered convolution read no device value on
     the host (CUDA-graph capturable, as the plain one)."""
     layout = routed_layout(batch=2, seqlen=5)
@@ -546,11 +538,7 @@ def test_short_conv_split_and_gather_read_nothing_back(monkeypatch):
     q_tok = torch.randn(1, N, 6, requires_grad=True)
     w = torch.randn(6, 4, requires_grad=True)
 
-    def refuse(*_a, **_k):
-        raise AssertionError("host read of a device value in the launch path")
-
-    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    refuse_host_reads()
     q, _ = short_conv(q_tok, w, cu_seqlens=layout.cu_seqlens,
                       gather=(layout.token, layout.slot_row), backend="triton")
     k, v, b = short_conv_split(kvba, [w, w, None], [6, 6, 2], cu_seqlens=layout.cu_seqlens,
@@ -656,14 +644,10 @@ def test_mix_bf16_rows_float32_weights():
     assert ((d_o.float() - d_o_ref.float()).abs() <= step).all() and rel_err(d_o, d_o_ref) < 1e-2
 
 
-def test_mix_launch_path_reads_nothing_back(monkeypatch):
+def test_mix_launch_path_reads_nothing_back(monkeypatch, refuse_host_reads):
     o, slot_row, w, dy = mix_inputs(N=5, S=2, H=2, V=8)
 
-    def refuse(*_a, **_k):
-        raise AssertionError("host read of a device value in the launch path")
-
-    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    refuse_host_reads()
     y = mix(o, slot_row, w, backend="triton")
     grads = torch.autograd.grad(y, (o, w), dy)
     monkeypatch.undo()

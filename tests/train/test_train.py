@@ -70,7 +70,6 @@ def test_example_config_documents_the_embedded_default():
     ({"train": {"global_batch_size": 12}}, "must be a multiple of train.micro_batch_size"),
     ({"data": {"split": "90,10"}}, "data.split must be three comma-separated weights"),
     ({"parallel": {"tensor_model_parallel_size": 4}}, "num_heads (2) must be divisible"),
-    ({"parallel": {"sequence_parallel": True}}, "needs parallel.tensor_model_parallel_size > 1"),
     ({"parallel": {"tensor_model_parallel_size": 2}, "model": {"num_attention_heads": 1,
                                                                 "hidden_size": 63}},
      "model.num_attention_heads (1) must be divisible by parallel.tensor_model_parallel_size"),
@@ -86,6 +85,15 @@ def test_config_errors_name_key_and_fix(data, message):
     with pytest.raises(ConfigError) as err:
         build_config(data)
     assert message in str(err.value)
+
+
+def test_sequence_parallel_at_tp_1_splits_nothing():
+    """As in Megatron-LM: --sequence-parallel without tensor parallelism is accepted and off."""
+    from megatron_mom.train.build import transformer_config
+    cfg = build_config({"parallel": {"sequence_parallel": True}})
+    assert not transformer_config(cfg, on_cpu=True).sequence_parallel
+    cfg = build_config({"parallel": {"sequence_parallel": True, "tensor_model_parallel_size": 2}})
+    assert transformer_config(cfg, on_cpu=True).sequence_parallel
 
 
 def test_yaml_float_forms_and_overrides(tmp_path):

@@ -1,7 +1,7 @@
 """What the ops share, in one public place (no Megatron imports, nothing from an op package):
 
-    checks    checker() and the dtype and device checks behind every op's errors; FLOAT_DTYPES,
-              TRITON_DTYPES; compute_dtype() (float64 for float64, else float32)
+    checks    checker() and the dtype, device and cu_seqlens checks behind every op's errors;
+              FLOAT_DTYPES, TRITON_DTYPES; compute_dtype() (float64 for float64, else float32)
     dispatch  the one backend dispatch: resolve_backend(), triton_impl(), triton_module()
     segments  packed sequences: cu_seqlens helpers and `Segments`, the chunk bookkeeping of
               the chunked kernels' launches
@@ -13,14 +13,15 @@ This package's own namespace holds the torch-only pieces, so the torch reference
 without Triton.
 """
 from megatron_mom.ops.common.checks import (FLOAT_DTYPES, TRITON_DTYPES, checker, compute_dtype,
-                                            need_device, need_triton_dtypes)
+                                            need_cu_seqlens, need_device, need_triton_dtypes)
 from megatron_mom.ops.common.dispatch import (BACKENDS, resolve_backend, triton_impl,
                                               triton_module)
 from megatron_mom.ops.common.segments import (Segments, as_int32, chunk_offsets,
                                               dense_cu_seqlens, max_chunks, search_steps)
 from megatron_mom.ops.common.streams import beside
 
-__all__ = ["FLOAT_DTYPES", "TRITON_DTYPES", "checker", "compute_dtype", "need_device",
+__all__ = ["FLOAT_DTYPES", "TRITON_DTYPES", "checker", "compute_dtype", "need_cu_seqlens",
+           "need_device",
            "need_triton_dtypes", "BACKENDS", "resolve_backend", "triton_impl", "triton_module",
            "Segments", "as_int32", "chunk_offsets", "dense_cu_seqlens", "max_chunks",
            "search_steps", "beside"]

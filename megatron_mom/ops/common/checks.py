@@ -41,3 +41,28 @@ def need_device(where: str, device: torch.device, **tensors: Optional[Tensor]) -
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype an op accumulates in: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Where need_cu_seqlens reads the values: free on the CPU; on a GPU a host sync.
+VALUES_CHECKED_ON = ("cpu",)
+
+
+def need_cu_seqlens(where: str, cu_seqlens: Optional[Tensor], total: int) -> None:
+    """cu_seqlens [N+1]: an integer tensor of cumulative sequence lengths, 0 first, `total`
+    (the packed tokens) last, never decreasing. Its values are checked only on the CPU: on a
+    GPU reading them would stop the host until the device catches up (a host sync) and break
+    CUDA-graph capture, so there the caller's word is taken; wrong values there read and write
+    outside the sequences."""
+    if cu_seqlens is None:
+        return
+    need = checker(where)
+    need(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and cu_seqlens.dtype in (
+        torch.int32, torch.int64), f"cu_seqlens must be a 1-D int32 or int64 tensor [N+1] of "
+         f"cumulative sequence lengths, got {cu_seqlens.dtype} of shape "
+         f"{tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device.type in VALUES_CHECKED_ON:
+        first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+        need(first == 0 and last == total, f"cu_seqlens must start at 0 and end at the number "
+             f"of packed tokens ({total}), got {first} ... {last}")
+        need(bool((cu_seqlens[1:] >= cu_seqlens[:-1]).all()),
+             "cu_seqlens must never decrease (sequence lengths >= 0)")

@@ -27,19 +27,21 @@ def resolve_backend(op: str, backend: str, suits: bool,
                     choices: Sequence[str] = BACKENDS) -> str:
     """The backend one call of `op` runs: "auto" is "triton" where `suits` (the inputs fit the
     kernels, e.g. CUDA tensors) and the Triton module imports, else "torch"; "triton" raises a
-    clear error where the module cannot be imported; the others (e.g. "torch") as given."""
+    clear error where the inputs do not suit the kernels (unless TRITON_INTERPRET=1) or the
+    module cannot be imported; the others (e.g. "torch") as given."""
     if backend not in choices:
         raise ValueError(f"{op}: backend must be one of {tuple(choices)}, got {backend!r}")
     if backend == "auto":
         return "triton" if suits and triton_module(op) is not None else "torch"
     if backend == "triton":
-        triton_module(op, required=True)
+        # before the import: a kernel module imported outside the interpreter stays compiled
         if not suits and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"{op}: backend='triton' runs the kernels on CUDA tensors "
                                f"(float32, float16 or bfloat16), and these inputs are not; use "
                                f"backend='auto' (Triton where it can run, else torch) or "
                                f"'torch', or set TRITON_INTERPRET=1 to interpret the kernels "
                                f"on the CPU")
+        triton_module(op, required=True)
     return backend
 
 

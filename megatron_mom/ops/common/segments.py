@@ -19,7 +19,7 @@ from torch import Tensor
 
 def dense_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> Tensor:
     """cu_seqlens [B+1] that describes B dense rows of `seqlen` tokens as packed sequences."""
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, device=device, dtype=torch.int32)
+    return torch.arange(batch + 1, device=device, dtype=torch.int32) * seqlen
 
 
 def chunk_offsets(cu_seqlens: Tensor, chunk_size: int) -> Tensor:

@@ -16,6 +16,7 @@ Training, prefill and decoding all run it, in one of three modes:
 - "step" (`step.py`): each packed row is the next token of its own segment (no cu_seqlens),
   whose memory is the matching row of the `MemoryState`, updated in place; static shapes, no
   host reads (CUDA-graph capturable).
+Prefill and step are for inference: they write the memories in place and have no backward.
 `reference.py` is the token-by-token oracle of all three.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from megatron_mom.ops.common import checker, resolve_backend
+from megatron_mom.ops.common import checker, need_cu_seqlens, resolve_backend
 from megatron_mom.ops.conv_gated_delta_rule.chunk import chunk_conv_gated_delta_rule
 from megatron_mom.ops.conv_gated_delta_rule.state import (MemoryState, beta_and_decay,
                                                           kvba_columns)
@@ -68,8 +69,9 @@ def _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bi
              "cu_seqlens=None")
         segments = kvba.shape[0]
     else:
-        need(cu_seqlens is not None and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2,
-             f"mode={mode!r} needs cu_seqlens [segments + 1] over kvba's rows")
+        need(cu_seqlens is not None, f"mode={mode!r} needs cu_seqlens [segments + 1] over "
+             f"kvba's rows")
+        need_cu_seqlens("conv_gated_delta_rule", cu_seqlens, kvba.shape[0])
         segments = cu_seqlens.numel() - 1
     if state is not None:
         W1 = conv_q.shape[1] - 1

@@ -5,7 +5,8 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from megatron_mom.ops.common import FLOAT_DTYPES, checker, resolve_backend, triton_module
+from megatron_mom.ops.common import (FLOAT_DTYPES, checker, need_cu_seqlens, resolve_backend,
+                                     triton_module)
 from megatron_mom.ops.gated_delta_rule import reference
 from megatron_mom.ops.l2norm import l2norm
 from megatron_mom.ops.options import KernelOptions
@@ -30,8 +31,7 @@ def _check_inputs(q, k, v, g, beta, initial_state, cu_seqlens):
     need(q.dtype == k.dtype == v.dtype, f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if cu_seqlens is not None:
         need(B == 1, f"with cu_seqlens the batch must be 1 (packed sequences), got B={B}")
-        need(cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2 and not cu_seqlens.is_floating_point(),
-             "cu_seqlens must be a 1-D integer tensor [N+1] of cumulative sequence lengths")
+        need_cu_seqlens("gated_delta_rule", cu_seqlens, T)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     if initial_state is not None:
         need(initial_state.shape == (N, H, K, v.shape[-1]),

@@ -96,6 +96,8 @@ def chunk_gated_delta_rule(
         U = U0[:, :, n] - W[:, :, n] @ S
         outs.append((q_decay[:, :, n] @ S + QK[:, :, n] @ U) * scale)
         S = S * gam_last[:, :, n, None, None].exp() + k_decay[:, :, n].transpose(-1, -2) @ U
+    if not NT:   # no tokens: nothing to stack, the state passes through
+        return v.new_zeros(B, 0, H, V, dtype=ct), S
     o = torch.stack(outs, dim=2).reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
     if T:
         o = o.masked_fill(poisoned[..., None], float("nan"))

@@ -13,7 +13,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from megatron_mom.ops.common import triton_impl
+from megatron_mom.ops.common import need_cu_seqlens, triton_impl
 from megatron_mom.ops.short_conv.reference import short_conv_reference, short_conv_split_reference
 
 
@@ -38,6 +38,7 @@ def short_conv(
                          f"{x.shape[0]}")
     if gather is not None:
         _check_gather(x, *gather)
+    need_cu_seqlens("short_conv", cu_seqlens, x.shape[1] if gather is None else gather[0].numel())
     impl = triton_impl("short_conv", "short_conv", backend, x.device.type == "cuda")
     if impl is not None:
         return impl(x, weight, cu_seqlens=cu_seqlens, initial_state=initial_state,
@@ -79,6 +80,7 @@ def short_conv_split(
             raise ValueError(f"short_conv_split: weight {tuple(w.shape)} must be [{c}, W]")
     if cu_seqlens is not None and x.shape[0] != 1:
         raise ValueError(f"short_conv_split: with cu_seqlens the batch must be 1, got {x.shape[0]}")
+    need_cu_seqlens("short_conv_split", cu_seqlens, x.shape[1])
     impl = triton_impl("short_conv", "short_conv_split", backend, x.device.type == "cuda")
     if impl is not None:
         return impl(x, weights, sizes, cu_seqlens=cu_seqlens, activation=activation)

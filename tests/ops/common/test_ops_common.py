@@ -77,3 +77,39 @@ def test_sum_over_slots_into_a_column_range():
     assert got.data_ptr() == wide[:, 2:7].data_ptr() and not wide[:, :2].any()
     with pytest.raises(ValueError, match="out"):
         sum_over_slots(packed, slot_row, out=torch.zeros(4, 4))
+
+
+@pytest.mark.parametrize("cu, problem", [
+    ([0, 10], "must start at 0 and end at the number of packed tokens \\(20\\), got 0 ... 10"),
+    ([2, 10, 20], "got 2 ... 20"),
+    ([-4, 10, 20], "got -4 ... 20"),
+    ([0, 10, 30], "got 0 ... 30"),
+    ([0, 12, 8, 20], "must never decrease"),
+    ([False, True], "1-D int32 or int64 tensor"),
+    ([0.0, 20.0], "1-D int32 or int64 tensor"),
+])
+@pytest.mark.parametrize("op", ["gated_delta_rule", "short_conv"])
+def test_bad_cu_seqlens_are_refused_on_the_cpu(op, cu, problem):
+    """Values that would make the kernels read and write outside the sequences (the Triton
+    interpreter on the CPU aborted the process on some) are refused by name where reading
+    them costs nothing."""
+    from megatron_mom.ops.gated_delta_rule import gated_delta_rule
+    from megatron_mom.ops.short_conv import short_conv
+    cu = torch.tensor(cu)
+    with pytest.raises(ValueError, match=f"{op}: cu_seqlens .*{problem}"):
+        if op == "gated_delta_rule":
+            x = torch.randn(1, 20, 1, 16)
+            gated_delta_rule(x, x, x, -torch.rand(1, 20, 1), torch.rand(1, 20, 1),
+                             cu_seqlens=cu, backend="triton")
+        else:
+            short_conv(torch.randn(1, 20, 4), torch.randn(4, 3), cu_seqlens=cu, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_tokens_pass_the_state_through(backend):
+    from megatron_mom.ops.gated_delta_rule import gated_delta_rule
+    q = torch.randn(2, 0, 1, 16)
+    h0 = torch.randn(2, 1, 16, 16)
+    o, h = gated_delta_rule(q, q, q, q[..., 0], q[..., 0], initial_state=h0,
+                            output_final_state=True, backend=backend)
+    assert o.shape == (2, 0, 1, 16) and torch.equal(h.float(), h0)

@@ -115,7 +115,8 @@ def test_split_with_head_groups_and_recompute(recompute):
     assert_all_close(split, reference, 2e-5, "split by head groups vs reference")
 
 
-def test_split_state_kernels_keep_every_per_chunk_tensor_and_read_nothing_back(monkeypatch):
+def test_split_state_kernels_keep_every_per_chunk_tensor_and_read_nothing_back(monkeypatch,
+                                                                             refuse_host_reads):
     """`state_forward` / `state_backward` over pieces store the same per-chunk states h, U,
     dh, dU, output, final state and initial-state gradient as over whole sequences, and
     their launch path reads no device value on the host (CUDA-graph capturable)."""
@@ -141,10 +142,7 @@ def test_split_state_kernels_keep_every_per_chunk_tensor_and_read_nothing_back(m
     want = run(UNSPLIT)
     P.pieces(2)                                      # bookkeeping is built before patching
 
-    def refuse(*_a, **_k):
-        raise AssertionError("host read of a device value in the launch path")
-    for name in ("item", "tolist", "__int__", "__bool__", "__float__", "__index__"):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
+    refuse_host_reads()
     got = run(SPLIT)
     monkeypatch.undo()
     real_chunks = int(P.offsets[-1])                 # h, dh rows past the real chunks: unused
