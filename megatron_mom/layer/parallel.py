@@ -77,6 +77,11 @@ class SequenceParallelNorm(torch.nn.Module):
     this rank's tokens) are marked `sequence_parallel`, so finalize_model_grads sums them."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        if getattr(config, "layernorm_zero_centered_gamma", False):
+            raise ValueError("layernorm_zero_centered_gamma (Megatron-LM --apply-layernorm-1p) "
+                             "needs Transformer Engine's norms (--transformer-impl "
+                             "transformer_engine); the local norms are torch's, weight w not "
+                             "1 + w: drop --apply-layernorm-1p")
         if config.normalization == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":

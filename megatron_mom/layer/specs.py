@@ -143,6 +143,14 @@ def get_attention_layer_spec(backend: str = "auto") -> ModuleSpec:
         mlp_bda=get_bias_dropout_add))
 
 
+def check_attention_settings(config, pattern: str) -> None:
+    """Refuse attention settings that the attention layers of `pattern` would not honour."""
+    if "A" in pattern and getattr(config, "qk_layernorm", False):
+        raise ValueError("qk_layernorm (Megatron-LM --qk-layernorm): the hybrid's attention "
+                         "layers are built without q/k norms (MoM layers L2-normalise their q "
+                         "and k themselves); drop --qk-layernorm")
+
+
 def check_pattern(pattern: str, num_layers: int) -> str:
     """Validate a layer pattern: one of 'M' (MoM) / 'A' (attention) per layer."""
     if not isinstance(pattern, str) or not pattern:
@@ -203,6 +211,7 @@ def get_hybrid_block_spec(config, pattern: str, mom: Optional[MoMConfig] = None,
     backend = resolve_spec_backend(backend)
     check_pattern(pattern, config.num_layers)
     check_checkpoint_keys(config, pattern)
+    check_attention_settings(config, pattern)
     specs = {"M": get_mom_layer_spec(mom, backend), "A": get_attention_layer_spec(backend)}
     layer_specs = [specs[pattern[i]] for i in local_layer_ids(config, vp_stage, pp_rank)]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=_norm(backend))

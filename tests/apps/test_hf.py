@@ -192,6 +192,13 @@ def test_transformer_engine_names_and_sharded_folders_round_trip(runs, tmp_path)
     several safetensors files with an index reads back the same."""
     from megatron_mom.apps.hf import INDEX_FILE
     folder = runs["hybrid"][1]
+    for flags, named in [(["--format", "megatron-lm", "--tp", "2", "--set", "train.lr=1e-4"],
+                          "--tp, --set apply to --format megatron-mom, not megatron-lm"),
+                         (["--transformer-impl", "transformer_engine"],
+                          "--transformer-impl apply to --format megatron-lm, not megatron-mom")]:
+        done = cli("import", "--hf", folder, "--out", tmp_path / "unused", *flags)
+        assert done.returncode == 2 and named in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "unused").exists()
     ok(cli("import", "--hf", folder, "--out", tmp_path / "te", "--format", "megatron-lm",
            "--transformer-impl", "transformer_engine"))
     from megatron_mom.apps.hf_checkpoint import read_model_tensors

@@ -118,7 +118,7 @@ def _import_parser(sub):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run-config key, e.g. --set train.lr=1e-4 (megatron-mom)")
     p.add_argument("--transformer-impl", choices=("local", "transformer_engine"),
-                   default="local", help="layer naming of the Megatron-LM run (megatron-lm)")
+                   help="layer naming of the Megatron-LM run (megatron-lm; default local)")
 
 
 def _overrides(args) -> dict:
@@ -163,9 +163,18 @@ def _run_export(args) -> int:
 
 def _run_import(args) -> int:
     from megatron_mom.apps import hf_checkpoint
-    from megatron_mom.train.config import parse_override
+    from megatron_mom.train.config import ConfigError, parse_override
+    other = "megatron-mom" if args.format == "megatron-lm" else "megatron-lm"
+    given = [flag for flag, value, unset in (
+        ("--tp", args.tp, None), ("--pp", args.pp, None), ("--config", args.config, None),
+        ("--set", args.set, []), ("--transformer-impl", args.transformer_impl, None))
+        if value != unset and (flag == "--transformer-impl") == (other == "megatron-lm")]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to --format {other}, not {args.format}: "
+                          f"drop them or import with --format {other}")
     if args.format == "megatron-lm":
-        text = hf_checkpoint.import_megatron_lm(args.hf, args.out, args.transformer_impl)
+        text = hf_checkpoint.import_megatron_lm(args.hf, args.out,
+                                                args.transformer_impl or "local")
     else:
         overrides = dict(parse_override(text) for text in args.set)
         for key, value in (("parallel.tensor_model_parallel_size", args.tp),

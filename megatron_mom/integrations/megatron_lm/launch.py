@@ -34,8 +34,9 @@ CPU_FLAGS = [
 def cpu_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """argv plus the CPU flags it lacks; also returns what was added."""
     out, added = list(argv), []
+    given = {arg.split("=", 1)[0] for arg in argv}         # --flag value and --flag=value
     for flag, value in CPU_FLAGS:
-        if flag not in argv:
+        if flag not in given:
             extra = [flag] if value is None else [flag, value]
             out += extra
             added += extra

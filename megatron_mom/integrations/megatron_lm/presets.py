@@ -146,6 +146,13 @@ class MoMPreset(TransformerBlockSubmodules):
         mom_args.check_parallel_args(args, mom)
         pattern = args.mom_layer_pattern or default_pattern(self.kind, config.num_layers)
         specs.check_pattern(pattern, config.num_layers)
+        specs.check_attention_settings(config, pattern)
+        if getattr(args, "reset_attention_mask", False):
+            raise ValueError(
+                "megatron-mom: --reset-attention-mask asks for attention masks between "
+                "documents, which MoM layers (they read no mask) and the SDPA attention core "
+                "(causal) would not apply; drop it (documents then see their predecessors in "
+                "the sequence, as without it)")
         args.mom_layer_pattern = pattern  # the training-log hook averages over the M layers
         backend = _backend(args)
         cp = getattr(args, "context_parallel_size", 1) or 1

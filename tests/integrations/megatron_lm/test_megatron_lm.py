@@ -169,6 +169,28 @@ def test_context_parallel_hybrid_without_te_is_refused(megatron_single, megatron
     assert len(presets.mom.build(config, args).layer_specs) == 4
 
 
+def test_settings_the_layers_would_not_honour_are_refused(megatron_single, megatron_lm_args):
+    """--qk-layernorm with attention layers, --apply-layernorm-1p on the local norms and
+    --reset-attention-mask: refused by name, not built into another model than asked for."""
+    from megatron_mom import get_hybrid_block_spec
+    from megatron_mom.integrations.megatron_lm import presets
+    config = _config(qk_layernorm=True, hetereogenous_dist_checkpoint=True)
+    args = megatron_lm_args(SMALL + ["--mom-layer-pattern", "MMAM"], config)
+    with pytest.raises(ValueError, match="--qk-layernorm"):
+        presets.hybrid.build(config, args)
+    with pytest.raises(ValueError, match="--qk-layernorm"):
+        get_hybrid_block_spec(config, "MMAM", backend="local")
+    args.mom_layer_pattern = "MMMM"          # MoM's q and k: L2-normalised, no norm to add
+    assert len(presets.mom.build(config, args).layer_specs) == 4
+    args.reset_attention_mask = True
+    with pytest.raises(ValueError, match="--reset-attention-mask"):
+        presets.mom.build(config, args)
+    config = _config(num_layers=2, layernorm_zero_centered_gamma=True)
+    megatron_lm_args(SMALL, config)
+    with pytest.raises(ValueError, match="--apply-layernorm-1p"):
+        _gpt(config, presets.mom)
+
+
 def test_callable_form(megatron_single, megatron_lm_args):
     """Megatron-LM 0.19 calls the preset with its GPTModelConfig and the virtual stage."""
     import inspect
@@ -223,6 +245,8 @@ def test_launcher_adds_only_missing_cpu_flags():
                         "--distributed-backend", "gloo"]
     assert "--use-cpu-initialization" in added and "--no-rope-fusion" in added
     assert "--distributed-backend" not in added and "--transformer-impl" not in added
+    _, added = cpu_argv(["--transformer-impl=transformer_engine"])       # the = form
+    assert "--transformer-impl" not in added
 
 
 def _fake_checkout(tmp_path, version):
