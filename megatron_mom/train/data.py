@@ -63,10 +63,20 @@ def build_indexed_dataset(corpus: str, cache_dir: Path) -> str:
     tokenizer = byte_tokenizer()
     tmp = cache_dir / f".tmp-{os.getpid()}-{prefix.name}"
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=np.uint16)
+    # Bytes 0x00 and 0x01 tokenize to the end-of-document and padding ids (GPTDataset masks
+    # the padding id out of the loss and turns it into 0), so they are left out.
+    reserved = {tokenizer.eod, tokenizer.pad}
+    dropped = 0
     for text in read_documents(path):
-        ids = tokenizer.tokenize(text) + [tokenizer.eod]
+        ids = tokenizer.tokenize(text)
+        kept = [i for i in ids if i not in reserved]
+        dropped += len(ids) - len(kept)
+        ids = kept + [tokenizer.eod]
         builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
     builder.finalize(f"{tmp}.idx")
+    if dropped:
+        print(f"data: left out {dropped} NUL (0x00) / SOH (0x01) bytes of {path.name}: their "
+              f"ids are the tokenizer's end-of-document and padding ids", flush=True)
     os.replace(f"{tmp}.bin", f"{prefix}.bin")   # .bin first: .idx marks a complete pair
     os.replace(f"{tmp}.idx", f"{prefix}.idx")
     return str(prefix)

@@ -77,15 +77,19 @@ def _run_schedule(trainables, iterator, cfg: RunConfig, num_microbatches: int,
         micro_batch_size=cfg.train.micro_batch_size, forward_only=forward_only)
 
 
-def train_step(trainables, iterator, cfg: RunConfig, num_microbatches: int, par) -> float:
+def train_step(trainables, iterator, cfg: RunConfig, num_microbatches: int,
+               par) -> tuple[float, bool]:
+    """(mean loss, whether the optimizer updated the weights: fp16's loss scaler skips a step
+    whose gradients overflowed)."""
     trainables.model.train()
     trainables.model.zero_grad_buffer()
     trainables.optimizer.zero_grad()
     _set_router_loss_scale(trainables, num_microbatches)
     losses = _run_schedule(trainables, iterator, cfg, num_microbatches, forward_only=False)
-    trainables.optimizer.step()
-    trainables.scheduler.step(increment=1)
-    return _global_mean_loss(losses, par.device).item()
+    updated, _, _ = trainables.optimizer.step()
+    if updated:  # as Megatron-LM: a skipped update does not advance the learning-rate schedule
+        trainables.scheduler.step(increment=1)
+    return _global_mean_loss(losses, par.device).item(), bool(updated)
 
 
 @torch.no_grad()
@@ -237,6 +241,8 @@ class _Run:
                         unit="step", dynamic_ncols=True, file=sys.stdout,
                         disable=not (self.par.is_logger and show_progress and _is_terminal()))
         self.last_log, self.last_log_step = time.time(), self.start
+        self.not_training = 0.0   # seconds of validation and saving since the last log line
+        self.skipped = 0          # updates the fp16 loss scaler skipped since then
 
     def step_done(self, step: int, loss: float) -> None:
         lr = self.trainables.optimizer.param_groups[0]["lr"]
@@ -246,23 +252,31 @@ class _Run:
 
     def log(self, step: int, loss: float) -> None:
         """A log line (collective: gathers the router statistics from every rank)."""
-        elapsed, n = time.time() - self.last_log, step - self.last_log_step
+        elapsed = time.time() - self.last_log - self.not_training
+        n = step - self.last_log_step
         aux, load = _router_stats(self.cfg, self.par, self.trainables.gpt, n,
                                   self.layout.num_microbatches)
         tokens_per_s = n * self.layout.global_batch_size * self.cfg.model.seq_length / elapsed
         lr = self.trainables.optimizer.param_groups[0]["lr"]
-        self.say(_log_line(step, self.cfg.train.steps, loss, lr, tokens_per_s, aux, load))
-        self.metrics.write({"step": step, "tokens_per_s": tokens_per_s, "mom_aux": aux,
-                            "memory_load": load})
+        line = _log_line(step, self.cfg.train.steps, loss, lr, tokens_per_s, aux, load)
+        self.say(line + (f" | skipped {self.skipped} (fp16 overflow)" if self.skipped else ""))
+        record = {"step": step, "tokens_per_s": tokens_per_s, "mom_aux": aux, "memory_load": load}
+        if self.cfg.train.precision == "fp16":
+            record["skipped_updates"] = self.skipped
+        self.metrics.write(record)
         self.last_log, self.last_log_step = time.time(), step
+        self.not_training, self.skipped = 0.0, 0
 
     def validate(self, step: int) -> float:
+        began = time.time()
         val = evaluate(self.trainables, self.valid_set, self.cfg, self.layout, self.par)
         self.metrics.write({"step": step, "val_loss": val})
         self.say(f"step {step:>5}/{self.cfg.train.steps} | validation loss {val:.4f}")
+        self.not_training += time.time() - began
         return val
 
     def save(self, step: int, train_state: dict) -> Path:
+        began = time.time()
         path = checkpoint.save_checkpoint(self.ckpt_root, step, self.trainables, train_state,
                                           self.cfg, self.cfg.train.keep_checkpoints)
         png = self.out / "loss.png"
@@ -270,7 +284,7 @@ class _Run:
             drawn = plot.loss_curve(self.out / "metrics.jsonl", png)
             self.say(f"saved {path} and {png}" if drawn else
                      f"saved {path}; {plot.not_drawn(png)}")
-        self.last_log = time.time()  # saving is not training time
+        self.not_training += time.time() - began
         return path
 
 
@@ -380,7 +394,9 @@ def train(cfg: RunConfig, resume: bool = False, stop_after: Optional[int] = None
         run.say(f"nothing to train: the checkpoint is at step {run.start} and train.steps is "
                 f"{cfg.train.steps}; pass --steps N (N > {run.start}) to train on")
     for step in range(run.start + 1, end + 1):
-        loss = train_step(run.trainables, iterator, cfg, run.layout.num_microbatches, run.par)
+        loss, updated = train_step(run.trainables, iterator, cfg, run.layout.num_microbatches,
+                                   run.par)
+        run.skipped += not updated
         if not math.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {loss}; lower train.lr or use fp32")
         train_state = {"iteration": step, "consumed_samples":

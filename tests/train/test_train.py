@@ -616,3 +616,65 @@ def test_triton_backend_without_a_gpu_is_refused_with_the_fix(corpus, tmp_path, 
         argv += ["--set", f"{key}={val}"]
     err = _cli_error(main, argv)
     assert "mom.backend 'triton' runs the kernels on a GPU" in err and "TRITON_INTERPRET=1" in err
+
+
+@pytest.mark.slow
+def test_tokens_per_s_counts_training_time_only(corpus, tmp_path, monkeypatch):
+    """On a fake clock (1 s a step, 10 s a save, 5 s a validation) every logged rate is the
+    training rate, whatever falls between the log lines."""
+    from types import SimpleNamespace
+    from megatron_mom.train import loop
+    clock = [0.0]
+    monkeypatch.setattr(loop, "time", SimpleNamespace(time=lambda: clock[0]))
+
+    def costs(seconds, fn):
+        def timed(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            clock[0] += seconds
+            return out
+        return timed
+    monkeypatch.setattr(loop, "train_step", costs(1.0, loop.train_step))
+    monkeypatch.setattr(loop.checkpoint, "save_checkpoint",
+                        costs(10.0, loop.checkpoint.save_checkpoint))
+    monkeypatch.setattr(loop, "evaluate", costs(5.0, loop.evaluate))
+    cfg = build_config(overrides=tiny_overrides(
+        tmp_path, corpus, **{"train.steps": 6, "train.log_interval": 3, "train.save_interval": 2,
+                             "train.eval_interval": 2, "train.keep_checkpoints": 1}))
+    loop.train(cfg, show_progress=False, sample=False)
+    rates = [r["tokens_per_s"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())
+             if "tokens_per_s" in r]
+    assert rates == [4 * 64 / 1.0] * 2       # global batch 4 x 64 tokens a second
+
+
+@pytest.mark.slow
+def test_fp16_skipped_updates_do_not_advance_the_schedule(corpus, tmp_path):
+    """fp16's loss scaler starts at 2^32 and skips the first updates (overflow); as in
+    Megatron-LM the learning rate stays where it was until an update happens, and the log
+    counts the skipped ones."""
+    from megatron_mom.train import train
+    cfg = build_config(overrides=tiny_overrides(
+        tmp_path, corpus, **{"train.steps": 20, "train.warmup_steps": 4, "train.log_interval": 1,
+                             "train.eval_interval": 0, "train.save_interval": 0,
+                             "train.precision": "fp16"}))
+    train(cfg, show_progress=False, sample=False)
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]              # the next step's lr, per step
+    skipped = [r["skipped_updates"] for r in records if "skipped_updates" in r]
+    assert len(lrs) == len(skipped) == 20 and set(skipped) <= {0, 1}
+    first = skipped.index(0)                                   # the first real update
+    assert first > 0, "the loss scaler skipped nothing: the test shows nothing"
+    assert lrs[:first] == [0.0] * first                        # warm-up not spent on skips
+    assert lrs[first] == pytest.approx(cfg.train.lr / 4)       # its first warm-up step
+
+
+def test_corpus_bytes_that_are_special_ids_are_left_out(tmp_path, capsys):
+    """Bytes 0x00 and 0x01 would tokenize to the end-of-document and padding ids (GPTDataset
+    masks the padding id out of the loss): they are left out, and the build says so."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron_mom.train.data import build_indexed_dataset
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in ["a\x01b\x00c", "plain"]))
+    prefix = build_indexed_dataset(str(corpus), tmp_path / "data")
+    docs = [list(map(int, doc)) for doc in IndexedDataset(prefix)]
+    assert docs == [[97, 98, 99, 0], [112, 108, 97, 105, 110, 0]]    # bytes, then eod
+    assert "left out 2 NUL (0x00) / SOH (0x01) bytes of c.jsonl" in capsys.readouterr().out
