@@ -1,5 +1,5 @@
 """Convert official MoM layer weights (flash-linear-attention's `MomAttention`, the parameter
-names of docs/mom_spec.md section 8) into megatron-mom's `MixtureOfMemories`, one file per
+names of docs/method.md section 8) into megatron-mom's `MixtureOfMemories`, one file per
 tensor-parallel rank, and check the result.
 
     # a real checkpoint: layer 3 of an official model, for TP=2

@@ -121,10 +121,10 @@ class MoMConfig:
     aux_loss_coeff:  load-balancing loss coefficient (0 disables it).
     z_loss_coeff:    router z-loss coefficient (0 disables it).
     chunk_size:      chunk length of the chunked gated-delta-rule kernels: 16, 32 or 64.
-    execution:       how the mixer runs (`MoMExecution`). Its backend, grouped_projection
-                     and lean_backward are also accepted as keywords of MoMConfig(...) and
-                     replace(...), and read as attributes (mom.backend is
-                     mom.execution.backend).
+    execution:       how the mixer runs (`MoMExecution`). Its EXECUTION_SETTINGS (backend,
+                     grouped_projection, lean_backward, recompute_states) are also accepted
+                     as keywords of MoMConfig(...) and replace(...), and read as attributes
+                     (mom.backend is mom.execution.backend).
     """
 
     num_memories: int = 4
