@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_mom.ops.common import interpreting
 from megatron_mom.testing import cpu
 from megatron_mom.train.config import ConfigError, RunConfig
 
@@ -40,8 +41,8 @@ class Parallel:
 
 def init_parallel(cfg: RunConfig) -> Parallel:
     """Start (or reuse) the process group and (re)build Megatron's parallel state."""
-    if (cfg.mom_config().backend == "triton" and not torch.cuda.is_available()
-            and os.environ.get("TRITON_INTERPRET") != "1"):
+    if cfg.mom_config().backend == "triton" and not torch.cuda.is_available() \
+            and not interpreting():
         raise ConfigError("mom.backend 'triton' runs the kernels on a GPU and there is none "
                           "here: use mom.backend=auto (Triton on a GPU, else torch) or torch, "
                           "or set TRITON_INTERPRET=1 to interpret the kernels on the CPU (slow)")

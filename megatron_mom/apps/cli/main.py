@@ -164,11 +164,11 @@ def _run_export(args) -> int:
 def _run_import(args) -> int:
     from megatron_mom.apps import hf_checkpoint
     from megatron_mom.train.config import ConfigError, parse_override
+    flags_of = {"megatron-mom": {"--tp": args.tp, "--pp": args.pp, "--config": args.config,
+                                 "--set": args.set or None},
+                "megatron-lm": {"--transformer-impl": args.transformer_impl}}
     other = "megatron-mom" if args.format == "megatron-lm" else "megatron-lm"
-    given = [flag for flag, value, unset in (
-        ("--tp", args.tp, None), ("--pp", args.pp, None), ("--config", args.config, None),
-        ("--set", args.set, []), ("--transformer-impl", args.transformer_impl, None))
-        if value != unset and (flag == "--transformer-impl") == (other == "megatron-lm")]
+    given = [flag for flag, value in flags_of[other].items() if value is not None]
     if given:
         raise ConfigError(f"{', '.join(given)} apply to --format {other}, not {args.format}: "
                           f"drop them or import with --format {other}")

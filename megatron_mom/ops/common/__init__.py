@@ -2,7 +2,8 @@
 
     checks    checker() and the dtype, device and cu_seqlens checks behind every op's errors;
               FLOAT_DTYPES, TRITON_DTYPES; compute_dtype() (float64 for float64, else float32)
-    dispatch  the one backend dispatch: resolve_backend(), triton_impl(), triton_module()
+    dispatch  the one backend dispatch: resolve_backend(), triton_impl(), triton_module();
+              interpreting() (TRITON_INTERPRET=1)
     segments  packed sequences: cu_seqlens helpers and `Segments`, the chunk bookkeeping of
               the chunked kernels' launches
     streams   beside(): independent launches on a side CUDA stream
@@ -14,14 +15,14 @@ without Triton.
 """
 from megatron_mom.ops.common.checks import (FLOAT_DTYPES, TRITON_DTYPES, checker, compute_dtype,
                                             need_cu_seqlens, need_device, need_triton_dtypes)
-from megatron_mom.ops.common.dispatch import (BACKENDS, resolve_backend, triton_impl,
-                                              triton_module)
+from megatron_mom.ops.common.dispatch import (BACKENDS, interpreting, resolve_backend,
+                                              triton_impl, triton_module)
 from megatron_mom.ops.common.segments import (Segments, as_int32, chunk_offsets,
                                               dense_cu_seqlens, max_chunks, search_steps)
 from megatron_mom.ops.common.streams import beside
 
 __all__ = ["FLOAT_DTYPES", "TRITON_DTYPES", "checker", "compute_dtype", "need_cu_seqlens",
            "need_device",
-           "need_triton_dtypes", "BACKENDS", "resolve_backend", "triton_impl", "triton_module",
+           "need_triton_dtypes", "BACKENDS", "interpreting", "resolve_backend", "triton_impl", "triton_module",
            "Segments", "as_int32", "chunk_offsets", "dense_cu_seqlens", "max_chunks",
            "search_steps", "beside"]

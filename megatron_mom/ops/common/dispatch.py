@@ -23,6 +23,12 @@ def triton_module(op: str, required: bool = False) -> Optional[ModuleType]:
         return None
 
 
+def interpreting() -> bool:
+    """Whether Triton interprets its kernels on the CPU (TRITON_INTERPRET=1) rather than
+    compiling them for a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def resolve_backend(op: str, backend: str, suits: bool,
                     choices: Sequence[str] = BACKENDS) -> str:
     """The backend one call of `op` runs: "auto" is "triton" where `suits` (the inputs fit the
@@ -35,7 +41,7 @@ def resolve_backend(op: str, backend: str, suits: bool,
         return "triton" if suits and triton_module(op) is not None else "torch"
     if backend == "triton":
         # before the import: a kernel module imported outside the interpreter stays compiled
-        if not suits and os.environ.get("TRITON_INTERPRET") != "1":
+        if not suits and not interpreting():
             raise RuntimeError(f"{op}: backend='triton' runs the kernels on CUDA tensors "
                                f"(float32, float16 or bfloat16), and these inputs are not; use "
                                f"backend='auto' (Triton where it can run, else torch) or "
