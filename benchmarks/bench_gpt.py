@@ -16,6 +16,9 @@ Kinds:  attention  the same GPT with softmax attention (TE's when Transformer En
                    reruns the forward kernels first (KernelOptions(recompute_states=True))
         mom-full-recompute `mom` with Megatron's full activation recompute (every layer keeps
                    only its input; the backward reruns each layer's forward; eager only)
+        mom-selective `mom` with Megatron's selective recompute of the mixing core
+                   (--recompute-activations: each MoM layer keeps its memory path's inputs
+                   and reruns that path and the mix in the backward)
 
     python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
     python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)
@@ -41,7 +44,7 @@ SHAPES = {  # layers, hidden, ffn (SwiGLU), attention heads, vocab; MoM heads x 
     "tiny": dict(layers=2, hidden=64, ffn=128, heads=4, vocab=256, mom_heads=2, head_dim=16),
 }
 KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean", "mom-recompute",
-         "mom-full-recompute")
+         "mom-full-recompute", "mom-selective")
 HYBRID_PERIOD = "MMMMMMMA"
 
 # Kernel-name fragments of each kind, matched in this order (first match wins).
@@ -146,6 +149,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         hetereogenous_dist_checkpoint=kind == "hybrid",   # MoM and attention layers: own keys
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
            if kind == "mom-full-recompute" else {}),
+        **(dict(recompute_granularity="selective") if kind == "mom-selective" else {}),
         **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2,
                 cuda_graph_use_single_mempool=single_pool) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")
@@ -340,6 +344,7 @@ def main(argv=None):
     if a.layers:
         shape["layers"] = a.layers
 
+    os.makedirs(a.out, exist_ok=True)
     from megatron_mom.train.build import init_process_groups
     par = init_process_groups(1, 1, seed=1234)
     env = dict(device="cpu" if par.on_cpu else torch.cuda.get_device_name(),

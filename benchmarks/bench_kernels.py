@@ -367,6 +367,7 @@ def main():
     ap.add_argument("--mix-only", action="store_true", help="time only the mix of read-outs")
     ap.add_argument("--conv-sweep", action="store_true", help="with the conv: other launch settings")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     main_shapes = ([tuple(int(x) for x in s.split(",")) for s in args.shapes] if args.shapes
                    else MAIN_SHAPES)
     import triton

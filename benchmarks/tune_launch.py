@@ -87,6 +87,7 @@ VARIANTS = [
     # P^T dO before the chain (du0): two-stage BV 32 builds fit at K = 256, 8 programs per
     # (head, sequence) re-reading q, k, W each chunk step instead of 16.
     ("state_bwd du0", "state_bwd", "K", {"du0": 1}),
+    ("state_bwd P in the chain BV16", "state_bwd", "K", {"du0": 0, "BV": 16}),
     ("state_bwd du0 BV32 s2", "state_bwd", "K", {"du0": 1, "BV": 32, "num_stages": 2}),
     ("state_bwd du0 BV32 w8 s2", "state_bwd", "K",
      {"du0": 1, "BV": 32, "num_warps": 8, "num_stages": 2}),

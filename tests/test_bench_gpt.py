@@ -8,10 +8,11 @@ from benchmarks import bench_gpt
 
 def test_bench_gpt_tiny_runs_every_kind(megatron_single, tmp_path):
     rows = bench_gpt.main(["--shape", "tiny", "--seqs", "32", "--tokens", "64", "--iters", "1",
-                           "--warmup", "1", "--profile-iters", "0", "--out", str(tmp_path),
-                           "--kinds", "attention,mom,hybrid,mom1,mom-lean,mom-full-recompute"])
+                           "--warmup", "1", "--profile-iters", "0", "--out", str(tmp_path / "out"),
+                           "--kinds", "attention,mom,hybrid,mom1,mom-lean,mom-full-recompute,"
+                           "mom-selective"])
     assert [r["kind"] for r in rows] == ["attention", "mom", "hybrid", "mom1", "mom-lean",
-                                         "mom-full-recompute"]
+                                         "mom-full-recompute", "mom-selective"]
     for r in rows:
         assert "error" not in r, r
         assert r["mbs"] == 2 and r["ms"] > 0 and r["tokens_per_s"] > 0
@@ -22,9 +23,10 @@ def test_bench_gpt_tiny_runs_every_kind(megatron_single, tmp_path):
     # The same model and batch: full activation recompute changes neither the loss nor the size.
     assert by_kind["mom-full-recompute"]["params"] == by_kind["mom"]["params"]
     assert by_kind["mom-full-recompute"]["loss"] == by_kind["mom"]["loss"]
-    saved = json.loads((tmp_path / "bench_gpt.json").read_text())
+    assert by_kind["mom-selective"]["loss"] == by_kind["mom"]["loss"]
+    saved = json.loads((tmp_path / "out" / "bench_gpt.json").read_text())
     assert [r["kind"] for r in saved["rows"]] == [r["kind"] for r in rows]
-    table = (tmp_path / "bench_gpt.md").read_text()
+    table = (tmp_path / "out" / "bench_gpt.md").read_text()
     assert "| mom1 | 32 x 2 |" in table and "1.00x" in table
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from megatron.core import parallel_state
@@ -171,11 +172,34 @@ class MixtureOfMemories(MegatronModule):
         layout = self._layout(routed.memory, s, b, _document_bounds(packed_seq_params, b,
                                                                    self.cp_size))
         q_tok, gate, kvba = self._project(hidden_states, layout)
+        if self._recomputes_memories():
+            y = torch.utils.checkpoint.checkpoint(self._mixed_memories, q_tok, kvba, layout,
+                                                  routed.weight, use_reentrant=False)
+        else:
+            y = self._mixed_memories(q_tok, kvba, layout, routed.weight)  # [N, H, V]
+        return self._output(y, gate, s, b)
+
+    def _mixed_memories(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout,
+                        weight: Tensor) -> Tensor:
+        """The memory path's read-outs of every packed row mixed back per token, y [N, H, V]."""
         o = self._memories(q_tok, kvba, (layout.token, layout.slot_row),
                            layout.cu_seqlens)                             # [L, H, V]
-        y = packing.mix(o, layout, routed.weight, out_dtype=o.dtype,
-                        backend=self.mom.execution.backend)               # [N, H, V]
-        return self._output(y, gate, s, b)
+        return packing.mix(o, layout, weight, out_dtype=o.dtype,
+                           backend=self.mom.execution.backend)
+
+    def _recomputes_memories(self) -> bool:
+        """Megatron's selective recompute of "core_attn" (`--recompute-activations`, or
+        `--recompute-granularity selective` with core_attn among `--recompute-modules`) asks
+        each layer to rerun its sequence-mixing core in the backward instead of keeping what
+        that core saves. The MoM layer's core is the memory path and the mix: it keeps their
+        inputs (q's token rows, the packed k | v | b | a rows, the routing weights) and drops
+        the convolutions' outputs, the normalised q, k, v, the per-chunk states and the
+        read-outs. The lean backward already keeps only those inputs, so it runs as it is."""
+        config = self.config
+        return (self.training and torch.is_grad_enabled()
+                and getattr(config, "recompute_granularity", None) == "selective"
+                and "core_attn" in (getattr(config, "recompute_modules", None) or ())
+                and not self.mom.execution.lean_backward)
 
     def _route(self, hidden_states: Tensor):
         """Every token of the whole sequence (gathered under SP and CP) routed: (Routing whose

@@ -48,9 +48,10 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "min_k": 0},
     # du0: P^T dO computed chunk-parallel first ("p_t_do") and read by the chain instead of
     # P. The chain waits on its per-step q, k and W loads, which every V block re-reads; the
-    # shared memory P no longer takes lets wider V blocks (fewer programs) build at K = 256.
+    # shared memory P no longer takes lets a two-stage BV 32 build fit at K = 256: half the
+    # programs re-reading them. K = 128 keeps P in the chain (du0 not timed there).
     "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": 0},
-                  256: {"BV": 16, "num_warps": 4, "num_stages": 2, "du0": 0}},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 2, "du0": 1}},
     "p_t_do": {"BV": 64, "num_warps": 4, "num_stages": 1},
     # float32 operands take twice the registers and shared memory (and K > 128 runs 16-token
     # chunks: gated_delta_rule.triton.FP32_WIDE_CHUNK). du0: the backward's, as in state_bwd.

@@ -90,17 +90,21 @@ def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single
 
 
 
-def recompute_runs(make_model, ids, pos):
+FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
+                      recompute_num_layers=1)
+
+
+def recompute_runs(make_model, ids, pos, recompute=FULL_RECOMPUTE):
     """(loss, grads, routed-token counts, logged router losses) of one forward+backward of
-    make_model(recompute) without and with Megatron's full activation recompute."""
+    make_model(settings) without and with Megatron's activation recompute settings
+    `recompute` (default: full)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron_mom.layer import metrics
     runs = []
-    for recompute in (False, True):
+    for settings in ({}, recompute):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)      # the same weights where they are made on a GPU
-        model = make_model(dict(recompute_granularity="full", recompute_method="uniform",
-                                recompute_num_layers=1) if recompute else {})
+        model = make_model(settings)
         metrics.router_loss_values(clear=True)
         loss = model(ids, pos, None, labels=ids).float().mean()
         loss.backward()
@@ -110,12 +114,14 @@ def recompute_runs(make_model, ids, pos):
     return runs
 
 
+@pytest.mark.parametrize("granularity", ["full", "selective"])
 @pytest.mark.parametrize("pattern", ["MM", "MA"])
-def test_full_activation_recompute_matches_and_logs_once(megatron_single, pattern):
-    """Megatron's full activation recompute (each layer's forward rerun in the backward) gives
-    the loss and gradients of the plain step bit for bit, MoM-only and hybrid, and the router's
-    logs (Megatron's aux-loss tracker, the memories' token counts) count the step once, not
-    once per forward.
+def test_activation_recompute_matches_and_logs_once(megatron_single, pattern, granularity):
+    """Megatron's full activation recompute (each layer's forward rerun in the backward) and
+    its selective recompute of the mixing core ("core_attn": the MoM layers' memory path and
+    mix, the attention layers' core attention) give the loss and gradients of the plain step
+    bit for bit, MoM-only and hybrid, and the router's logs (Megatron's aux-loss tracker, the
+    memories' token counts) count the step once, not once per forward.
     (The torch backend: the recompute concerns the layer's Python side; the Triton kernels
     under it run in tests/gpu/test_gpu_layer.py.)"""
     from megatron_mom import get_hybrid_block_spec
@@ -125,7 +131,8 @@ def test_full_activation_recompute_matches_and_logs_once(megatron_single, patter
     pos = torch.arange(40)[None].expand(2, -1)
     (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
         lambda extra: gpt(lambda c: get_hybrid_block_spec(c, pattern, mom, backend="local"),
-                          num_layers=2, hetereogenous_dist_checkpoint=True, **extra), ids, pos)
+                          num_layers=2, hetereogenous_dist_checkpoint=True, **extra), ids, pos,
+        FULL_RECOMPUTE if granularity == "full" else dict(recompute_granularity="selective"))
     assert torch.equal(loss0, loss1)
     for name in grads0:
         assert torch.equal(grads0[name], grads1[name]), name

@@ -204,3 +204,59 @@ def test_projection_runs_in_projs_hooks(megatron_single, mode):
     assert layer._grouped_projection_applies(x) == (mode == "on")
     layer(x)
     assert calls == ["pre", ["rows"] if mode == "on" else [], "post"]
+
+
+def saved_bytes_and_memory_runs(layer, x, dy):
+    """(bytes autograd saved in the forward, memory-path forwards run) of one forward+backward,
+    and the output and gradients."""
+    saved, runs = [0], [0]
+    memories = layer._memories
+
+    def counted(*args, **kwargs):
+        runs[0] += 1
+        return memories(*args, **kwargs)
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    layer._memories = counted
+    xi = x.clone().requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out, _ = layer(xi)
+        out.backward(dy)
+    finally:
+        del layer._memories
+    grads = [xi.grad] + [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad(set_to_none=True)
+    return saved[0], runs[0], out.detach(), grads
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_selective_recompute_reruns_the_memory_path(megatron_single, lean):
+    """Megatron's selective recompute of "core_attn" (--recompute-activations): the layer keeps
+    only the memory path's inputs and reruns it and the mix in the backward, with the plain
+    layer's output and gradients bit for bit and under half of what the plain layer saves.
+    The lean backward keeps only those inputs already: it runs as it is, once. Modules other
+    than core_attn (e.g. "mlp") leave the layer as it is."""
+    mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16,
+                    backend="torch", lean_backward=lean)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(29, 2, HIDDEN, generator=g, dtype=torch.float64)
+    dy = torch.randn(29, 2, HIDDEN, generator=g, dtype=torch.float64)
+    results = {}
+    for name, extra in [("plain", {}), ("selective", dict(recompute_granularity="selective")),
+                        ("mlp only", dict(recompute_granularity="selective",
+                                          recompute_modules=["mlp"]))]:
+        torch.manual_seed(0)
+        layer = build_layer(mom, **extra)
+        results[name] = saved_bytes_and_memory_runs(layer, x, dy)
+    plain, selective, mlp_only = results["plain"], results["selective"], results["mlp only"]
+    assert torch.equal(selective[2], plain[2])
+    for a, b in zip(selective[3], plain[3]):
+        assert torch.equal(a, b)
+    assert plain[1] == 1 and mlp_only[:2] == plain[:2]
+    if lean:
+        assert selective[:2] == plain[:2]
+    else:
+        assert selective[1] == 2 and selective[0] < 0.5 * plain[0], (selective[0], plain[0])
