@@ -56,13 +56,16 @@ def cp_local(x, cp, rank, dim=0):
 
 # ---------------------------------------------------------------------------------- layer
 def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
-    """Run the mixer under `mode`; return full-sequence output, input grad and official-format
-    parameter grads (identical on every rank)."""
+    """Run the mixer under `mode` (a layout, "_selective": with Megatron's selective recompute);
+    return full-sequence output, input grad and official-format parameter grads (identical on
+    every rank)."""
     from megatron.core.packed_seq_params import PackedSeqParams
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
     from megatron_mom.apps.convert import from_official_mom, to_official_mom
     from megatron_mom.layer.specs import get_mom_module_spec
+    recompute = dict(recompute_granularity="selective") if mode.endswith("_selective") else {}
+    mode = mode.removesuffix("_selective")
     tp = 2 if mode.startswith("tp2") else 1
     cp = 2 if mode == "cp2" else 1
     sp = mode == "tp2_sp"
@@ -71,9 +74,11 @@ def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
         {"gradient_accumulation_fusion": False}
     config = TransformerConfig(num_layers=1, hidden_size=x.shape[-1], num_attention_heads=4,
                                params_dtype=dtype, tensor_model_parallel_size=tp,
-                               context_parallel_size=cp, sequence_parallel=sp, **overrides)
+                               context_parallel_size=cp, sequence_parallel=sp, **overrides,
+                               **recompute)
     layer = build_module(get_mom_module_spec(mom, backend="local"), config=config,
                          layer_number=1).to(DEVICE)
+    assert layer.train()._recomputes_memories() == bool(recompute)
     x, dy = x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
     if cu_docs is not None:
         cu_docs = cu_docs.to(DEVICE, torch.int32)
@@ -134,7 +139,8 @@ def run_layer(out_dir):
         dy = torch.randn(s, b, 24, generator=g, dtype=F64)
         cu = torch.tensor([0, 7, 8, 30, 40]) if packed else None
         ref = layer_phase("tp1", official, mom, x, dy, cu)
-        modes = ("tp2", "tp2_sp") if packed else ("tp2", "tp2_sp", "cp2")
+        modes = ("tp2", "tp2_sp") if packed else ("tp2", "tp2_sp", "cp2", "tp2_sp_selective",
+                                                   "cp2_selective")
         for mode in modes:
             got = layer_phase(mode, official, mom, x, dy, cu)
             key = f"{mode}{'_packed' if packed else ''}"

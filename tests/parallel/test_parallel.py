@@ -33,7 +33,8 @@ def results(tmp_path_factory):
     return {name: json.load(open(out / f"results_{name}.json")) for name in ("layer", "gpt")}
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "cp2", "tp2_packed", "tp2_sp_packed"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "cp2", "tp2_packed", "tp2_sp_packed",
+                                    "tp2_sp_selective", "cp2_selective"])
 def test_mom_layer_matches_tp1(results, layout):
     r = results["layer"][layout]
     assert r["out"] <= 1e-12 and r["dx"] <= 1e-12, r
