@@ -91,6 +91,15 @@ def params_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+# train.recompute: Megatron's activation recompute. "selective" reruns each layer's mixing core
+# (MoM: memory path and mix; attention: core attention) in the backward, "full" each layer.
+RECOMPUTE = {
+    "none": {},
+    "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
+    "full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+}
+
+
 def transformer_config(cfg: RunConfig, on_cpu: bool):
     from megatron.core.transformer import TransformerConfig
     from megatron_mom.layer.specs import mixes_layer_kinds
@@ -101,6 +110,7 @@ def transformer_config(cfg: RunConfig, on_cpu: bool):
     # install has; the unfused paths are exact.
     overrides = cpu.megatron_cpu_config_overrides()
     overrides["use_cpu_initialization"] = on_cpu
+    overrides.update(RECOMPUTE[t.recompute])
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, hidden_dropout=m.dropout,

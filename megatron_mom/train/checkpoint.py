@@ -315,6 +315,7 @@ def load_model_weights(path: Path, gpt) -> None:
 # checkpoint holds or how training continues from it.
 MAY_CHANGE_ON_RESUME = ("train.steps", "train.log_interval", "train.eval_interval",
                         "train.eval_batches", "train.save_interval", "train.keep_checkpoints",
+                        "train.recompute",
                         *(f"mom.{name}" for name in EXECUTION_SETTINGS),
                         "mom.chunk_size", "generate.", "output_dir")
 

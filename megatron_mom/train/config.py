@@ -67,6 +67,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     clip_grad: float = 1.0
     precision: str = "fp32"               # fp32 | bf16 | fp16
+    recompute: str = "none"               # none | selective | full (Megatron's activation recompute)
     seed: int = 1234
     log_interval: int = 10
     eval_interval: int = 100              # 0: no validation
@@ -115,6 +116,7 @@ CHOICES = {
     "mom.grouped_projection": ("auto", "on", "off"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),
+    "train.recompute": ("none", "selective", "full"),
     "generate.decode": ("full", "recurrent"),
 }
 POSITIVE = {"model.num_layers", "model.hidden_size", "model.ffn_hidden_size",

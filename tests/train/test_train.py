@@ -64,6 +64,8 @@ def test_example_config_documents_the_embedded_default():
     ({"train": {"steps": "many"}}, "train.steps must be a int"),
     ({"train": {"steps": 0}}, "train.steps must be > 0"),
     ({"train": {"precision": "fp8"}}, "train.precision must be one of fp32, bf16, fp16"),
+    ({"train": {"recompute": "core_attn"}}, "train.recompute must be one of none, selective, "
+                                            "full"),
     ({"model": {"pattern": "MMAX"}}, "model.pattern 'MMAX' must have one symbol per layer"),
     ({"model": {"num_layers": 2}}, "model.num_layers = 2"),
     ({"mom": {"topk": 5}}, "mom: MoMConfig: topk (5) must be <= num_memories (4)"),
@@ -555,6 +557,23 @@ def test_resume_refuses_a_changed_configuration_naming_the_keys(straight_run, tm
     assert resume_config(str(config_file), {"output_dir": str(out)}).train.steps == 8
     with pytest.raises(ConfigError, match="train.lr: checkpoint 0.005, this run 0.001"):
         check_resume(found, resume_config(None, {"output_dir": str(out), "train.lr": 1e-3}), 1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_activation_recompute_trains_the_same_steps(straight_run, corpus, tmp_path, recompute):
+    """train.recompute (Megatron's activation recompute) reruns activations in the backward and
+    changes nothing else: the first three steps' losses equal the plain run's bit for bit (the
+    plain run's schedule kept with stop_after), and a run may resume with another setting."""
+    from megatron_mom.train import train
+    from megatron_mom.train.checkpoint import check_resume, resume_config
+    out = tmp_path / "run"
+    result = train(build_config(overrides=tiny_overrides(out, corpus, **{
+        "train.recompute": recompute})), stop_after=3, show_progress=False)
+    assert result.losses == straight_run[1].losses[:3]
+    found = straight_run[0] / "checkpoints" / "iter_0000008"
+    check_resume(found, resume_config(None, {"output_dir": str(straight_run[0]),
+                                             "train.recompute": recompute}), world_size=1)
 
 
 # ------------------------------------------------------------------------- fault injection
