@@ -173,8 +173,11 @@ class MixtureOfMemories(MegatronModule):
                                                                    self.cp_size))
         q_tok, gate, kvba = self._project(hidden_states, layout)
         if self._recomputes_memories():
+            # No randomness in the memory path: no RNG state to save and restore (a host read
+            # per layer, and one that CUDA graph capture would refuse).
             y = torch.utils.checkpoint.checkpoint(self._mixed_memories, q_tok, kvba, layout,
-                                                  routed.weight, use_reentrant=False)
+                                                  routed.weight, use_reentrant=False,
+                                                  preserve_rng_state=False)
         else:
             y = self._mixed_memories(q_tok, kvba, layout, routed.weight)  # [N, H, V]
         return self._output(y, gate, s, b)

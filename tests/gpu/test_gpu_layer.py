@@ -224,17 +224,19 @@ def test_nan_in_one_batch_row_leaves_the_other_finite(megatron_single, dtype):
     assert torch.isfinite(x.grad[:, 1]).all()
 
 
-def test_full_activation_recompute_with_triton_kernels(megatron_single):
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_activation_recompute_with_triton_kernels(megatron_single, granularity):
     """A 2-layer MoM GPT on the Triton kernels (float32) with Megatron's full activation
-    recompute against the plain step: the same loss and gradients (to the kernels' run-to-run
-    rounding) and router logs counted once (tests/layer/test_gpt.py holds the CPU part)."""
+    recompute, or its selective recompute of the memory path and mix, against the plain step:
+    the same loss and gradients (to the kernels' run-to-run rounding) and router logs counted
+    once (tests/layer/test_gpt.py holds the CPU part)."""
     import os
     import sys
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
     from megatron_mom import MoMConfig, get_mom_layer_spec
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "layer"))
-    from test_gpt import recompute_runs
+    from test_gpt import FULL_RECOMPUTE, recompute_runs
     mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=64, backend="triton",
                     z_loss_coeff=1e-3)
 
@@ -249,7 +251,8 @@ def test_full_activation_recompute_with_triton_kernels(megatron_single):
     ids = torch.randint(0, 512, (2, 1000), device="cuda")
     pos = torch.arange(1000, device="cuda").expand(2, -1)
     (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
-        make, ids, pos)
+        make, ids, pos,
+        FULL_RECOMPUTE if granularity == "full" else dict(recompute_granularity="selective"))
     assert rel(loss1, loss0) < 1e-6
     worst = max(grads0, key=lambda n: rel(grads1[n], grads0[n]))
     assert rel(grads1[worst], grads0[worst]) < 1e-5, worst
