@@ -51,6 +51,19 @@ VARIANTS = [
     ("chunk_bwd_main split K", "chunk_bwd_main", None, {"split_k": 1}),
     ("chunk_bwd_main split K s2", "chunk_bwd_main", None, {"split_k": 1, "num_stages": 2}),
     ("chunk_bwd_main split K one pass", "chunk_bwd_main", None, {"split_k": 1, "one_pass": 1}),
+    # K blocks of 128 on 8 warps (no spill at K = 256, kernel_resources.py): two K blocks per
+    # chunk, so dO, dU and U are re-read twice instead of four times (the ncu finding), or
+    # split over them with dP computed twice instead of four times.
+    ("chunk_bwd BK128 w8", "multi", None, [("chunk_bwd", None, {"BK": 128}),
+                                           ("chunk_bwd_main", None, {"num_warps": 8}),
+                                           ("chunk_bwd_wy", None, {"num_warps": 8})]),
+    ("chunk_bwd BK128 w8 split K", "multi", None, [
+        ("chunk_bwd", None, {"BK": 128}), ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1}),
+        ("chunk_bwd_wy", None, {"num_warps": 8})]),
+    ("chunk_bwd BK128 BV32 w8 split K", "multi", None, [
+        ("chunk_bwd", None, {"BK": 128, "BV": 32}),
+        ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1}),
+        ("chunk_bwd_wy", None, {"num_warps": 8})]),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
     ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
     # K = 256 without prefetching: small enough for 3 (BV 32) or 4 (BV 16) programs per SM,
@@ -139,9 +152,14 @@ def rel(a, b):
 
 def options_of(kernel, bound, settings, K: int) -> KernelOptions:
     """The tuned options with one variant's change ("a+b": the second kernel's alternative
-    form switched on as well)."""
+    form switched on as well; "multi": a list of (kernel, bound, settings) changes)."""
     if kernel is None:
         return KernelOptions()
+    if kernel == "multi":                    # several entries changed together
+        opts = KernelOptions()
+        for name, at, changes in settings:
+            opts = opts.with_launch(name, K if at == "K" else at, **changes)
+        return opts
     first, _, also = kernel.partition("+")
     opts = KernelOptions().with_launch(first, K if bound == "K" else bound, **settings)
     return opts.with_launch("chunk_bwd_main", one_pass=1) if also == "one_pass" else opts
