@@ -45,6 +45,7 @@ SPLIT_CASES = {   # (lengths, H, K, V, C, chunk_bwd blocks): 1, 2, 4 and 8 K blo
     "K64_ragged_C32_one_block": ([5, 70, 0, 33], 2, 64, 64, 32, {}),
     "K128_V64_C16_two_blocks": ([20, 13], 1, 128, 64, 16, {}),
     "K256_C16_four_blocks": ([17, 9], 1, 256, 256, 16, {}),
+    "K256_BK128_C16_two_blocks": ([17, 9], 1, 256, 256, 16, {"BK": 128}),
     "K256_BK32_C16_eight_blocks": ([17, 9], 1, 256, 256, 16, {"BK": 32, "BV": 32}),
 }
 
