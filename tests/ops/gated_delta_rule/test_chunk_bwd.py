@@ -79,9 +79,11 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
 def test_state_backward_with_p_t_do_first_matches_reference(case, bv):
     """launch["state_bwd"]["du0"] (state_fp32 for float32 inputs): P^T dO computed chunk-parallel
     by p_t_do_kernel into dU, which the chain completes. Every gradient against the reference,
-    over whole sequences and over pieces (the split backward), and bit for bit the chain that
-    computes P^T dO itself at the same V blocks (float32: the same dot, summed in the same
-    order)."""
+    over whole sequences and over pieces (the split backward), and the chain that computes
+    P^T dO itself at the same V blocks: the forward bit for bit, the gradients to float32
+    rounding (the same products; whether a dot added to an accumulator rounds like the dot
+    then the sum is the backend's choice: bit for bit in earlier CI runs, not with Triton
+    3.9.0 and numpy 2.4.6 under the interpreter)."""
     lengths, H, K, V, C = CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
     for split in ("off", "on"):
@@ -93,7 +95,11 @@ def test_state_backward_with_p_t_do_first_matches_reference(case, bv):
         want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
         for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
                               got, want):
-            assert torch.equal(a, b), (split, name)
+            if name in ("o", "final_state"):
+                assert torch.equal(a, b), (split, name)
+            else:
+                err = float((a - b).abs().max() / b.abs().max())
+                assert err <= 1e-6, (split, name, err)
 
 
 @pytest.mark.parametrize("groups", [2, 4])
