@@ -32,6 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mom.layer import inference, metrics, packing, parallel
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import conv_gated_delta_rule, gated_rmsnorm
+from megatron_mom.ops.conv_gated_delta_rule import runs_lean
 from megatron_mom.ops.common import resolve_backend
 from megatron_mom.layer.projection import GroupedProjection, GroupedRows, in_proj_sections
 from megatron_mom.layer.router import MoMRouter, Routing, attach_loss, route, router_losses
@@ -172,7 +173,7 @@ class MixtureOfMemories(MegatronModule):
         layout = self._layout(routed.memory, s, b, _document_bounds(packed_seq_params, b,
                                                                    self.cp_size))
         q_tok, gate, kvba = self._project(hidden_states, layout)
-        if self._recomputes_memories():
+        if self._recomputes_memories(kvba.device):
             # No randomness in the memory path: no RNG state to save and restore (a host read
             # per layer, and one that CUDA graph capture would refuse).
             y = torch.utils.checkpoint.checkpoint(self._mixed_memories, q_tok, kvba, layout,
@@ -190,19 +191,20 @@ class MixtureOfMemories(MegatronModule):
         return packing.mix(o, layout, weight, out_dtype=o.dtype,
                            backend=self.mom.execution.backend)
 
-    def _recomputes_memories(self) -> bool:
+    def _recomputes_memories(self, device: torch.device) -> bool:
         """Megatron's selective recompute of "core_attn" (`--recompute-activations`, or
         `--recompute-granularity selective` with core_attn among `--recompute-modules`) asks
         each layer to rerun its sequence-mixing core in the backward instead of keeping what
         that core saves. The MoM layer's core is the memory path and the mix: it keeps their
         inputs (q's token rows, the packed k | v | b | a rows, the routing weights) and drops
         the convolutions' outputs, the normalised q, k, v, the per-chunk states and the
-        read-outs. The lean backward already keeps only those inputs, so it runs as it is."""
-        config = self.config
+        read-outs. Where the lean backward runs (Triton) it keeps little more than those
+        inputs already, so it runs as it is."""
+        config, run = self.config, self.mom.execution
         return (self.training and torch.is_grad_enabled()
                 and getattr(config, "recompute_granularity", None) == "selective"
                 and "core_attn" in (getattr(config, "recompute_modules", None) or ())
-                and not self.mom.execution.lean_backward)
+                and not runs_lean(run.lean_backward, run.backend, device))
 
     def _route(self, hidden_states: Tensor):
         """Every token of the whole sequence (gathered under SP and CP) routed: (Routing whose

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+import torch
 from torch import Tensor
 
 from megatron_mom.ops.common import checker, need_cu_seqlens, resolve_backend
@@ -82,6 +83,13 @@ def _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bi
             need(got == shape, f"state.{name} is {got}; {segments} segments need {shape}")
 
 
+def runs_lean(lean_backward: bool, backend: str, device: torch.device) -> bool:
+    """Whether a "train" call with these settings runs the lean function: it is a Triton
+    function, so elsewhere `lean_backward` changes nothing and the composition runs."""
+    return lean_backward and resolve_backend("conv_gated_delta_rule", backend,
+                                             device.type == "cuda") == "triton"
+
+
 def conv_gated_delta_rule(
     q_tok: Tensor, kvba: Tensor, gather: Tuple[Tensor, Tensor], cu_seqlens: Optional[Tensor],
     conv_q: Tensor, conv_k: Tensor, conv_v: Tensor, A_log: Tensor, dt_bias: Tensor, *,
@@ -106,8 +114,7 @@ def conv_gated_delta_rule(
     if mode == "step":
         return step_conv_gated_delta_rule(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log,
                                           dt_bias, state, H=H, scale=scale, backend=backend)
-    if lean_backward and resolve_backend("conv_gated_delta_rule", backend,
-                                         kvba.device.type == "cuda") == "triton":
+    if runs_lean(lean_backward, backend, kvba.device):
         from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
         return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
                                           A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
@@ -117,4 +124,4 @@ def conv_gated_delta_rule(
                                        backend=backend, options=options, state=state)
 
 
-__all__ = ["conv_gated_delta_rule", "MemoryState", "beta_and_decay", "kvba_columns", "MODES"]
+__all__ = ["conv_gated_delta_rule", "runs_lean", "MemoryState", "beta_and_decay", "kvba_columns", "MODES"]
