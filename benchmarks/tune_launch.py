@@ -5,7 +5,7 @@ plain batch rows of H=16 heads of K=V=128 (the kernel benchmark's B4 T4096 H16 D
 
     python benchmarks/tune_launch.py [--out DIR] [--quick] [--k 128|256] [--rounds N]
 
-Each variant changes one kernel's launch entry (KernelOptions.with_launch) from the tuned table;
+Each variant changes launch entries (KernelOptions.with_launch) of the tuned table;
 its forward+backward time is reported next to the default's, with the largest relative
 difference of its output and gradients from the default's (a wrong build shows up there:
 Triton 3.6 on Hopper miscompiles some patterns). Every variant is built and checked first;
@@ -80,7 +80,8 @@ VARIANTS = [
     ("state_fwd BV64 w8 s2", "state_fwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 2}),
     ("state_fwd BV64 w8 s1", "state_fwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 1}),
     ("o in the chain", "chunk_out", None, {"min_k": 1 << 30}),
-    ("o in the chain, one pass", "chunk_out+one_pass", None, {"min_k": 1 << 30}),
+    ("o in the chain, one pass", "multi", None, [("chunk_out", None, {"min_k": 1 << 30}),
+                                                 ("chunk_bwd_main", None, {"one_pass": 1})]),
     ("state_fwd_o BV16", "state_fwd_o", "K", {"BV": 16}),
     ("state_fwd_o BV32", "state_fwd_o", "K", {"BV": 32}),
     ("chunk_out BV32", "chunk_out", None, {"BV": 32}),
@@ -150,19 +151,20 @@ def rel(a, b):
                for x, y in zip(a, b))
 
 
-def options_of(kernel, bound, settings, K: int) -> KernelOptions:
-    """The tuned options with one variant's change ("a+b": the second kernel's alternative
-    form switched on as well; "multi": a list of (kernel, bound, settings) changes)."""
+def changes_of(kernel, bound, settings) -> list:
+    """A variant's launch-entry changes as (kernel, bound, settings) triples: one, or the list
+    of a "multi" variant (several entries changed together); none for the default."""
     if kernel is None:
-        return KernelOptions()
-    if kernel == "multi":                    # several entries changed together
-        opts = KernelOptions()
-        for name, at, changes in settings:
-            opts = opts.with_launch(name, K if at == "K" else at, **changes)
-        return opts
-    first, _, also = kernel.partition("+")
-    opts = KernelOptions().with_launch(first, K if bound == "K" else bound, **settings)
-    return opts.with_launch("chunk_bwd_main", one_pass=1) if also == "one_pass" else opts
+        return []
+    return list(settings) if kernel == "multi" else [(kernel, bound, settings)]
+
+
+def options_of(kernel, bound, settings, K: int) -> KernelOptions:
+    """The tuned options with one variant's changes."""
+    opts = KernelOptions()
+    for name, at, changes in changes_of(kernel, bound, settings):
+        opts = opts.with_launch(name, K if at == "K" else at, **changes)
+    return opts
 
 
 def main(argv=None):
@@ -188,7 +190,8 @@ def main(argv=None):
         parser.error(f"--variants: unknown {sorted(unknown)}; "
                      f"the names are {[v[0] for v in VARIANTS]}")
     chosen = [v for v in VARIANTS if v[1] is None
-              or ((not only or v[1].split("+")[0] in only) and (not names or v[0] in names))]
+              or ((not only or any(c[0] in only for c in changes_of(*v[1:])))
+                  and (not names or v[0] in names))]
     results = []
     for name, seq, rows, routed in shapes:
         gen = torch.Generator().manual_seed(0)
