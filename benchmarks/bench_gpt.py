@@ -46,6 +46,7 @@ SHAPES = {  # layers, hidden, ffn (SwiGLU), attention heads, vocab; MoM heads x 
 KINDS = ("attention", "mom", "hybrid", "mom1", "mom-lean", "mom-recompute",
          "mom-full-recompute", "mom-selective")
 HYBRID_PERIOD = "MMMMMMMA"
+RECOMPUTE_OF_KIND = {"mom-full-recompute": "full", "mom-selective": "selective"}  # train.recompute
 
 # Kernel-name fragments of each kind, matched in this order (first match wins).
 KERNEL_KINDS = (
@@ -129,6 +130,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
     from megatron_mom.testing import cpu
+    from megatron_mom.train.build import RECOMPUTE
 
     # Every kind from the same seeds: kinds of the same parameters start from the same weights.
     torch.manual_seed(1234)
@@ -147,9 +149,7 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.02,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, **overrides,
         hetereogenous_dist_checkpoint=kind == "hybrid",   # MoM and attention layers: own keys
-        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-           if kind == "mom-full-recompute" else {}),
-        **(dict(recompute_granularity="selective") if kind == "mom-selective" else {}),
+        **RECOMPUTE[RECOMPUTE_OF_KIND.get(kind, "none")],
         **(dict(cuda_graph_impl="local", cuda_graph_warmup_steps=2,
                 cuda_graph_use_single_mempool=single_pool) if cuda_graph else {}))
     has_attention = kind in ("attention", "hybrid")

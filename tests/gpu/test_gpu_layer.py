@@ -236,7 +236,7 @@ def test_activation_recompute_with_triton_kernels(megatron_single, granularity):
     from megatron.core.transformer import TransformerConfig
     from megatron_mom import MoMConfig, get_mom_layer_spec
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "layer"))
-    from test_gpt import FULL_RECOMPUTE, recompute_runs
+    from test_gpt import recompute_runs
     mom = MoMConfig(num_memories=4, topk=2, num_heads=2, head_dim=64, backend="triton",
                     z_loss_coeff=1e-3)
 
@@ -251,8 +251,7 @@ def test_activation_recompute_with_triton_kernels(megatron_single, granularity):
     ids = torch.randint(0, 512, (2, 1000), device="cuda")
     pos = torch.arange(1000, device="cuda").expand(2, -1)
     (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
-        make, ids, pos,
-        FULL_RECOMPUTE if granularity == "full" else dict(recompute_granularity="selective"))
+        make, ids, pos, granularity)
     assert rel(loss1, loss0) < 1e-6
     worst = max(grads0, key=lambda n: rel(grads1[n], grads0[n]))
     assert rel(grads1[worst], grads0[worst]) < 1e-5, worst

@@ -90,18 +90,15 @@ def test_hybrid_block_spec_reads_the_config_and_never_changes_it(megatron_single
 
 
 
-FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform",
-                      recompute_num_layers=1)
-
-
-def recompute_runs(make_model, ids, pos, recompute=FULL_RECOMPUTE):
+def recompute_runs(make_model, ids, pos, granularity="full"):
     """(loss, grads, routed-token counts, logged router losses) of one forward+backward of
-    make_model(settings) without and with Megatron's activation recompute settings
-    `recompute` (default: full)."""
+    make_model(settings) without and with Megatron's activation recompute of `granularity`
+    (the training app's train.recompute settings)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron_mom.layer import metrics
+    from megatron_mom.train.build import RECOMPUTE
     runs = []
-    for settings in ({}, recompute):
+    for settings in ({}, RECOMPUTE[granularity]):
         torch.manual_seed(0)
         model_parallel_cuda_manual_seed(0)      # the same weights where they are made on a GPU
         model = make_model(settings)
@@ -132,7 +129,7 @@ def test_activation_recompute_matches_and_logs_once(megatron_single, pattern, gr
     (loss0, grads0, counts0, logged0), (loss1, grads1, counts1, logged1) = recompute_runs(
         lambda extra: gpt(lambda c: get_hybrid_block_spec(c, pattern, mom, backend="local"),
                           num_layers=2, hetereogenous_dist_checkpoint=True, **extra), ids, pos,
-        FULL_RECOMPUTE if granularity == "full" else dict(recompute_granularity="selective"))
+        granularity)
     assert torch.equal(loss0, loss1)
     for name in grads0:
         assert torch.equal(grads0[name], grads1[name]), name

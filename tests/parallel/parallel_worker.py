@@ -64,7 +64,8 @@ def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
     from megatron.core.transformer.spec_utils import build_module
     from megatron_mom.apps.convert import from_official_mom, to_official_mom
     from megatron_mom.layer.specs import get_mom_module_spec
-    recompute = dict(recompute_granularity="selective") if mode.endswith("_selective") else {}
+    from megatron_mom.train.build import RECOMPUTE
+    recompute = RECOMPUTE["selective" if mode.endswith("_selective") else "none"]
     mode = mode.removesuffix("_selective")
     tp = 2 if mode.startswith("tp2") else 1
     cp = 2 if mode == "cp2" else 1
