@@ -63,17 +63,19 @@ def short_conv_reference(
     return y, final
 
 
-def final_state(rows: Tensor, cu_seqlens: Tensor, W: int, init: Optional[Tensor]) -> Tensor:
+def final_state(rows: Tensor, cu_seqlens: Tensor, W: int, init: Optional[Tensor],
+                row_of: Optional[Tensor] = None) -> Tensor:
     """Each sequence's last W-1 inputs [N, C, W-1], oldest first, from its packed rows [TT, C]
-    or, where the sequence is shorter, from its initial state [N, C, W-1] (or zeros).
-    Differentiable in rows and init."""
+    (packed row t is rows[row_of[t]] when `row_of` [TT] is given) or, where the sequence is
+    shorter, from its initial state [N, C, W-1] (or zeros). Differentiable in rows and init."""
     N, C = cu_seqlens.numel() - 1, rows.shape[1]
+    TT = rows.shape[0] if row_of is None else row_of.numel()
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     cols = []
     for j in range(W - 1):  # column j holds the input at position len - (W-1) + j
         p = lengths - (W - 1) + j
-        from_x = rows[(cu_seqlens[:-1] + p).clamp(min=0, max=max(rows.shape[0] - 1, 0))] \
-            if rows.shape[0] else rows.new_zeros(N, C)
+        t = (cu_seqlens[:-1] + p).clamp(min=0, max=max(TT - 1, 0))
+        from_x = rows[t if row_of is None else row_of[t].long()] if TT else rows.new_zeros(N, C)
         if init is None:
             hist = rows.new_zeros(N, C)
         else:

@@ -650,8 +650,7 @@ def short_conv(
         tracked = torch.is_grad_enabled() and (x.requires_grad or (
             init is not None and init.requires_grad))
         if tracked:  # autograd's gathers, so a loss on the final state reaches x and init
-            rows = x2 if x_row is None else x2[x_row.long()]
-            final = final_state(rows, cu, W, init).to(x.dtype)
+            final = final_state(x2, cu, W, init, row_of=x_row).to(x.dtype)
         else:
             final = _final_state(x2, x_row, cu, N, W, init)
     return y.view(B, TT // B, C), final

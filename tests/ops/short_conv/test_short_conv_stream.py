@@ -72,7 +72,8 @@ def test_run_longer_than_all_rows(monkeypatch):
 
 def test_gather_and_split_forms(short_runs):
     """The layer's two forms with short runs: rows through the layout's index (dx summed over
-    each token's slots) and column groups of one strided input with their own weights."""
+    each token's slots; the final state too, in the loss) and column groups of one strided
+    input with their own weights."""
     from megatron_mom.layer import packing
     gen = torch.Generator().manual_seed(1)
     seq_id, num_seqs = packing.sequence_ids(2, 11, None, "cpu")
@@ -85,15 +86,18 @@ def test_gather_and_split_forms(short_runs):
     wq, wk = torch.randn(16, 4, generator=gen), torch.randn(12, 3, generator=gen)
     dq = torch.randn(1, lay.num_rows, 16, generator=gen)
     dk = torch.randn(1, lay.num_rows, 12, generator=gen)
+    dfinal = torch.randn(cu.numel() - 1, 16, 3, generator=gen)
     res = {}
     for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
         leaves = [t.to(dtype).requires_grad_() for t in (x_tok, kv, wq, wk)]
-        q, _ = short_conv(leaves[0][None, :, :16], leaves[2], cu_seqlens=cu,
-                          gather=(lay.token, lay.slot_row), backend=backend)
+        q, final = short_conv(leaves[0][None, :, :16], leaves[2], cu_seqlens=cu,
+                              gather=(lay.token, lay.slot_row), output_final_state=True,
+                              backend=backend)
         k, rest = short_conv_split(leaves[1][None, :, :32], [leaves[3], None], [12, 20],
                                    cu_seqlens=cu, backend=backend)
-        loss = (q * dq.to(dtype)).sum() + (k * dk.to(dtype)).sum() + rest.sum()
-        res[backend] = [q, k] + list(torch.autograd.grad(loss, leaves))
+        loss = ((q * dq.to(dtype)).sum() + (k * dk.to(dtype)).sum() + rest.sum()
+                + (final * dfinal.to(dtype)).sum())
+        res[backend] = [q, k, final] + list(torch.autograd.grad(loss, leaves))
     for a, b in zip(res["triton"], res["torch"]):
         assert rel_err(a, b) < 1e-5
 
