@@ -22,7 +22,6 @@ from megatron_mom.ops.common.segments import (Segments, as_int32, chunk_offsets,
 from megatron_mom.ops.common.streams import beside
 
 __all__ = ["FLOAT_DTYPES", "TRITON_DTYPES", "checker", "compute_dtype", "need_cu_seqlens",
-           "need_device",
-           "need_triton_dtypes", "BACKENDS", "interpreting", "resolve_backend", "triton_impl", "triton_module",
-           "Segments", "as_int32", "chunk_offsets", "dense_cu_seqlens", "max_chunks",
-           "search_steps", "beside"]
+           "need_device", "need_triton_dtypes", "BACKENDS", "interpreting", "resolve_backend",
+           "triton_impl", "triton_module", "Segments", "as_int32", "chunk_offsets",
+           "dense_cu_seqlens", "max_chunks", "search_steps", "beside"]

@@ -124,4 +124,5 @@ def conv_gated_delta_rule(
                                        backend=backend, options=options, state=state)
 
 
-__all__ = ["conv_gated_delta_rule", "runs_lean", "MemoryState", "beta_and_decay", "kvba_columns", "MODES"]
+__all__ = ["conv_gated_delta_rule", "runs_lean", "MemoryState", "beta_and_decay", "kvba_columns",
+           "MODES"]

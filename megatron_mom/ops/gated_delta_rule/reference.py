@@ -99,9 +99,8 @@ def chunk_gated_delta_rule(
     if not NT:   # no tokens: nothing to stack, the state passes through
         return v.new_zeros(B, 0, H, V, dtype=ct), S
     o = torch.stack(outs, dim=2).reshape(B, H, NT * C, V)[:, :, :T].transpose(1, 2)
-    if T:
-        o = o.masked_fill(poisoned[..., None], float("nan"))
-        S = S.masked_fill(poisoned[:, -1, :, None, None], float("nan"))
+    o = o.masked_fill(poisoned[..., None], float("nan"))
+    S = S.masked_fill(poisoned[:, -1, :, None, None], float("nan"))
     return o, S
 
 
