@@ -17,8 +17,8 @@ Kinds:  attention  the same GPT with softmax attention (TE's when Transformer En
         mom-full-recompute `mom` with Megatron's full activation recompute (every layer keeps
                    only its input; the backward reruns each layer's forward; eager only)
         mom-selective `mom` with Megatron's selective recompute of the mixing core
-                   (--recompute-activations: each MoM layer keeps its memory path's inputs
-                   and reruns that path and the mix in the backward)
+                   (--recompute-activations: each MoM layer keeps its input and read-out
+                   and reruns its projection, memory path, mix and norm in the backward)
 
     python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
     python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)

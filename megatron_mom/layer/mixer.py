@@ -32,7 +32,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron_mom.layer import inference, metrics, packing, parallel
 from megatron_mom.config import MoMConfig
 from megatron_mom.ops import conv_gated_delta_rule, gated_rmsnorm
-from megatron_mom.ops.conv_gated_delta_rule import runs_lean
 from megatron_mom.ops.common import resolve_backend
 from megatron_mom.layer.projection import GroupedProjection, GroupedRows, in_proj_sections
 from megatron_mom.layer.router import MoMRouter, Routing, attach_loss, route, router_losses
@@ -172,39 +171,44 @@ class MixtureOfMemories(MegatronModule):
         routed, s, b = self._route(hidden_states)
         layout = self._layout(routed.memory, s, b, _document_bounds(packed_seq_params, b,
                                                                    self.cp_size))
-        q_tok, gate, kvba = self._project(hidden_states, layout)
-        if self._recomputes_memories(kvba.device):
-            # No randomness in the memory path: no RNG state to save and restore (a host read
-            # per layer, and one that CUDA graph capture would refuse).
-            y = torch.utils.checkpoint.checkpoint(self._mixed_memories, q_tok, kvba, layout,
-                                                  routed.weight, use_reentrant=False,
+        if self._recomputes_core():
+            # No randomness in the core: no RNG state to save and restore (a host read per
+            # layer, and one that CUDA graph capture would refuse).
+            z = torch.utils.checkpoint.checkpoint(self._core, hidden_states, layout,
+                                                  routed.weight, s, b, use_reentrant=False,
                                                   preserve_rng_state=False)
         else:
-            y = self._mixed_memories(q_tok, kvba, layout, routed.weight)  # [N, H, V]
-        return self._output(y, gate, s, b)
+            z = self._core(hidden_states, layout, routed.weight, s, b)
+        return self.out_proj(self.cp.heads_to_sequence(z))
 
-    def _mixed_memories(self, q_tok: Tensor, kvba: Tensor, layout: packing.PackedLayout,
-                        weight: Tensor) -> Tensor:
-        """The memory path's read-outs of every packed row mixed back per token, y [N, H, V]."""
+    def _core(self, hidden_states: Tensor, layout: packing.PackedLayout, weight: Tensor,
+              s: int, b: int) -> Tensor:
+        """Projection, memory path, mix and read-out norm: z [s, b, H*V] (all heads' tokens of
+        the whole sequence under context parallelism, before heads_to_sequence)."""
+        q_tok, gate, kvba = self._project(hidden_states, layout)
         o = self._memories(q_tok, kvba, (layout.token, layout.slot_row),
                            layout.cu_seqlens)                             # [L, H, V]
-        return packing.mix(o, layout, weight, out_dtype=o.dtype,
-                           backend=self.mom.execution.backend)
+        y = packing.mix(o, layout, weight, out_dtype=o.dtype,
+                        backend=self.mom.execution.backend)               # [N, H, V]
+        return self._read_out(y, gate, s, b)
 
-    def _recomputes_memories(self, device: torch.device) -> bool:
+    def _recomputes_core(self) -> bool:
         """Megatron's selective recompute of "core_attn" (`--recompute-activations`, or
         `--recompute-granularity selective` with core_attn among `--recompute-modules`) asks
         each layer to rerun its sequence-mixing core in the backward instead of keeping what
-        that core saves. The MoM layer's core is the memory path and the mix: it keeps their
-        inputs (q's token rows, the packed k | v | b | a rows, the routing weights) and drops
-        the convolutions' outputs, the normalised q, k, v, the per-chunk states and the
-        read-outs. Where the lean backward runs (Triton) it keeps little more than those
-        inputs already, so it runs as it is."""
-        config, run = self.config, self.mom.execution
+        that core saves. The MoM layer's core runs from its input projection to its read-out
+        norm (`_core`): what it saves is dominated by the projection's outputs (q and the gate
+        of every token, k | v | b | a of every packed row: 9x the hidden size a token at the
+        paper's settings, where attention's q | k | v are 3x), so keeping only the layer's
+        input (which the router keeps anyway) and the read-out (out_proj's input) saves the
+        most for one more projection GEMM. Under FP8 Transformer Engine's recomputed
+        projections need its own checkpoint (FP8 scaling state), so there the layer keeps
+        every activation, as without recompute."""
+        config = self.config
         return (self.training and torch.is_grad_enabled()
                 and getattr(config, "recompute_granularity", None) == "selective"
                 and "core_attn" in (getattr(config, "recompute_modules", None) or ())
-                and not runs_lean(run.lean_backward, run.backend, device))
+                and not getattr(config, "fp8", None))
 
     def _route(self, hidden_states: Tensor):
         """Every token of the whole sequence (gathered under SP and CP) routed: (Routing whose
@@ -324,11 +328,6 @@ class MixtureOfMemories(MegatronModule):
         gamma = parallel.tp_replicated(self.out_norm_weight, self.tp_group)
         z = gated_rmsnorm(y, gate, gamma, self.mom.norm_eps, backend=self.mom.execution.backend)
         return z.reshape(s, b, -1)
-
-    def _output(self, y: Tensor, gate: Optional[Tensor], s: int, b: int):
-        """The read-out normalised, back on this rank's tokens under context parallelism, and
-        projected by out_proj (row-parallel): (out [s_local, b, D], bias)."""
-        return self.out_proj(self.cp.heads_to_sequence(self._read_out(y, gate, s, b)))
 
     # ------------------------------------------------------------------ decoding
     def _forward_inference(self, hidden_states: Tensor, ctx):

@@ -233,32 +233,45 @@ def saved_bytes_and_memory_runs(layer, x, dy):
 
 
 @pytest.mark.parametrize("backend, lean", [("torch", False), ("torch", True), ("triton", True)])
-def test_selective_recompute_reruns_the_memory_path(megatron_single, backend, lean):
+def test_selective_recompute_reruns_the_core(megatron_single, backend, lean):
     """Megatron's selective recompute of "core_attn" (--recompute-activations): the layer keeps
-    only the memory path's inputs and reruns it and the mix in the backward, with the plain
-    layer's output and gradients bit for bit and under half of what the plain layer saves.
-    Where the lean backward runs (Triton) it keeps little more than those inputs already and
-    runs as it is, once; elsewhere lean_backward changes nothing, so the recompute applies.
-    Modules other than core_attn (e.g. "mlp") leave the layer as it is."""
+    its input and read-out and reruns its core (projection, memory path, mix, read-out norm)
+    in the backward, with the plain layer's output and gradients bit for bit and under a
+    quarter of what the plain layer saves, in the lean mode too. Modules other than core_attn
+    (e.g. "mlp") leave the layer as it is."""
     mom = MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16, chunk_size=16,
                     backend=backend, lean_backward=lean)
     dtype = torch.float64 if backend == "torch" else torch.float32
     g = torch.Generator().manual_seed(0)
     x = torch.randn(29, 2, HIDDEN, generator=g, dtype=dtype)
     dy = torch.randn(29, 2, HIDDEN, generator=g, dtype=dtype)
-    results = {}
+    results, projections = {}, {}
     for name, extra in [("plain", {}), ("selective", dict(recompute_granularity="selective")),
                         ("mlp only", dict(recompute_granularity="selective",
                                           recompute_modules=["mlp"]))]:
         torch.manual_seed(0)
         layer = build_layer(mom, dtype=dtype, **extra)
+        calls = []
+        layer.in_proj.register_forward_hook(lambda m, args, out: calls.append(1))
         results[name] = saved_bytes_and_memory_runs(layer, x, dy)
+        projections[name] = len(calls)
     plain, selective, mlp_only = results["plain"], results["selective"], results["mlp only"]
     assert torch.equal(selective[2], plain[2])
     for a, b in zip(selective[3], plain[3]):
         assert torch.equal(a, b)
     assert plain[1] == 1 and mlp_only[:2] == plain[:2]
-    if backend == "triton" and lean:
-        assert selective[:2] == plain[:2]
-    else:
-        assert selective[1] == 2 and selective[0] < 0.5 * plain[0], (selective[0], plain[0])
+    assert projections == {"plain": 1, "selective": 2, "mlp only": 1}
+    assert selective[1] == 2 and selective[0] < 0.25 * plain[0], (selective[0], plain[0])
+
+
+def test_selective_recompute_keeps_everything_under_fp8(megatron_single):
+    """Transformer Engine's FP8 projections need TE's own checkpoint to be rerun (their scaling
+    state): under FP8 the layer does not rerun its core with torch's."""
+    layer = build_layer(MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16),
+                        recompute_granularity="selective").train()
+    assert layer._recomputes_core()
+    layer.config.fp8 = "hybrid"
+    assert not layer._recomputes_core()
+    with torch.no_grad():
+        assert not build_layer(MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16),
+                               recompute_granularity="selective").train()._recomputes_core()

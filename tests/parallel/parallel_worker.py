@@ -79,7 +79,7 @@ def layer_phase(mode, official, mom, x, dy, cu_docs, dtype=F64):
                                **recompute)
     layer = build_module(get_mom_module_spec(mom, backend="local"), config=config,
                          layer_number=1).to(DEVICE)
-    assert layer.train()._recomputes_memories(torch.device(DEVICE)) == bool(recompute)
+    assert layer.train()._recomputes_core() == bool(recompute)
     x, dy = x.to(DEVICE, dtype), dy.to(DEVICE, dtype)
     if cu_docs is not None:
         cu_docs = cu_docs.to(DEVICE, torch.int32)
