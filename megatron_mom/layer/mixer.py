@@ -198,7 +198,7 @@ class MixtureOfMemories(MegatronModule):
         each layer to rerun its sequence-mixing core in the backward instead of keeping what
         that core saves. The MoM layer's core runs from its input projection to its read-out
         norm (`_core`): what it saves is dominated by the projection's outputs (q and the gate
-        of every token, k | v | b | a of every packed row: 9x the hidden size a token at the
+        of every token, k | v | b | a of every packed row: 8x the hidden size a token at the
         paper's settings, where attention's q | k | v are 3x), so keeping only the layer's
         input (which the router keeps anyway) and the read-out (out_proj's input) saves the
         most for one more projection GEMM. Under FP8 Transformer Engine's recomputed
