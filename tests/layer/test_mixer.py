@@ -246,21 +246,23 @@ def test_selective_recompute_reruns_the_core(megatron_single, backend, lean):
     x = torch.randn(29, 2, HIDDEN, generator=g, dtype=dtype)
     dy = torch.randn(29, 2, HIDDEN, generator=g, dtype=dtype)
     results, projections = {}, {}
-    for name, extra in [("plain", {}), ("selective", dict(recompute_granularity="selective")),
-                        ("mlp only", dict(recompute_granularity="selective",
-                                          recompute_modules=["mlp"]))]:
+    runs = [("plain", {}), ("selective", dict(recompute_granularity="selective")),
+            ("mlp only", dict(recompute_granularity="selective", recompute_modules=["mlp"]))]
+    # The module choice is backend-independent: the slow Triton interpreter skips "mlp only".
+    for name, extra in runs[:2] if backend == "triton" else runs:
         torch.manual_seed(0)
         layer = build_layer(mom, dtype=dtype, **extra)
         calls = []
         layer.in_proj.register_forward_hook(lambda m, args, out: calls.append(1))
         results[name] = saved_bytes_and_memory_runs(layer, x, dy)
         projections[name] = len(calls)
-    plain, selective, mlp_only = results["plain"], results["selective"], results["mlp only"]
+    plain, selective = results["plain"], results["selective"]
     assert torch.equal(selective[2], plain[2])
     for a, b in zip(selective[3], plain[3]):
         assert torch.equal(a, b)
-    assert plain[1] == 1 and mlp_only[:2] == plain[:2]
-    assert projections == {"plain": 1, "selective": 2, "mlp only": 1}
+    assert plain[1] == 1 and projections["plain"] == 1 and projections["selective"] == 2
+    if "mlp only" in results:
+        assert results["mlp only"][:2] == plain[:2] and projections["mlp only"] == 1
     assert selective[1] == 2 and selective[0] < 0.25 * plain[0], (selective[0], plain[0])
 
 
