@@ -190,7 +190,8 @@ def train_step(model, optimizer, config, tokens, positions):
 
 def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
             profile_iters: int, on_cpu: bool, cuda_graph: bool = False,
-            host_profile: str = "", single_pool: bool = False, kernels=None) -> dict:
+            host_profile: str = "", single_pool: bool = False, kernels=None,
+            sync_debug: bool = False) -> dict:
     mbs = max(tokens_per_step // seq, 1)
     model, optimizer, config, nparams, device = build(kind, shape, seq, on_cpu, cuda_graph,
                                                       single_pool=single_pool, kernels=kernels)
@@ -211,6 +212,8 @@ def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, 
     if host_profile:
         host_functions(lambda: train_step(model, optimizer, config, tokens, positions),
                        f"{host_profile}_{kind}_{seq}.txt", sync)
+    syncs = (host_syncs(lambda: train_step(model, optimizer, config, tokens, positions))
+             if sync_debug and not on_cpu else None)
     graphs = ("+graph1pool" if single_pool else "+graph") if cuda_graph else ""
     row = dict(kind=kind + graphs, seq=seq, mbs=mbs, params=nparams,
                params_m=round(nparams / 1e6, 1), ms=round(ms, 2),
@@ -221,6 +224,8 @@ def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, 
         # captured: the reserved peak is the footprint to compare there.
         row["reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         row["activations_gib"] = round(activation_memory(model, tokens, positions) / 2**30, 2)
+    if syncs is not None:
+        row["host_syncs"] = syncs
     if profile_iters:
         row.update(profile_split(lambda: train_step(model, optimizer, config, tokens, positions),
                                  profile_iters, ms, on_cpu))
@@ -229,6 +234,25 @@ def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, 
     if not on_cpu:
         torch.cuda.empty_cache()
     return row
+
+
+def host_syncs(step) -> list:
+    """The Python lines that made the host wait for the GPU in one step (torch's sync debug
+    mode), each as "file:line xN": a sync in the layers stalls the launch queue, and Megatron's
+    per-step ones (e.g. the gradient norm) show here too."""
+    import collections
+    import warnings
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{os.path.relpath(w.filename)}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return [f"{k} x{n}" for k, n in where.most_common()]
 
 
 def host_functions(step, path: str, sync, n: int = 3):
@@ -322,6 +346,9 @@ def main(argv=None):
                    "parallelism anyway; the flag matters with several pipeline stages)")
     p.add_argument("--host-profile", action="store_true",
                    help="write a cProfile of 3 steps per case to OUT/host_<kind>_<seq>.txt")
+    p.add_argument("--sync-debug", action="store_true",
+                   help="after timing, one more step under torch's sync debug mode: the Python "
+                   "lines that made the host wait for the GPU, in the JSON as host_syncs")
     p.add_argument("--launch", action="append", default=[], metavar="KERNEL.KEY=N",
                    help="a MoM kernel launch setting for every MoM kind (repeatable), e.g. "
                    "chunk_bwd_main.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
@@ -363,7 +390,8 @@ def main(argv=None):
                 row = measure(kind, shape, seq, a.tokens, a.iters, a.warmup, a.profile_iters,
                               par.on_cpu, a.cuda_graph,
                               os.path.join(a.out, "host") if a.host_profile else "",
-                              single_pool=a.cuda_graph_single_mempool, kernels=kernels)
+                              single_pool=a.cuda_graph_single_mempool, kernels=kernels,
+                              sync_debug=a.sync_debug)
             except Exception as e:  # report it (OOM, a failed graph capture), measure the rest
                 traceback.print_exc()
                 row = dict(kind=kind, seq=seq, mbs=max(a.tokens // seq, 1), params_m="-",
