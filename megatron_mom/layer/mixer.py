@@ -201,14 +201,14 @@ class MixtureOfMemories(MegatronModule):
         of every token, k | v | b | a of every packed row: 8x the hidden size a token at the
         paper's settings, where attention's q | k | v are 3x), so keeping only the layer's
         input (which the router keeps anyway) and the read-out (out_proj's input) saves the
-        most for one more projection GEMM. Under FP8 Transformer Engine's recomputed
-        projections need its own checkpoint (FP8 scaling state), so there the layer keeps
+        most for one more projection GEMM. Under FP8 or FP4 Transformer Engine's recomputed
+        projections need its own checkpoint (their scaling state), so there the layer keeps
         every activation, as without recompute."""
         config = self.config
         return (self.training and torch.is_grad_enabled()
                 and getattr(config, "recompute_granularity", None) == "selective"
                 and "core_attn" in (getattr(config, "recompute_modules", None) or ())
-                and not getattr(config, "fp8", None))
+                and not _low_precision(config))
 
     def _route(self, hidden_states: Tensor):
         """Every token of the whole sequence (gathered under SP and CP) routed: (Routing whose
@@ -290,7 +290,7 @@ class MixtureOfMemories(MegatronModule):
         """Whether this training step projects the memories' k, v, b, a per routed row
         (in_proj's grouped form) instead of for every memory (the dense reference)."""
         mode = self.mom.execution.grouped_projection
-        if (mode == "off" or self.cp_size > 1 or getattr(self.config, "fp8", None)
+        if (mode == "off" or self.cp_size > 1 or _low_precision(self.config)
                 or not isinstance(self.in_proj, GroupedProjection)):
             return False
         w, bias = getattr(self.in_proj, "weight", None), getattr(self.in_proj, "bias", None)
@@ -400,6 +400,11 @@ class MixtureOfMemories(MegatronModule):
         key = f"{prefix}in_proj.weight"
         sharded[key] = parallel.split_sharded_tensor(sharded[key], self.sections)
         return sharded
+
+
+def _low_precision(config) -> bool:
+    """Whether Transformer Engine runs the linears in FP8 or FP4 (its quantization recipes)."""
+    return bool(getattr(config, "fp8", None) or getattr(config, "fp4", None))
 
 
 def _document_bounds(packed_seq_params, b: int, cp: int) -> Optional[Tensor]:

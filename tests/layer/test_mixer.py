@@ -266,14 +266,18 @@ def test_selective_recompute_reruns_the_core(megatron_single, backend, lean):
     assert selective[1] == 2 and selective[0] < 0.25 * plain[0], (selective[0], plain[0])
 
 
-def test_selective_recompute_keeps_everything_under_fp8(megatron_single):
-    """Transformer Engine's FP8 projections need TE's own checkpoint to be rerun (their scaling
-    state): under FP8 the layer does not rerun its core with torch's."""
-    layer = build_layer(MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16),
+@pytest.mark.parametrize("precision", ["fp8", "fp4"])
+def test_selective_recompute_and_grouped_projection_off_under_fp8_fp4(megatron_single, precision):
+    """Transformer Engine's FP8 / FP4 projections need TE's own checkpoint to be rerun (their
+    scaling state), and the grouped projection (a plain grouped GEMM) would bypass their
+    quantization: under either the layer does neither."""
+    layer = build_layer(MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16,
+                                  grouped_projection="on"), dtype=torch.float32,
                         recompute_granularity="selective").train()
-    assert layer._recomputes_core()
-    layer.config.fp8 = "hybrid"
-    assert not layer._recomputes_core()
+    x = torch.randn(5, 1, HIDDEN)
+    assert layer._recomputes_core() and layer._grouped_projection_applies(x)
+    setattr(layer.config, precision, "hybrid" if precision == "fp8" else "nvfp4")
+    assert not layer._recomputes_core() and not layer._grouped_projection_applies(x)
     with torch.no_grad():
         assert not build_layer(MoMConfig(num_memories=3, topk=2, num_heads=2, head_dim=16),
                                recompute_granularity="selective").train()._recomputes_core()
