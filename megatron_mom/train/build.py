@@ -92,7 +92,8 @@ def params_dtype(precision: str) -> torch.dtype:
 
 
 # train.recompute: Megatron's activation recompute. "selective" reruns each layer's mixing core
-# (MoM: projection, memory path, mix and read-out norm; attention: core attention) in the backward, "full" each layer.
+# (MoM: projection, memory path, mix and read-out norm; attention: core attention) in the
+# backward, "full" each layer.
 RECOMPUTE = {
     "none": {},
     "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),

@@ -227,9 +227,9 @@ def test_nan_in_one_batch_row_leaves_the_other_finite(megatron_single, dtype):
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_activation_recompute_with_triton_kernels(megatron_single, granularity):
     """A 2-layer MoM GPT on the Triton kernels (float32) with Megatron's full activation
-    recompute, or its selective recompute of the core (projection to read-out norm), against the plain step:
-    the same loss and gradients (to the kernels' run-to-run rounding) and router logs counted
-    once (tests/layer/test_gpt.py holds the CPU part)."""
+    recompute, or its selective recompute of the core (projection to read-out norm), against the
+    plain step: the same loss and gradients (to the kernels' run-to-run rounding) and router logs
+    counted once (tests/layer/test_gpt.py holds the CPU part)."""
     import os
     import sys
     from megatron.core.models.gpt import GPTModel

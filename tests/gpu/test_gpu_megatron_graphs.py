@@ -49,8 +49,8 @@ def _losses_with_other_gemm_rounding(kind, state):
 # relative, eager with the other GEMM rounding by up to 1.6e-3 / 2.3e-3, while the one-memory
 # model (no routing) moved by <= 1e-4 either way: top-k routing turns rounding differences into
 # different memory choices for near-tied tokens, and training carries them on.
-# mom-selective: the MoM core (projection to read-out norm) rerun in the backward (Megatron's selective recompute) inside
-# the captured backward graph.
+# mom-selective: the MoM core (projection to read-out norm) rerun in the backward (Megatron's
+# selective recompute) inside the captured backward graph.
 @pytest.mark.parametrize("kind", ["mom", "hybrid", "mom-selective"])
 def test_graphed_training_matches_eager_within_rounding(megatron_single, kind):
     eager, state = _losses(kind, cuda_graph=False)

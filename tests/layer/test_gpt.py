@@ -116,9 +116,10 @@ def recompute_runs(make_model, ids, pos, granularity="full"):
 def test_activation_recompute_matches_and_logs_once(megatron_single, pattern, granularity):
     """Megatron's full activation recompute (each layer's forward rerun in the backward) and
     its selective recompute of the mixing core ("core_attn": the MoM layers' projection,
-    memory path, mix and read-out norm, the attention layers' core attention) give the loss and gradients of the plain step
-    bit for bit, MoM-only and hybrid, and the router's logs (Megatron's aux-loss tracker, the
-    memories' token counts) count the step once, not once per forward.
+    memory path, mix and read-out norm, the attention layers' core attention) give the loss and
+    gradients of the plain step bit for bit, MoM-only and hybrid, and the router's logs
+    (Megatron's aux-loss tracker, the memories' token counts) count the step once, not once per
+    forward.
     (The torch backend: the recompute concerns the layer's Python side; the Triton kernels
     under it run in tests/gpu/test_gpu_layer.py.)"""
     from megatron_mom import get_hybrid_block_spec
