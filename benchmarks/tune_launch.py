@@ -51,6 +51,16 @@ VARIANTS = [
     ("chunk_bwd_main split K", "chunk_bwd_main", None, {"split_k": 1}),
     ("chunk_bwd_main split K s2", "chunk_bwd_main", None, {"split_k": 1, "num_stages": 2}),
     ("chunk_bwd_main split K one pass", "chunk_bwd_main", None, {"split_k": 1, "one_pass": 1}),
+    # dP and the value terms by a kernel of their own first: the split's K-block programs
+    # read dP instead of each computing it (four times the dP dots at K = 256).
+    ("chunk_bwd_main split K dP first", "chunk_bwd_main", None, {"split_k": 1, "dp_first": 1}),
+    ("chunk_bwd_main split K dP first s2", "chunk_bwd_main", None,
+     {"split_k": 1, "dp_first": 1, "num_stages": 2}),
+    ("chunk_bwd_main dP first", "chunk_bwd_main", None, {"dp_first": 1}),
+    ("chunk_bwd BK128 w8 split K dP first", "multi", None, [
+        ("chunk_bwd", None, {"BK": 128}),
+        ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1, "dp_first": 1}),
+        ("chunk_bwd_wy", None, {"num_warps": 8})]),
     # K blocks of 128 on 8 warps (no spill at K = 256, kernel_resources.py): two K blocks per
     # chunk, so dO, dU and U are re-read twice instead of four times (the ncu finding), or
     # split over them with dP computed twice instead of four times.

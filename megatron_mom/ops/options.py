@@ -63,8 +63,11 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # accumulators) instead of two (h read twice). split_k: a program per (chunk, head, K
     # block) instead of per (chunk, head): each reads its blocks of h and dh once and the
     # chunk's sibling programs, adjacent in launch order, share dO, dU and U through L2, where
-    # one program per chunk re-reads those per K block.
-    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0},
+    # one program per chunk re-reads those per K block. dp_first: dP (dO U^T, over all of V)
+    # and the value terms in a kernel of their own first, one program per (chunk, head), which
+    # the split's K-block programs read instead of each computing dP again.
+    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0,
+                       "dp_first": 0},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # The sequential state kernels' programs start longest sequence first (1) or in order
     # (0). A launch's programs start in index order, so a long chain started last is its
@@ -182,7 +185,7 @@ class KernelOptions:
         return dataclasses.replace(self, launch=table)
 
 
-_LAUNCH_FLAGS = ("du0", "one_pass", "split_k", "longest_first")
+_LAUNCH_FLAGS = ("du0", "one_pass", "split_k", "dp_first", "longest_first")
 _LAUNCH_POWERS_OF_TWO = {"BK": 16, "BV": 16, "num_warps": 1}   # and their least values
 
 

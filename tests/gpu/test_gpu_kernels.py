@@ -151,6 +151,30 @@ def test_main_backward_split_over_k_blocks(dtype):
         1e-5 if dtype == torch.float32 else 5e-3), errs
 
 
+@pytest.mark.parametrize("split_k", [0, 1], ids=["whole", "split_k"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_main_backward_with_dp_first(dtype, split_k):
+    """launch["chunk_bwd_main"]["dp_first"] (dP and the value terms in a kernel of their own
+    first) at K = V = 256 over ragged segments with the l2 norm: against the reference, and
+    against the main kernel computing them itself with the same split, which does the same
+    products: within float32 rounding, or a bf16 rounding step for bf16 gradients (the two
+    builds may round differently). Whether they agree bit for bit is recorded."""
+    from megatron_mom.ops import KernelOptions
+    leaves, cu = ragged_k256(dtype)
+    base = KernelOptions().with_launch("chunk_bwd_main", split_k=split_k)
+    first = base.with_launch("chunk_bwd_main", dp_first=1)
+    name = f"dp_first_{'split_k_' if split_k else ''}K256_{str(dtype)[6:]}"
+    check(name, leaves, cu=cu, l2=True, options=first)
+    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)
+    want = forward_backward(leaves, "triton", cu=cu, l2=True, options=base)
+    errs = rel_errs(got, want)
+    errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
+    ERRORS[f"{name}_vs_own_dp"] = errs
+    assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
+    assert max(v for k, v in errs.items() if k != "bitwise_equal") < (
+        1e-5 if dtype == torch.float32 else 5e-3), errs
+
+
 @pytest.mark.parametrize("build", [(32, 4, 2), (32, 8, 2), (64, 8, 1)],
                          ids=["BV32_w4_s2", "BV32_w8_s2", "BV64_w8_s1"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

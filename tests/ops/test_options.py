@@ -36,8 +36,8 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
     with pytest.raises(ValueError, match="not 512"):
         KernelOptions().with_launch("state_fwd", 512, BV=16)
     # A misspelt setting or a missing K bound would otherwise change nothing, silently.
-    with pytest.raises(ValueError, match="no setting 'splitk'; its settings are num_stages, "
-                       "num_warps, one_pass, split_k"):
+    with pytest.raises(ValueError, match="no setting 'splitk'; its settings are dp_first, "
+                       "num_stages, num_warps, one_pass, split_k"):
         KernelOptions().with_launch("chunk_bwd_main", splitk=1)
     with pytest.raises(ValueError, match=r"entries per K bound \[128, 256\]: name one"):
         KernelOptions().with_launch("state_fwd", BV=16)

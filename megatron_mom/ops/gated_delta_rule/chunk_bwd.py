@@ -124,44 +124,15 @@ def state_grad_terms(dkg, u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
     return dkg, tl.sum(tl.sum(ds_t.to(tl.float32) * s_t.to(tl.float32), axis=1), axis=0)
 
 
-@triton.jit(do_not_specialize=["N", "STEPS", "scale", "GAM_PART"])
-def chunk_bwd_main_kernel(
-    q, k, v, beta, gam, t_mat,           # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C]
-    h, dh, u, du, do,                    # [NTU,H,K,V] x2, [TT,H,V] x3
-    dq, dv, dbeta, dgam,                 # [TT,H,K], [TT,H,V], [TT,H] f32 x2
-    scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] (dw dtype), [TT,H,K] f32
-    cu_seqlens, chunk_offsets, N, STEPS, scale, GAM_PART,   # dgam: [K//BK or 1, TT, H]
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
-    SPLIT_K: tl.constexpr,
-    SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr,
-    SDQK: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr, SSK: tl.constexpr,
-):
-    """Phase A, one program per (chunk, head), or with SPLIT_K per (chunk, head, K block).
-    Over V blocks: dP = dO U^T together with its transpose U dO^T (a second dot, so no dot
-    result is ever transposed); in the (first) program of K block 0 also dv = beta T^T dU, the
-    v part of dbeta and the U0 part of dL/dT = dU (beta v)^T (slot 0). Then per K block: dq,
-    the Kg and P parts of dk (scratch), dW = -dU S^T (scratch) and dgam of q, Kg, P and e^Gam
-    S, into dgam's partial of the program's K block (GAM_PART apart). Keeping dP in registers
-    is why this is one kernel: no C x C round trip. SPLIT_K's programs each read h and dh
-    once, and a chunk's K-block programs run side by side, so the dO, U and dU they all read
-    come from L2."""
-    NKB: tl.constexpr = K // BK if SPLIT_K else 1
-    pid = tl.program_id(0) // NKB                                    # the chunk
-    kb0 = tl.program_id(0) % NKB                                     # its K block (SPLIT_K)
-    hh = tl.program_id(1)
-    if pid >= tl.load(chunk_offsets + N):
-        return
-    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
-        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C, SGB)
-    rows = tl.arange(0, C)
-    cc_ptrs = rows[:, None] * C + rows[None, :]
-    t_ptr = t_mat + chunk_id * C * C
+@triton.jit
+def dp_pair(do, u, tok, valid, g_c, do_row, hh, scale, H: tl.constexpr, V: tl.constexpr,
+            C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """dL/d(q_i . k_j) of a chunk [C, C] and its transpose, decayed, causal, scaled, in U's
+    dtype: dP = dO U^T and U dO^T as two dots over V blocks, so no dot result is transposed.
+    In the inputs' dtype: they only feed dots, and two fp32 [C, C] tiles held across the main
+    kernel's K loop would spill its accumulators."""
     dt = u.dtype.element_ty
-    qk_row = tok * SQK + hh * K                                      # q, k (and dq, dk below)
-    v_row = tok * SV + hh * V
-    do_row = tok * SDO + hh * V
-
+    rows = tl.arange(0, C)
     dp = tl.zeros([C, C], dtype=tl.float32)                          # dO U^T
     dpt = tl.zeros([C, C], dtype=tl.float32)                         # U dO^T
     for vb in range(V // BV):
@@ -171,33 +142,115 @@ def chunk_bwd_main_kernel(
         u_t = tl.load(u + voffs, mask=valid[:, None], other=0.0)
         dp += tl.dot(do_t, tl.trans(u_t), input_precision=PREC)
         dpt += tl.dot(u_t, tl.trans(do_t), input_precision=PREC)
-    if kb0 == 0:
-        dt_mat = tl.zeros([C, C], dtype=tl.float32)                  # dU v^T
-        d_beta = tl.zeros([C], dtype=tl.float32)
-        for vb in range(V // BV):
-            vcols = vb * BV + tl.arange(0, BV)
-            voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
-            v_t = tl.load(v + v_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0)
-            du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
-            dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
-            t_t = tl.trans(tl.load(t_ptr + cc_ptrs))
-            if t_mat.dtype.element_ty == du.dtype.element_ty:
-                dvb = tl.dot(t_t, du_t, input_precision=PREC)  # bf16 T and dU: exact products
-            else:
-                dvb = tl.dot(t_t.to(tl.float32), du_t.to(tl.float32), input_precision=PREC)
-            tl.store(dv + (tok * SDV + hh * V)[:, None] + vcols[None, :],
-                     (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
-            d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
-        tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
-        tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)
     causal = rows[:, None] >= rows[None, :]
     dp = tl.where(causal, dp * tl.exp(tl.where(causal, g_c[:, None] - g_c[None, :], 0.0)), 0.0)
     anti = rows[:, None] <= rows[None, :]
     dpt = tl.where(anti, dpt * tl.exp(tl.where(anti, g_c[None, :] - g_c[:, None], 0.0)), 0.0)
-    # In the inputs' dtype from here: dP only feeds dots, and two fp32 [C, C] tiles held
-    # across the K loop would spill the accumulators below.
-    dp = (dp * scale).to(dt)                                         # dL/d(q_i . k_j)
-    dpt = (dpt * scale).to(dt)                                       # its transpose
+    return (dp * scale).to(dt), (dpt * scale).to(dt)
+
+
+@triton.jit
+def value_terms(v, du, t_mat, dv, dbeta, tok, valid, b_c, hh, chunk_id, slot0,
+                H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
+                PREC: tl.constexpr, SV: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr):
+    """dv = beta T^T dU, dbeta's v part and dL/dT's U0 part dU (beta v)^T (into slot 0) of a
+    chunk."""
+    rows = tl.arange(0, C)
+    cc_ptrs = rows[:, None] * C + rows[None, :]
+    t_ptr = t_mat + chunk_id * C * C
+    v_row = tok * SV + hh * V
+    dt_mat = tl.zeros([C, C], dtype=tl.float32)                      # dU v^T
+    d_beta = tl.zeros([C], dtype=tl.float32)
+    for vb in range(V // BV):
+        vcols = vb * BV + tl.arange(0, BV)
+        voffs = (tok * H + hh)[:, None] * V + vcols[None, :]
+        v_t = tl.load(v + v_row[:, None] + vcols[None, :], mask=valid[:, None], other=0.0)
+        du_t = tl.load(du + voffs, mask=valid[:, None], other=0.0)
+        dt_mat += tl.dot(du_t, tl.trans(v_t), input_precision=PREC)
+        t_t = tl.trans(tl.load(t_ptr + cc_ptrs))
+        if t_mat.dtype.element_ty == du.dtype.element_ty:
+            dvb = tl.dot(t_t, du_t, input_precision=PREC)  # bf16 T and dU: exact products
+        else:
+            dvb = tl.dot(t_t.to(tl.float32), du_t.to(tl.float32), input_precision=PREC)
+        tl.store(dv + (tok * SDV + hh * V)[:, None] + vcols[None, :],
+                 (dvb * b_c[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
+        d_beta += tl.sum(dvb * v_t.to(tl.float32), axis=1)
+    tl.store(slot0 + cc_ptrs, dt_mat * b_c[None, :])
+    tl.store(dbeta + tok * SDB + hh, d_beta, mask=valid)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale"])
+def chunk_bwd_dp_kernel(
+    v, beta, gam, t_mat, u, du, do,      # [TT,H,V], [TT,H] x2 (gam f32), [NTU,H,C,C], [TT,H,V] x3
+    dv, dbeta, scratch_cc, scratch_dp,   # [TT,H,V], [TT,H] f32, [NTU,H,2,C,C] f32, [NTU,H,2,C,C]
+    cu_seqlens, chunk_offsets, N, STEPS, scale,
+    H: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+    SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr, SDV: tl.constexpr,
+    SDB: tl.constexpr,
+):
+    """Phase A's work over V alone, one program per (chunk, head), before the main kernel
+    (launch["chunk_bwd_main"]["dp_first"]): dP and its transpose into scratch_dp, which the
+    main kernel's programs read instead of computing them (split over K blocks, each would
+    compute them again), and the value terms."""
+    pid = tl.program_id(0)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C, SGB)
+    dp, dpt = dp_pair(do, u, tok, valid, g_c, tok * SDO + hh * V, hh, scale, H, V, C, BV, PREC)
+    rows = tl.arange(0, C)
+    cc_ptrs = rows[:, None] * C + rows[None, :]
+    tl.store(scratch_dp + chunk_id * 2 * C * C + cc_ptrs, dp)
+    tl.store(scratch_dp + chunk_id * 2 * C * C + C * C + cc_ptrs, dpt)
+    value_terms(v, du, t_mat, dv, dbeta, tok, valid, b_c, hh, chunk_id, slot0, H, V, C, BV,
+                PREC, SV, SDV, SDB)
+
+
+@triton.jit(do_not_specialize=["N", "STEPS", "scale", "GAM_PART"])
+def chunk_bwd_main_kernel(
+    q, k, v, beta, gam, t_mat,           # [TT,H,K] x2, [TT,H,V], [TT,H], [TT,H] f32, [NTU,H,C,C]
+    h, dh, u, du, do,                    # [NTU,H,K,V] x2, [TT,H,V] x3
+    dq, dv, dbeta, dgam,                 # [TT,H,K], [TT,H,V], [TT,H] f32 x2
+    scratch_cc, scratch_dw, scratch_dk,  # [NTU,H,2,C,C] f32, [TT,H,K] (dw dtype), [TT,H,K] f32
+    scratch_dp,                          # [NTU,H,2,C,C] in U's dtype (DP_FIRST)
+    cu_seqlens, chunk_offsets, N, STEPS, scale, GAM_PART,   # dgam: [K//BK or 1, TT, H]
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr, ONE_PASS: tl.constexpr,
+    SPLIT_K: tl.constexpr, DP_FIRST: tl.constexpr,
+    SQK: tl.constexpr, SV: tl.constexpr, SGB: tl.constexpr, SDO: tl.constexpr,
+    SDQK: tl.constexpr, SDV: tl.constexpr, SDB: tl.constexpr, SSK: tl.constexpr,
+):
+    """Phase A, one program per (chunk, head), or with SPLIT_K per (chunk, head, K block).
+    dP = dO U^T with its transpose (`dp_pair`), and in the (first) program of K block 0 the
+    value terms (`value_terms`), unless DP_FIRST: then `chunk_bwd_dp_kernel` did both and dP
+    comes from scratch_dp. Then per K block: dq, the Kg and P parts of dk (scratch),
+    dW = -dU S^T (scratch) and dgam of q, Kg, P and e^Gam S, into dgam's partial of the
+    program's K block (GAM_PART apart). Keeping dP in registers is why this is one kernel: no
+    C x C round trip. SPLIT_K's programs each read h and dh once, and a chunk's K-block
+    programs run side by side, so the dO, U and dU they all read come from L2."""
+    NKB: tl.constexpr = K // BK if SPLIT_K else 1
+    pid = tl.program_id(0) // NKB                                    # the chunk
+    kb0 = tl.program_id(0) % NKB                                     # its K block (SPLIT_K)
+    hh = tl.program_id(1)
+    if pid >= tl.load(chunk_offsets + N):
+        return
+    tok, valid, last, g_c, g_last, b_c, chunk_id, slot0 = chunk_setup(
+        chunk_offsets, cu_seqlens, gam, beta, scratch_cc, pid, hh, N, STEPS, H, C, SGB)
+    rows = tl.arange(0, C)
+    dt = u.dtype.element_ty
+    qk_row = tok * SQK + hh * K                                      # q, k (and dq, dk below)
+    do_row = tok * SDO + hh * V
+
+    if DP_FIRST:
+        cc_ptrs = rows[:, None] * C + rows[None, :]
+        dp = tl.load(scratch_dp + chunk_id * 2 * C * C + cc_ptrs)
+        dpt = tl.load(scratch_dp + chunk_id * 2 * C * C + C * C + cc_ptrs)
+    else:
+        dp, dpt = dp_pair(do, u, tok, valid, g_c, do_row, hh, scale, H, V, C, BV, PREC)
+        if kb0 == 0:
+            value_terms(v, du, t_mat, dv, dbeta, tok, valid, b_c, hh, chunk_id, slot0, H, V, C,
+                        BV, PREC, SV, SDV, SDB)
 
     k_decay = tl.where(valid, tl.exp(g_last - g_c), 0.0)
     d_gam = tl.zeros([C], dtype=tl.float32)

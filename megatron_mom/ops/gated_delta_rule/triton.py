@@ -25,7 +25,8 @@ from megatron_mom.ops.common import (TRITON_DTYPES, Segments, beside, checker, n
                                      need_triton_dtypes)
 from megatron_mom.ops.common.launch import launch
 from megatron_mom.ops.common.segments import max_chunks
-from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
+from megatron_mom.ops.gated_delta_rule.chunk_bwd import (chunk_bwd_dp_kernel,
+                                                         chunk_bwd_main_kernel, chunk_bwd_wy_kernel,
                                                          p_t_do_kernel, state_bwd_kernel)
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_out_kernel, prepare_kernel,
                                                          state_fwd_kernel)
@@ -299,12 +300,23 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     prec = options.precision
     strides = dict(SQK=_row_stride(q, k), SGB=_row_stride(beta), SDQK=_row_stride(dq, dk),
                    SDB=_row_stride(dbeta, dg), SSK=_row_stride(scratch_dk))
+    v_strides = dict(SV=_row_stride(v), SDO=_row_stride(do), SDV=_row_stride(dv))
+    # dP first: computed once per chunk, where the split's K-block programs would each compute
+    # it again; the value terms come with it.
+    scratch_dp = None
+    if main["dp_first"]:
+        scratch_dp = torch.empty(P.NTU, P.H, 2, P.C, P.C, dtype=u.dtype, device=dev)
+        chunk_bwd_dp_kernel[(P.NTU, P.H)](
+            v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, scratch_dp, *seq, scale,
+            H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, SGB=strides["SGB"], SDB=strides["SDB"],
+            **v_strides, **_launch_opts(options, "chunk_bwd_main"))
     chunk_bwd_main_kernel[(P.NTU * parts, P.H)](
         q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
-        scratch_cc, scratch_dw, scratch_dk, *seq, scale, P.TT * P.H,
-        H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec, ONE_PASS=bool(main["one_pass"]),
-        SPLIT_K=parts > 1, SV=_row_stride(v), SDO=_row_stride(do), SDV=_row_stride(dv),
-        **strides, **_launch_opts(options, "chunk_bwd_main"))
+        scratch_cc, scratch_dw, scratch_dk, u if scratch_dp is None else scratch_dp, *seq,
+        scale, P.TT * P.H, H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
+        ONE_PASS=bool(main["one_pass"]), SPLIT_K=parts > 1, DP_FIRST=scratch_dp is not None,
+        **v_strides, **strides, **_launch_opts(options, "chunk_bwd_main"))
+    del scratch_dp
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
         *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, GAM_PARTS=parts, **strides,

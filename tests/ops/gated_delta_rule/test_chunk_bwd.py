@@ -1,8 +1,8 @@
 """The main backward kernel's one-pass form (launch["chunk_bwd_main"]["one_pass"]: its dq,
 dW and dk products over V in one loop), its split over K blocks ("split_k": a program per K
-block, dgam in per-block parts) and its narrower blocks (launch["chunk_bwd"]) against the
-torch reference, interpreted on a CPU: every gradient, ragged segments, one to eight K or V
-blocks."""
+block, dgam in per-block parts), dP computed by a kernel of its own first ("dp_first") and its
+narrower blocks (launch["chunk_bwd"]) against the torch reference, interpreted on a CPU: every
+gradient, ragged segments, one to eight K or V blocks."""
 from __future__ import annotations
 
 import os
@@ -72,6 +72,26 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
         else:
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("split_k", [0, 1], ids=["whole", "split_k"])
+@pytest.mark.parametrize("case", ["K64_ragged_C32_one_block", "K256_BK32_C16_eight_blocks"])
+def test_dp_first_matches_reference(case, split_k):
+    """launch["chunk_bwd_main"]["dp_first"]: dP, its transpose and the value terms (dv, dbeta's
+    v part, dL/dT's U0 part) in `chunk_bwd_dp_kernel` first, read by the main kernel's
+    programs. Every gradient against the reference, and bit for bit the main kernel computing
+    them itself with the same split (the same products in the same order)."""
+    lengths, H, K, V, C, blocks = SPLIT_CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
+        "chunk_bwd_main", split_k=split_k)
+    first = base.with_launch("chunk_bwd_main", dp_first=1)
+    assert_gdr_close(leaves, cu, chunk_size=C, options=first)
+    got = run_gdr("triton", leaves, cu, chunk_size=C, options=first)
+    want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
+    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
+                          got, want):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("case, bv", [("K64_ragged_C32", 32), ("K128_V256_C16", 64),
