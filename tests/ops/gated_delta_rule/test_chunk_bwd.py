@@ -60,7 +60,7 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
     lengths, H, K, V, C, blocks = SPLIT_CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
     base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
-        "chunk_bwd_main", one_pass=one_pass)
+        "chunk_bwd_main", one_pass=one_pass, split_k=0, dp_first=0)
     split = base.with_launch("chunk_bwd_main", split_k=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=split)
     got = run_gdr("triton", leaves, cu, chunk_size=C, options=split)
@@ -84,7 +84,7 @@ def test_dp_first_matches_reference(case, split_k):
     lengths, H, K, V, C, blocks = SPLIT_CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
     base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
-        "chunk_bwd_main", split_k=split_k)
+        "chunk_bwd_main", split_k=split_k, dp_first=0)
     first = base.with_launch("chunk_bwd_main", dp_first=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=first)
     got = run_gdr("triton", leaves, cu, chunk_size=C, options=first)
