@@ -79,7 +79,7 @@ def launch_options(specs) -> "KernelOptions":
         parts = path.split(".")
         if not value.lstrip("-").isdigit() or len(parts) not in (2, 3):
             raise ValueError(f"--launch {spec!r}: give kernel.key=N or kernel.K.key=N, e.g. "
-                             f"chunk_bwd_main.split_k=1 or state_fwd.256.BV=32")
+                             f"chunk_bwd_main.128.split_k=1 or state_fwd.256.BV=32")
         kernel, *bound, key = parts
         opts = opts.with_launch(kernel, int(bound[0]) if bound else None, **{key: int(value)})
     return opts
@@ -351,7 +351,7 @@ def main(argv=None):
                    "lines that made the host wait for the GPU, in the JSON as host_syncs")
     p.add_argument("--launch", action="append", default=[], metavar="KERNEL.KEY=N",
                    help="a MoM kernel launch setting for every MoM kind (repeatable), e.g. "
-                   "chunk_bwd_main.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
+                   "chunk_bwd_main.128.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     a = p.parse_args(argv)
     try:

@@ -147,7 +147,7 @@ def outputs_of(B, T, H, D, options=None):
 # reference) before its time counts.
 SWEEP = [("prepare", None, {"num_warps": 2}),
          ("prepare", None, {"BK": 128, "BV": 128, "num_warps": 8}),
-         ("chunk_bwd_main", None, {"num_warps": 8}),
+         ("chunk_bwd_main", 128, {"num_warps": 8}),
          ("chunk_bwd", None, {"BK": 128}),
          ("chunk_bwd", None, {"BV": 32}),
          ("chunk_bwd_wy", None, {"num_warps": 8}),
@@ -157,7 +157,7 @@ SWEEP = [("prepare", None, {"num_warps": 2}),
 # are read (one program per V block), at one program per SM either way.
 SWEEP_D256 = [("state_fwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
               ("state_bwd", 256, {"BV": 32, "num_warps": 8, "num_stages": 1}),
-              ("chunk_bwd_main", None, {"num_warps": 8}),
+              ("chunk_bwd_main", 128, {"num_warps": 8}),
               ("chunk_bwd", None, {"BK": 128}),
               ("prepare", None, {"num_warps": 8})]
 

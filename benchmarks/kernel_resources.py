@@ -83,22 +83,25 @@ def state_kernel(name: str, K: int, BV: int, num_warps: int, num_stages: int, H:
 
 
 def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, one_pass: bool,
-                   H: int = 4, C: int = 64, split_k: bool = False) -> dict:
+                   H: int = 4, C: int = 64, split_k: bool = False, dp_first: bool = False) -> dict:
     """The backward's main chunk-parallel kernel, bf16 inputs, dk partials in float32 (the
     fused L2 norm's case)."""
     pointers = dict(q=BF16, k=BF16, v=BF16, beta=F32, gam=F32, t_mat=BF16, h=BF16, dh=BF16,
                     u=BF16, du=BF16, do=BF16, dq=BF16, dv=BF16, dbeta=F32, dgam=F32,
-                    scratch_cc=F32, scratch_dw=BF16, scratch_dk=F32, cu_seqlens=I32,
-                    chunk_offsets=I32)
+                    scratch_cc=F32, scratch_dw=BF16, scratch_dk=F32, scratch_dp=BF16,
+                    cu_seqlens=I32, chunk_offsets=I32)
     consts = dict(H=H, K=K, V=K, C=C, BK=min(BK, K), BV=min(BV, K), PREC="tf32",
-                  ONE_PASS=one_pass, SPLIT_K=split_k, SQK=H * K, SV=H * K, SGB=H, SDO=H * K,
+                  ONE_PASS=one_pass, SPLIT_K=split_k, DP_FIRST=dp_first, SQK=H * K, SV=H * K,
+                  SGB=H, SDO=H * K,
                   SDQK=H * K, SDV=H * K, SDB=H, SSK=H * K)
     return build(chunk_bwd_main_kernel, pointers, consts, num_warps, num_stages,
                  scalars=dict(N="i32", STEPS="i32", scale="fp32", GAM_PART="i32"))
 
 
 def _dense_rows(K: int, variants: bool) -> list:
-    blocks, main = TUNED_LAUNCH["chunk_bwd"], TUNED_LAUNCH["chunk_bwd_main"]
+    blocks, by_k = TUNED_LAUNCH["chunk_bwd"], TUNED_LAUNCH["chunk_bwd_main"]
+    main = by_k[min(bound for bound in by_k if bound >= K)]
+    dp_first = bool(main["dp_first"])
     table = (blocks["BK"], blocks["BV"], main["num_warps"], main["num_stages"],
              bool(main["one_pass"]), bool(main["split_k"]))
     configs = [table + ("table",)]
@@ -108,7 +111,7 @@ def _dense_rows(K: int, variants: bool) -> list:
                     for split in (False, True) if (bk, bv, w, st, op, split) != table]
     rows = []
     for bk, bv, w, st, op, split, note in configs:
-        r = chunk_bwd_main(K, bk, bv, w, st, op, split_k=split)
+        r = chunk_bwd_main(K, bk, bv, w, st, op, split_k=split, dp_first=dp_first)
         rows.append(f"| chunk_bwd_main | {bk} | {bv} | {w} | {st} | {int(op)} | {int(split)} | "
                     f"{r['regs']} | {r['stack']} | {r['shared']} | {r['programs_per_sm']} | "
                     f"{r['wgmma']} | {r['mma']} | {note} |")

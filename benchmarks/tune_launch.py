@@ -41,38 +41,41 @@ VARIANTS = [
     # K = 256: the main kernel's build without the table's 168-byte spill, still 2 programs
     # per SM (kernel_resources.py --dense; docs/performance.md).
     ("chunk_bwd BV32", "chunk_bwd", None, {"BV": 32}),
-    ("chunk_bwd_main w8", "chunk_bwd_main", None, {"num_warps": 8}),
-    ("chunk_bwd_main s2", "chunk_bwd_main", None, {"num_stages": 2}),
-    ("chunk_bwd_main w8 s2", "chunk_bwd_main", None, {"num_warps": 8, "num_stages": 2}),
-    ("chunk_bwd_main one pass", "chunk_bwd_main", None, {"one_pass": 1}),
-    ("chunk_bwd_main one pass w8", "chunk_bwd_main", None, {"one_pass": 1, "num_warps": 8}),
+    ("chunk_bwd_main w8", "chunk_bwd_main", "K", {"num_warps": 8}),
+    ("chunk_bwd_main s2", "chunk_bwd_main", "K", {"num_stages": 2}),
+    ("chunk_bwd_main w8 s2", "chunk_bwd_main", "K", {"num_warps": 8, "num_stages": 2}),
+    ("chunk_bwd_main one pass", "chunk_bwd_main", "K", {"one_pass": 1}),
+    ("chunk_bwd_main one pass w8", "chunk_bwd_main", "K", {"one_pass": 1, "num_warps": 8}),
     # A program per K block: each reads h and dh once, its chunk's siblings share dO, dU, U
     # in L2 (ncu: the unsplit kernel's loads stall its shared-memory stores, 2.75 GB from DRAM).
-    ("chunk_bwd_main split K", "chunk_bwd_main", None, {"split_k": 1}),
-    ("chunk_bwd_main split K s2", "chunk_bwd_main", None, {"split_k": 1, "num_stages": 2}),
-    ("chunk_bwd_main split K one pass", "chunk_bwd_main", None, {"split_k": 1, "one_pass": 1}),
+    ("chunk_bwd_main split K", "chunk_bwd_main", "K", {"split_k": 1}),
+    ("chunk_bwd_main split K s2", "chunk_bwd_main", "K", {"split_k": 1, "num_stages": 2}),
+    ("chunk_bwd_main split K one pass", "chunk_bwd_main", "K", {"split_k": 1, "one_pass": 1}),
     # dP and the value terms by a kernel of their own first: the split's K-block programs
     # read dP instead of each computing it (four times the dP dots at K = 256).
-    ("chunk_bwd_main split K dP first", "chunk_bwd_main", None, {"split_k": 1, "dp_first": 1}),
-    ("chunk_bwd_main split K dP first s2", "chunk_bwd_main", None,
+    ("chunk_bwd_main split K dP first", "chunk_bwd_main", "K", {"split_k": 1, "dp_first": 1}),
+    ("chunk_bwd_main split K dP first s2", "chunk_bwd_main", "K",
      {"split_k": 1, "dp_first": 1, "num_stages": 2}),
-    ("chunk_bwd_main dP first", "chunk_bwd_main", None, {"dp_first": 1}),
+    ("chunk_bwd_main dP first", "chunk_bwd_main", "K", {"dp_first": 1}),
+    # The K = 256 entry before the split with dP first was adopted (2026-12-07).
+    ("chunk_bwd_main whole s1", "chunk_bwd_main", "K",
+     {"split_k": 0, "dp_first": 0, "num_stages": 1}),
     ("chunk_bwd BK128 w8 split K dP first", "multi", None, [
         ("chunk_bwd", None, {"BK": 128}),
-        ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1, "dp_first": 1}),
+        ("chunk_bwd_main", "K", {"num_warps": 8, "split_k": 1, "dp_first": 1}),
         ("chunk_bwd_wy", None, {"num_warps": 8})]),
     # K blocks of 128 on 8 warps (no spill at K = 256, kernel_resources.py): two K blocks per
     # chunk, so dO, dU and U are re-read twice instead of four times (the ncu finding), or
     # split over them with dP computed twice instead of four times.
     ("chunk_bwd BK128 w8", "multi", None, [("chunk_bwd", None, {"BK": 128}),
-                                           ("chunk_bwd_main", None, {"num_warps": 8}),
+                                           ("chunk_bwd_main", "K", {"num_warps": 8}),
                                            ("chunk_bwd_wy", None, {"num_warps": 8})]),
     ("chunk_bwd BK128 w8 split K", "multi", None, [
-        ("chunk_bwd", None, {"BK": 128}), ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1}),
+        ("chunk_bwd", None, {"BK": 128}), ("chunk_bwd_main", "K", {"num_warps": 8, "split_k": 1}),
         ("chunk_bwd_wy", None, {"num_warps": 8})]),
     ("chunk_bwd BK128 BV32 w8 split K", "multi", None, [
         ("chunk_bwd", None, {"BK": 128, "BV": 32}),
-        ("chunk_bwd_main", None, {"num_warps": 8, "split_k": 1}),
+        ("chunk_bwd_main", "K", {"num_warps": 8, "split_k": 1}),
         ("chunk_bwd_wy", None, {"num_warps": 8})]),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
     ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
@@ -91,7 +94,7 @@ VARIANTS = [
     ("state_fwd BV64 w8 s1", "state_fwd", "K", {"BV": 64, "num_warps": 8, "num_stages": 1}),
     ("o in the chain", "chunk_out", None, {"min_k": 1 << 30}),
     ("o in the chain, one pass", "multi", None, [("chunk_out", None, {"min_k": 1 << 30}),
-                                                 ("chunk_bwd_main", None, {"one_pass": 1})]),
+                                                 ("chunk_bwd_main", "K", {"one_pass": 1})]),
     ("state_fwd_o BV16", "state_fwd_o", "K", {"BV": 16}),
     ("state_fwd_o BV32", "state_fwd_o", "K", {"BV": 32}),
     ("chunk_out BV32", "chunk_out", None, {"BV": 32}),

@@ -47,14 +47,14 @@ def test_single_mempool_needs_graphs(capsys):
 
 
 def test_launch_settings_reach_the_mom_layers():
-    opts = bench_gpt.launch_options(["chunk_bwd_main.split_k=1", "state_fwd.256.BV=16"])
-    assert opts.launch["chunk_bwd_main"]["split_k"] == 1
+    opts = bench_gpt.launch_options(["chunk_bwd_main.128.split_k=1", "state_fwd.256.BV=16"])
+    assert opts.launch["chunk_bwd_main"][128]["split_k"] == 1
     assert opts.launch["state_fwd"][256]["BV"] == 16
     shape = bench_gpt.SHAPES["tiny"]
     assert bench_gpt.mom_config("mom", shape, opts).execution.kernels == opts
     recompute = bench_gpt.mom_config("mom-recompute", shape, opts).execution.kernels
     assert recompute.recompute_states and recompute.launch == opts.launch
-    assert bench_gpt.mom_config("mom", shape).execution.kernels.launch["chunk_bwd_main"][
+    assert bench_gpt.mom_config("mom", shape).execution.kernels.launch["chunk_bwd_main"][128][
         "split_k"] == 0
     with pytest.raises(ValueError, match="give kernel.key=N or kernel.K.key=N"):
-        bench_gpt.launch_options(["chunk_bwd_main.split_k"])
+        bench_gpt.launch_options(["chunk_bwd_main.128.split_k"])

@@ -65,9 +65,14 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # chunk's sibling programs, adjacent in launch order, share dO, dU and U through L2, where
     # one program per chunk re-reads those per K block. dp_first: dP (dO U^T, over all of V)
     # and the value terms in a kernel of their own first, one program per (chunk, head), which
-    # the split's K-block programs read instead of each computing dP again.
-    "chunk_bwd_main": {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0,
-                       "dp_first": 0},
+    # the split's K-block programs read instead of each computing dP again (its num_warps
+    # and num_stages are this entry's). Keyed by the largest K served: at K = 256 the split
+    # with dP first and two stages is 2-3% faster fwd+bwd; at K = 128 every split form was
+    # slower (docs/performance.md, 2026-12-07 evening).
+    "chunk_bwd_main": {128: {"num_warps": 4, "num_stages": 1, "one_pass": 0, "split_k": 0,
+                             "dp_first": 0},
+                       256: {"num_warps": 4, "num_stages": 2, "one_pass": 0, "split_k": 1,
+                             "dp_first": 1}},
     "chunk_bwd_wy": {"num_warps": 4, "num_stages": 1},
     # The sequential state kernels' programs start longest sequence first (1) or in order
     # (0). A launch's programs start in index order, so a long chain started last is its

@@ -139,8 +139,9 @@ def test_main_backward_split_over_k_blocks(dtype):
     they agree bit for bit is recorded."""
     from megatron_mom.ops import KernelOptions
     leaves, cu = ragged_k256(dtype)
-    unsplit = KernelOptions().with_launch("chunk_bwd_main", split_k=0, dp_first=0)
-    split = unsplit.with_launch("chunk_bwd_main", split_k=1)
+    unsplit = KernelOptions().with_launch("chunk_bwd_main", 256, split_k=0, dp_first=0,
+                                          num_stages=1)
+    split = unsplit.with_launch("chunk_bwd_main", 256, split_k=1)
     check(f"split_k_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=split)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=split)
     want = forward_backward(leaves, "triton", cu=cu, l2=True, options=unsplit)
@@ -162,8 +163,9 @@ def test_main_backward_with_dp_first(dtype, split_k):
     builds may round differently). Whether they agree bit for bit is recorded."""
     from megatron_mom.ops import KernelOptions
     leaves, cu = ragged_k256(dtype)
-    base = KernelOptions().with_launch("chunk_bwd_main", split_k=split_k, dp_first=0)
-    first = base.with_launch("chunk_bwd_main", dp_first=1)
+    base = KernelOptions().with_launch("chunk_bwd_main", 256, split_k=split_k, dp_first=0,
+                                       num_stages=1)
+    first = base.with_launch("chunk_bwd_main", 256, dp_first=1)
     name = f"dp_first_{'split_k_' if split_k else ''}K256_{str(dtype)[6:]}"
     check(name, leaves, cu=cu, l2=True, options=first)
     got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)

@@ -38,18 +38,18 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
     # A misspelt setting or a missing K bound would otherwise change nothing, silently.
     with pytest.raises(ValueError, match="no setting 'splitk'; its settings are dp_first, "
                        "num_stages, num_warps, one_pass, split_k"):
-        KernelOptions().with_launch("chunk_bwd_main", splitk=1)
+        KernelOptions().with_launch("chunk_bwd_main", 256, splitk=1)
     with pytest.raises(ValueError, match=r"entries per K bound \[128, 256\]: name one"):
         KernelOptions().with_launch("state_fwd", BV=16)
     with pytest.raises(ValueError, match="one entry for every K: give no bound"):
-        KernelOptions().with_launch("chunk_bwd_main", 256, split_k=1)
+        KernelOptions().with_launch("chunk_bwd_wy", 256, num_warps=8)
     # Values Triton would fail on deep inside a launch, or a truthy string taken as "on".
     for kernel, bound, settings, problem in [
             ("state_fwd", 256, {"BV": 24}, "state_fwd.BV must be a power of two >= 16"),
             ("state_fwd", 256, {"BV": 0}, "state_fwd.BV must be a power of two >= 16"),
             ("state_bwd", 256, {"num_warps": 6}, "num_warps must be a power of two >= 1"),
             ("state_bwd", 256, {"du0": "no"}, "state_bwd.du0 must be 0 or 1"),
-            ("chunk_bwd_main", None, {"num_stages": 0}, "num_stages must be an integer >= 1"),
+            ("chunk_bwd_main", 256, {"num_stages": 0}, "num_stages must be an integer >= 1"),
             ("state_split", None, {"gain": float("nan")}, "gain must be a positive number"),
             ("chunk_out", None, {"min_k": 1.5}, "min_k must be an integer >= 0")]:
         with pytest.raises(ValueError, match=problem):

@@ -47,16 +47,21 @@ def effective_chunk_size(chunk_size: int, dtype: torch.dtype, K: int) -> int:
     return min(chunk_size, FP32_WIDE_CHUNK) if dtype == torch.float32 and K > 128 else chunk_size
 
 
+def _by_k(options: KernelOptions, kernel: str, K: int) -> Dict[str, int]:
+    """The launch entry of a kernel keyed by K: the one of the least bound >= K."""
+    by_k = options.launch[kernel]
+    return dict(by_k[min(bound for bound in by_k if bound >= K)])
+
+
 def _state_config(options: KernelOptions, kernel: str, K: int, V: int,
                   dtype: torch.dtype) -> Dict[str, int]:
-    by_k = options.launch["state_fp32" if dtype == torch.float32 else kernel]
-    cfg = dict(by_k[min(bound for bound in by_k if bound >= K)])
+    cfg = _by_k(options, "state_fp32" if dtype == torch.float32 else kernel, K)
     cfg["BV"] = min(V, cfg["BV"])
     return cfg
 
 
-def _launch_opts(options: KernelOptions, kernel: str) -> Dict[str, int]:
-    cfg = options.launch[kernel]
+def _launch_opts(options: KernelOptions, kernel: str, cfg=None) -> Dict[str, int]:
+    cfg = options.launch[kernel] if cfg is None else cfg
     return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
 
 
@@ -285,7 +290,7 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     dbeta, dg = new(dbeta, 0, torch.float32), new(dg, 0, torch.float32)
     # Split over K blocks, the main kernel's programs each write their part of dgam (summed in
     # order by the WY kernel: no atomics, the same bits every run).
-    main = options.launch["chunk_bwd_main"]
+    main = _by_k(options, "chunk_bwd_main", P.K)
     parts = P.K // BK if main["split_k"] else 1
     dgam = torch.empty(parts, P.TT, P.H, **f32)
     scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
@@ -306,16 +311,16 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     scratch_dp = None
     if main["dp_first"]:
         scratch_dp = torch.empty(P.NTU, P.H, 2, P.C, P.C, dtype=u.dtype, device=dev)
-        chunk_bwd_dp_kernel[(P.NTU, P.H)](
-            v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, scratch_dp, *seq, scale,
-            H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, SGB=strides["SGB"], SDB=strides["SDB"],
-            **v_strides, **_launch_opts(options, "chunk_bwd_main"))
-    chunk_bwd_main_kernel[(P.NTU * parts, P.H)](
-        q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
-        scratch_cc, scratch_dw, scratch_dk, u if scratch_dp is None else scratch_dp, *seq,
-        scale, P.TT * P.H, H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
-        ONE_PASS=bool(main["one_pass"]), SPLIT_K=parts > 1, DP_FIRST=scratch_dp is not None,
-        **v_strides, **strides, **_launch_opts(options, "chunk_bwd_main"))
+        launch(chunk_bwd_dp_kernel, (P.NTU, P.H),
+               v, beta, gam, t_mat, u, du, do, dv, dbeta, scratch_cc, scratch_dp, *seq, scale,
+               H=P.H, V=P.V, C=P.C, BV=BV, PREC=prec, SGB=strides["SGB"], SDB=strides["SDB"],
+               **v_strides, **_launch_opts(options, "chunk_bwd_main", main))
+    launch(chunk_bwd_main_kernel, (P.NTU * parts, P.H),
+           q, k, v, beta, gam, t_mat, h, dh, u, du, do, dq, dv, dbeta, dgam,
+           scratch_cc, scratch_dw, scratch_dk, u if scratch_dp is None else scratch_dp, *seq,
+           scale, P.TT * P.H, H=P.H, K=P.K, V=P.V, C=P.C, BK=BK, BV=BV, PREC=prec,
+           ONE_PASS=bool(main["one_pass"]), SPLIT_K=parts > 1, DP_FIRST=scratch_dp is not None,
+           **v_strides, **strides, **_launch_opts(options, "chunk_bwd_main", main))
     del scratch_dp
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,

@@ -65,7 +65,7 @@ def test_lean_op_with_the_other_backward_forms():
     split over K blocks and P^T dO computed before the chain: the composition's results."""
     from megatron_mom.ops import KernelOptions
     leaves, layout, H = make_case(seqs=2, H=2, K=128, V=64)        # K = 128: 2 K blocks
-    options = KernelOptions().with_launch("chunk_bwd_main", split_k=1).with_launch(
+    options = KernelOptions().with_launch("chunk_bwd_main", 128, split_k=1).with_launch(
         "state_fp32", 128, du0=1)
     got = run(leaves, layout, H, 16, lean_backward=True, backend="triton", options=options)
     want = run(leaves, layout, H, 16, backend="torch")

@@ -17,6 +17,13 @@ from test_triton_kernels import assert_gdr_close, gdr_inputs, run_gdr  # noqa: E
 pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
 from megatron_mom.ops import KernelOptions  # noqa: E402
 
+def with_main(options, **settings):
+    """`options` with the main backward kernel's launch `settings` at every K bound."""
+    for bound in options.launch["chunk_bwd_main"]:
+        options = options.with_launch("chunk_bwd_main", bound, **settings)
+    return options
+
+
 CASES = {
     "K64_ragged_C32": ([5, 70, 0, 33], 2, 64, 64, 32),
     "K128_V256_C16": ([20, 13], 1, 128, 256, 16),
@@ -28,7 +35,7 @@ CASES = {
 def test_one_pass_main_backward_matches_reference(case):
     lengths, H, K, V, C = CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
-    one_pass = KernelOptions().with_launch("chunk_bwd_main", one_pass=1)
+    one_pass = with_main(KernelOptions(), one_pass=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=one_pass)
 
 
@@ -59,9 +66,9 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
     (the split changes only the order of dgam's sum)."""
     lengths, H, K, V, C, blocks = SPLIT_CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
-    base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
-        "chunk_bwd_main", one_pass=one_pass, split_k=0, dp_first=0)
-    split = base.with_launch("chunk_bwd_main", split_k=1)
+    base = with_main(KernelOptions().with_launch("chunk_bwd", **blocks), one_pass=one_pass,
+                     split_k=0, dp_first=0)
+    split = with_main(base, split_k=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=split)
     got = run_gdr("triton", leaves, cu, chunk_size=C, options=split)
     want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
@@ -83,9 +90,9 @@ def test_dp_first_matches_reference(case, split_k):
     them itself with the same split (the same products in the same order)."""
     lengths, H, K, V, C, blocks = SPLIT_CASES[case]
     leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
-    base = KernelOptions().with_launch("chunk_bwd", **blocks).with_launch(
-        "chunk_bwd_main", split_k=split_k, dp_first=0)
-    first = base.with_launch("chunk_bwd_main", dp_first=1)
+    base = with_main(KernelOptions().with_launch("chunk_bwd", **blocks), split_k=split_k,
+                     dp_first=0)
+    first = with_main(base, dp_first=1)
     assert_gdr_close(leaves, cu, chunk_size=C, options=first)
     got = run_gdr("triton", leaves, cu, chunk_size=C, options=first)
     want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
@@ -128,6 +135,6 @@ def test_split_k_and_p_t_do_first_by_head_groups(groups):
     slices of the full tensors (dgam's parts and P^T dO per group), with the l2 norm and the
     recomputed states: the reference's gradients."""
     leaves, cu = gdr_inputs([30, 50], 4, 128, 64, h0=True, raw_qk=True)
-    options = KernelOptions(backward_head_groups=groups, recompute_states=True).with_launch(
-        "chunk_bwd_main", split_k=1).with_launch("state_fp32", 128, du0=1)
+    options = with_main(KernelOptions(backward_head_groups=groups, recompute_states=True),
+                        split_k=1).with_launch("state_fp32", 128, du0=1)
     assert_gdr_close(leaves, cu, chunk_size=32, l2=True, options=options)
