@@ -60,6 +60,12 @@ VARIANTS = [
     # The K = 256 entry before the split with dP first was adopted (2026-12-07).
     ("chunk_bwd_main whole s1", "chunk_bwd_main", "K",
      {"split_k": 0, "dp_first": 0, "num_stages": 1}),
+    # Around the K = 256 entry (split, dP first, 2 stages): the K-block programs no longer
+    # hold dP's two dots, which leaves room for more stages (or for "chunk_bwd_main w8" and
+    # "chunk_bwd_main one pass" above, relative to this entry).
+    ("chunk_bwd_main s3", "chunk_bwd_main", "K", {"num_stages": 3}),
+    ("chunk_bwd_main BV32 s3", "multi", None, [("chunk_bwd", None, {"BV": 32}),
+                                               ("chunk_bwd_main", "K", {"num_stages": 3})]),
     ("chunk_bwd BK128 w8 split K dP first", "multi", None, [
         ("chunk_bwd", None, {"BK": 128}),
         ("chunk_bwd_main", "K", {"num_warps": 8, "split_k": 1, "dp_first": 1}),
@@ -123,6 +129,9 @@ VARIANTS = [
      {"du0": 1, "BV": 64, "num_warps": 8, "num_stages": 1}),
     ("prepare BK128", "prepare", None, {"BK": 128}),
     ("prepare w8", "prepare", None, {"num_warps": 8}),
+    ("prepare w2", "prepare", None, {"num_warps": 2}),
+    ("prepare s2", "prepare", None, {"num_stages": 2}),
+    ("chunk_bwd_wy s2", "chunk_bwd_wy", None, {"num_stages": 2}),
 ]
 
 
