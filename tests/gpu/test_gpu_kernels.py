@@ -134,20 +134,26 @@ def test_backward_by_head_groups_is_exact(recompute):
 def test_main_backward_split_over_k_blocks(dtype):
     """launch["chunk_bwd_main"]["split_k"] (a program per K block) at K = V = 256 over ragged
     segments with the l2 norm: against the reference, and against the unsplit kernel, which
-    computes the same products (dgam summed in another order; the two builds may also round
-    differently): within float32 rounding, or a bf16 rounding step for bf16 gradients. Whether
-    they agree bit for bit is recorded."""
+    computes the same products (dgam summed in another order: `compare_backward_forms`)."""
     from megatron_mom.ops import KernelOptions
     leaves, cu = ragged_k256(dtype)
     unsplit = KernelOptions().with_launch("chunk_bwd_main", 256, split_k=0, dp_first=0,
                                           num_stages=1)
     split = unsplit.with_launch("chunk_bwd_main", 256, split_k=1)
-    check(f"split_k_K256_{str(dtype)[6:]}", leaves, cu=cu, l2=True, options=split)
-    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=split)
-    want = forward_backward(leaves, "triton", cu=cu, l2=True, options=unsplit)
+    name = f"split_k_K256_{str(dtype)[6:]}"
+    check(name, leaves, cu=cu, l2=True, options=split)
+    compare_backward_forms(f"{name}_vs_unsplit", leaves, cu, split, unsplit, dtype)
+
+
+def compare_backward_forms(key, leaves, cu, options, other, dtype):
+    """Two forms of the backward on the same inputs: the forward bit for bit, every gradient
+    within float32 rounding, or a bf16 rounding step for bf16 gradients (the two builds may
+    round differently); whether they agree bit for bit is recorded under `key`."""
+    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=options)
+    want = forward_backward(leaves, "triton", cu=cu, l2=True, options=other)
     errs = rel_errs(got, want)
     errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
-    ERRORS[f"split_k_vs_unsplit_{str(dtype)[6:]}"] = errs
+    ERRORS[key] = errs
     assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
     assert max(v for k, v in errs.items() if k != "bitwise_equal") < (
         1e-5 if dtype == torch.float32 else 5e-3), errs
@@ -159,8 +165,7 @@ def test_main_backward_with_dp_first(dtype, split_k):
     """launch["chunk_bwd_main"]["dp_first"] (dP and the value terms in a kernel of their own
     first) at K = V = 256 over ragged segments with the l2 norm: against the reference, and
     against the main kernel computing them itself with the same split, which does the same
-    products: within float32 rounding, or a bf16 rounding step for bf16 gradients (the two
-    builds may round differently). Whether they agree bit for bit is recorded."""
+    products (`compare_backward_forms`)."""
     from megatron_mom.ops import KernelOptions
     leaves, cu = ragged_k256(dtype)
     base = KernelOptions().with_launch("chunk_bwd_main", 256, split_k=split_k, dp_first=0,
@@ -168,14 +173,7 @@ def test_main_backward_with_dp_first(dtype, split_k):
     first = base.with_launch("chunk_bwd_main", 256, dp_first=1)
     name = f"dp_first_{'split_k_' if split_k else ''}K256_{str(dtype)[6:]}"
     check(name, leaves, cu=cu, l2=True, options=first)
-    got = forward_backward(leaves, "triton", cu=cu, l2=True, options=first)
-    want = forward_backward(leaves, "triton", cu=cu, l2=True, options=base)
-    errs = rel_errs(got, want)
-    errs["bitwise_equal"] = float(all(torch.equal(a, b) for a, b in zip(got, want)))
-    ERRORS[f"{name}_vs_own_dp"] = errs
-    assert errs["o"] == 0 and errs["final_state"] == 0, errs       # the forward is untouched
-    assert max(v for k, v in errs.items() if k != "bitwise_equal") < (
-        1e-5 if dtype == torch.float32 else 5e-3), errs
+    compare_backward_forms(f"{name}_vs_own_dp", leaves, cu, first, base, dtype)
 
 
 @pytest.mark.parametrize("build", [(32, 4, 2), (32, 8, 2), (64, 8, 1)],
