@@ -83,7 +83,7 @@ def _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bi
             need(got == shape, f"state.{name} is {got}; {segments} segments need {shape}")
 
 
-def runs_lean(lean_backward: bool, backend: str, device: torch.device) -> bool:
+def _runs_lean(lean_backward: bool, backend: str, device: torch.device) -> bool:
     """Whether a "train" call with these settings runs the lean function: it is a Triton
     function, so elsewhere `lean_backward` changes nothing and the composition runs."""
     return lean_backward and resolve_backend("conv_gated_delta_rule", backend,
@@ -114,7 +114,7 @@ def conv_gated_delta_rule(
     if mode == "step":
         return step_conv_gated_delta_rule(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log,
                                           dt_bias, state, H=H, scale=scale, backend=backend)
-    if runs_lean(lean_backward, backend, kvba.device):
+    if _runs_lean(lean_backward, backend, kvba.device):
         from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
         return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
                                           A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
@@ -124,5 +124,5 @@ def conv_gated_delta_rule(
                                        backend=backend, options=options, state=state)
 
 
-__all__ = ["conv_gated_delta_rule", "runs_lean", "MemoryState", "beta_and_decay", "kvba_columns",
+__all__ = ["conv_gated_delta_rule", "MemoryState", "beta_and_decay", "kvba_columns",
            "MODES"]
