@@ -308,23 +308,54 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
                 split=split, top=top[:40])
 
 
+def _memory_gib(row):
+    """What a row's memory is compared by: the reserved footprint under CUDA graphs (the
+    allocated peak does not see the graphs' private pool at replay), else the allocated peak."""
+    return row.get("reserved_gib") if row["kind"].endswith("+graph") else row.get("peak_gib")
+
+
 def markdown(rows, header: str) -> str:
-    base = {r["seq"]: r for r in rows if r["kind"].startswith("attention")}
+    """The rows as a table, each against the attention row of its sequence length run the same
+    way (eager or under CUDA graphs): tokens/s and memory (`_memory_gib`)."""
+    same_way = lambda r: (r["seq"], r["kind"].endswith("+graph"))     # noqa: E731
+    base = {same_way(r): r for r in rows if r["kind"].split("+")[0] == "attention"}
     kinds = sorted({k for r in rows for k in r.get("split", {})})
     lines = [header, "",
              "| kind | seq x mbs | params | ms/step | tokens/s | vs attention | peak GiB | "
-             "activations GiB | GPU ms | host gap |" + "".join(f" {k} |" for k in kinds),
-             "|" + "---|" * (10 + len(kinds))]
+             "reserved GiB | memory vs attention | activations GiB | GPU ms | host gap |"
+             + "".join(f" {k} |" for k in kinds),
+             "|" + "---|" * (12 + len(kinds))]
     for r in rows:
-        ref = base.get(r["seq"])
+        ref = base.get(same_way(r))
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
+        mine, theirs = _memory_gib(r), ref and _memory_gib(ref)
+        memory = f"{mine / theirs:.2f}x" if mine and theirs else "-"
         split = r.get("split", {})
+        label = r["kind"] + (f" ({', '.join(r['launch'])})" if r.get("launch") else "")
         lines.append(
-            f"| {r['kind']} | {r['seq']} x {r['mbs']} | {r['params_m']}M | {r['ms']} | "
+            f"| {label} | {r['seq']} x {r['mbs']} | {r['params_m']}M | {r['ms']} | "
             f"{r['tokens_per_s']} | {ratio} | {r.get('peak_gib', '-')} | "
+            f"{r.get('reserved_gib', '-')} | {memory} | "
             f"{r.get('activations_gib', '-')} | {r.get('gpu_ms', '-')} | "
             f"{r.get('host_gap_ms', '-')} |" + "".join(f" {split.get(k, '-')} |" for k in kinds))
     return "\n".join(lines) + "\n"
+
+
+def merge(paths, out: str) -> str:
+    """One table of the rows of several bench_gpt.json files (e.g. the graphed rows, a process
+    each), written to OUT/bench_gpt_merged.md."""
+    rows, envs = [], []
+    for path in paths:
+        saved = json.load(open(path))
+        launch = saved["env"].get("launch")       # the run's --launch settings, if any
+        rows += [dict(r, launch=launch) for r in saved["rows"] if "error" not in r]
+        envs.append(saved["env"])
+    devices = sorted({e.get("device", "?") for e in envs})
+    dates = sorted(e.get("date", "?") for e in envs)
+    md = markdown(rows, f"bench_gpt, {len(paths)} runs merged: {', '.join(devices)}, "
+                        f"{dates[0]} to {dates[-1]}")
+    open(os.path.join(out, "bench_gpt_merged.md"), "w").write(md)
+    return md
 
 
 def main(argv=None):
@@ -353,7 +384,15 @@ def main(argv=None):
                    help="a MoM kernel launch setting for every MoM kind (repeatable), e.g. "
                    "chunk_bwd_main.128.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="measure nothing: one table of these bench_gpt.json files' rows, each "
+                   "against the attention row of its length run the same way, to "
+                   "OUT/bench_gpt_merged.md")
     a = p.parse_args(argv)
+    if a.merge:
+        os.makedirs(a.out, exist_ok=True)
+        print(merge(a.merge, a.out))
+        return []
     try:
         kernels = launch_options(a.launch) if a.launch else None
     except ValueError as err:

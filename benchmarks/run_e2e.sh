@@ -2,7 +2,8 @@
 # The end-to-end table of docs/performance.md on one GPU: bench_gpt.py eager for every kind at
 # 4K and 16K tokens x 4/1 (24 layers, 380M shape), an 8-layer stack at 64K, and each kind with
 # Megatron's per-layer CUDA graphs in a process of its own per length (Megatron keeps graphs and their
-# memory pools process-wide). Results: $OUT/e2e_*.json|md. Usage: bash benchmarks/run_e2e.sh
+# memory pools process-wide). Results: $OUT/e2e_*.json|md, all of them in one table in
+# $OUT/bench_gpt_merged.md. Usage: bash benchmarks/run_e2e.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/e2e}; mkdir -p "$OUT"
@@ -25,3 +26,6 @@ for kind in $GRAPH_KINDS; do
     run "graph_${kind}_$seq" "${GRAPH_TIMEOUT:-120}" --kinds "$kind" --seqs "$seq" --iters 6 --warmup 4 --cuda-graph
   done
 done
+# One table of every run above, each row against the attention row of its length run the same way.
+python3 benchmarks/bench_gpt.py --merge "$OUT"/e2e_*.json --out "$OUT" > /dev/null \
+  && echo "table: $OUT/bench_gpt_merged.md"

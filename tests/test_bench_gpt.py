@@ -58,3 +58,28 @@ def test_launch_settings_reach_the_mom_layers():
         "split_k"] == 0
     with pytest.raises(ValueError, match="give kernel.key=N or kernel.K.key=N"):
         bench_gpt.launch_options(["chunk_bwd_main.128.split_k"])
+
+
+def test_merge_compares_each_row_with_attention_run_the_same_way(tmp_path):
+    """--merge: rows of separate runs in one table, each against the attention row of its
+    length run the same way: tokens/s, and memory by the reserved footprint under CUDA graphs
+    (the allocated peak elsewhere)."""
+    def run(name, *rows, launch=None):
+        path = tmp_path / f"{name}.json"
+        env = dict(device="GPU", date=f"d{name}", **({"launch": launch} if launch else {}))
+        path.write_text(json.dumps(dict(env=env, rows=[
+            dict(kind=k, seq=seq, mbs=16384 // seq, params_m=1, ms=ms, tokens_per_s=tps,
+                 peak_gib=peak, reserved_gib=res) for k, seq, ms, tps, peak, res in rows])))
+        return str(path)
+    files = [run("a", ("attention+graph", 4096, 150.0, 100000, 10.0, 28.0),
+                 ("attention", 4096, 151.0, 99000, 24.0, 25.0)),
+             run("b", ("mom+graph", 4096, 300.0, 50000, 15.0, 61.6)),
+             run("c", ("mom", 4096, 330.0, 44550, 60.0, 62.0), launch=["state_fwd.256.BV=16"])]
+    bench_gpt.main(["--merge", *files, "--out", str(tmp_path / "out")])
+    table = (tmp_path / "out" / "bench_gpt_merged.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and " x " in line}
+    assert rows["mom+graph"][5] == "0.50x" and rows["mom+graph"][8] == "2.20x"   # 61.6 / 28
+    mom = rows["mom (state_fwd.256.BV=16)"]                  # a run's --launch settings shown
+    assert mom[5] == "0.45x" and mom[8] == "2.50x"                                # 60 / 24
+    assert rows["attention+graph"][5] == "1.00x" and "3 runs merged" in table
