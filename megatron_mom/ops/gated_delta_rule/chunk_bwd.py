@@ -127,10 +127,10 @@ def state_grad_terms(dkg, u, voffs, valid, dh_ptrs, s_t, PREC: tl.constexpr):
 @triton.jit
 def dp_pair(do, u, tok, valid, g_c, do_row, hh, scale, H: tl.constexpr, V: tl.constexpr,
             C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """dL/d(q_i . k_j) of a chunk [C, C] and its transpose, decayed, causal, scaled, in U's
-    dtype: dP = dO U^T and U dO^T as two dots over V blocks, so no dot result is transposed.
-    In the inputs' dtype: they only feed dots, and two fp32 [C, C] tiles held across the main
-    kernel's K loop would spill its accumulators."""
+    """dL/d(q_i . k_j) of a chunk [C, C] and its transpose, decayed, causal and scaled: dP =
+    dO U^T and U dO^T as two dots over V blocks, so no dot result is transposed. Returned in
+    U's dtype: they only feed dots, and two fp32 [C, C] tiles held across the main kernel's K
+    loop would spill its accumulators."""
     dt = u.dtype.element_ty
     rows = tl.arange(0, C)
     dp = tl.zeros([C, C], dtype=tl.float32)                          # dO U^T
@@ -226,9 +226,10 @@ def chunk_bwd_main_kernel(
     value terms (`value_terms`), unless DP_FIRST: then `chunk_bwd_dp_kernel` did both and dP
     comes from scratch_dp. Then per K block: dq, the Kg and P parts of dk (scratch),
     dW = -dU S^T (scratch) and dgam of q, Kg, P and e^Gam S, into dgam's partial of the
-    program's K block (GAM_PART apart). Keeping dP in registers is why this is one kernel: no
-    C x C round trip. SPLIT_K's programs each read h and dh once, and a chunk's K-block
-    programs run side by side, so the dO, U and dU they all read come from L2."""
+    program's K block (GAM_PART apart). SPLIT_K's programs each read h and dh once, and a
+    chunk's K-block programs run side by side, so the dO, U and dU they all read come from L2;
+    without DP_FIRST each of them would compute dP again, with it dP makes one round trip of
+    two [C, C] tiles a chunk."""
     NKB: tl.constexpr = K // BK if SPLIT_K else 1
     pid = tl.program_id(0) // NKB                                    # the chunk
     kb0 = tl.program_id(0) % NKB                                     # its K block (SPLIT_K)
