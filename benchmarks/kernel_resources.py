@@ -137,12 +137,13 @@ def main(argv=None):
         if args.variants:
             configs += [(bv, w, s, "") for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)
                         if (bv, w, s) != configs[0][:3]]
+        du0 = bool(table.get("du0", 0))                 # the table's form of the backward chain
         for bv, w, s, note in configs:
-            r = state_kernel(name, args.k, min(bv, args.k), w, s)
+            r = state_kernel(name, args.k, min(bv, args.k), w, s, du0=du0)
             fits = "yes"
             if not r["fits"]:      # what runs instead: the one-stage build (ops.common.launch)
                 fits = f"no ({r['shared']} B): the 1-stage build runs"
-                r = state_kernel(name, args.k, min(bv, args.k), w, 1)
+                r = state_kernel(name, args.k, min(bv, args.k), w, 1, du0=du0)
             rows.append(f"| {name} | {bv} | {w} | {s} | {fits} | {r['regs']} | {r['stack']} | "
                         f"{r['shared']} | {r['programs_per_sm']} | {r['wgmma']} | {r['mma']} | "
                         f"{note} |")
