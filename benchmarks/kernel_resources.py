@@ -27,7 +27,7 @@ from triton.compiler import ASTSource
 
 from megatron_mom.ops.gated_delta_rule.chunk_bwd import chunk_bwd_main_kernel, state_bwd_kernel
 from megatron_mom.ops.gated_delta_rule.chunk_fwd import state_fwd_kernel
-from megatron_mom.ops.options import TUNED_LAUNCH
+from megatron_mom.ops.options import TUNED_LAUNCH, KernelOptions
 
 SMEM_PER_BLOCK = 232448          # bytes a block may use on sm_90 (227 KB)
 SMEM_PER_SM, REGS_PER_SM = 233472, 65536
@@ -99,8 +99,7 @@ def chunk_bwd_main(K: int, BK: int, BV: int, num_warps: int, num_stages: int, on
 
 
 def _dense_rows(K: int, variants: bool) -> list:
-    blocks, by_k = TUNED_LAUNCH["chunk_bwd"], TUNED_LAUNCH["chunk_bwd_main"]
-    main = by_k[min(bound for bound in by_k if bound >= K)]
+    blocks, main = TUNED_LAUNCH["chunk_bwd"], KernelOptions().entry("chunk_bwd_main", K)
     dp_first = bool(main["dp_first"])
     table = (blocks["BK"], blocks["BV"], main["num_warps"], main["num_stages"],
              bool(main["one_pass"]), bool(main["split_k"]))
@@ -131,8 +130,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = []
     for name in ("state_fwd", "state_fwd_o", "state_bwd"):
-        by_k = TUNED_LAUNCH[name]
-        table = dict(by_k[min(b for b in by_k if b >= args.k)])
+        table = KernelOptions().entry(name, args.k)
         configs = [(table["BV"], table["num_warps"], table["num_stages"], "table")]
         if args.variants:
             configs += [(bv, w, s, "") for bv in (16, 32, 64) for w in (4, 8) for s in (1, 2, 3)

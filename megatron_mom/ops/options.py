@@ -156,6 +156,12 @@ class KernelOptions:
     def replace(self, **changes) -> "KernelOptions":
         return dataclasses.replace(self, **changes)
 
+    def entry(self, kernel: str, K: int) -> dict:
+        """The launch settings `kernel` runs with at head size K: of an entry keyed by K
+        bounds, the one of the least bound >= K."""
+        by_k = self.launch[kernel]
+        return dict(by_k[min(bound for bound in by_k if bound >= K)])
+
     def with_launch(self, kernel: str, bound: Optional[int] = None, **settings) -> "KernelOptions":
         """These options with `settings` changed in one launch entry (`bound`: the K bound of a
         state kernel's entry), e.g. `with_launch("state_fwd", 256, BV=16)`."""

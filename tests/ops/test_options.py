@@ -30,6 +30,10 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
     assert narrow.launch["state_fwd"][256] == {"BV": 16, "num_warps": 4, "num_stages": 3}
     assert TUNED_LAUNCH["state_fwd"][256]["BV"] == 32
     assert KernelOptions().launch["state_fwd"][256]["BV"] == 32
+    # The entry a head size runs with: the least K bound at or above it.
+    assert narrow.entry("state_fwd", 64) == dict(TUNED_LAUNCH["state_fwd"][128])
+    assert narrow.entry("state_fwd", 129)["BV"] == 16
+    assert KernelOptions().entry("chunk_bwd_main", 256)["split_k"] == 1
     assert narrow != KernelOptions() and hash(narrow) == hash(KernelOptions())
     with pytest.raises(ValueError, match="unknown kernel 'state'"):
         KernelOptions().with_launch("state", BV=16)

@@ -47,15 +47,9 @@ def effective_chunk_size(chunk_size: int, dtype: torch.dtype, K: int) -> int:
     return min(chunk_size, FP32_WIDE_CHUNK) if dtype == torch.float32 and K > 128 else chunk_size
 
 
-def _by_k(options: KernelOptions, kernel: str, K: int) -> Dict[str, int]:
-    """The launch entry of a kernel keyed by K: the one of the least bound >= K."""
-    by_k = options.launch[kernel]
-    return dict(by_k[min(bound for bound in by_k if bound >= K)])
-
-
 def _state_config(options: KernelOptions, kernel: str, K: int, V: int,
                   dtype: torch.dtype) -> Dict[str, int]:
-    cfg = _by_k(options, "state_fp32" if dtype == torch.float32 else kernel, K)
+    cfg = options.entry("state_fp32" if dtype == torch.float32 else kernel, K)
     cfg["BV"] = min(V, cfg["BV"])
     return cfg
 
@@ -290,7 +284,7 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
     dbeta, dg = new(dbeta, 0, torch.float32), new(dg, 0, torch.float32)
     # Split over K blocks, the main kernel's programs each write their part of dgam (summed in
     # order by the WY kernel: no atomics, the same bits every run).
-    main = _by_k(options, "chunk_bwd_main", P.K)
+    main = options.entry("chunk_bwd_main", P.K)
     parts = P.K // BK if main["split_k"] else 1
     dgam = torch.empty(parts, P.TT, P.H, **f32)
     scratch_cc = torch.empty(P.NTU, P.H, 2, P.C, P.C, **f32)
