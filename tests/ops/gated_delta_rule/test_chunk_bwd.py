@@ -64,18 +64,25 @@ def test_split_k_main_backward_matches_reference(case, one_pass):
     dbeta's v part and dL/dT's U0 part; dgam's parts are summed by the WY kernel. Every
     gradient against the reference, and against the unsplit kernel to float32 rounding
     (the split changes only the order of dgam's sum)."""
-    lengths, H, K, V, C, blocks = SPLIT_CASES[case]
-    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    blocks = SPLIT_CASES[case][-1]
     base = with_main(KernelOptions().with_launch("chunk_bwd", **blocks), one_pass=one_pass,
                      split_k=0, dp_first=0)
-    split = with_main(base, split_k=1)
-    assert_gdr_close(leaves, cu, chunk_size=C, options=split)
-    got = run_gdr("triton", leaves, cu, chunk_size=C, options=split)
-    want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
+    # dgam summed in K-block parts: dg (its in-chunk cumsum) float32 rounding apart
+    check_form(case, with_main(base, split_k=1), base, rounded=("dg",))
+
+
+def check_form(case, options, other, rounded=()):
+    """A form of the main backward (`options`) on SPLIT_CASES[case]: every gradient against
+    the reference, and against the form `other` bit for bit, but for the outputs named in
+    `rounded`, which may differ by float32 rounding."""
+    lengths, H, K, V, C, _ = SPLIT_CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    assert_gdr_close(leaves, cu, chunk_size=C, options=options)
+    got = run_gdr("triton", leaves, cu, chunk_size=C, options=options)
+    want = run_gdr("triton", leaves, cu, chunk_size=C, options=other)
     for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
                           got, want):
-        if name in ("dg",):
-            # dgam summed in K-block parts: float32 rounding apart (dg is its in-chunk cumsum)
+        if name in rounded:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
         else:
             assert torch.equal(a, b), name
@@ -88,17 +95,10 @@ def test_dp_first_matches_reference(case, split_k):
     v part, dL/dT's U0 part) in `chunk_bwd_dp_kernel` first, read by the main kernel's
     programs. Every gradient against the reference, and bit for bit the main kernel computing
     them itself with the same split (the same products in the same order)."""
-    lengths, H, K, V, C, blocks = SPLIT_CASES[case]
-    leaves, cu = gdr_inputs(lengths, H, K, V, h0=True)
+    blocks = SPLIT_CASES[case][-1]
     base = with_main(KernelOptions().with_launch("chunk_bwd", **blocks), split_k=split_k,
                      dp_first=0)
-    first = with_main(base, dp_first=1)
-    assert_gdr_close(leaves, cu, chunk_size=C, options=first)
-    got = run_gdr("triton", leaves, cu, chunk_size=C, options=first)
-    want = run_gdr("triton", leaves, cu, chunk_size=C, options=base)
-    for name, a, b in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"],
-                          got, want):
-        assert torch.equal(a, b), name
+    check_form(case, with_main(base, dp_first=1), base)
 
 
 @pytest.mark.parametrize("case, bv", [("K64_ragged_C32", 32), ("K128_V256_C16", 64),
