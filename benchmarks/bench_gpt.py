@@ -174,18 +174,43 @@ def build(kind: str, shape: dict, seq: int, on_cpu: bool, cuda_graph: bool = Fal
     return model, optimizer, config, sum(p.numel() for p in gpt.parameters()), device
 
 
+# The phases of a step, as profiler ranges: `profile_split` charges each GPU idle interval to
+# the phase the host was in when it happened.
+PHASES = ("forward", "backward", "finalize_grads", "optimizer")
+
+
 def train_step(model, optimizer, config, tokens, positions):
     from megatron.core.distributed import finalize_model_grads
+    from torch.profiler import record_function
     model.zero_grad_buffer()
     optimizer.zero_grad()
-    loss = model(tokens, positions, None, labels=tokens).float().mean()
-    loss.backward()
-    finalize_model_grads([model])
-    optimizer.step()
+    with record_function("step/forward"):
+        loss = model(tokens, positions, None, labels=tokens).float().mean()
+    with record_function("step/backward"):
+        loss.backward()
+    with record_function("step/finalize_grads"):
+        finalize_model_grads([model])
+    with record_function("step/optimizer"):
+        optimizer.step()
     if config.cuda_graph_impl == "local":  # what Megatron's schedules call after each step
         from megatron.core.transformer.cuda_graphs import create_cudagraphs
         create_cudagraphs()
     return loss
+
+
+def foreach_grad_norm():
+    """Megatron's gradient-norm fallback without apex or Transformer Engine
+    (`megatron.core.utils.local_multi_tensor_l2_norm`) reads every per-tensor norm on the host
+    (one sync a gradient tensor); this replaces it, in this process, by torch's multi-tensor
+    norm (`torch._foreach_norm`, no host read), which is what apex's and TE's fused
+    `multi_tensor_l2norm` give a user who has them: same value up to summation order."""
+    from megatron.core.optimizer import clip_grads
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [n for ts in tensor_lists if ts for n in torch._foreach_norm(ts)]
+        return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+
+    clip_grads.l2_norm_impl = l2_norm
 
 
 def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
@@ -304,8 +329,34 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     busy = sum(split.values())
     split = {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
     top.sort(reverse=True)
-    return dict(gpu_ms=round(busy, 2), host_gap_ms=round(max(wall_ms - busy, 0.0), 2),
-                split=split, top=top[:40])
+    row = dict(gpu_ms=round(busy, 2), host_gap_ms=round(max(wall_ms - busy, 0.0), 2),
+               split=split, top=top[:40])
+    if not on_cpu:
+        row["idle_ms"] = idle_by_phase(prof.events(), n)
+    return row
+
+
+def idle_by_phase(events, n: int) -> dict:
+    """GPU idle time per step (no kernel or copy running, between the first and the last) by
+    the step phase (`PHASES`) the host was in meanwhile; "other": between the phases."""
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type.name == "CUDA")
+    phases = [(e.time_range.start, e.time_range.end, e.name.split("/", 1)[1]) for e in events
+              if e.device_type.name == "CPU" and e.name.startswith("step/")]
+    idle = dict.fromkeys(PHASES + ("other",), 0.0)
+    if not busy:
+        return idle
+    end = busy[0][1]
+    for start, stop in busy[1:]:
+        if start > end:                                   # the GPU waited from end to start
+            rest = start - end
+            for a, b, name in phases:
+                part = max(0.0, min(b, start) - max(a, end))
+                idle[name] += part
+                rest -= part
+            idle["other"] += max(rest, 0.0)
+        end = max(end, stop)
+    return {k: round(v / n / 1e3, 2) for k, v in idle.items()}
 
 
 def _memory_gib(row):
@@ -383,6 +434,10 @@ def main(argv=None):
     p.add_argument("--launch", action="append", default=[], metavar="KERNEL.KEY=N",
                    help="a MoM kernel launch setting for every MoM kind (repeatable), e.g. "
                    "chunk_bwd_main.128.split_k=1 or state_fwd.256.BV=32 (megatron_mom.ops.options)")
+    p.add_argument("--grad-norm", choices=("megatron", "foreach"), default="megatron",
+                   help="foreach: Megatron's gradient-norm fallback without apex / TE (a host "
+                   "read per gradient tensor) replaced by torch._foreach_norm for every kind, "
+                   "as apex's or TE's fused norm has no host read (`foreach_grad_norm`)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="measure nothing: one table of these bench_gpt.json files' rows, each "
@@ -417,6 +472,9 @@ def main(argv=None):
                torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if a.launch:
         env["launch"] = a.launch
+    if a.grad_norm == "foreach":
+        foreach_grad_norm()
+        env["grad_norm"] = "foreach"
     try:
         import triton
         env["triton"] = triton.__version__

@@ -83,3 +83,40 @@ def test_merge_compares_each_row_with_attention_run_the_same_way(tmp_path):
     mom = rows["mom (state_fwd.256.BV=16)"]                  # a run's --launch settings shown
     assert mom[5] == "0.45x" and mom[8] == "2.50x"                                # 60 / 24
     assert rows["attention+graph"][5] == "1.00x" and "3 runs merged" in table
+
+
+def test_idle_time_is_charged_to_the_phase_the_host_was_in():
+    """GPU idle intervals between kernels (overlapping kernels merged) go to the step phase
+    whose host range covers them, the rest to "other"; per step."""
+    from types import SimpleNamespace as NS
+
+    def event(device, name, start, end):
+        return NS(device_type=NS(name=device), name=name, time_range=NS(start=start, end=end))
+    ms = 1000                                                        # profiler times in us
+    events = [event("CPU", "step/forward", 0, 100 * ms),
+              event("CPU", "step/optimizer", 150 * ms, 300 * ms),
+              event("CUDA", "k1", 10 * ms, 40 * ms),
+              event("CUDA", "k2", 30 * ms, 60 * ms),        # overlaps k1: busy up to 60
+              event("CUDA", "k3", 90 * ms, 120 * ms),       # idle 60-90, in forward
+              event("CUDA", "k4", 200 * ms, 210 * ms),      # idle 120-150 other, 150-200 opt.
+              event("CPU", "aten::mm", 0, 300 * ms)]
+    idle = bench_gpt.idle_by_phase(events, n=2)
+    assert idle == {"forward": 15.0, "backward": 0.0, "finalize_grads": 0.0,
+                    "optimizer": 25.0, "other": 15.0}
+
+
+def test_foreach_grad_norm_matches_megatrons_fallback(monkeypatch):
+    """--grad-norm foreach: the replacement of Megatron's fallback gives its value (the norm of
+    all gradients together) without host reads; the clip code looks it up at call time."""
+    import torch
+    from megatron.core.optimizer import clip_grads
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", clip_grads.l2_norm_impl)   # restored after
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(s, generator=g) for s in ((3, 4), (5,), (2, 2, 2))]
+    bench_gpt.foreach_grad_norm()
+    norm, per_tensor = clip_grads.l2_norm_impl(2048, None, [grads], False)
+    want = torch.linalg.vector_norm(torch.cat([t.flatten() for t in grads]))
+    assert per_tensor is None and norm.shape == (1,) and norm.dtype == torch.float32
+    torch.testing.assert_close(norm[0], want)
+    total = clip_grads.get_grad_norm_fp32(grads)            # Megatron's caller, on the CPU here
+    assert abs(total - float(want)) < 1e-5 * float(want)
