@@ -5,12 +5,15 @@
     o = gated delta rule(l2norm(q), l2norm(k), v, g, beta) per segment.
 
 Training, prefill and decoding all run it, in one of three modes:
-- "train" (`chunk.py`): every cu_seqlens segment starts empty. The composition of the ops it
-  is made of (`short_conv`, `short_conv_split`, `gated_delta_rule`), each with its own
-  autograd; with `lean_backward` on the Triton backend one function that keeps its inputs (the
-  pre-convolution rows) and the last head's buffers, whose backward goes one head at a time,
-  recomputing the others' convolutions, L2 norms and states (`triton.py`): same gradients,
-  less memory, more time.
+- "train": every cu_seqlens segment starts empty. On the Triton backend one autograd function
+  (`triton.py`): the convolutions with the L2 norm in their kernel, then the recurrence,
+  keeping what the composition keeps; with `lean_backward` it keeps its inputs (the
+  pre-convolution rows) and the last head's buffers, and its backward goes one head at a time,
+  recomputing the others' convolutions, L2 norms and states: same gradients, less memory, more
+  time. Elsewhere, and for the recurrence's backward by head groups
+  (`KernelOptions.backward_head_groups` > 1), the composition of the ops it is made of
+  (`chunk.py`: `short_conv`, `short_conv_split`, `gated_delta_rule`, each with its own
+  autograd).
 - "prefill" (`chunk.py`): as train, but segment i continues from row i of a `MemoryState`
   (recurrent state and convolution histories), and its final memory is written back there.
 - "step" (`step.py`): each packed row is the next token of its own segment (no cu_seqlens),
@@ -83,11 +86,15 @@ def _check(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log, dt_bi
             need(got == shape, f"state.{name} is {got}; {segments} segments need {shape}")
 
 
-def _runs_lean(lean_backward: bool, backend: str, device: torch.device) -> bool:
-    """Whether a "train" call with these settings runs the lean function: it is a Triton
-    function, so elsewhere `lean_backward` changes nothing and the composition runs."""
-    return lean_backward and resolve_backend("conv_gated_delta_rule", backend,
-                                             device.type == "cuda") == "triton"
+def _runs_fused(lean_backward: bool, backend: str, device: torch.device,
+                options: Optional[KernelOptions]) -> bool:
+    """Whether a "train" call with these settings runs the one Triton function (`triton.py`)
+    instead of the composition: always with `lean_backward`, else unless the options ask for
+    the recurrence's backward by head groups (the composition's form, which keeps every head's
+    buffers). Elsewhere than on the Triton backend the composition runs."""
+    if resolve_backend("conv_gated_delta_rule", backend, device.type == "cuda") != "triton":
+        return False
+    return lean_backward or options is None or options.backward_head_groups == 1
 
 
 def conv_gated_delta_rule(
@@ -114,11 +121,11 @@ def conv_gated_delta_rule(
     if mode == "step":
         return step_conv_gated_delta_rule(q_tok, kvba, gather, conv_q, conv_k, conv_v, A_log,
                                           dt_bias, state, H=H, scale=scale, backend=backend)
-    if _runs_lean(lean_backward, backend, kvba.device):
-        from megatron_mom.ops.conv_gated_delta_rule.triton import lean_conv_gated_delta_rule
-        return lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
-                                          A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
-                                          options=options)
+    if mode == "train" and _runs_fused(lean_backward, backend, kvba.device, options):
+        from megatron_mom.ops.conv_gated_delta_rule.triton import triton_conv_gated_delta_rule
+        return triton_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k,
+                                            conv_v, A_log, dt_bias, H=H, chunk_size=chunk_size,
+                                            scale=scale, lean=lean_backward, options=options)
     return chunk_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v,
                                        A_log, dt_bias, H=H, chunk_size=chunk_size, scale=scale,
                                        backend=backend, options=options, state=state)

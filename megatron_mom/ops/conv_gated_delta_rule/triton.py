@@ -1,19 +1,22 @@
-"""The lean form of `conv_gated_delta_rule`: one autograd function over the Triton kernels of
-`short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule` that keeps its
-inputs and one head's buffers.
+"""The Triton form of `conv_gated_delta_rule`'s train mode: one autograd function over the
+Triton kernels of `short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule`
+that keeps its inputs and the buffers of one group of heads, the last: all heads (the default,
+`group_heads = H`) or one (`lean_backward`, `group_heads = 1`).
 
-Forward: convolutions -> L2 norms -> chunked recurrence, for heads 0..H-2 at once keeping
-nothing they make, then for the last head keeping what its backward needs. Backward, one head
-at a time, the last first: (except for the last head) rerun that head's convolutions, L2 norms,
-`prepare` and state kernels; the recurrence's backward (`backward_heads`, which reads the full
-dO and writes the full dbeta and dg in place); then that head's convolution backward into its
-columns of the one d(kvba) and d(q_tok). So at most one head's q, k, v, states and gradients
-exist at a time, and only one head's normalised q, k, v are kept between forward and backward
-(the composition keeps them all, 3 x L x H x K values). The decay and beta gradients go through
-`beta_and_decay` once for all heads at the end. On CUDA the sequential state kernels run beside
-independent work on side streams (`ops.common.beside`): a head's state forward beside its state
-backward, a head's convolution backward beside the next head's state kernels, and in the
-forward heads 0..H-2's recurrence beside the last head's.
+Forward: convolutions -> L2 norms -> chunked recurrence, for the heads before the last group at
+once keeping nothing they make, then for the last group keeping what its backward needs.
+Backward, one group at a time, the last first: (except for the last group) rerun that group's
+convolutions, L2 norms, `prepare` and state kernels; the recurrence's backward
+(`backward_heads`, which reads the full dO and writes the full dbeta and dg in place); then
+that group's convolution backward into its columns of the one d(kvba) and d(q_tok). With one
+group this is the composition of the ops without the L2 norm's own forward pass and without
+the unnormalised q and k rows between them; with one head a group at most one head's q, k, v,
+states and gradients exist at a time (the composition keeps them all, 3 x L x H x K values).
+The decay and beta gradients go through `beta_and_decay` once for all heads at the end. On
+CUDA the sequential state kernels run beside independent work on side streams
+(`ops.common.beside`): a group's state forward beside its state backward, a group's
+convolution backward beside the next group's state kernels, and in the forward the earlier
+heads' recurrence beside the last group's.
 """
 from __future__ import annotations
 
@@ -48,10 +51,11 @@ def _normalised(q_tok, x_row, k_in, v_in, conv_q, conv_k, conv_v, cu, heads: sli
     return q3.view(L, h, K), q_rstd, k3.view(L, h, K), k_rstd, v3.view(L, h, V)
 
 
-def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_row, slot_row, cu):
-    """One head's q, k, v convolution backward: from its gradients [L, 1, D] into its columns of
-    the inputs' gradients and of the dw partial sums (q's through d_rows [L, D], per packed
-    row, then summed over each token's slots)."""
+def _conv_backward_heads(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_row, slot_row,
+                         cu):
+    """A group of heads' q, k, v convolution backward: from its gradients [L, h, D] into its
+    columns of the inputs' gradients and of the dw partial sums (q's through d_rows [L, h*D],
+    per packed row, then summed over each token's slots)."""
     (q_in, k_in, v_in), (w_q, w_k, w_v), (dq, dk, dv) = inputs, weights, grads
     (d_q, d_k, d_v), (part_q, part_k, part_v) = d_inputs, dw_parts
     L, N = dq.shape[0], cu.numel() - 1
@@ -61,32 +65,33 @@ def _conv_backward_head(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_ro
     conv.conv_backward(v_in, None, w_v, None, dv.view(L, -1), d_v, cu, N, True, False, part_v)
 
 
-class _LeanConvGatedDeltaRule(torch.autograd.Function):
+class _ConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu,
-                H, chunk_size, scale, options):
+                H, G, chunk_size, scale, options):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
         beta, g = beta_and_decay(b, a, A_log, dt_bias)                             # [L, H] f32
         weights = (conv_q, conv_k, conv_v)
         o = torch.empty(L, H, V, dtype=kvba.dtype, device=kvba.device)
-        # Heads 0..H-2 keep nothing; the last head keeps what its backward needs (normalised
-        # q, k, v, the recurrence's per-chunk states, W, U, T, P), since the backward starts
-        # with it and frees them before the next head: no other head's buffers exist then,
-        # so keeping them adds nothing to the backward's peak and saves one head's recompute.
-        rest, last = slice(0, H - 1), slice(H - 1, H)
-        P = Segments(L, 1, K, V, cu, chunk_size)                                  # one head
+        # The heads before the last group keep nothing; the last group keeps what its backward
+        # needs (normalised q, k, v, and unless options.recompute_states the recurrence's
+        # per-chunk states, W, U, T, P), since the backward starts with it and frees them before
+        # the next group: no other group's buffers exist then, so keeping them adds nothing to
+        # the backward's peak and saves one group's recompute.
+        rest, last = slice(0, H - G), slice(H - G, H)
+        P = Segments(L, G, K, V, cu, chunk_size)                                  # one group
         rest_bufs, join = (), lambda: None
-        if H > 1:
+        if H > G:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
-            Pr = P.with_heads(H - 1)
+            Pr = P.with_heads(H - G)
             gam, w, u0, _, p_mat = gdr.prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale,
                                                options)
             rest_bufs = (q3, k3, w, u0, gam, p_mat)
             # Its recurrence (sequential over chunks, too few programs to fill the GPU) runs
-            # beside the last head's convolutions, `prepare` and recurrence.
+            # beside the last group's convolutions, `prepare` and recurrence.
             with beside(kvba.device, 0, options.side_streams) as join:
                 gdr.state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                   store_states=False, store_final=False, o=o[:, rest],
@@ -95,26 +100,33 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
         gam, w, u0, t_mat, p_mat = gdr.prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale,
                                                options)
-        h, u = gdr.new_states(P, k3, u0)
-        gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                          store_states=True, store_final=False, o=o[:, last], h=h, u=u,
-                          options=options)
+        if options.recompute_states:
+            gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                              store_states=False, store_final=False, o=o[:, last],
+                              options=options)
+            states = None
+        else:
+            h, u = gdr.new_states(P, k3, u0)
+            gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                              store_states=True, store_final=False, o=o[:, last], h=h, u=u,
+                              options=options)
+            states = (gam, w, t_mat, p_mat, h, u)
         join()
         del rest_bufs
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
                               slot_row, cu)
-        # An attribute, not a saved tensor: the backward drops it after the last head, which a
+        # An attribute, not a saved tensor: the backward drops it after the last group, which a
         # saved tensor would outlive (its storage is released only when the backward returns).
-        # A second backward through the graph (retain_graph) recomputes that head instead.
-        ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), (gam, w, t_mat, p_mat, h, u))
-        ctx.meta = (H, K, V, chunk_size, scale)
+        # A second backward through the graph (retain_graph) recomputes that group instead.
+        ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), states)
+        ctx.meta = (H, G, K, V, chunk_size, scale)
         ctx.options = options
         return o                                                                   # [L, H, V]
 
     @staticmethod
     def backward(ctx, d_o):
         q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu = ctx.saved_tensors
-        H, K, V, chunk_size, scale = ctx.meta
+        H, G, K, V, chunk_size, scale = ctx.meta
         L, N = kvba.shape[0], cu.numel() - 1
         dev, f32 = kvba.device, torch.float32
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
@@ -124,26 +136,27 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
             beta_g = beta_and_decay(*leaves)
         beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
-        P = Segments(L, 1, K, V, cu, chunk_size)                                  # one head
+        P = Segments(L, G, K, V, cu, chunk_size)                                  # one group
         dbeta = torch.empty(L, H, dtype=f32, device=dev)
         dg = torch.empty(L, H, dtype=f32, device=dev)
         d_kvba = torch.empty_like(kvba)
         dk_in, dv_in, db, da = _split_kvba(d_kvba, H, K, V)
         d_qtok = torch.empty(q_tok.shape, dtype=q_tok.dtype, device=dev)
-        # Each head's convolution backward writes its columns of one dw partial-sum buffer
-        # per weight, summed once at the end (not three reductions and copies per head).
+        # Each group's convolution backward writes its columns of one dw partial-sum buffer
+        # per weight, summed once at the end (not three reductions and copies per group).
         rows = conv.conv_backward_programs(L, conv_q.shape[1])
         dw_parts = [torch.empty(rows, w.shape[0], w.shape[1], dtype=f32, device=dev)
                     for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
         meta = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
-        # A head's convolution backward (memory-bound, many programs) runs beside the next
-        # head's sequential state kernels (latency-bound, few programs). Its gradients then
-        # outlive its own backward by those kernels, which stays under the peak of a head's
-        # chunk backward (the recomputed and gradient states, 2 x 98.5 MiB at the paper shape).
+        # A group's convolution backward (memory-bound, many programs) runs beside the next
+        # group's sequential state kernels (latency-bound, few programs). Its gradients then
+        # outlive its own backward by those kernels, which stays under the peak of a group's
+        # chunk backward (the recomputed and gradient states, 2 x 98.5 MiB a head at the paper
+        # shape).
         pending = []
-        for j in reversed(range(H)):               # the last head first: its buffers are kept
-            heads = slice(j, j + 1)
+        for j in reversed(range(H // G)):        # the last group first: its buffers are kept
+            heads = slice(j * G, (j + 1) * G)
             if kept is not None:
                 (q3, k3, v3, q_rstd, k_rstd), states = kept
                 kept = None
@@ -153,25 +166,25 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
                 states = None
             own = {"dbeta": dbeta[:, heads], "dg": dg[:, heads]}
 
-            def out(name):  # this head's dq, dk, dv: made when first written (peak memory)
+            def out(name):  # this group's dq, dk, dv: made when first written (peak memory)
                 if name not in own:
-                    own[name] = torch.empty(L, 1, V if name == "dv" else K, dtype=kvba.dtype,
+                    own[name] = torch.empty(L, G, V if name == "dv" else K, dtype=kvba.dtype,
                                             device=dev)
                 return own[name]
 
             inputs = (q3, k3, v3, g[:, heads], beta[:, heads], do3[:, heads], None, None,
-                      q_rstd.view(L, 1), k_rstd.view(L, 1))
+                      q_rstd.view(L, G), k_rstd.view(L, G))
             gdr.backward_heads(P, inputs, states, meta, out, pending, options=ctx.options)
             del q3, k3, v3, inputs, states
-            ck, cv = slice(j * K, (j + 1) * K), slice(j * V, (j + 1) * V)
+            ck, cv = slice(j * G * K, (j + 1) * G * K), slice(j * G * V, (j + 1) * G * V)
             pending.append(functools.partial(
-                _conv_backward_head, (q_tok[:, ck], k_in[:, ck], v_in[:, cv]),
+                _conv_backward_heads, (q_tok[:, ck], k_in[:, ck], v_in[:, cv]),
                 (conv_q[ck], conv_k[ck], conv_v[cv]), (own["dq"], own["dk"], own["dv"]),
                 (d_qtok[:, ck], dk_in[:, ck], dv_in[:, cv]),
                 tuple(p[:, c] for p, c in zip(dw_parts, (ck, ck, cv))),
-                torch.empty(L, K, dtype=q_tok.dtype, device=dev), x_row, slot_row, cu))
+                torch.empty(L, G * K, dtype=q_tok.dtype, device=dev), x_row, slot_row, cu))
             del own
-        while pending:                                  # the last head's, on this stream
+        while pending:                                  # the last group's, on this stream
             pending.pop()()
         dw_q, dw_k, dw_v = (p.sum(0).to(w.dtype) for p, w in zip(dw_parts, (conv_q, conv_k,
                                                                           conv_v)))
@@ -179,15 +192,17 @@ class _LeanConvGatedDeltaRule(torch.autograd.Function):
         db.copy_(d_b)
         da.copy_(d_a)
         return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
-def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log,
-                               dt_bias, *, H: int, chunk_size: int, scale: float,
-                               options=None) -> Tensor:
-    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype. `options`
-    (KernelOptions): precision, storage, side streams and launch settings of the recurrence's
-    kernels; its backward runs one head at a time whatever they say."""
+def triton_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, conv_v, A_log,
+                                 dt_bias, *, H: int, chunk_size: int, scale: float, lean: bool,
+                                 options=None) -> Tensor:
+    """Shapes checked by the dispatcher; returns o [L, H, V] in kvba's dtype. `lean`: the
+    backward goes one head at a time, rerunning all but the last head's forward; else it keeps
+    every head's buffers as the composition does. `options` (KernelOptions): precision,
+    storage, side streams and launch settings of the recurrence's kernels (its
+    backward_head_groups aside: the groups are one head or all of them, as `lean` says)."""
     K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
     conv.check_inputs(kvba, [conv_q, conv_k, conv_v], cu_seqlens, "silu")
     checker("conv_gated_delta_rule")(q_tok.dtype == kvba.dtype, f"q_tok ({q_tok.dtype}) and "
@@ -195,11 +210,11 @@ def lean_conv_gated_delta_rule(q_tok, kvba, gather, cu_seqlens, conv_q, conv_k, 
     gdr.check_dims(K, V, chunk_size, "conv_gated_delta_rule")
     chunk_size = gdr.effective_chunk_size(int(chunk_size), kvba.dtype, K)
     x_row, slot_row = (t.contiguous() for t in gather)
-    return _LeanConvGatedDeltaRule.apply(
+    return _ConvGatedDeltaRule.apply(
         q_tok if q_tok.stride(1) == 1 else q_tok.contiguous(), kvba.contiguous(),
         conv_q.contiguous(), conv_k.contiguous(), conv_v.contiguous(), A_log, dt_bias, x_row,
-        slot_row, as_int32(cu_seqlens), H, chunk_size, float(scale),
+        slot_row, as_int32(cu_seqlens), H, 1 if lean else H, chunk_size, float(scale),
         DEFAULT_OPTIONS if options is None else options)
 
 
-__all__ = ["lean_conv_gated_delta_rule"]
+__all__ = ["triton_conv_gated_delta_rule"]

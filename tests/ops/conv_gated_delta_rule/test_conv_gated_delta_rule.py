@@ -1,5 +1,5 @@
-"""The layer's memory path as one op (`conv_gated_delta_rule`): its lean Triton form (one
-autograd function, backward head by head through recomputed convolutions) against the
+"""The layer's memory path as one op (`conv_gated_delta_rule`): its Triton train form (one
+autograd function; lean: backward head by head through recomputed convolutions) against the
 composition of the torch references, on the CPU through Triton's interpreter (float32)."""
 from __future__ import annotations
 
@@ -47,10 +47,11 @@ def run(leaves, layout, H, chunk_size, **kw):
     return [o] + list(torch.autograd.grad((o * weight).sum(), list(leaves.values())))
 
 
+@pytest.mark.parametrize("lean", [True, False])
 @pytest.mark.parametrize("seqs, chunk_size, H", [(2, 16, 2), (1, 32, 2), (2, 16, 1), (2, 16, 3)])
-def test_lean_conv_gated_delta_rule_matches_composition(seqs, chunk_size, H):
+def test_triton_conv_gated_delta_rule_matches_composition(seqs, chunk_size, H, lean):
     leaves, layout, H = make_case(seqs=seqs, H=H)
-    got = run(leaves, layout, H, chunk_size, lean_backward=True, backend="triton")
+    got = run(leaves, layout, H, chunk_size, lean_backward=lean, backend="triton")
     want = run(leaves, layout, H, chunk_size, backend="torch")
     # dA_log and d dt_bias are per-head sums over every row of terms that mostly cancel: the
     # composition of the Triton ops is off from the torch one by the same ~1.5e-4 there.
@@ -74,11 +75,11 @@ def test_lean_op_with_the_other_backward_forms():
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
-def lean_forward(leaves, layout, H):
+def lean_forward(leaves, layout, H, lean=True):
     return conv_gated_delta_rule(
         leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
         leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
-        num_heads=H, chunk_size=16, lean_backward=True, backend="triton")
+        num_heads=H, chunk_size=16, lean_backward=lean, backend="triton")
 
 
 def test_lean_conv_gated_delta_rule_keeps_its_inputs_and_one_head():
@@ -127,10 +128,11 @@ def test_lean_conv_gated_delta_rule_frees_a_heads_gradients_before_the_next_chun
     assert alive == [0, 0, 0], alive
 
 
-def test_lean_conv_gated_delta_rule_second_backward_recomputes():
-    """retain_graph: the second backward (kept head's buffers gone) gives the same gradients."""
+@pytest.mark.parametrize("lean", [True, False])
+def test_triton_conv_gated_delta_rule_second_backward_recomputes(lean):
+    """retain_graph: the second backward (kept buffers gone) gives the same gradients."""
     leaves, layout, H = make_case(H=2)
-    o = lean_forward(leaves, layout, H)
+    o = lean_forward(leaves, layout, H, lean)
     weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
     first = torch.autograd.grad((o * weight).sum(), list(leaves.values()), retain_graph=True)
     second = torch.autograd.grad((o * weight).sum(), list(leaves.values()))
@@ -145,3 +147,39 @@ def test_conv_gated_delta_rule_rejects_bad_shapes():
             leaves["q_tok"], leaves["kvba"][:, 1:], (layout.token, layout.slot_row),
             layout.cu_seqlens, leaves["conv_q"], leaves["conv_k"], leaves["conv_v"],
             leaves["A_log"], leaves["dt_bias"], num_heads=H)
+
+
+def test_default_train_form_keeps_every_heads_buffers_and_matches_the_other_forms():
+    """Without lean_backward the Triton train form keeps every head's normalised q, k, v and
+    states (no recompute) and drops them in the backward; with recompute_states it keeps no
+    states; with the recurrence's backward by head groups the composition runs. All give the
+    torch composition's results."""
+    from megatron_mom.ops import KernelOptions
+    from megatron_mom.ops.conv_gated_delta_rule.triton import _ConvGatedDeltaRule
+    leaves, layout, H = make_case(H=3)
+    L = layout.num_rows
+    want = run(leaves, layout, H, 16, backend="torch")
+    o = conv_gated_delta_rule(
+        leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
+        leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
+        num_heads=H, chunk_size=16, backend="triton")
+    assert o.grad_fn.name() == _ConvGatedDeltaRule.__name__ + "Backward"
+    per_token, states = o.grad_fn.kept
+    assert [tuple(t.shape) for t in per_token] == [(L, H, 32)] * 3 + [(L, H)] * 2
+    assert states[4].shape[1] == H and states[5].shape == (L, H, 32)      # h, U of every head
+    o.sum().backward()
+    assert o.grad_fn.kept is None
+    tol = {"A_log": 1e-3, "dt_bias": 1e-3}
+    for options, form in ((KernelOptions(recompute_states=True), _ConvGatedDeltaRule.__name__),
+                          (KernelOptions(backward_head_groups=3), None)):
+        o = conv_gated_delta_rule(
+            leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
+            leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"],
+            leaves["dt_bias"], num_heads=H, chunk_size=16, backend="triton", options=options)
+        if form is None:                            # the composition: its last op's autograd
+            assert o.grad_fn.name() != _ConvGatedDeltaRule.__name__ + "Backward"
+        else:
+            assert o.grad_fn.name() == form + "Backward" and o.grad_fn.kept[1] is None
+        got = run(leaves, layout, H, 16, backend="triton", options=options)
+        for name, a, b in zip(["o"] + list(leaves), got, want):
+            assert rel_err(a, b) < tol.get(name, 2e-5), (options, name, rel_err(a, b))
