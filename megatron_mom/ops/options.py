@@ -108,7 +108,8 @@ class KernelOptions:
                           kernels first (no per-chunk states, U or W between the two).
     backward_head_groups: the backward runs over this many groups of heads one after another
                           (the largest divisor of H not above it): its per-chunk buffers take
-                          1/groups of the memory.
+                          1/groups of the memory (the MoM layer's memory path then runs as the
+                          composition of its ops, see conv_gated_delta_rule).
     side_streams:         on CUDA, sequential kernels run beside independent work on side
                           CUDA streams; off: one stream.
     state_split:          the sequential state kernels over pieces of `state_piece_chunks`
