@@ -47,8 +47,10 @@ def run(leaves, layout, H, chunk_size, **kw):
     return [o] + list(torch.autograd.grad((o * weight).sum(), list(leaves.values())))
 
 
-@pytest.mark.parametrize("lean", [True, False])
-@pytest.mark.parametrize("seqs, chunk_size, H", [(2, 16, 2), (1, 32, 2), (2, 16, 1), (2, 16, 3)])
+# The default form (lean=False) at three heads: test_default_train_form_... below.
+@pytest.mark.parametrize("seqs, chunk_size, H, lean", [
+    (2, 16, 2, True), (1, 32, 2, True), (2, 16, 1, True), (2, 16, 3, True),
+    (1, 32, 2, False), (2, 16, 1, False)])
 def test_triton_conv_gated_delta_rule_matches_composition(seqs, chunk_size, H, lean):
     leaves, layout, H = make_case(seqs=seqs, H=H)
     got = run(leaves, layout, H, chunk_size, lean_backward=lean, backend="triton")
