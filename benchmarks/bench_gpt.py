@@ -312,8 +312,10 @@ def activation_memory(model, tokens, positions) -> int:
 def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     """GPU (or CPU) kernel time per step by kind, and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
-    activity = ProfilerActivity.CPU if on_cpu else ProfilerActivity.CUDA
-    with profile(activities=[activity]) as prof:
+    # On the GPU the host's ops are recorded too: `idle_by_phase` needs the phases' host ranges
+    # (which makes the profiled steps' host slower than the timed ones: more idle there).
+    activities = [ProfilerActivity.CPU] + ([] if on_cpu else [ProfilerActivity.CUDA])
+    with profile(activities=activities) as prof:
         for _ in range(n):
             step()
         if not on_cpu:
@@ -321,7 +323,7 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     split, top = {}, []
     for e in prof.key_averages():
         t = (e.self_device_time_total if not on_cpu else e.self_cpu_time_total) / n / 1e3
-        if t <= 0 or (not on_cpu and e.device_type.name != "CUDA"):
+        if t <= 0 or (not on_cpu and e.device_type.name != "CUDA") or e.key.startswith("step/"):
             continue
         kind = kernel_kind(e.key)
         split[kind] = split.get(kind, 0.0) + t
@@ -339,8 +341,10 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
 def idle_by_phase(events, n: int) -> dict:
     """GPU idle time per step (no kernel or copy running, between the first and the last) by
     the step phase (`PHASES`) the host was in meanwhile; "other": between the phases."""
+    # A profiler range also makes a device-side event spanning its kernels (idle gaps too):
+    # only kernels, copies and memsets are busy time.
     busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type.name == "CUDA")
+                  if e.device_type.name == "CUDA" and not e.name.startswith("step/"))
     phases = [(e.time_range.start, e.time_range.end, e.name.split("/", 1)[1]) for e in events
               if e.device_type.name == "CPU" and e.name.startswith("step/")]
     idle = dict.fromkeys(PHASES + ("other",), 0.0)

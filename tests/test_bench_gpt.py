@@ -87,7 +87,8 @@ def test_merge_compares_each_row_with_attention_run_the_same_way(tmp_path):
 
 def test_idle_time_is_charged_to_the_phase_the_host_was_in():
     """GPU idle intervals between kernels (overlapping kernels merged) go to the step phase
-    whose host range covers them, the rest to "other"; per step."""
+    whose host range covers them, the rest to "other"; per step. The profiler's device-side
+    copy of a range is not busy time."""
     from types import SimpleNamespace as NS
 
     def event(device, name, start, end):
@@ -99,7 +100,9 @@ def test_idle_time_is_charged_to_the_phase_the_host_was_in():
               event("CUDA", "k2", 30 * ms, 60 * ms),        # overlaps k1: busy up to 60
               event("CUDA", "k3", 90 * ms, 120 * ms),       # idle 60-90, in forward
               event("CUDA", "k4", 200 * ms, 210 * ms),      # idle 120-150 other, 150-200 opt.
-              event("CPU", "aten::mm", 0, 300 * ms)]
+              event("CPU", "aten::mm", 0, 300 * ms),
+              # the range's device-side event spans its kernels and the gaps between them
+              event("CUDA", "step/forward", 10 * ms, 120 * ms)]
     idle = bench_gpt.idle_by_phase(events, n=2)
     assert idle == {"forward": 15.0, "backward": 0.0, "finalize_grads": 0.0,
                     "optimizer": 25.0, "other": 15.0}
