@@ -78,7 +78,7 @@ def ragged(seed):
     return (*packed_rows(int(cu[-1]), 2, gen), cu, weights(gen), gen)
 
 
-@pytest.mark.parametrize("lean", [False, True], ids=["composed", "lean"])
+@pytest.mark.parametrize("lean", [False, True], ids=["default", "lean"])
 def test_train_mode_bf16(lean):
     q_tok, kvba, gather, cu, w, _ = ragged(0)
     o = call(q_tok, kvba, gather, cu, w, lean_backward=lean)
