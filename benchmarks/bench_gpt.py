@@ -22,7 +22,11 @@ Kinds:  attention  the same GPT with softmax attention (TE's when Transformer En
 
     python benchmarks/bench_gpt.py --shape 380m --seqs 4096,16384 --out DIR      (one GPU)
     python benchmarks/bench_gpt.py --shape tiny --seqs 64 --iters 2               (CPU smoke)
-Writes bench_gpt.json and bench_gpt.md to --out.
+Writes bench_gpt.json and bench_gpt.md to --out. On the GPU each row's JSON also has `idle_ms`:
+the GPU's idle time per profiled step by the step phase the host was in (forward, backward,
+gradient finalisation, optimizer, other). `--grad-norm foreach` replaces Megatron's gradient
+norm fallback without apex / Transformer Engine (a host read per gradient tensor) by
+torch._foreach_norm for every kind, as a user with apex or TE has no such reads.
 """
 from __future__ import annotations
 
