@@ -1,7 +1,7 @@
 """The Triton form of `conv_gated_delta_rule`'s train mode: one autograd function over the
 Triton kernels of `short_conv` (with the L2 norm in its forward kernel) and `gated_delta_rule`
-that keeps its inputs and the buffers of one group of heads, the last: all heads (the default,
-`group_heads = H`) or one (`lean_backward`, `group_heads = 1`).
+that keeps its inputs and the buffers of one group of heads, the last: all heads (the
+default) or one (`lean_backward`).
 
 Forward: convolutions -> L2 norms -> chunked recurrence, for the heads before the last group at
 once keeping nothing they make, then for the last group keeping what its backward needs.
