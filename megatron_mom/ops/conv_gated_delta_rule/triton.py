@@ -12,11 +12,11 @@ that group's convolution backward into its columns of the one d(kvba) and d(q_to
 group this is the composition of the ops without the L2 norm's own forward pass and without
 the unnormalised q and k rows between them; with one head a group at most one head's q, k, v,
 states and gradients exist at a time (the composition keeps them all, 3 x L x H x K values).
-The decay and beta gradients go through `beta_and_decay`'s small graph, built in the
-forward, once for all heads at the end. On CUDA the sequential state kernels run beside
-independent work on side streams (`ops.common.beside`): a group's state forward beside its
-state backward, a group's convolution backward beside the next group's state kernels, and in
-the forward the earlier heads' recurrence beside the last group's.
+The decay and beta gradients go through `beta_and_decay` once for all heads at the end. On
+CUDA the sequential state kernels run beside independent work on side streams
+(`ops.common.beside`): a group's state forward beside its state backward, a group's
+convolution backward beside the next group's state kernels, and in the forward the earlier
+heads' recurrence beside the last group's.
 """
 from __future__ import annotations
 
@@ -65,15 +65,6 @@ def _conv_backward_heads(inputs, weights, grads, d_inputs, dw_parts, d_rows, x_r
     conv.conv_backward(v_in, None, w_v, None, dv.view(L, -1), d_v, cu, N, True, False, part_v)
 
 
-def _beta_and_decay_graph(b, a, A_log, dt_bias):
-    """(leaves, (beta, g)): beta and the decay ([L, H] float32) with their own small autograd
-    graph from detached leaves, which the backward differentiates once it has dbeta and dg
-    (kept from the forward: a few [L, H] tensors, not eight kernels again a step)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (b, a, A_log, dt_bias)]
-        return leaves, beta_and_decay(*leaves)
-
-
 class _ConvGatedDeltaRule(torch.autograd.Function):
 
     @staticmethod
@@ -82,8 +73,7 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        decay_graph = _beta_and_decay_graph(b, a, A_log, dt_bias)
-        beta, g = (t.detach() for t in decay_graph[1])                           # [L, H] f32
+        beta, g = beta_and_decay(b, a, A_log, dt_bias)                             # [L, H] f32
         weights = (conv_q, conv_k, conv_v)
         o = torch.empty(L, H, V, dtype=kvba.dtype, device=kvba.device)
         # The heads before the last group keep nothing; the last group keeps what its backward
@@ -129,7 +119,6 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         # saved tensor would outlive (its storage is released only when the backward returns).
         # A second backward through the graph (retain_graph) recomputes that group instead.
         ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), states)
-        ctx.decay_graph = decay_graph
         ctx.meta = (H, G, K, V, chunk_size, scale)
         ctx.options = options
         return o                                                                   # [L, H, V]
@@ -141,12 +130,10 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         L, N = kvba.shape[0], cu.numel() - 1
         dev, f32 = kvba.device, torch.float32
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        # beta and g with their small graph from the forward (rebuilt for a second backward,
-        # which finds it used), for their gradients at the end.
-        decay_graph, ctx.decay_graph = ctx.decay_graph, None
-        if decay_graph is None:
-            decay_graph = _beta_and_decay_graph(b, a, A_log, dt_bias)
-        leaves, beta_g = decay_graph
+        # beta and g with their small graph ([L, H] float32), for their gradients at the end.
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() for t in (b, a, A_log, dt_bias)]
+            beta_g = beta_and_decay(*leaves)
         beta, g = (t.detach() for t in beta_g)
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
         P = Segments(L, G, K, V, cu, chunk_size)                                  # one group
