@@ -232,7 +232,8 @@ def saved_bytes_and_memory_runs(layer, x, dy):
     return saved[0], runs[0], out.detach(), grads
 
 
-@pytest.mark.parametrize("backend, lean", [("torch", False), ("torch", True), ("triton", True)])
+@pytest.mark.parametrize("backend, lean", [("torch", False), ("torch", True), ("triton", False),
+                                           ("triton", True)])
 def test_selective_recompute_reruns_the_core(megatron_single, backend, lean):
     """Megatron's selective recompute of "core_attn" (--recompute-activations): the layer keeps
     its input and read-out and reruns its core (projection, memory path, mix, read-out norm)
