@@ -212,7 +212,7 @@ def foreach_grad_norm():
 
     def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
         norms = [n for ts in tensor_lists if ts for n in torch._foreach_norm(ts)]
-        return torch.linalg.vector_norm(torch.stack(norms)).float().reshape(1), None
+        return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
     clip_grads.l2_norm_impl = l2_norm
 
