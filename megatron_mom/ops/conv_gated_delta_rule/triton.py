@@ -100,17 +100,11 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
         gam, w, u0, t_mat, p_mat = gdr.prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale,
                                                options)
-        if options.recompute_states:
-            gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                              store_states=False, store_final=False, o=o[:, last],
-                              options=options)
-            states = None
-        else:
-            h, u = gdr.new_states(P, k3, u0)
-            gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
-                              store_states=True, store_final=False, o=o[:, last], h=h, u=u,
-                              options=options)
-            states = (gam, w, t_mat, p_mat, h, u)
+        keep = not options.recompute_states
+        _, h, u, _ = gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
+                                       store_states=keep, store_final=False, o=o[:, last],
+                                       options=options)
+        states = (gam, w, t_mat, p_mat, h, u) if keep else None
         join()
         del rest_bufs
         ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
