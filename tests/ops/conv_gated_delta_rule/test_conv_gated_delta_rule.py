@@ -38,11 +38,15 @@ def make_case(N=40, S=2, E=3, seqs=2, H=2, K=32, V=32, W=4, seed=0):
     return leaves, layout, H
 
 
-def run(leaves, layout, H, chunk_size, **kw):
-    o = conv_gated_delta_rule(
+def forward(leaves, layout, H, chunk_size=16, **kw):
+    return conv_gated_delta_rule(
         leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
         leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
         num_heads=H, chunk_size=chunk_size, **kw)
+
+
+def run(leaves, layout, H, chunk_size, **kw):
+    o = forward(leaves, layout, H, chunk_size, **kw)
     weight = torch.randn(o.shape, generator=torch.Generator().manual_seed(7))
     return [o] + list(torch.autograd.grad((o * weight).sum(), list(leaves.values())))
 
@@ -78,10 +82,7 @@ def test_lean_op_with_the_other_backward_forms():
 
 
 def lean_forward(leaves, layout, H, lean=True):
-    return conv_gated_delta_rule(
-        leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
-        leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
-        num_heads=H, chunk_size=16, lean_backward=lean, backend="triton")
+    return forward(leaves, layout, H, lean_backward=lean, backend="triton")
 
 
 def test_lean_conv_gated_delta_rule_keeps_its_inputs_and_one_head():
@@ -161,10 +162,7 @@ def test_default_train_form_keeps_every_heads_buffers_and_matches_the_other_form
     leaves, layout, H = make_case(H=3)
     L = layout.num_rows
     want = run(leaves, layout, H, 16, backend="torch")
-    o = conv_gated_delta_rule(
-        leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
-        leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"], leaves["dt_bias"],
-        num_heads=H, chunk_size=16, backend="triton")
+    o = forward(leaves, layout, H, backend="triton")
     assert o.grad_fn.name() == _ConvGatedDeltaRule.__name__ + "Backward"
     per_token, states = o.grad_fn.kept
     assert [tuple(t.shape) for t in per_token] == [(L, H, 32)] * 3 + [(L, H)] * 2
@@ -174,10 +172,7 @@ def test_default_train_form_keeps_every_heads_buffers_and_matches_the_other_form
     tol = {"A_log": 1e-3, "dt_bias": 1e-3}
     for options, form in ((KernelOptions(recompute_states=True), _ConvGatedDeltaRule.__name__),
                           (KernelOptions(backward_head_groups=3), None)):
-        o = conv_gated_delta_rule(
-            leaves["q_tok"], leaves["kvba"], (layout.token, layout.slot_row), layout.cu_seqlens,
-            leaves["conv_q"], leaves["conv_k"], leaves["conv_v"], leaves["A_log"],
-            leaves["dt_bias"], num_heads=H, chunk_size=16, backend="triton", options=options)
+        o = forward(leaves, layout, H, backend="triton", options=options)
         if form is None:                            # the composition: its last op's autograd
             assert o.grad_fn.name() != _ConvGatedDeltaRule.__name__ + "Backward"
         else:
