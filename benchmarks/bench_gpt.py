@@ -336,7 +336,7 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     split = {k: round(v, 2) for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
     top.sort(reverse=True)
     row = dict(gpu_ms=round(busy, 2), host_gap_ms=round(max(wall_ms - busy, 0.0), 2),
-               split=split, top=top[:40])
+               split=split, top=top[:120])
     if not on_cpu:
         row["idle_ms"] = idle_by_phase(prof.events(), n)
     return row

@@ -323,10 +323,17 @@ def chunk_bwd_wy_kernel(
     GAM_PARTS: tl.constexpr,
     SQK: tl.constexpr, SGB: tl.constexpr, SDQK: tl.constexpr, SDB: tl.constexpr,
     SSK: tl.constexpr,
+    NORM: tl.constexpr = False, k_rstd=None, dk_in=None, SKR: tl.constexpr = 0,
+    SDKI: tl.constexpr = 0,
 ):
     """Phase B, one program per (chunk, head): dL/dT (slot 0 + dW Kbg^T), dA = -T^T dT T^T,
     then over K blocks the rest of dk; dbeta and dg (reverse in-chunk cumsum of dgam, phase
-    A's GAM_PARTS partials summed in order)."""
+    A's GAM_PARTS partials summed in order).
+
+    NORM: k is the L2-normalised input (rstd k_rstd [TT, H], row stride SKR); after dk (its
+    gradient, float32) is written, a second pass over its K blocks writes the gradient of the
+    unnormalised input, rstd * (dk - k (k . dk)), into dk_in (row stride SDKI). The first
+    pass's blocks are re-read from the program's own rows, still in L2."""
     pid = tl.program_id(0)
     hh = tl.program_id(1)
     if pid >= tl.load(chunk_offsets + N):
@@ -364,6 +371,7 @@ def chunk_bwd_wy_kernel(
 
     d_beta = tl.load(dbeta + tok * SDB + hh, mask=valid, other=0.0)
     d_gam = tl.load(dgam + tok * H + hh, mask=valid, other=0.0)
+    k_dk = tl.zeros([C], dtype=tl.float32)                           # k . dk (NORM)
     for part in tl.static_range(1, GAM_PARTS):
         d_gam += tl.load(dgam + part * GAM_PART + tok * H + hh, mask=valid, other=0.0)
     for kb in tl.static_range(K // BK):
@@ -391,6 +399,20 @@ def chunk_bwd_wy_kernel(
         dk_t += gtk
         tl.store(dk + (tok * SDQK + hh * K)[:, None] + kcols[None, :], dk_t.to(dk.dtype.element_ty),
                  mask=valid[:, None])
+        if NORM:
+            k_dk += tl.sum(k_t * dk_t, axis=1)
+    if NORM:
+        tl.debug_barrier()                  # the first pass's stores, seen by every thread
+        r = tl.load(k_rstd + tok * SKR + hh, mask=valid, other=0.0)
+        for kb in tl.static_range(K // BK):
+            kcols = kb * BK + tl.arange(0, BK)
+            k_t = tl.load(k + (tok * SQK + hh * K)[:, None] + kcols[None, :], mask=valid[:, None],
+                          other=0.0).to(tl.float32)
+            dk_t = tl.load(dk + (tok * SDQK + hh * K)[:, None] + kcols[None, :],
+                           mask=valid[:, None], other=0.0)
+            tl.store(dk_in + (tok * SDKI + hh * K)[:, None] + kcols[None, :],
+                     (r[:, None] * (dk_t - k_t * k_dk[:, None])).to(dk_in.dtype.element_ty),
+                     mask=valid[:, None])
     d_gam = tl.where(valid, d_gam, 0.0)
     # g enters through the in-chunk cumsum: dg_t = sum_{i >= t} dgam_i.
     d_g = tl.sum(d_gam, axis=0) - tl.cumsum(d_gam, axis=0) + d_gam

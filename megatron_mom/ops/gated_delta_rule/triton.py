@@ -265,10 +265,12 @@ def _scan_pieces(P: Segments, pieces, ab, s_in, s_out, HN, *, reverse, options):
 
 
 def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, scale, dk_dtype,
-                   dq=None, dk=None, dv=None, dbeta=None, dg=None,
+                   dq=None, dk=None, dv=None, dbeta=None, dg=None, k_l2norm=None,
                    options: KernelOptions = DEFAULT_OPTIONS):
     """Two chunk-parallel phases (dq, dv, direct dk, dW | WY part of dk, dbeta, dg), written
-    into the given tensors (head slices of the full gradients) or into new ones."""
+    into the given tensors (head slices of the full gradients) or into new ones.
+    k_l2norm = (k_rstd [TT, H], dk_in [TT, H, K]): k is L2-normalised, and the second phase
+    also writes the gradient of the unnormalised k into dk_in (dk then float32)."""
     dev = k.device
     f32 = dict(dtype=torch.float32, device=dev)
     cfg = options.launch["chunk_bwd"]
@@ -316,10 +318,18 @@ def chunk_backward(P: Segments, q, k, v, beta, gam, t_mat, h, dh, u, du, do, sca
            ONE_PASS=bool(main["one_pass"]), SPLIT_K=parts > 1, DP_FIRST=scratch_dp is not None,
            **v_strides, **strides, **_launch_opts(options, "chunk_bwd_main", main))
     del scratch_dp
+    norm = {}
+    if k_l2norm is not None:
+        k_rstd, dk_in = k_l2norm
+        if dk.dtype != torch.float32 or k_rstd.stride(-1) != 1:
+            raise ValueError("gated_delta_rule (triton): internal: the fused L2-norm backward "
+                             "needs a float32 dk and rstd with unit head stride")
+        norm = dict(NORM=True, k_rstd=k_rstd, dk_in=dk_in, SKR=k_rstd.stride(0),
+                    SDKI=_row_stride(dk_in))
     chunk_bwd_wy_kernel[(P.NTU, P.H)](
         k, beta, gam, t_mat, dk, dbeta, dgam, dg, scratch_cc, scratch_dw, scratch_dk,
         *seq, P.TT * P.H, H=P.H, K=P.K, C=P.C, BK=BK, PREC=prec, GAM_PARTS=parts, **strides,
-        **_launch_opts(options, "chunk_bwd_wy"))
+        **norm, **_launch_opts(options, "chunk_bwd_wy"))
     return dq, dk
 
 
@@ -457,12 +467,13 @@ def backward_heads(P: Segments, inputs, states, meta, out, pending=(),
     grads = dict(dv=out("dv"), dbeta=out("dbeta"), dg=out("dg"))
     if use_l2:
         # The kernels' dq, dk are gradients of the normalised q, k: the group's own buffers
-        # (dk in float32), which the L2 norm's backward turns into the full gradients' slices.
-        dq_n, dk_n = chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
-                                    torch.float32, **grads, options=options)
+        # (dk in float32), which the L2 norm's backward turns into the full gradients' slices
+        # (k's in the chunk backward's last kernel, which holds the rows of dk).
+        dq_n, _ = chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale,
+                                 torch.float32, **grads, k_l2norm=(k_rstd, out("dk")),
+                                 options=options)
         del h, dh, u, du, states
         l2norm_bwd_into(out("dq"), q3, q_rstd, dq_n)
-        l2norm_bwd_into(out("dk"), k3, k_rstd, dk_n)
     else:
         chunk_backward(P, q3, k3, v3, b2, gam, t_mat, h, dh, u, du, do3, scale, q_dtype,
                        dq=out("dq"), dk=out("dk"), **grads, options=options)
