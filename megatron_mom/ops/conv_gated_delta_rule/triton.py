@@ -12,9 +12,9 @@ that group's convolution backward into its columns of the one d(kvba) and d(q_to
 group this is the composition of the ops without the L2 norm's own forward pass and without
 the unnormalised q and k rows between them; with one head a group at most one head's q, k, v,
 states and gradients exist at a time (the composition keeps them all, 3 x L x H x K values).
-The decay and beta gradients go through `beta_and_decay` once for all heads at the end. On
-CUDA the sequential state kernels run beside independent work on side streams
-(`ops.common.beside`): a group's state forward beside its state backward, a group's
+beta and the decay (`beta_and_decay`) are one kernel each way, their gradients taken once for
+all heads at the end. On CUDA the sequential state kernels run beside independent work on side
+streams (`ops.common.beside`): a group's state forward beside its state backward, a group's
 convolution backward beside the next group's state kernels, and in the forward the earlier
 heads' recurrence beside the last group's.
 """
@@ -23,14 +23,98 @@ from __future__ import annotations
 import functools
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from megatron_mom.ops.common import Segments, as_int32, beside, checker
-from megatron_mom.ops.conv_gated_delta_rule.state import beta_and_decay, kvba_columns
+from megatron_mom.ops.conv_gated_delta_rule.state import kvba_columns
 from megatron_mom.ops.gated_delta_rule import triton as gdr
 from megatron_mom.ops.mix import sum_over_slots
 from megatron_mom.ops.options import DEFAULT_OPTIONS
 from megatron_mom.ops.short_conv import triton as conv
+
+
+# beta and the decay of every packed row and head in one kernel each way (torch's ops take
+# about twenty launches a layer on these [L, H] tensors).
+GATE_ROWS = 256
+
+
+@triton.jit
+def _softplus_sigmoid(x):
+    """(softplus(x), sigmoid(x)), stable for large |x|."""
+    e = tl.exp(-tl.abs(x))
+    sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    return tl.maximum(x, 0.0) + tl.log(1.0 + e), sig
+
+
+@triton.jit(do_not_specialize=["L"])
+def _gates_fwd_kernel(b, a, A_log, dt_bias, beta, g, L, SROW: tl.constexpr, H: tl.constexpr,
+                      BH: tl.constexpr, BR: tl.constexpr):
+    """beta = sigmoid(b), g = -exp(A_log) softplus(a + dt_bias): [L, H] float32 from the b and a
+    columns of the packed rows (row stride SROW)."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
+    heads = tl.arange(0, BH)[None, :]
+    mask = (rows < L) & (heads < H)
+    b_t = tl.load(b + rows * SROW + heads, mask=mask, other=0.0).to(tl.float32)
+    x = (tl.load(a + rows * SROW + heads, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32))
+    sp, _ = _softplus_sigmoid(x)
+    _, beta_t = _softplus_sigmoid(b_t)
+    A = tl.exp(tl.load(A_log + heads, mask=heads < H, other=0.0).to(tl.float32))
+    tl.store(beta + rows * H + heads, beta_t, mask=mask)
+    tl.store(g + rows * H + heads, -A * sp, mask=mask)
+
+
+@triton.jit(do_not_specialize=["L"])
+def _gates_bwd_kernel(b, a, A_log, dt_bias, dbeta, dg, db, da, part, L, SROW: tl.constexpr,
+                      SDROW: tl.constexpr, H: tl.constexpr, BH: tl.constexpr, BR: tl.constexpr):
+    """db, da (row stride SDROW) from dbeta, dg [L, H] float32, and this program's sums over its
+    rows of dA_log and d dt_bias into part [programs, 2, H]."""
+    rows = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)[:, None]
+    heads = tl.arange(0, BH)[None, :]
+    mask = (rows < L) & (heads < H)
+    _, beta_t = _softplus_sigmoid(tl.load(b + rows * SROW + heads, mask=mask,
+                                          other=0.0).to(tl.float32))
+    x = (tl.load(a + rows * SROW + heads, mask=mask, other=0.0).to(tl.float32)
+         + tl.load(dt_bias + heads, mask=heads < H, other=0.0).to(tl.float32))
+    sp, sig = _softplus_sigmoid(x)
+    A = tl.exp(tl.load(A_log + heads, mask=heads < H, other=0.0).to(tl.float32))
+    d_beta = tl.load(dbeta + rows * H + heads, mask=mask, other=0.0)
+    d_g = tl.load(dg + rows * H + heads, mask=mask, other=0.0)
+    d_x = -A * sig * d_g
+    tl.store(db + rows * SDROW + heads, (d_beta * beta_t * (1.0 - beta_t)).to(db.dtype.element_ty),
+             mask=mask)
+    tl.store(da + rows * SDROW + heads, d_x.to(da.dtype.element_ty), mask=mask)
+    out = part + tl.program_id(0) * 2 * H + tl.arange(0, BH)
+    tl.store(out, tl.sum(-A * sp * d_g, axis=0), mask=tl.arange(0, BH) < H)
+    tl.store(out + H, tl.sum(d_x, axis=0), mask=tl.arange(0, BH) < H)
+
+
+def _gates_forward(b: Tensor, a: Tensor, A_log: Tensor, dt_bias: Tensor):
+    """`beta_and_decay` of the packed rows' b, a columns [L, H] (a row stride, unit column
+    stride): (beta, g) [L, H] float32."""
+    L, H = b.shape
+    beta, g = (torch.empty(L, H, dtype=torch.float32, device=b.device) for _ in range(2))
+    if L:
+        _gates_fwd_kernel[(triton.cdiv(L, GATE_ROWS),)](
+            b, a, A_log, dt_bias, beta, g, L, SROW=b.stride(0), H=H,
+            BH=triton.next_power_of_2(H), BR=GATE_ROWS)
+    return beta, g
+
+
+def _gates_backward(b, a, A_log, dt_bias, dbeta, dg, db, da):
+    """Writes db, da (columns of the packed rows' gradient) from dbeta, dg [L, H] float32;
+    returns (dA_log, d dt_bias) in their parameters' dtypes."""
+    L, H = b.shape
+    programs = triton.cdiv(L, GATE_ROWS)
+    part = torch.empty(programs, 2, H, dtype=torch.float32, device=b.device)   # [P, 2, H]
+    if L:
+        _gates_bwd_kernel[(programs,)](
+            b, a, A_log, dt_bias, dbeta, dg, db, da, part, L, SROW=b.stride(0),
+            SDROW=db.stride(0), H=H, BH=triton.next_power_of_2(H), BR=GATE_ROWS)
+    d_A, d_dt = part.sum(0) if L else torch.zeros(2, H, device=b.device)
+    return d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype)
 
 
 def _split_kvba(kvba: Tensor, H: int, K: int, V: int):
@@ -73,7 +157,7 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         L = kvba.shape[0]
         K, V = conv_q.shape[0] // H, conv_v.shape[0] // H
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        beta, g = beta_and_decay(b, a, A_log, dt_bias)                             # [L, H] f32
+        beta, g = _gates_forward(b, a, A_log, dt_bias)                             # [L, H] f32
         weights = (conv_q, conv_k, conv_v)
         o = torch.empty(L, H, V, dtype=kvba.dtype, device=kvba.device)
         # The heads before the last group keep nothing; the last group keeps what its backward
@@ -124,11 +208,7 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         L, N = kvba.shape[0], cu.numel() - 1
         dev, f32 = kvba.device, torch.float32
         k_in, v_in, b, a = _split_kvba(kvba, H, K, V)
-        # beta and g with their small graph ([L, H] float32), for their gradients at the end.
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (b, a, A_log, dt_bias)]
-            beta_g = beta_and_decay(*leaves)
-        beta, g = (t.detach() for t in beta_g)
+        beta, g = _gates_forward(b, a, A_log, dt_bias)                             # [L, H] f32
         do3 = d_o.reshape(L, H, V).to(kvba.dtype).contiguous()
         P = Segments(L, G, K, V, cu, chunk_size)                                  # one group
         dbeta = torch.empty(L, H, dtype=f32, device=dev)
@@ -182,10 +262,8 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
             pending.pop()()
         dw_q, dw_k, dw_v = (p.sum(0).to(w.dtype) for p, w in zip(dw_parts, (conv_q, conv_k,
                                                                           conv_v)))
-        d_b, d_a, d_A, d_dt = torch.autograd.grad(beta_g, leaves, (dbeta, dg))
-        db.copy_(d_b)
-        da.copy_(d_a)
-        return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype),
+        d_A, d_dt = _gates_backward(b, a, A_log, dt_bias, dbeta, dg, db, da)
+        return (d_qtok, d_kvba, dw_q, dw_k, dw_v, d_A, d_dt,
                 None, None, None, None, None, None, None, None)
 
 
