@@ -327,7 +327,7 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     split, top = {}, []
     for e in prof.key_averages():
         t = (e.self_device_time_total if not on_cpu else e.self_cpu_time_total) / n / 1e3
-        if t <= 0 or (not on_cpu and e.device_type.name != "CUDA") or e.key.startswith("step/"):
+        if t <= 0 or (not on_cpu and not _device_work(e)):
             continue
         kind = kernel_kind(e.key)
         split[kind] = split.get(kind, 0.0) + t
@@ -342,13 +342,18 @@ def profile_split(step, n: int, wall_ms: float, on_cpu: bool) -> dict:
     return row
 
 
+def _device_work(e) -> bool:
+    """Whether a profiler event is a kernel, copy or memset: not a host event, and not the
+    device-side event that a `record_function` range (ours, or the optimizer's
+    "Optimizer.step#AdamW.step") makes to span its kernels and the idle gaps between them."""
+    return (e.device_type.name == "CUDA" and not getattr(e, "is_user_annotation", False)
+            and not e.key.startswith("step/"))
+
+
 def idle_by_phase(events, n: int) -> dict:
     """GPU idle time per step (no kernel or copy running, between the first and the last) by
     the step phase (`PHASES`) the host was in meanwhile; "other": between the phases."""
-    # A profiler range also makes a device-side event spanning its kernels (idle gaps too):
-    # only kernels, copies and memsets are busy time.
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type.name == "CUDA" and not e.name.startswith("step/"))
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events if _device_work(e))
     phases = [(e.time_range.start, e.time_range.end, e.name.split("/", 1)[1]) for e in events
               if e.device_type.name == "CPU" and e.name.startswith("step/")]
     idle = dict.fromkeys(PHASES + ("other",), 0.0)

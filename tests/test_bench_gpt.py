@@ -91,8 +91,9 @@ def test_idle_time_is_charged_to_the_phase_the_host_was_in():
     copy of a range is not busy time."""
     from types import SimpleNamespace as NS
 
-    def event(device, name, start, end):
-        return NS(device_type=NS(name=device), name=name, time_range=NS(start=start, end=end))
+    def event(device, name, start, end, annotation=False):
+        return NS(device_type=NS(name=device), name=name, key=name, is_user_annotation=annotation,
+                  time_range=NS(start=start, end=end))
     ms = 1000                                                        # profiler times in us
     events = [event("CPU", "step/forward", 0, 100 * ms),
               event("CPU", "step/optimizer", 150 * ms, 300 * ms),
@@ -101,8 +102,9 @@ def test_idle_time_is_charged_to_the_phase_the_host_was_in():
               event("CUDA", "k3", 90 * ms, 120 * ms),       # idle 60-90, in forward
               event("CUDA", "k4", 200 * ms, 210 * ms),      # idle 120-150 other, 150-200 opt.
               event("CPU", "aten::mm", 0, 300 * ms),
-              # the range's device-side event spans its kernels and the gaps between them
-              event("CUDA", "step/forward", 10 * ms, 120 * ms)]
+              # a range's device-side event spans its kernels and the gaps between them
+              event("CUDA", "step/forward", 10 * ms, 120 * ms, annotation=True),
+              event("CUDA", "Optimizer.step#AdamW.step", 150 * ms, 290 * ms, annotation=True)]
     idle = bench_gpt.idle_by_phase(events, n=2)
     assert idle == {"forward": 15.0, "backward": 0.0, "finalize_grads": 0.0,
                     "optimizer": 25.0, "other": 15.0}
