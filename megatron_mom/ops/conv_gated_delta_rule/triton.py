@@ -117,6 +117,14 @@ def _gates_backward(b, a, A_log, dt_bias, dbeta, dg, db, da):
     return d_A.to(A_log.dtype), d_dt.to(dt_bias.dtype)
 
 
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`: activation
+    checkpointing, offloading) would see what the forward saves. torch has no public query;
+    without its private one, answer yes (saving every buffer is always correct)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
 def _split_kvba(kvba: Tensor, H: int, K: int, V: int):
     """Column views k [L, H*K], v [L, H*V], b [L, H], a [L, H] of the packed rows."""
     return kvba.split(kvba_columns(H, K, V), dim=1)
@@ -191,19 +199,29 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         states = (gam, w, t_mat, p_mat, h, u) if keep else None
         join()
         del rest_bufs
-        ctx.save_for_backward(q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row,
-                              slot_row, cu)
-        # An attribute, not a saved tensor: the backward drops it after the last group, which a
-        # saved tensor would outlive (its storage is released only when the backward returns).
-        # A second backward through the graph (retain_graph) recomputes that group instead.
-        ctx.kept = ((q3, k3, v3, q_rstd, k_rstd), states)
+        inputs = (q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu)
+        kept = ((q3, k3, v3, q_rstd, k_rstd), states)
+        if _saved_tensor_hooks_active():
+            # Activation checkpointing and offloading act through these hooks and see only
+            # saved tensors: an attribute would stay in memory from here to the backward
+            # under Megatron's selective recompute (its whole point being not to).
+            ctx.save_for_backward(*inputs, *kept[0], *(states or ()))
+            ctx.kept = None
+        else:
+            # An attribute, not a saved tensor: the backward drops it after the last group,
+            # which a saved tensor would outlive (its storage is released only when the
+            # backward returns). A second backward through the graph (retain_graph)
+            # recomputes that group instead.
+            ctx.save_for_backward(*inputs)
+            ctx.kept = kept
         ctx.meta = (H, G, K, V, chunk_size, scale)
         ctx.options = options
         return o                                                                   # [L, H, V]
 
     @staticmethod
     def backward(ctx, d_o):
-        q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu = ctx.saved_tensors
+        (q_tok, kvba, conv_q, conv_k, conv_v, A_log, dt_bias, x_row, slot_row, cu,
+         *saved_kept) = ctx.saved_tensors
         H, G, K, V, chunk_size, scale = ctx.meta
         L, N = kvba.shape[0], cu.numel() - 1
         dev, f32 = kvba.device, torch.float32
@@ -223,6 +241,9 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
                     for w in (conv_q, conv_k, conv_v)]                       # [rows, H*K, W]
         meta = (scale, True, False, kvba.dtype)
         kept, ctx.kept = ctx.kept, None
+        if saved_kept:
+            kept = (tuple(saved_kept[:5]), tuple(saved_kept[5:]) or None)
+        del saved_kept
         # A group's convolution backward (memory-bound, many programs) runs beside the next
         # group's sequential state kernels (latency-bound, few programs). Its gradients then
         # outlive its own backward by those kernels, which stays under the peak of a group's

@@ -143,6 +143,31 @@ def test_triton_conv_gated_delta_rule_second_backward_recomputes(lean):
         assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors(lean):
+    """Under activation checkpointing (and offloading: saved-tensor hooks) what the forward
+    keeps for the backward goes through the hooks as saved tensors: an attribute would stay in
+    memory until the backward, which the checkpoint is there to avoid. The checkpointed
+    gradients are the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+    leaves, layout, H = make_case(H=2)
+    L, heads = layout.num_rows, 1 if lean else H
+    weight = torch.randn(L, H, 32, generator=torch.Generator().manual_seed(3))
+
+    def loss():
+        return (lean_forward(leaves, layout, H, lean) * weight).sum()
+
+    want = torch.autograd.grad(loss(), list(leaves.values()))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        o = lean_forward(leaves, layout, H, lean)
+    saved = o.grad_fn.saved_tensors
+    assert o.grad_fn.kept is None and len(saved) == 10 + 5 + 6     # inputs, q k v rstd, states
+    assert [tuple(t.shape) for t in saved[10:13]] == [(L, heads, 32)] * 3
+    got = torch.autograd.grad(checkpoint(loss, use_reentrant=False), list(leaves.values()))
+    for name, a, b in zip(leaves, got, want):
+        assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
+
+
 def test_conv_gated_delta_rule_rejects_bad_shapes():
     leaves, layout, H = make_case()
     with pytest.raises(ValueError, match="kvba has"):
