@@ -206,9 +206,35 @@ def test_projection_runs_in_projs_hooks(megatron_single, mode):
     assert calls == ["pre", ["rows"] if mode == "on" else [], "post"]
 
 
+def bytes_held_by_nodes(out):
+    """Bytes of the tensors that the autograd graph behind `out` holds as attributes of its
+    nodes (a custom Function's ctx), which saved-tensor hooks, and so checkpointing, never
+    see."""
+    seen_nodes, seen_ptrs, total, todo = set(), set(), 0, [out.grad_fn]
+
+    def tensors(v):
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (tuple, list)):
+            for item in v:
+                yield from tensors(item)
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        for value in getattr(node, "__dict__", {}).values():
+            for t in tensors(value):
+                if t.data_ptr() not in seen_ptrs:
+                    seen_ptrs.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
+        todo.extend(fn for fn, _ in node.next_functions)
+    return total
+
+
 def saved_bytes_and_memory_runs(layer, x, dy):
-    """(bytes autograd saved in the forward, memory-path forwards run) of one forward+backward,
-    and the output and gradients."""
+    """(bytes autograd saved in the forward or its nodes hold as attributes, memory-path
+    forwards run) of one forward+backward, and the output and gradients."""
     saved, runs = [0], [0]
     memories = layer._memories
 
@@ -224,6 +250,7 @@ def saved_bytes_and_memory_runs(layer, x, dy):
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out, _ = layer(xi)
+        saved[0] += bytes_held_by_nodes(out)
         out.backward(dy)
     finally:
         del layer._memories
