@@ -84,6 +84,11 @@ VARIANTS = [
         ("chunk_bwd_main", "K", {"num_warps": 8, "split_k": 1}),
         ("chunk_bwd_wy", None, {"num_warps": 8})]),
     ("chunk_bwd_wy w8", "chunk_bwd_wy", None, {"num_warps": 8}),
+    # The state kernels reading T ([C, C]) and beta in place of W ([C, K]); prepare still
+    # stores W (the split's per-piece transfers read it).
+    ("w from T", "multi", None, [("state_fwd", "K", {"w_from_t": 1}),
+                                 ("state_fwd_o", "K", {"w_from_t": 1}),
+                                 ("state_bwd", "K", {"w_from_t": 1})]),
     ("state_fwd s2", "state_fwd", "K", {"num_stages": 2}),
     # K = 256 without prefetching: small enough for 3 (BV 32) or 4 (BV 16) programs per SM,
     # which hide each other's chunk-step latency instead (kernel_resources.py --variants).

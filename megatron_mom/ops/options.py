@@ -38,11 +38,15 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     "prepare": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 1},
     # The forward chain where the states are stored and o comes after it (training). K = 256:
     # without q and P in the loop three stages fit (226 KB) and prefetch each chunk's k and W.
-    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                  256: {"BV": 32, "num_warps": 4, "num_stages": 3}},
+    # w_from_t (this entry, "state_fwd_o", "state_bwd", "state_fp32"): the chain reads T
+    # ([C, C]) and beta in place of W ([C, K]): W S = T (beta e^gam (k S)) and W^T dU =
+    # k^T (beta e^gam (T^T dU)); fewer bytes a step, one more dot on the chain. CPU
+    # interpreter tests only: not yet timed or run on a GPU (docs/performance.md's estimate).
+    "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "w_from_t": 0},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 3, "w_from_t": 0}},
     # The chain computing o itself (no states stored: inference, recompute_states' forward).
-    "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2},
-                    256: {"BV": 16, "num_warps": 4, "num_stages": 2}},
+    "state_fwd_o": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "w_from_t": 0},
+                    256: {"BV": 16, "num_warps": 4, "num_stages": 2, "w_from_t": 0}},
     # o from the stored states after the chain when K >= min_k; below it the chain computes o
     # while it stores the states ("state_fwd_o" settings).
     "chunk_out": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2, "min_k": 0},
@@ -50,13 +54,13 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # P. The chain waits on its per-step q, k and W loads, which every V block re-reads; the
     # shared memory P no longer takes lets a two-stage BV 32 build fit at K = 256: half the
     # programs re-reading them. K = 128 keeps P in the chain (du0 not timed there).
-    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": 0},
-                  256: {"BV": 32, "num_warps": 4, "num_stages": 2, "du0": 1}},
+    "state_bwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": 0, "w_from_t": 0},
+                  256: {"BV": 32, "num_warps": 4, "num_stages": 2, "du0": 1, "w_from_t": 0}},
     "p_t_do": {"BV": 64, "num_warps": 4, "num_stages": 1},
     # float32 operands take twice the registers and shared memory (and K > 128 runs 16-token
     # chunks: gated_delta_rule.triton.FP32_WIDE_CHUNK). du0: the backward's, as in state_bwd.
-    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1, "du0": 0},
-                   256: {"BV": 32, "num_warps": 8, "num_stages": 2, "du0": 0}},
+    "state_fp32": {128: {"BV": 32, "num_warps": 8, "num_stages": 1, "du0": 0, "w_from_t": 0},
+                   256: {"BV": 32, "num_warps": 8, "num_stages": 2, "du0": 0, "w_from_t": 0}},
     "chunk_bwd": {"BK": 64, "BV": 64},
     # 4 warps: two programs share an SM (benchmarks/kernel_resources.py --dense lists what
     # each build uses). one_pass: its dq, dW and dk products over V in one loop (three

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_mom.ops import KernelOptions
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.short_conv import short_conv
 
@@ -75,13 +76,18 @@ def gdr_case(backend, which, nan_at, H=1, K=16, V=16):
         x[which][0, nan_at] = float("nan")
     for t in x.values():
         t.requires_grad_()
+    options = None
+    if backend == "triton, w_from_t":          # the state kernels reading T in place of W
+        backend, options = "triton", KernelOptions()
+        for kernel in ("state_fwd", "state_bwd", "state_fp32"):
+            options = options.with_launch(kernel, 128, w_from_t=1)
     o, state = gated_delta_rule(*x.values(), cu_seqlens=CU, chunk_size=16, backend=backend,
-                                output_final_state=True)
+                                output_final_state=True, options=options)
     (o.sum() + state.sum()).backward()
     return o, state, {name: t.grad for name, t in x.items()}
 
 
-@pytest.mark.parametrize("backend", ["recurrent", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["recurrent", "torch", "triton", "triton, w_from_t"])
 @pytest.mark.parametrize("which", ["k", "v", "g", "beta"])
 @pytest.mark.parametrize("nan_at", [9, 19])         # inside the first chunk; last of the second
 def test_gated_delta_rule_nan_stays_in_its_sequence(backend, which, nan_at):

@@ -27,7 +27,8 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
     with pytest.raises(TypeError):
         KernelOptions().launch["prepare"]["num_warps"] = 8
     narrow = KernelOptions().with_launch("state_fwd", 256, BV=16)
-    assert narrow.launch["state_fwd"][256] == {"BV": 16, "num_warps": 4, "num_stages": 3}
+    assert narrow.launch["state_fwd"][256] == {"BV": 16, "num_warps": 4, "num_stages": 3,
+                                               "w_from_t": 0}
     assert TUNED_LAUNCH["state_fwd"][256]["BV"] == 32
     assert KernelOptions().launch["state_fwd"][256]["BV"] == 32
     # The entry a head size runs with: the least K bound at or above it.
@@ -59,7 +60,8 @@ def test_tuned_launch_table_is_read_only_and_with_launch_copies():
         with pytest.raises(ValueError, match=problem):
             KernelOptions().with_launch(kernel, bound, **settings)
     assert KernelOptions().with_launch("state_bwd", 256, du0=True, BV=64, num_warps=8).launch[
-        "state_bwd"][256] == {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": True}
+        "state_bwd"][256] == {"BV": 64, "num_warps": 8, "num_stages": 2, "du0": True,
+                                "w_from_t": 0}
 
 
 @pytest.mark.parametrize("name, replacement", [

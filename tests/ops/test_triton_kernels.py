@@ -92,6 +92,27 @@ def test_gated_delta_rule_matches_reference(case):
     assert_gdr_close(leaves, cu, chunk_size=C, l2=l2)
 
 
+def w_from_t_options(**more) -> KernelOptions:
+    """Every state kernel entry with launch setting w_from_t (T and beta read in place of W)."""
+    options = KernelOptions(**more)
+    for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
+        for bound in (128, 256):
+            options = options.with_launch(kernel, bound, w_from_t=1)
+    return options
+
+
+@pytest.mark.parametrize("case, recompute", [
+    ("varlen_ragged_with_empty_C32", False), ("varlen_l2norm_C64", False),
+    ("dense_K128_V64_C64", True), ("dense_l2norm_no_h0_C16", True)])
+def test_gated_delta_rule_w_from_t(case, recompute):
+    """The state kernels reading T and beta in place of W (W S = T (beta e^gam (k S)), W^T dU =
+    k^T (beta e^gam (T^T dU))): the reference's outputs and gradients, states kept or rerun."""
+    lengths, batch, H, K, V, C, h0, l2 = GDR_CASES[case]
+    leaves, cu = gdr_inputs(lengths, H, K, V, batch=batch, h0=h0, raw_qk=l2)
+    assert_gdr_close(leaves, cu, chunk_size=C, l2=l2,
+                     options=w_from_t_options(recompute_states=recompute))
+
+
 def test_gated_delta_rule_output_only_gradient():
     leaves, cu = gdr_inputs([9, 40], H=1, K=64, V=64)
     assert_gdr_close(leaves, cu, chunk_size=32, final=False)

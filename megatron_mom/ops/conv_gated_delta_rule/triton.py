@@ -179,23 +179,23 @@ class _ConvGatedDeltaRule(torch.autograd.Function):
         if H > G:
             q3, _, k3, _, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, rest, K, V)
             Pr = P.with_heads(H - G)
-            gam, w, u0, _, p_mat = gdr.prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest], scale,
-                                               options)
-            rest_bufs = (q3, k3, w, u0, gam, p_mat)
+            gam, w, u0, t_mat, p_mat = gdr.prepare(Pr, q3, k3, v3, g[:, rest], beta[:, rest],
+                                                   scale, options)
+            rest_bufs = (q3, k3, w, u0, gam, t_mat, p_mat)
             # Its recurrence (sequential over chunks, too few programs to fill the GPU) runs
             # beside the last group's convolutions, `prepare` and recurrence.
             with beside(kvba.device, 0, options.side_streams) as join:
                 gdr.state_forward(Pr, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                   store_states=False, store_final=False, o=o[:, rest],
-                                  options=options)
-            del q3, k3, v3, gam, w, u0, p_mat
+                                  t_beta=(t_mat, beta[:, rest]), options=options)
+            del q3, k3, v3, gam, w, u0, t_mat, p_mat
         q3, q_rstd, k3, k_rstd, v3 = _normalised(q_tok, x_row, k_in, v_in, *weights, cu, last, K, V)
         gam, w, u0, t_mat, p_mat = gdr.prepare(P, q3, k3, v3, g[:, last], beta[:, last], scale,
                                                options)
         keep = not options.recompute_states
         _, h, u, _ = gdr.state_forward(P, q3, k3, w, u0, gam, p_mat, None, scale, store_o=True,
                                        store_states=keep, store_final=False, o=o[:, last],
-                                       options=options)
+                                       t_beta=(t_mat, beta[:, last]), options=options)
         states = (gam, w, t_mat, p_mat, h, u) if keep else None
         join()
         del rest_bufs

@@ -14,8 +14,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_of, chunk_rows, load_decay,
-                                                         state_program)
+from megatron_mom.ops.gated_delta_rule.chunk_fwd import (chunk_of, chunk_rows, finite,
+                                                         load_decay, state_program)
 
 
 @triton.jit(do_not_specialize=["scale"])
@@ -26,12 +26,14 @@ def state_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BV: tl.constexpr,
     ORDERED: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr,
     SQK: tl.constexpr, SDO: tl.constexpr, HN: tl.constexpr, DU0: tl.constexpr,
+    W_FROM_T: tl.constexpr = False, t_mat=None, beta=None, SGB: tl.constexpr = 0,
 ):
     """One program per (V block, head, sequence), chunks last to first:
     dU = P^T dO + e^(Gam-gam) k dS',  dS = e^Gam dS' + q^T (scale e^gam dO) - W^T dU.
     P^T is the transposed view of the loaded P (never a transposed dot result). DU0: P^T dO,
     which does not depend on the chain, is in du_out already (`p_t_do_kernel`): the chain
-    reads it instead of P, which leaves shared memory for wider V blocks."""
+    reads it instead of P, which leaves shared memory for wider V blocks. W_FROM_T: W^T dU
+    as k^T ((beta e^gam) (T^T dU)), as in `state_fwd_kernel`."""
     h, n, bos, eos, first_chunk, vcols, state_offs = state_program(order, cu_seqlens,
                                                                    chunk_offsets, V, K, BV,
                                                                    ORDERED)
@@ -69,7 +71,16 @@ def state_bwd_kernel(
         do_q = (do_t.to(tl.float32) * (tl.exp(g_c) * scale)[:, None]).to(dt)
         ds = ds * tl.exp(g_last)
         ds += tl.dot(tl.trans(tl.load(q + koffs, mask=valid[:, None], other=0.0)), do_q, input_precision=PREC)
-        ds -= tl.dot(tl.trans(tl.load(w + woffs, mask=valid[:, None], other=0.0)), du.to(dt), input_precision=PREC)
+        if W_FROM_T:
+            b_c = tl.load(beta + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
+            t_t = tl.load(t_mat + chunk_id * C * C + cc_offs).to(dt)
+            y = tl.dot(tl.trans(t_t), du.to(dt), input_precision=PREC) * (b_c * tl.exp(g_c))[:, None]
+            y = tl.where(finite(y), y, 0.0)
+            k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
+            ds -= tl.dot(tl.trans(tl.where(finite(k_t), k_t, 0.0)), y.to(dt), input_precision=PREC)
+        else:
+            ds -= tl.dot(tl.trans(tl.load(w + woffs, mask=valid[:, None], other=0.0)), du.to(dt),
+                         input_precision=PREC)
 
     if STORE_DH0:
         tl.store(dh0 + (n.to(tl.int64) * HN + h) * K * V + state_offs, ds)

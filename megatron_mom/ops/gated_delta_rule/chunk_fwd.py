@@ -267,12 +267,16 @@ def state_fwd_kernel(
     ORDERED: tl.constexpr, HAS_H0: tl.constexpr, STORE_O: tl.constexpr, STORE_STATES: tl.constexpr,
     STORE_FINAL: tl.constexpr, PREC: tl.constexpr,
     SQK: tl.constexpr, SO: tl.constexpr, HN: tl.constexpr,
+    W_FROM_T: tl.constexpr = False, t_mat=None, beta=None, SGB: tl.constexpr = 0,
 ):
     """One program per (V block, head, sequence) walks the chunks in order, carrying its
     [K, BV] block of the state S in registers: U = U0 - W S, (STORE_O) o = e^gam scale q S
     + P U, S' = e^Gam S + (e^(Gam - gam) k)^T U. Decays scale rows of [C, BV] tiles, so q, k,
     W and P go from memory to the dots as loaded. Where the states are stored, o comes from
-    `chunk_out_kernel` instead: without q and P the chain's loads fit a pipelined build."""
+    `chunk_out_kernel` instead: without q and P the chain's loads fit a pipelined build.
+    W_FROM_T: W S as T ((beta e^gam) (k S)) from T [NTU, H, C, C] and beta (row stride SGB),
+    reading T (C x C) where W is C x K; rows whose product is not finite drop out of it as
+    `prepare_kernel` drops them from W."""
     BK: tl.constexpr = 64 if K > 64 else K
     h, n, bos, eos, first_chunk, vcols, tile_offs = state_program(order, cu_seqlens,
                                                                   chunk_offsets, V, BK, BV,
@@ -295,7 +299,15 @@ def state_fwd_kernel(
         w_rows = (tok * H + h) * K
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
         u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
-        u_new -= rows_dot_state(w, w_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
+        if W_FROM_T:
+            ks = rows_dot_state(k, qk_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
+            b_c = tl.load(beta + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
+            ks = ks * (b_c * tl.exp(g_c))[:, None]
+            ks = tl.where(finite(ks), ks, 0.0)
+            t_t = tl.load(t_mat + chunk_id * C * C + rows[:, None] * C + rows[None, :]).to(dt)
+            u_new -= tl.dot(t_t, ks.to(dt), input_precision=PREC)
+        else:
+            u_new -= rows_dot_state(w, w_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
         if STORE_STATES:
             tl.store(u_out + voffs, u_new.to(u_out.dtype.element_ty), mask=valid[:, None])
         if STORE_O:

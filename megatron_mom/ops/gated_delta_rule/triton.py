@@ -109,15 +109,25 @@ def new_states(P: Segments, k: Tensor, u0: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=k.device), torch.empty_like(u0)
 
 
+def _w_from_t(cfg, t_beta) -> Dict:
+    """The state kernels' arguments that read T and beta in place of W (launch setting
+    "w_from_t", where the caller passes t_beta = (T, beta)), or none."""
+    if not cfg.get("w_from_t") or t_beta is None:
+        return {}
+    t_mat, beta = t_beta
+    return dict(W_FROM_T=True, t_mat=t_mat, beta=beta, SGB=_row_stride(beta))
+
+
 def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, store_states,
-                  store_final, o=None, h=None, u=None,
+                  store_final, o=None, h=None, u=None, t_beta=None,
                   options: KernelOptions = DEFAULT_OPTIONS):
     """o [TT,H,V] (or None; written into `o` when given, e.g. a head slice of a wider output),
     h [NTU,H,K,V], U [TT,H,V] (or None; into `h`, `u` when given), final state [N,H,K,V] f32.
     Over whole sequences, or over pieces of them as `split_pieces` decides. With the states
     stored, o comes from them afterwards (`chunk_out_kernel`, chunk-parallel) and the chain
     skips it (for K >= launch["chunk_out"]["min_k"]); otherwise the chain computes o itself
-    (launch entry "state_fwd_o")."""
+    (launch entry "state_fwd_o"). t_beta = (T, beta): what the chain reads in place of W
+    where the launch setting "w_from_t" says so."""
     dev = k.device
     if store_o and o is None:
         o = torch.empty_like(u0)
@@ -155,7 +165,8 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
         STORE_O=chain_o,
         STORE_STATES=store_states, STORE_FINAL=store_final, PREC=options.precision,
         SQK=_row_stride(q, k), SO=_row_stride(o) if chain_o else P.H * P.V,
-        HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HN=HN, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_w_from_t(cfg, t_beta))
     if o_after:
         out = options.launch["chunk_out"]
         BVo = min(out["BV"], P.V)
@@ -166,10 +177,11 @@ def state_forward(P: Segments, q, k, w, u0, gam, p_mat, h0, scale, *, store_o, s
     return o, h, u, ht
 
 
-def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
+def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0, t_beta=None,
                    options: KernelOptions = DEFAULT_OPTIONS):
     """dh [NTU,H,K,V], dU [TT,H,V]; writes dL/d(initial state) into dh0 [N,H,K,V] f32 when
-    given. Over whole sequences, or over pieces of them as `split_pieces` decides."""
+    given. Over whole sequences, or over pieces of them as `split_pieces` decides. t_beta:
+    as for `state_forward`."""
     dev = k.device
     want_dh0 = dh0 is not None
     dh = torch.empty(P.NTU, P.H, P.K, P.V, dtype=k.dtype, device=dev)
@@ -206,7 +218,8 @@ def state_backward(P: Segments, q, k, w, gam, p_mat, do, dht, scale, dh0,
         H=P.H, K=P.K, V=P.V, C=P.C, BV=BV, ORDERED=order is not None,
         HAS_DHT=dht is not None, STORE_DH0=want_dh0,
         PREC=options.precision, SQK=_row_stride(q, k), SDO=_row_stride(do),
-        HN=HN, DU0=du0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HN=HN, DU0=du0, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **_w_from_t(cfg, t_beta))
     return dh, du
 
 
@@ -356,7 +369,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         keep = not options.recompute_states
         o, h, u, ht = state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=True,
                                     store_states=keep, store_final=output_final_state,
-                                    options=options)
+                                    t_beta=(t_mat, b2), options=options)
         if keep:
             ctx.save_for_backward(q3, k3, v3, g2, b2, h0, q_rstd, k_rstd, gam, w, t_mat, p_mat, h, u)
         else:
@@ -455,9 +468,10 @@ def backward_heads(P: Segments, inputs, states, meta, out, pending=(),
         # too few programs to fill the GPU, run side by side.
         with beside(k3.device, 0, streams) as join:
             state_forward(P, q3, k3, w, u0, gam, p_mat, h0, scale, store_o=False,
-                          store_states=True, store_final=False, h=h, u=u, options=options)
+                          store_states=True, store_final=False, h=h, u=u, t_beta=(t_mat, b2),
+                          options=options)
     dh, du = state_backward(P, q3, k3, w, gam, p_mat, do3, dht, scale,
-                            out("dh0") if has_h0 else None, options)
+                            out("dh0") if has_h0 else None, (t_mat, b2), options)
     if join_pending is not None:
         join_pending()
         pending.clear()

@@ -81,6 +81,22 @@ def test_lean_op_with_the_other_backward_forms():
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_conv_op_with_the_state_kernels_reading_t(lean):
+    """Launch setting w_from_t (the state kernels read T and beta in place of W) in the one
+    function's every path: the rest group's forward, the kept group, the recomputed heads."""
+    from megatron_mom.ops import KernelOptions
+    options = KernelOptions()
+    for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
+        options = options.with_launch(kernel, 128, w_from_t=1)
+    leaves, layout, H = make_case(seqs=2, H=3)
+    got = run(leaves, layout, H, 16, lean_backward=lean, backend="triton", options=options)
+    want = run(leaves, layout, H, 16, backend="torch")
+    tol = {"A_log": 1e-3, "dt_bias": 1e-3}
+    for name, a, b in zip(["o"] + list(leaves), got, want):
+        assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
+
+
 def lean_forward(leaves, layout, H, lean=True):
     return forward(leaves, layout, H, lean_backward=lean, backend="triton")
 
