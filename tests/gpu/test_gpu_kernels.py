@@ -114,6 +114,23 @@ def test_varlen_ragged_with_l2norm(dtype):
     check(f"varlen_l2norm_K128_V64_{str(dtype)[6:]}", leaves, cu=cu, l2=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_state_kernels_reading_t_in_place_of_w(dtype):
+    """Launch setting w_from_t (the state kernels read T and beta where they read W) at MoM's
+    heads over ragged packed sequences with the L2 norm: the reference's tolerances, and how
+    far from the W form (recorded)."""
+    from megatron_mom.ops import KernelOptions
+    options = KernelOptions()
+    for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
+        options = options.with_launch(kernel, 256, w_from_t=1)
+    leaves, cu = ragged_k256(dtype)
+    name = f"w_from_t_ragged_K256_{str(dtype)[6:]}"
+    check(name, leaves, cu=cu, l2=True, options=options)
+    errs = rel_errs(forward_backward(leaves, "triton", cu=cu, l2=True, options=options),
+                    forward_backward(leaves, "triton", cu=cu, l2=True))
+    ERRORS[name + "_vs_w"] = errs
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 def test_backward_by_head_groups_is_exact(recompute):
     """The backward head by head (and with recomputed states) runs the same kernels on the same
