@@ -81,10 +81,10 @@ def test_lean_op_with_the_other_backward_forms():
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_conv_op_with_the_state_kernels_reading_t(lean):
+def test_conv_op_with_the_state_kernels_reading_t(lean=True):
     """Launch setting w_from_t (the state kernels read T and beta in place of W) in the one
-    function's every path: the rest group's forward, the kept group, the recomputed heads."""
+    function's every path (lean has them all): the rest group's forward, the kept group, the
+    recomputed heads."""
     from megatron_mom.ops import KernelOptions
     options = KernelOptions()
     for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
@@ -159,12 +159,12 @@ def test_triton_conv_gated_delta_rule_second_backward_recomputes(lean):
         assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
 
 
-@pytest.mark.parametrize("lean", [True, False])
-def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors(lean):
+def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors(lean=False):
     """Under activation checkpointing (and offloading: saved-tensor hooks) what the forward
     keeps for the backward goes through the hooks as saved tensors: an attribute would stay in
     memory until the backward, which the checkpoint is there to avoid. The checkpointed
-    gradients are the plain ones."""
+    gradients are the plain ones. (The default form; lean keeps one head's buffers through the
+    same lines.)"""
     from torch.utils.checkpoint import checkpoint
     leaves, layout, H = make_case(H=2)
     L, heads = layout.num_rows, 1 if lean else H
