@@ -10,6 +10,8 @@ Hopper with Triton 3.4-3.7 (which miscompiles some transposed-dot patterns).
 """
 from __future__ import annotations
 
+import os
+import sys
 
 import pytest
 import torch
@@ -119,10 +121,10 @@ def test_state_kernels_reading_t_in_place_of_w(dtype):
     """Launch setting w_from_t (the state kernels read T and beta where they read W) at MoM's
     heads over ragged packed sequences with the L2 norm: the reference's tolerances, and how
     far from the W form (recorded)."""
-    from megatron_mom.ops import KernelOptions
-    options = KernelOptions()
-    for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
-        options = options.with_launch(kernel, 256, w_from_t=1)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "ops"))
+    from test_triton_kernels import w_from_t_options
+    options = w_from_t_options()
     leaves, cu = ragged_k256(dtype)
     name = f"w_from_t_ragged_K256_{str(dtype)[6:]}"
     check(name, leaves, cu=cu, l2=True, options=options)

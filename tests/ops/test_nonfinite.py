@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_mom.ops import KernelOptions
 from megatron_mom.ops.gated_delta_rule import gated_delta_rule
 from megatron_mom.ops.short_conv import short_conv
+from test_triton_kernels import w_from_t_options  # tests/ops
 
 LENGTHS = (20, 12)                 # two packed sequences; chunk 16 splits the first at 16
 CU = torch.tensor([0, 20, 32])
@@ -78,9 +78,7 @@ def gdr_case(backend, which, nan_at, H=1, K=16, V=16):
         t.requires_grad_()
     options = None
     if backend == "triton, w_from_t":          # the state kernels reading T in place of W
-        backend, options = "triton", KernelOptions()
-        for kernel in ("state_fwd", "state_bwd", "state_fp32"):
-            options = options.with_launch(kernel, 128, w_from_t=1)
+        backend, options = "triton", w_from_t_options()
     o, state = gated_delta_rule(*x.values(), cu_seqlens=CU, chunk_size=16, backend=backend,
                                 output_final_state=True, options=options)
     (o.sum() + state.sum()).backward()

@@ -3,6 +3,8 @@ autograd function; lean: backward head by head through recomputed convolutions) 
 composition of the torch references, on the CPU through Triton's interpreter (float32)."""
 from __future__ import annotations
 
+import os
+import sys
 import weakref
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from megatron_mom.layer import packing
 from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_triton_kernels import w_from_t_options  # noqa: E402  (tests/ops)
 
 pytest.importorskip("triton")
 pytest.importorskip("megatron_mom.ops.conv_gated_delta_rule.triton")
@@ -85,10 +90,7 @@ def test_conv_op_with_the_state_kernels_reading_t(lean=True):
     """Launch setting w_from_t (the state kernels read T and beta in place of W) in the one
     function's every path (lean has them all): the rest group's forward, the kept group, the
     recomputed heads."""
-    from megatron_mom.ops import KernelOptions
-    options = KernelOptions()
-    for kernel in ("state_fwd", "state_fwd_o", "state_bwd", "state_fp32"):
-        options = options.with_launch(kernel, 128, w_from_t=1)
+    options = w_from_t_options()
     leaves, layout, H = make_case(seqs=2, H=3)
     got = run(leaves, layout, H, 16, lean_backward=lean, backend="triton", options=options)
     want = run(leaves, layout, H, 16, backend="torch")
