@@ -103,7 +103,8 @@ def w_from_t_options(**more) -> KernelOptions:
 
 @pytest.mark.parametrize("case, recompute", [
     ("varlen_ragged_with_empty_C32", False), ("varlen_l2norm_C64", False),
-    ("dense_K128_V64_C64", True), ("dense_l2norm_no_h0_C16", True)])
+    ("dense_K128_V64_C64", True), ("dense_K256_V256_few_tokens", False),
+    ("dense_l2norm_no_h0_C16", True)])
 def test_gated_delta_rule_w_from_t(case, recompute):
     """The state kernels reading T and beta in place of W (W S = T (beta e^gam (k S)), W^T dU =
     k^T (beta e^gam (T^T dU))): the reference's outputs and gradients, states kept or rerun."""

@@ -60,8 +60,8 @@ def state_bwd_kernel(
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
         do_t = tl.load(do + (tok * SDO + h * V)[:, None] + vcols[None, :], mask=valid[:, None],
                        other=0.0)
-        du = tl.dot(tl.load(k + koffs, mask=valid[:, None], other=0.0), ds_d,
-                    input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
+        k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
+        du = tl.dot(k_t, ds_d, input_precision=PREC) * tl.exp(g_last - g_c)[:, None]
         if DU0:
             du += tl.load(du_out + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
         else:
@@ -76,7 +76,6 @@ def state_bwd_kernel(
             t_t = tl.load(t_mat + chunk_id * C * C + cc_offs).to(dt)
             y = tl.dot(tl.trans(t_t), du.to(dt), input_precision=PREC) * (b_c * tl.exp(g_c))[:, None]
             y = tl.where(finite(y), y, 0.0)
-            k_t = tl.load(k + koffs, mask=valid[:, None], other=0.0)
             ds -= tl.dot(tl.trans(tl.where(finite(k_t), k_t, 0.0)), y.to(dt), input_precision=PREC)
         else:
             ds -= tl.dot(tl.trans(tl.load(w + woffs, mask=valid[:, None], other=0.0)), du.to(dt),

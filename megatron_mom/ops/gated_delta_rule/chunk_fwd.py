@@ -251,6 +251,23 @@ def rows_dot_state(a, row_offs, valid, s0, s1, s2, s3, K: tl.constexpr, BK: tl.c
 
 
 @triton.jit
+def load_row_tiles(a, row_offs, valid, K: tl.constexpr, BK: tl.constexpr):
+    """a[rows, :K] as [C, BK] column tiles t0..t3 (unused ones are t0 again)."""
+    cols = tl.arange(0, BK)
+    base = a + row_offs[:, None] + cols[None, :]
+    t0 = tl.load(base, mask=valid[:, None], other=0.0)
+    t1 = t0
+    t2 = t0
+    t3 = t0
+    if K > 64:
+        t1 = tl.load(base + BK, mask=valid[:, None], other=0.0)
+    if K > 128:
+        t2 = tl.load(base + 2 * BK, mask=valid[:, None], other=0.0)
+        t3 = tl.load(base + 3 * BK, mask=valid[:, None], other=0.0)
+    return t0, t1, t2, t3
+
+
+@triton.jit
 def rows_t_dot(a, row_offs, valid, kb: tl.constexpr, BK: tl.constexpr, x, PREC: tl.constexpr):
     """a[rows, kb-th BK columns]^T @ x [C, BV] -> [BK, BV], the transpose loaded from memory."""
     cols = kb * BK + tl.arange(0, BK)
@@ -300,7 +317,13 @@ def state_fwd_kernel(
         voffs = (tok * H + h)[:, None] * V + vcols[None, :]
         u_new = tl.load(u0 + voffs, mask=valid[:, None], other=0.0).to(tl.float32)
         if W_FROM_T:
-            ks = rows_dot_state(k, qk_rows, valid, s0_d, s1_d, s2_d, s3_d, K, BK, PREC)
+            k0, k1, k2, k3 = load_row_tiles(k, qk_rows, valid, K, BK)
+            ks = tl.dot(k0, s0_d, input_precision=PREC)
+            if K > 64:
+                ks += tl.dot(k1, s1_d, input_precision=PREC)
+            if K > 128:
+                ks += tl.dot(k2, s2_d, input_precision=PREC)
+                ks += tl.dot(k3, s3_d, input_precision=PREC)
             b_c = tl.load(beta + tok * SGB + h, mask=valid, other=0.0).to(tl.float32)
             ks = ks * (b_c * tl.exp(g_c))[:, None]
             ks = tl.where(finite(ks), ks, 0.0)
@@ -319,12 +342,21 @@ def state_fwd_kernel(
                      o_t.to(o.dtype.element_ty), mask=valid[:, None])
         u_k = (u_new * tl.where(valid, tl.exp(g_last - g_c), 0.0)[:, None]).to(dt)
         decay = tl.exp(g_last)
-        s0 = s0 * decay + rows_t_dot(k, qk_rows, valid, 0, BK, u_k, PREC)
-        if K > 64:
-            s1 = s1 * decay + rows_t_dot(k, qk_rows, valid, 1, BK, u_k, PREC)
-        if K > 128:
-            s2 = s2 * decay + rows_t_dot(k, qk_rows, valid, 2, BK, u_k, PREC)
-            s3 = s3 * decay + rows_t_dot(k, qk_rows, valid, 3, BK, u_k, PREC)
+        if W_FROM_T:
+            # k's tiles as loaded for W S above: one load of k a step
+            s0 = s0 * decay + tl.dot(tl.trans(k0), u_k, input_precision=PREC)
+            if K > 64:
+                s1 = s1 * decay + tl.dot(tl.trans(k1), u_k, input_precision=PREC)
+            if K > 128:
+                s2 = s2 * decay + tl.dot(tl.trans(k2), u_k, input_precision=PREC)
+                s3 = s3 * decay + tl.dot(tl.trans(k3), u_k, input_precision=PREC)
+        else:
+            s0 = s0 * decay + rows_t_dot(k, qk_rows, valid, 0, BK, u_k, PREC)
+            if K > 64:
+                s1 = s1 * decay + rows_t_dot(k, qk_rows, valid, 1, BK, u_k, PREC)
+            if K > 128:
+                s2 = s2 * decay + rows_t_dot(k, qk_rows, valid, 2, BK, u_k, PREC)
+                s3 = s3 * decay + rows_t_dot(k, qk_rows, valid, 3, BK, u_k, PREC)
     if STORE_FINAL:
         store_tiles(ht + (n.to(tl.int64) * HN + h) * K * V, tile_offs, s0, s1, s2, s3, K, V)
 
