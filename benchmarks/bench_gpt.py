@@ -26,7 +26,10 @@ Writes bench_gpt.json and bench_gpt.md to --out. On the GPU each row's JSON also
 the GPU's idle time per profiled step by the step phase the host was in (forward, backward,
 gradient finalisation, optimizer, other). `--grad-norm foreach` replaces Megatron's gradient
 norm fallback without apex / Transformer Engine (a host read per gradient tensor) by
-torch._foreach_norm for every kind, as a user with apex or TE has no such reads.
+torch._foreach_norm for every kind, as a user with apex or TE has no such reads;
+`--tensor-scale foreach` likewise replaces Megatron's per-tensor `multi_tensor_scale` fallback
+(two kernels and their host work per parameter tensor, where the optimizer copies its fp32
+parameters to the model's and where gradients are clipped) by torch's multi-tensor ops.
 """
 from __future__ import annotations
 
@@ -215,6 +218,26 @@ def foreach_grad_norm():
         return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
 
     clip_grads.l2_norm_impl = l2_norm
+
+
+def foreach_tensor_scale():
+    """Megatron's `multi_tensor_scale` fallback without apex or Transformer Engine
+    (`megatron.core.utils.local_multi_tensor_scale`) launches `dst.copy_(src * scale)` per
+    tensor, from the host, where the optimizer copies its fp32 parameters into the model's bf16
+    ones and where gradients are clipped; this replaces it, in this process, by torch's
+    multi-tensor ops, as apex's or TE's fused `multi_tensor_scale` does it for a user who has
+    them: the same values (a bf16 copy of the fp32 product, rounded once)."""
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def scale(chunk_size, noop_flag, tensor_lists, factor):
+        src, dst = tensor_lists
+        if all(a is b for a, b in zip(src, dst)):
+            torch._foreach_mul_(dst, factor)
+        else:
+            torch._foreach_copy_(dst, src if factor == 1.0 else torch._foreach_mul(src, factor))
+
+    clip_grads.multi_tensor_scale_impl = scale
+    optimizer.multi_tensor_scale_impl = scale
 
 
 def measure(kind: str, shape: dict, seq: int, tokens_per_step: int, iters: int, warmup: int,
@@ -451,6 +474,12 @@ def main(argv=None):
                    help="foreach: Megatron's gradient-norm fallback without apex / TE (a host "
                    "read per gradient tensor) replaced by torch._foreach_norm for every kind, "
                    "as apex's or TE's fused norm has no host read (`foreach_grad_norm`)")
+    p.add_argument("--tensor-scale", choices=("megatron", "foreach"), default="megatron",
+                   help="foreach: Megatron's multi_tensor_scale fallback without apex / TE (two "
+                   "kernels per parameter tensor, launched one tensor at a time: the optimizer's "
+                   "fp32-to-bf16 parameter copy, gradient clipping) replaced by torch's "
+                   "multi-tensor ops for every kind, as apex's or TE's fused one "
+                   "(`foreach_tensor_scale`)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="measure nothing: one table of these bench_gpt.json files' rows, each "
@@ -488,6 +517,9 @@ def main(argv=None):
     if a.grad_norm == "foreach":
         foreach_grad_norm()
         env["grad_norm"] = "foreach"
+    if a.tensor_scale == "foreach":
+        foreach_tensor_scale()
+        env["tensor_scale"] = "foreach"
     try:
         import triton
         env["triton"] = triton.__version__

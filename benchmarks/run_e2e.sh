@@ -4,7 +4,8 @@
 # Megatron's per-layer CUDA graphs in a process of its own per length (Megatron keeps graphs and their
 # memory pools process-wide). Every run replaces Megatron's gradient-norm fallback without apex
 # or Transformer Engine (a host read per gradient tensor) by torch._foreach_norm, as a user with
-# either has it (GRAD_NORM=megatron keeps the fallback). Results: $OUT/e2e_*.json|md, all of
+# either has it (GRAD_NORM=megatron keeps the fallback), and Megatron's per-tensor
+# multi_tensor_scale fallback by torch's multi-tensor ops (TENSOR_SCALE=megatron keeps it). Results: $OUT/e2e_*.json|md, all of
 # them in one table in $OUT/bench_gpt_merged.md. Usage: bash benchmarks/run_e2e.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -13,11 +14,13 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:${PYTHONPATH:-}
 KINDS=${KINDS:-attention,mom,hybrid,mom1,mom-lean}
 GRAPH_KINDS=${GRAPH_KINDS:-attention mom mom-selective hybrid mom-lean}
 GRAD_NORM=${GRAD_NORM:-foreach}
+TENSOR_SCALE=${TENSOR_SCALE:-foreach}
 run() {  # name, limit seconds, bench_gpt arguments...
   local name=$1 limit=$2; shift 2
   mkdir -p "$OUT/$name"
   echo "== $(date -u +%T) $name"
-  timeout "$limit" python3 benchmarks/bench_gpt.py "$@" --grad-norm "$GRAD_NORM" --out "$OUT/$name" \
+  timeout "$limit" python3 benchmarks/bench_gpt.py "$@" --grad-norm "$GRAD_NORM" \
+    --tensor-scale "$TENSOR_SCALE" --out "$OUT/$name" \
     > "$OUT/$name.log" 2>&1
   echo "exit $?"; grep '^{' "$OUT/$name.log" | cut -c1-220
   cp "$OUT/$name/bench_gpt.json" "$OUT/e2e_$name.json" 2>/dev/null

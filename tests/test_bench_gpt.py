@@ -110,7 +110,7 @@ def test_idle_time_is_charged_to_the_phase_the_host_was_in():
                     "optimizer": 25.0, "other": 15.0}
 
 
-def test_foreach_grad_norm_matches_megatrons_fallback(monkeypatch):
+def test_foreach_grad_norm_matches_megatrons_fallback(monkeypatch, megatron_single):
     """--grad-norm foreach: the replacement of Megatron's fallback gives its value (the norm of
     all gradients together) without host reads; the clip code looks it up at call time."""
     import torch
@@ -125,3 +125,29 @@ def test_foreach_grad_norm_matches_megatrons_fallback(monkeypatch):
     torch.testing.assert_close(norm[0], want)
     total = clip_grads.get_grad_norm_fp32(grads)            # Megatron's caller, on the CPU here
     assert abs(total - float(want)) < 1e-5 * float(want)
+
+
+def test_foreach_tensor_scale_matches_megatrons_fallback(monkeypatch):
+    """--tensor-scale foreach: the replacement of Megatron's multi_tensor_scale fallback gives
+    its values, for the optimizer's fp32-to-bf16 copy (scale 1), a scaled copy and the in-place
+    scale of gradient clipping, looked up by both callers at call time."""
+    import torch
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+    monkeypatch.setattr(clip_grads, "multi_tensor_scale_impl", clip_grads.multi_tensor_scale_impl)
+    monkeypatch.setattr(optimizer, "multi_tensor_scale_impl", optimizer.multi_tensor_scale_impl)
+    bench_gpt.foreach_tensor_scale()
+    assert clip_grads.multi_tensor_scale_impl is optimizer.multi_tensor_scale_impl
+    g = torch.Generator().manual_seed(0)
+    src = [torch.randn(s, generator=g) for s in ((3, 4), (5,), (2, 2, 2))]
+    for factor in (1.0, 0.37):
+        got = [torch.zeros(t.shape, dtype=torch.bfloat16) for t in src]
+        want = [torch.zeros(t.shape, dtype=torch.bfloat16) for t in src]
+        optimizer.multi_tensor_scale_impl(2048, None, [src, got], factor)
+        utils.local_multi_tensor_scale(2048, None, [src, want], factor)
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    grads = [t.clone() for t in src]
+    clip_grads.multi_tensor_scale_impl(2048, None, [grads, grads], 0.5)
+    for a, b in zip(grads, src):
+        assert torch.equal(a, b * 0.5)
