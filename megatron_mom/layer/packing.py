@@ -39,12 +39,12 @@ def pack(memory: Tensor, seq_id: Tensor, num_seqs: int, num_memories: int) -> Pa
     each token. Sequences may interleave (time-major order), but within a sequence token
     indices must increase with time."""
     N, S = memory.shape
-    token = torch.arange(N, device=memory.device)
     seg = (memory * num_seqs + seq_id[:, None]).reshape(-1)            # [N * S] segment of a row
-    # Sorting by (segment, token) sorts by (memory, sequence, time) whatever the interleaving of
-    # sequences. Keys stay below E * Q * N (< 2**63 for any realistic N).
-    key = seg * N + token.repeat_interleave(S)
-    order = torch.argsort(key)                                         # packed row -> n * S + j
+    # The rows n * S + j are in token order, so a stable sort by segment alone sorts by
+    # (memory, sequence, time) whatever the interleaving of sequences. A radix sort takes a
+    # pass per byte of its key: the narrowest integer type that holds every segment id.
+    narrow = torch.int16 if num_memories * num_seqs <= 2 ** 15 else torch.int32
+    order = torch.sort(seg.to(narrow), stable=True).indices            # packed row -> n * S + j
     slot_row = torch.empty_like(order)
     slot_row[order] = torch.arange(N * S, device=memory.device)
     counts = torch.zeros(num_memories * num_seqs, dtype=torch.int64, device=memory.device)

@@ -172,6 +172,28 @@ def test_pack_time_major_matches_sequence_major():
     assert torch.equal(tm.slot_row, sm.slot_row[tm_to_sm])
 
 
+@pytest.mark.parametrize("num_seqs, E", [(3, 5), (7000, 5)])
+def test_pack_orders_rows_by_memory_sequence_time(num_seqs, E):
+    """The packed rows are the (token, slot) pairs sorted by (memory, sequence, token), written
+    out by Python's sort; cu_seqlens counts each (memory, sequence) segment, with empty ones.
+    7000 sequences x 5 memories: segment ids past what 16 bits hold."""
+    from megatron_mom.layer import packing
+    g = torch.Generator().manual_seed(2)
+    N, S = 3 * num_seqs if num_seqs > 100 else 40, 2
+    memory = torch.stack([torch.randperm(E, generator=g)[:S] for _ in range(N)])
+    seq_id = torch.randint(num_seqs, (N,), generator=g)         # interleaved sequences
+    layout = packing.pack(memory, seq_id, num_seqs, E)
+    rows = sorted(range(N * S), key=lambda r: (int(memory.view(-1)[r]), int(seq_id[r // S]), r))
+    assert layout.slot.tolist() == rows
+    assert torch.equal(layout.token, layout.slot // S)
+    assert torch.equal(layout.memory, memory.view(-1)[layout.slot])
+    assert torch.equal(layout.slot_row.view(-1)[layout.slot], torch.arange(N * S))
+    counts = torch.zeros(E * num_seqs, dtype=torch.int64)
+    for r in range(N * S):
+        counts[int(memory.view(-1)[r]) * num_seqs + int(seq_id[r // S])] += 1
+    assert torch.equal(layout.cu_seqlens, torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+
+
 def test_router_loss_scale_follows_megatrons_rule(megatron_single):
     """loss_scale * cp / micro-batches, into whatever buffer shape an earlier call left."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
