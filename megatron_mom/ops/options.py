@@ -40,10 +40,8 @@ TUNED_LAUNCH: Mapping[str, Any] = _frozen({
     # without q and P in the loop three stages fit (226 KB) and prefetch each chunk's k and W.
     # w_from_t (this entry, "state_fwd_o", "state_bwd", "state_fp32"): the chain reads T
     # ([C, C]) and beta in place of W ([C, K]): W S = T (beta e^gam (k S)) and W^T dU =
-    # k^T (beta e^gam (T^T dU)); fewer bytes a step, one more dot on the chain. Each step
-    # still loads its k tiles once per k product (twice), so the saving depends on the second
-    # load hitting L1. CPU interpreter tests only: not yet timed or run on a GPU
-    # (docs/performance.md's estimate).
+    # k^T (beta e^gam (T^T dU)), with one load of k a step serving both of its k products;
+    # fewer bytes a step, one more dot on the chain (docs/performance.md).
     "state_fwd": {128: {"BV": 64, "num_warps": 8, "num_stages": 2, "w_from_t": 0},
                   256: {"BV": 32, "num_warps": 4, "num_stages": 3, "w_from_t": 0}},
     # The chain computing o itself (no states stored: inference, recompute_states' forward).
