@@ -122,20 +122,21 @@ _MM_OUT_DTYPE = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.ate
 
 
 def route(logits: Tensor, mom: MoMConfig) -> Routing:
-    """Top-k routing of [N, M] float32 logits (all tokens of the routed group)."""
-    _, routing_map = moe_utils.topk_routing_with_score_function(
-        logits, mom.topk, use_pre_softmax=False, score_function="softmax")
-    # Each row holds exactly k chosen memories: list them in memory order, without a host sync.
-    memory = torch.argsort(routing_map.to(torch.int8), dim=1, descending=True,
-                           stable=True)[:, : mom.topk]
+    """Top-k routing of [N, M] float32 logits (all tokens of the routed group): the choice of
+    Megatron-Core's `topk_routing_with_score_function` (softmax after top-k: `torch.topk` of
+    the logits, so the same ties), without its [N, M] probability and routing maps."""
+    # The k chosen memories of each row in increasing memory order
+    memory = torch.sort(torch.topk(logits, mom.topk, dim=1).indices, dim=1).values   # [N, k]
     # softmax over the chosen logits == top-k probabilities renormalised to sum to one; done
     # here in the logits' own precision (Megatron's util rounds through float32).
     weight = torch.softmax(logits.gather(1, memory), dim=-1)
+    tokens_per_memory = torch.zeros(mom.num_memories, dtype=torch.int64, device=logits.device)
+    tokens_per_memory.scatter_add_(0, memory.reshape(-1), torch.ones_like(memory.reshape(-1)))
     if mom.shared_memory:
         N = logits.shape[0]
         memory = torch.cat([memory, memory.new_full((N, 1), mom.num_memories)], dim=1)
         weight = torch.cat([weight, weight.new_ones(N, 1)], dim=1)
-    return Routing(memory=memory, weight=weight, tokens_per_memory=routing_map.sum(0))
+    return Routing(memory=memory, weight=weight, tokens_per_memory=tokens_per_memory)
 
 
 @dataclass

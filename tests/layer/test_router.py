@@ -23,6 +23,30 @@ def test_route_picks_topk_and_renormalises(megatron_single):
     assert no_shared.memory.shape == (40, 2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_route_chooses_what_megatrons_topk_routing_chooses(megatron_single, dtype):
+    """The memories are those of Megatron-Core's top-k routing (softmax after top-k) on the same
+    logits, ties included (rows of equal logits, rows with two equal runners-up), in
+    increasing order, with its renormalised probabilities as the weights."""
+    from megatron.core.transformer.moe import moe_utils
+    from megatron_mom.layer.router import route
+    mom = MoMConfig(num_memories=4, topk=2)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(64, 4, generator=g, dtype=dtype)
+    logits[:8] = 0.5                                         # all four tied
+    logits[8:16, 1] = logits[8:16, 3] = logits[8:16].max(1).values.clamp(max=0) - 1
+    logits[8:16, 0] = logits[8:16, 2] = 2.0                 # two tied winners
+    logits[16:24, 2] = logits[16:24, 3] = 3.0               # a winner, two tied runners-up
+    logits[16:24, 0] = 4.0
+    plan = route(logits, mom)
+    probs, routing_map = moe_utils.topk_routing_with_score_function(
+        logits, mom.topk, use_pre_softmax=False, score_function="softmax")
+    want_memory = torch.nonzero(routing_map)[:, 1].view(-1, mom.topk)   # row-major: increasing
+    assert torch.equal(plan.memory[:, :2], want_memory)
+    torch.testing.assert_close(plan.weight[:, :2], probs.gather(1, want_memory))
+    assert torch.equal(plan.tokens_per_memory, routing_map.sum(0))
+
+
 def test_losses_match_hand_computation(megatron_single):
     from megatron_mom.layer.router import route, router_losses
     mom = MoMConfig(num_memories=4, topk=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3)
