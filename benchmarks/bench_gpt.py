@@ -231,6 +231,8 @@ def foreach_tensor_scale():
 
     def scale(chunk_size, noop_flag, tensor_lists, factor):
         src, dst = tensor_lists
+        if not dst:                    # torch's multi-tensor ops refuse empty lists
+            return
         if all(a is b for a, b in zip(src, dst)):
             torch._foreach_mul_(dst, factor)
         else:

@@ -147,6 +147,7 @@ def test_foreach_tensor_scale_matches_megatrons_fallback(monkeypatch):
         utils.local_multi_tensor_scale(2048, None, [src, want], factor)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
+    optimizer.multi_tensor_scale_impl(2048, None, [[], []], 1.0)   # a group with no tensors
     grads = [t.clone() for t in src]
     clip_grads.multi_tensor_scale_impl(2048, None, [grads, grads], 0.5)
     for a, b in zip(grads, src):
