@@ -5,8 +5,9 @@
 # memory pools process-wide). Every run replaces Megatron's gradient-norm fallback without apex
 # or Transformer Engine (a host read per gradient tensor) by torch._foreach_norm, as a user with
 # either has it (GRAD_NORM=megatron keeps the fallback), and Megatron's per-tensor
-# multi_tensor_scale fallback by torch's multi-tensor ops (TENSOR_SCALE=megatron keeps it). Results: $OUT/e2e_*.json|md, all of
-# them in one table in $OUT/bench_gpt_merged.md. Usage: bash benchmarks/run_e2e.sh
+# multi_tensor_scale fallback by torch's multi-tensor ops (TENSOR_SCALE=megatron keeps it).
+# Results: $OUT/e2e_*.json|md, all of them in one table in $OUT/bench_gpt_merged.md.
+# Usage: bash benchmarks/run_e2e.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/e2e}; mkdir -p "$OUT"
