@@ -10,9 +10,6 @@ Hopper with Triton 3.4-3.7 (which miscompiles some transposed-dot patterns).
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,9 +118,7 @@ def test_state_kernels_reading_t_in_place_of_w(dtype):
     """Launch setting w_from_t (the state kernels read T and beta where they read W) at MoM's
     heads over ragged packed sequences with the L2 norm: the reference's tolerances, and how
     far from the W form (recorded)."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    "ops"))
-    from test_triton_kernels import w_from_t_options
+    from test_triton_kernels import w_from_t_options     # tests/ops
     options = w_from_t_options()
     leaves, cu = ragged_k256(dtype)
     name = f"w_from_t_ragged_K256_{str(dtype)[6:]}"

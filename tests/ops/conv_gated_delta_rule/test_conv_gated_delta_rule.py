@@ -3,8 +3,6 @@ autograd function; lean: backward head by head through recomputed convolutions) 
 composition of the torch references, on the CPU through Triton's interpreter (float32)."""
 from __future__ import annotations
 
-import os
-import sys
 import weakref
 
 import pytest
@@ -13,8 +11,7 @@ import torch
 from megatron_mom.layer import packing
 from megatron_mom.ops.conv_gated_delta_rule import conv_gated_delta_rule
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_triton_kernels import w_from_t_options  # noqa: E402  (tests/ops)
+from test_triton_kernels import w_from_t_options  # tests/ops
 
 pytest.importorskip("triton")
 pytest.importorskip("megatron_mom.ops.conv_gated_delta_rule.triton")

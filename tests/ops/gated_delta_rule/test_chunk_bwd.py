@@ -5,14 +5,10 @@ narrower blocks (launch["chunk_bwd"]) against the torch reference, interpreted o
 gradient, ragged segments, one to eight K or V blocks."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_triton_kernels import assert_gdr_close, gdr_inputs, run_gdr  # noqa: E402  (tests/ops)
+from test_triton_kernels import assert_gdr_close, gdr_inputs, run_gdr  # tests/ops
 
 pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
 from megatron_mom.ops import KernelOptions  # noqa: E402

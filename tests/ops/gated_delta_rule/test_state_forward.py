@@ -5,14 +5,10 @@ reference: outputs, final states and every gradient, interpreted on a CPU (float
 64-row tiles at K = 64, 128, 256."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from test_triton_kernels import assert_gdr_close, gdr_inputs  # noqa: E402  (tests/ops)
+from test_triton_kernels import assert_gdr_close, gdr_inputs  # tests/ops
 
 gdr_triton = pytest.importorskip("megatron_mom.ops.gated_delta_rule.triton")
 from megatron_mom.ops import KernelOptions  # noqa: E402
