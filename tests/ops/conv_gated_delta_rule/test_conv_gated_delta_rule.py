@@ -83,13 +83,13 @@ def test_lean_op_with_the_other_backward_forms():
         assert rel_err(a, b) < tol.get(name, 2e-5), (name, rel_err(a, b))
 
 
-def test_conv_op_with_the_state_kernels_reading_t(lean=True):
+def test_conv_op_with_the_state_kernels_reading_t():
     """Launch setting w_from_t (the state kernels read T and beta in place of W) in the one
     function's every path (lean has them all): the rest group's forward, the kept group, the
     recomputed heads."""
     options = w_from_t_options()
     leaves, layout, H = make_case(seqs=2, H=3)
-    got = run(leaves, layout, H, 16, lean_backward=lean, backend="triton", options=options)
+    got = run(leaves, layout, H, 16, lean_backward=True, backend="triton", options=options)
     want = run(leaves, layout, H, 16, backend="torch")
     tol = {"A_log": 1e-3, "dt_bias": 1e-3}
     for name, a, b in zip(["o"] + list(leaves), got, want):
@@ -158,7 +158,7 @@ def test_triton_conv_gated_delta_rule_second_backward_recomputes(lean):
         assert rel_err(a, b) < 1e-6, (name, rel_err(a, b))
 
 
-def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors(lean=False):
+def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors():
     """Under activation checkpointing (and offloading: saved-tensor hooks) what the forward
     keeps for the backward goes through the hooks as saved tensors: an attribute would stay in
     memory until the backward, which the checkpoint is there to avoid. The checkpointed
@@ -166,15 +166,15 @@ def test_under_saved_tensor_hooks_the_kept_buffers_are_saved_tensors(lean=False)
     same lines.)"""
     from torch.utils.checkpoint import checkpoint
     leaves, layout, H = make_case(H=2)
-    L, heads = layout.num_rows, 1 if lean else H
+    L, heads = layout.num_rows, H
     weight = torch.randn(L, H, 32, generator=torch.Generator().manual_seed(3))
 
     def loss():
-        return (lean_forward(leaves, layout, H, lean) * weight).sum()
+        return (lean_forward(leaves, layout, H, lean=False) * weight).sum()
 
     want = torch.autograd.grad(loss(), list(leaves.values()))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-        o = lean_forward(leaves, layout, H, lean)
+        o = lean_forward(leaves, layout, H, lean=False)
     saved = o.grad_fn.saved_tensors
     assert o.grad_fn.kept is None and len(saved) == 10 + 5 + 6     # inputs, q k v rstd, states
     assert [tuple(t.shape) for t in saved[10:13]] == [(L, heads, 32)] * 3
